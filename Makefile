@@ -1,0 +1,44 @@
+# Duet — one entry point for setting up, testing and benchmarking.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODELS := models
+
+.PHONY: help venv test lint typecheck unit model model-small bench-runtime clean
+
+help:
+	@echo "make test          set up .venv, then ruff, mypy and the whole test suite"
+	@echo "make model         generate the tiny model under $(MODELS)/tiny"
+	@echo "make model-small   generate the small (~100M) benchmark model under $(MODELS)/small"
+	@echo "make bench-runtime runtime speed against its floors (writes docs/benchmarks.md)"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest -q
+
+model: $(STAMP)
+	$(BIN)/python -m duetserve.runtime.generator tiny --out $(MODELS)/tiny
+
+model-small: $(STAMP)
+	$(BIN)/python -m duetserve.runtime.generator small --out $(MODELS)/small
+
+bench-runtime: model-small
+	$(BIN)/python -m duetserve.loadtest.runtime_bench --model $(MODELS)/small --write docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache src/*.egg-info

@@ -1,0 +1,1 @@
+"""Random-weight Hugging Face model directories, built the same on every machine from files here."""

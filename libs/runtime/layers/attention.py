@@ -1,0 +1,238 @@
+"""Attention over the paged KV pool, as interchangeable backends chosen once per model.
+
+Each backend stores the step's new K/V at their slots, then attends. `prepare` turns the batch
+into whatever per-step metadata the backend wants, once per forward pass rather than per layer.
+
+- `reference`: the torch oracle (kernels/attention_ref.py); slow, obviously right.
+- `cpu`: the fast CPU path; decode rows are attended together in one batched SDPA call over
+  gathered context, prefill chunks one SDPA call each.
+- `triton`: the GPU path; Triton kernels for the KV store, paged decode and paged prefill.
+"""
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from duetserve.runtime.batch import ForwardBatch
+from duetserve.runtime.kernels.attention_ref import paged_attention_ref, store_kv_ref
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def prepare(self, batch: ForwardBatch, block_size: int) -> object: ...
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        k_cache: torch.Tensor,  # [N, bs, Hkv, D]
+        v_cache: torch.Tensor,  # [N, bs, Hkv, D]
+        metadata: object,
+        scale: float,
+    ) -> torch.Tensor: ...  # [T, Hq, D]
+
+
+class ReferenceAttention:
+    name = "reference"
+
+    def prepare(self, batch: ForwardBatch, block_size: int) -> ForwardBatch:
+        return batch
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: object,
+        scale: float,
+    ) -> torch.Tensor:
+        assert isinstance(metadata, ForwardBatch)
+        b = metadata
+        store_kv_ref(k, v, k_cache, v_cache, b.slot_mapping)
+        return paged_attention_ref(
+            q, k_cache, v_cache, b.block_tables, b.query_start_loc, b.seq_lens, scale
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _PrefillChunk:
+    rows: slice  # this sequence's query rows
+    blocks: torch.Tensor  # int64 [nb]: its context's blocks, in position order
+    context_len: int
+    mask: torch.Tensor | None  # bool [n, S] (True = attend), None when plain causal
+
+
+@dataclass(frozen=True, slots=True)
+class _DecodeGroup:
+    rows: torch.Tensor  # int64 [Bd]: query rows of the one-token sequences
+    blocks: torch.Tensor  # int64 [Bd, nb]: their blocks, padded to the longest
+    mask: torch.Tensor  # bool [Bd, 1, 1, nb * bs]: True where a position is inside the context
+
+
+@dataclass(frozen=True, slots=True)
+class _CpuMetadata:
+    slot_mapping: torch.Tensor  # int64 [T]
+    decode: _DecodeGroup | None
+    prefill: tuple[_PrefillChunk, ...]
+
+
+class CpuAttention:
+    """Gathers each sequence's context a whole block at a time (one contiguous copy per block)
+    and hands it to torch's SDPA; decode rows share one batched call."""
+
+    name = "cpu"
+
+    def prepare(self, batch: ForwardBatch, block_size: int) -> _CpuMetadata:
+        tables = batch.block_tables.long()
+        decode_ids = [b for b, n in enumerate(batch.query_lens) if n == 1]
+        prefill: list[_PrefillChunk] = []
+        starts = batch.query_start_loc.tolist()
+        for b, (n, context) in enumerate(zip(batch.query_lens, batch.context_lens, strict=True)):
+            if n > 1:
+                blocks = tables[b, : _cdiv(context, block_size)]
+                mask = None if n == context else _chunk_mask(n, context)
+                prefill.append(
+                    _PrefillChunk(slice(starts[b], starts[b + 1]), blocks, context, mask)
+                )
+        decode = None
+        if decode_ids:
+            ids = torch.tensor(decode_ids)
+            decode_lens = batch.seq_lens.long()[ids]  # [Bd]
+            num_blocks = _cdiv(int(decode_lens.max()), block_size)
+            positions = torch.arange(num_blocks * block_size)
+            mask = positions.unsqueeze(0) < decode_lens.unsqueeze(1)  # [Bd, nb * bs]
+            rows = batch.query_start_loc.long()[ids]
+            decode = _DecodeGroup(rows, tables[ids, :num_blocks], mask[:, None, None, :])
+        return _CpuMetadata(batch.slot_mapping, decode, tuple(prefill))
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: object,
+        scale: float,
+    ) -> torch.Tensor:
+        assert isinstance(metadata, _CpuMetadata)
+        m = metadata
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, m.slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, m.slot_mapping, v.to(v_cache.dtype))
+        out = torch.empty_like(q)
+        if m.decode is not None:
+            out.index_copy_(
+                0, m.decode.rows, _decode(q[m.decode.rows], k_cache, v_cache, m.decode, scale)
+            )
+        for chunk in m.prefill:
+            out[chunk.rows] = _prefill(q[chunk.rows], k_cache, v_cache, chunk, scale)
+        return out
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _chunk_mask(n: int, context: int) -> torch.Tensor:
+    """The last n positions of a context of `context` tokens see keys up to themselves."""
+    q_pos = torch.arange(context - n, context).unsqueeze(1)
+    return torch.arange(context).unsqueeze(0) <= q_pos  # [n, S]
+
+
+def _decode(
+    q: torch.Tensor,  # [Bd, Hq, D]
+    k_cache: torch.Tensor,  # [N, bs, Hkv, D]
+    v_cache: torch.Tensor,
+    group: _DecodeGroup,
+    scale: float,
+) -> torch.Tensor:  # [Bd, Hq, D]
+    # One query per sequence, so the q heads sharing a KV head play the role of SDPA's query
+    # length: [Bd, Hkv, G, D] against keys [Bd, Hkv, S, D].
+    num_seqs, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    shape = (num_seqs, -1, num_kv_heads, head_dim)
+    keys = k_cache[group.blocks].view(shape).transpose(1, 2)  # [Bd, Hkv, S, D]
+    values = v_cache[group.blocks].view(shape).transpose(1, 2)
+    grouped = q.view(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        grouped, keys.to(q.dtype), values.to(q.dtype), attn_mask=group.mask, scale=scale
+    )
+    return out.reshape(num_seqs, num_q_heads, head_dim)
+
+
+def _prefill(
+    q: torch.Tensor,  # [n, Hq, D]
+    k_cache: torch.Tensor,  # [N, bs, Hkv, D]
+    v_cache: torch.Tensor,
+    chunk: _PrefillChunk,
+    scale: float,
+) -> torch.Tensor:  # [n, Hq, D]
+    shape = (-1, *k_cache.shape[2:])
+    keys = k_cache[chunk.blocks].view(shape)[: chunk.context_len]  # [S, Hkv, D]
+    values = v_cache[chunk.blocks].view(shape)[: chunk.context_len]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),  # [1, Hq, n, D]
+        keys.transpose(0, 1).unsqueeze(0).to(q.dtype),  # [1, Hkv, S, D]
+        values.transpose(0, 1).unsqueeze(0).to(q.dtype),
+        attn_mask=chunk.mask,
+        is_causal=chunk.mask is None,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out[0].transpose(0, 1)
+
+
+class TritonAttention:
+    """GPU path. The kernels are imported on first use so CPU-only processes never need them."""
+
+    name = "triton"
+
+    def prepare(self, batch: ForwardBatch, block_size: int) -> ForwardBatch:
+        return batch
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: object,
+        scale: float,
+    ) -> torch.Tensor:
+        from duetserve.runtime.kernels.decode_attention import paged_decode_attention
+        from duetserve.runtime.kernels.kv_store import store_kv
+        from duetserve.runtime.kernels.prefill_attention import paged_prefill_attention
+
+        assert isinstance(metadata, ForwardBatch)
+        b = metadata
+        store_kv(k, v, k_cache, v_cache, b.slot_mapping)
+        if b.is_decode_only:
+            return paged_decode_attention(q, k_cache, v_cache, b.block_tables, b.seq_lens, scale)
+        return paged_prefill_attention(
+            q,
+            k_cache,
+            v_cache,
+            b.block_tables,
+            b.query_start_loc,
+            b.seq_lens,
+            scale,
+            b.max_query_len,
+        )
+
+
+BACKENDS: dict[str, type[ReferenceAttention] | type[CpuAttention] | type[TritonAttention]] = {
+    "reference": ReferenceAttention,
+    "cpu": CpuAttention,
+    "triton": TritonAttention,
+}
+
+
+def default_backend(device: torch.device) -> AttentionBackend:
+    return TritonAttention() if device.type == "cuda" else CpuAttention()

@@ -1,0 +1,108 @@
+"""The Llama family (Llama, Llama 3.x, Mistral, Qwen2) over the paged KV pool.
+
+One decoder stack serves all of them: they differ only in q/k/v bias, tied embeddings, grouped
+query attention and RoPE scaling, which the config carries. Weights arrive in the runtime layout
+(weights.py), already loaded by whoever owns them.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from duetserve.runtime.batch import ForwardBatch
+from duetserve.runtime.config import ModelConfig
+from duetserve.runtime.errors import UnsupportedModelError
+from duetserve.runtime.kv_pool import KVPool
+from duetserve.runtime.layers.attention import AttentionBackend
+from duetserve.runtime.layers.norm import rms_norm
+from duetserve.runtime.layers.rotary import RotaryEmbedding
+from duetserve.runtime.weights import Weights
+
+
+class LlamaForCausalLM:
+    def __init__(self, config: ModelConfig, weights: Weights, attention: AttentionBackend) -> None:
+        embed = weights["embed_tokens"]
+        self.config = config
+        self.weights = weights
+        self.attention = attention
+        self.dtype = embed.dtype
+        self.device = embed.device
+        self.scale = config.head_dim**-0.5
+        self.rotary = RotaryEmbedding(config, self.dtype, self.device)
+        self.layers = [_LayerWeights.of(weights, i, config) for i in range(config.num_layers)]
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
+        """Run one step; returns logits [len(batch.logits_indices), V] in float32."""
+        pool.check_compatible(self.config, self.dtype)
+        metadata = self.attention.prepare(batch, pool.block_size)
+        hidden = F.embedding(batch.input_ids, self.weights["embed_tokens"])  # [T, H]
+        residual = hidden
+        for index, layer in enumerate(self.layers):
+            k_cache, v_cache = pool.layer(index)
+            hidden = rms_norm(residual, layer.input_norm, self.config.rms_norm_eps)
+            hidden = self._attention(layer, hidden, batch.positions, k_cache, v_cache, metadata)
+            residual = residual + hidden
+            hidden = rms_norm(residual, layer.post_attention_norm, self.config.rms_norm_eps)
+            residual = residual + _mlp(layer, hidden)
+        last = residual[batch.logits_indices]  # [R, H]
+        hidden = rms_norm(last, self.weights["final_norm"], self.config.rms_norm_eps)
+        return F.linear(hidden, self.weights["lm_head"]).float()  # [R, V]
+
+    def _attention(
+        self,
+        layer: "_LayerWeights",
+        hidden: torch.Tensor,  # [T, H]
+        positions: torch.Tensor,  # [T]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: object,
+    ) -> torch.Tensor:
+        c = self.config
+        qkv = F.linear(hidden, layer.qkv_proj, layer.qkv_bias)  # [T, Q + 2 KV]
+        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = q.view(-1, c.num_q_heads, c.head_dim)  # [T, Hq, D]
+        k = k.view(-1, c.num_kv_heads, c.head_dim)  # [T, Hkv, D]
+        v = v.view(-1, c.num_kv_heads, c.head_dim)
+        q, k = self.rotary(q, k, positions)
+        out = self.attention.attend(q, k, v, k_cache, v_cache, metadata, self.scale)
+        return F.linear(out.reshape(-1, c.q_size), layer.o_proj)  # [T, H]
+
+
+class _LayerWeights:
+    __slots__ = (
+        "down_proj",
+        "gate_up_proj",
+        "input_norm",
+        "o_proj",
+        "post_attention_norm",
+        "qkv_bias",
+        "qkv_proj",
+    )
+
+    def __init__(self, weights: Weights, prefix: str) -> None:
+        self.input_norm = weights[prefix + "input_norm"]
+        self.post_attention_norm = weights[prefix + "post_attention_norm"]
+        self.qkv_proj = weights[prefix + "qkv_proj"]
+        self.qkv_bias = weights.get(prefix + "qkv_bias")
+        self.o_proj = weights[prefix + "o_proj"]
+        self.gate_up_proj = weights[prefix + "gate_up_proj"]
+        self.down_proj = weights[prefix + "down_proj"]
+
+    @classmethod
+    def of(cls, weights: Weights, index: int, config: ModelConfig) -> "_LayerWeights":
+        prefix = f"layers.{index}."
+        missing = [
+            name
+            for name in ("input_norm", "qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+            if prefix + name not in weights
+        ]
+        if missing:
+            raise UnsupportedModelError(f"weights lack {', '.join(prefix + m for m in missing)}")
+        if config.qkv_bias and prefix + "qkv_bias" not in weights:
+            raise UnsupportedModelError(f"weights lack {prefix}qkv_bias")
+        return cls(weights, prefix)
+
+
+def _mlp(layer: _LayerWeights, hidden: torch.Tensor) -> torch.Tensor:
+    gate, up = F.linear(hidden, layer.gate_up_proj).chunk(2, dim=-1)  # [T, I] each
+    return F.linear(F.silu(gate) * up, layer.down_proj)  # [T, H]

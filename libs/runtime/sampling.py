@@ -1,0 +1,208 @@
+"""Batched, per-request sampling: one call turns a step's logits [B, V] into one token per row.
+
+Per row, in order (vLLM's order):
+  1. penalties: repetition (HF/vLLM, over prompt + output tokens), then frequency and presence
+     (OpenAI, over output tokens);
+  2. while fewer than min_tokens were generated, the tokens that would finish the request are
+     masked: its stop ids, plus EOS unless ignore_eos. With ignore_eos, EOS finishes nothing and
+     is left alone, as in vLLM: masking it would bend the distribution for no purpose;
+  3. greedy (temperature 0: argmax, nothing below applies) or division by the temperature;
+  4. top_k, then top_p over the renormalised top_k distribution (enforced within the draw,
+     see `nucleus_race`: no sort of the vocabulary anywhere);
+  5. the draw: argmax(probs / E) with E = -log(U) ~ Exp(1) per vocabulary entry (the
+     exponential race, Gumbel-max in another guise), which picks token i with probability
+     probs[i]. A seeded row's U comes from a CPU generator seeded by splitmix64(seed, position),
+     so its token depends on (seed, position, logits) alone: not on its row, its neighbours or
+     the worker process (for one torch version).
+Logprobs are those of the raw logits, before penalties and temperature, as vLLM reports them
+by default. The sampler trusts its params: `SamplingParams.validate` runs at admission.
+"""
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from duetserve.runtime.errors import InvalidTokenError, ShapeError
+from duetserve.runtime.sampling_logits import (
+    apply_penalties,
+    mask_finishing_tokens,
+    nucleus_race,
+    sampling_probs,
+)
+from duetserve.runtime.sampling_params import (
+    MAX_LOGPROBS,
+    FinishReason,
+    SamplingParams,
+    SamplingParamsError,
+    SequenceSamplingState,
+    finish_reason,
+)
+
+__all__ = [
+    "MAX_LOGPROBS",
+    "FinishReason",
+    "SampledToken",
+    "Sampler",
+    "SamplingParams",
+    "SamplingParamsError",
+    "SequenceSamplingState",
+    "TokenLogprob",
+    "draw_seed",
+    "finish_reason",
+]
+
+_MASK64 = (1 << 64) - 1
+_MASK32 = (1 << 32) - 1
+_SMALLEST_UNIFORM = torch.finfo(torch.float32).tiny
+
+
+class TokenLogprob(NamedTuple):
+    token_id: int
+    logprob: float
+
+
+class SampledToken(NamedTuple):
+    token_id: int
+    logprob: TokenLogprob | None  # the chosen token's, when the row asked for logprobs
+    top_logprobs: tuple[TokenLogprob, ...]  # top-N of the raw distribution, most likely first
+
+
+class Sampler:
+    """Turns a step's logits into one SampledToken per row. Holds nothing per request: every
+    request's state comes in with its row. Unseeded rows draw from this sampler's generator."""
+
+    def __init__(self, vocab_size: int, eos_token_ids: frozenset[int], seed: int = 0) -> None:
+        outside = sorted(t for t in eos_token_ids if not 0 <= t < vocab_size)
+        if outside:
+            raise InvalidTokenError(f"EOS token ids {outside} outside vocabulary [0, {vocab_size})")
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._seeded_generator = torch.Generator()  # reseeded for every seeded row
+
+    def sample(
+        self, logits: torch.Tensor, rows: Sequence[SequenceSamplingState]
+    ) -> list[SampledToken]:
+        """One token per row of logits [B, V] (any float dtype, left untouched)."""
+        self._check_logits(logits, rows)
+        if not rows:
+            return []
+        scores = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        apply_penalties(scores, rows)
+        mask_finishing_tokens(scores, rows, self.eos_token_ids)
+        token_ids = self._choose(scores, rows)  # [B] int64
+        return _package(logits, token_ids, rows)
+
+    def _check_logits(self, logits: torch.Tensor, rows: Sequence[SequenceSamplingState]) -> None:
+        expected = (len(rows), self.vocab_size)
+        if logits.dim() != 2 or tuple(logits.shape) != expected:
+            raise ShapeError(f"logits of shape {tuple(logits.shape)}, expected {list(expected)}")
+        if not logits.is_floating_point():
+            raise ShapeError(f"logits of dtype {logits.dtype}, expected a float dtype")
+
+    def _choose(self, scores: torch.Tensor, rows: Sequence[SequenceSamplingState]) -> torch.Tensor:
+        """Argmax for greedy rows; the exponential race for the others. Consumes `scores`."""
+        drawn = [i for i, row in enumerate(rows) if not row.params.greedy]
+        everyone = len(drawn) == len(rows)
+        token_ids = torch.empty_like(scores[:, 0], dtype=torch.int64)
+        if not everyone:
+            token_ids = scores.argmax(dim=-1)  # [B], the greedy rows' answer
+        if not drawn:
+            return token_ids
+        index = torch.tensor(drawn, device=scores.device)
+        drawn_rows = [rows[i] for i in drawn]
+        params = [row.params for row in drawn_rows]
+        probs = sampling_probs(scores if everyone else scores[index], params)  # [R, V]
+        noise = self._exponential_noise(drawn_rows, scores.device)  # [R, V]
+        token_ids[index] = nucleus_race(probs, noise, [p.top_p for p in params])
+        return token_ids
+
+    def _exponential_noise(
+        self, rows: Sequence[SequenceSamplingState], device: torch.device
+    ) -> torch.Tensor:
+        """E = -log(U) ~ Exp(1), [R, V]: a seeded row's U comes from (seed, position) alone,
+        the other rows' from this sampler's generator. E stays finite (U = 0, one draw in 2**24,
+        becomes the smallest float), so every token of nonzero probability keeps a chance."""
+        uniform = torch.empty(len(rows), self.vocab_size, device=device)
+        unseeded = [i for i, row in enumerate(rows) if row.params.seed is None]
+        generator = self._generator(device)
+        if len(unseeded) == len(rows):
+            uniform.uniform_(generator=generator)
+        elif unseeded:
+            shape = (len(unseeded), self.vocab_size)
+            uniform[unseeded] = torch.rand(shape, generator=generator, device=device)
+        seeded = [(i, row.params.seed, row.position) for i, row in enumerate(rows)]
+        draws = [(i, seed, position) for i, seed, position in seeded if seed is not None]
+        if draws:
+            uniform[[i for i, _, _ in draws]] = self._seeded_uniform(draws).to(device)
+        return uniform.clamp_min_(_SMALLEST_UNIFORM).log_().neg_()
+
+    def _seeded_uniform(self, draws: list[tuple[int, int, int]]) -> torch.Tensor:
+        """U [S, V] on the CPU, row s from a generator seeded by draw_seed(seed, position) only."""
+        uniform = torch.empty(len(draws), self.vocab_size)
+        for row_uniform, (_, seed, position) in zip(uniform, draws, strict=True):
+            self._seeded_generator.manual_seed(draw_seed(seed, position))
+            row_uniform.uniform_(generator=self._seeded_generator)
+        return uniform
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self._seed)
+            self._generators[device] = generator
+        return self._generators[device]
+
+
+def draw_seed(seed: int, position: int) -> int:
+    """The generator seed for the draw at `position` of a request seeded with `seed`: splitmix64
+    of both, folded to 32 bits because torch's CPU generator (mt19937) keeps only the low 32 bits
+    of a seed. Two (seed, position) pairs therefore share their noise with probability 2**-32."""
+    mixed = _splitmix64(_splitmix64(seed) ^ position)
+    return (mixed ^ (mixed >> 32)) & _MASK32
+
+
+def _splitmix64(value: int) -> int:
+    z = (value + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _package(
+    logits: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SequenceSamplingState]
+) -> list[SampledToken]:
+    """SampledTokens with raw-logit logprobs for the rows that asked for them."""
+    chosen = token_ids.tolist()
+    asked = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    reported = dict(zip(asked, _raw_logprobs(logits, token_ids, rows, asked), strict=True))
+    tokens = []
+    for i, token_id in enumerate(chosen):
+        logprob, top = reported.get(i, (None, ()))
+        tokens.append(SampledToken(token_id, logprob, top))
+    return tokens
+
+
+def _raw_logprobs(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    rows: Sequence[SequenceSamplingState],
+    asked: list[int],
+) -> list[tuple[TokenLogprob, tuple[TokenLogprob, ...]]]:
+    """(chosen token's logprob, top-N logprobs descending) of log_softmax(raw logits) per row."""
+    if not asked:
+        return []
+    index = torch.tensor(asked, device=logits.device)
+    logprobs = torch.log_softmax(logits[index].float(), dim=-1)  # [A, V]
+    chosen_ids = token_ids[index]
+    chosen = logprobs.gather(1, chosen_ids[:, None])[:, 0].tolist()
+    top_n = [rows[i].params.logprobs or 0 for i in asked]
+    width = min(max(top_n), logprobs.shape[-1])
+    top_values, top_ids = logprobs.topk(width, dim=-1)  # [A, N], sorted descending
+    values, ids = top_values.tolist(), top_ids.tolist()
+    reported = []
+    for a, (token_id, n) in enumerate(zip(chosen_ids.tolist(), top_n, strict=True)):
+        top = tuple(TokenLogprob(t, v) for t, v in zip(ids[a][:n], values[a][:n], strict=True))
+        reported.append((TokenLogprob(token_id, chosen[a]), top))
+    return reported

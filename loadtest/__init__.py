@@ -1,0 +1,1 @@
+"""Load generation and benchmarks: anything that measures Duet from the outside."""

@@ -1,0 +1,217 @@
+"""Runtime speed next to its floors, measured on this machine in the same run.
+
+    python -m duetserve.loadtest.runtime_bench --model models/small [--write docs/benchmarks.md]
+
+For each dtype: decode step time at batch 1, 8, 32, 64 with 512 tokens of context each, and
+prefill throughput on 512-token prompts. Each is put next to two floors measured here and now:
+bytes moved (weights + KV read) over measured memory read bandwidth, and FLOPs over measured
+matmul throughput in that dtype. The ratio is time / max(floors): 1.0 would be perfect.
+"""
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from duetserve.loadtest.bench_report import write_section
+from duetserve.runtime.batch import ForwardBatch, SequenceChunk
+from duetserve.runtime.config import ModelConfig
+from duetserve.runtime.kv_pool import KVPool
+from duetserve.runtime.loader import load_model
+from duetserve.runtime.models.llama import LlamaForCausalLM
+
+CONTEXT = 512
+DECODE_BATCHES = (1, 8, 32, 64)
+PREFILL_PROMPTS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    what: str
+    dtype: str
+    seconds: float
+    tokens: int
+    bytes_floor_s: float
+    flops_floor_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.seconds / max(self.bytes_floor_s, self.flops_floor_s)
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median wall time of fn, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def read_bandwidth(num_bytes: int = 1 << 30) -> float:
+    """Bytes per second that a full-machine reduction streams from memory."""
+    data = torch.ones(num_bytes // 4, dtype=torch.float32)
+    seconds = min(timed(lambda: data.sum(), repeats=5) for _ in range(2))
+    return num_bytes / seconds
+
+
+def matmul_throughput(dtype: torch.dtype) -> float:
+    """The best FLOP rate over a few large GEMM shapes (the model's own among them)."""
+    best = 0.0
+    for m, k, n in ((2048, 768, 2048), (2048, 2048, 2048), (4096, 4096, 1024)):
+        a = torch.randn(m, k).to(dtype)
+        b = torch.randn(n, k).to(dtype)
+        seconds = min(timed(partial(torch.nn.functional.linear, a, b), repeats=5) for _ in range(2))
+        best = max(best, 2 * m * k * n / seconds)
+    return best
+
+
+def matmul_weight_bytes(model: LlamaForCausalLM) -> int:
+    """Weights a step reads in full: everything but the embedding table (a gather of a few
+    rows), which still counts when it doubles as the LM head."""
+    seen: set[int] = set()
+    total = 0
+    for name, tensor in model.weights.items():
+        if name == "embed_tokens" or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def step_flops(config: ModelConfig, new_tokens: int, attended_keys: int, params: int) -> float:
+    """2 FLOPs per weight per token, plus QK^T and PV over every attended key."""
+    attention = 4 * attended_keys * config.num_q_heads * config.head_dim * config.num_layers
+    return 2.0 * params * new_tokens + attention
+
+
+def decode_row(
+    model: LlamaForCausalLM, batch_size: int, bandwidth: float, flops_per_s: float, name: str
+) -> Row:
+    config = model.config
+    blocks_per_seq = (CONTEXT + 1 + 15) // 16
+    pool = KVPool.allocate(config, batch_size * blocks_per_seq, 16, dtype=model.dtype)
+    pool.tensor.normal_(std=0.5)
+    chunks = [
+        SequenceChunk([100 + b], CONTEXT, list(range(b * blocks_per_seq, (b + 1) * blocks_per_seq)))
+        for b in range(batch_size)
+    ]
+    batch = ForwardBatch.build(chunks, config, pool)
+    seconds = timed(lambda: model.forward(batch, pool), repeats=7 if batch_size < 32 else 4)
+    weight_bytes = matmul_weight_bytes(model)
+    kv_bytes = (
+        batch_size * (CONTEXT + 1) * config.num_layers * 2 * config.kv_size * pool.dtype.itemsize
+    )
+    params = weight_bytes // model.dtype.itemsize
+    flops = step_flops(config, batch_size, batch_size * (CONTEXT + 1), params)
+    return Row(
+        f"decode step, batch {batch_size}",
+        name,
+        seconds,
+        batch_size,
+        (weight_bytes + kv_bytes) / bandwidth,
+        flops / flops_per_s,
+    )
+
+
+def prefill_row(model: LlamaForCausalLM, bandwidth: float, flops_per_s: float, name: str) -> Row:
+    config = model.config
+    blocks = CONTEXT // 16
+    pool = KVPool.allocate(config, PREFILL_PROMPTS * blocks, 16, dtype=model.dtype)
+    chunks = [
+        SequenceChunk(
+            [(7 * i + p) % 1000 + 10 for i in range(CONTEXT)],
+            0,
+            list(range(p * blocks, (p + 1) * blocks)),
+        )
+        for p in range(PREFILL_PROMPTS)
+    ]
+    batch = ForwardBatch.build(chunks, config, pool)
+    seconds = timed(lambda: model.forward(batch, pool), repeats=3, warmup=1)
+    weight_bytes = matmul_weight_bytes(model)
+    params = weight_bytes // model.dtype.itemsize
+    tokens = PREFILL_PROMPTS * CONTEXT
+    causal_keys = PREFILL_PROMPTS * CONTEXT * (CONTEXT + 1) // 2
+    flops = step_flops(config, tokens, causal_keys, params)
+    kv_bytes = tokens * config.num_layers * 2 * config.kv_size * pool.dtype.itemsize
+    return Row(
+        f"prefill {PREFILL_PROMPTS} x {CONTEXT} tokens",
+        name,
+        seconds,
+        tokens,
+        (weight_bytes + kv_bytes) / bandwidth,
+        flops / flops_per_s,
+    )
+
+
+def run(model_dir: Path, dtypes: list[str]) -> tuple[list[Row], dict[str, float]]:
+    torch.manual_seed(0)
+    bandwidth = read_bandwidth()
+    machine = {"read GB/s": bandwidth / 1e9}
+    rows = []
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        flops_per_s = matmul_throughput(dtype)
+        machine[f"{name} matmul GFLOP/s"] = flops_per_s / 1e9
+        model = load_model(model_dir, name)
+        for batch_size in DECODE_BATCHES:
+            rows.append(decode_row(model, batch_size, bandwidth, flops_per_s, name))
+            print(format_row(rows[-1]), flush=True)
+        rows.append(prefill_row(model, bandwidth, flops_per_s, name))
+        print(format_row(rows[-1]), flush=True)
+    return rows, machine
+
+
+def format_row(row: Row) -> str:
+    rate = row.tokens / row.seconds
+    return (
+        f"| {row.what} | {row.dtype} | {row.seconds * 1e3:.1f} ms | {rate:,.0f} tok/s | "
+        f"{row.bytes_floor_s * 1e3:.1f} ms | {row.flops_floor_s * 1e3:.1f} ms | {row.ratio:.2f}x |"
+    )
+
+
+def report(rows: list[Row], machine: dict[str, float], command: str) -> str:
+    lines = [
+        f"Measured on {platform.machine()} with {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}. Machine, same run: "
+        + ", ".join(f"{k} {v:,.1f}" for k, v in machine.items())
+        + ".",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| step | dtype | time | throughput | bytes floor | FLOPs floor | time / floor |",
+        "|---|---|---|---|---|---|---|",
+        *(format_row(r) for r in rows),
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, type=Path, help="model directory (small)")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
+    parser.add_argument("--write", type=Path, help="update this markdown file's runtime section")
+    args = parser.parse_args()
+    rows, machine = run(args.model, args.dtypes.split(","))
+    command = (
+        f"python -m duetserve.loadtest.runtime_bench --model {args.model} --dtypes {args.dtypes}"
+    )
+    text = report(rows, machine, command)
+    print(text)
+    if args.write:
+        write_section(args.write, "runtime", "Model runtime: step time against its floors", text)
+
+
+if __name__ == "__main__":
+    main()
