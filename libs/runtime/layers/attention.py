@@ -9,7 +9,7 @@ into whatever per-step metadata the backend wants, once per forward pass rather 
 - `triton`: the GPU path; Triton kernels for the KV store, paged decode and paged prefill.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -71,8 +71,18 @@ class _PrefillChunk:
 @dataclass(frozen=True, slots=True)
 class _DecodeGroup:
     rows: torch.Tensor  # int64 [Bd]: query rows of the one-token sequences
-    blocks: torch.Tensor  # int64 [Bd, nb]: their blocks, padded to the longest
+    blocks: torch.Tensor  # int64 [Bd * nb]: their blocks, each row padded to the longest
     mask: torch.Tensor  # bool [Bd, 1, 1, nb * bs]: True where a position is inside the context
+    # Gather buffers reused by every layer of the step: a fresh multi-megabyte tensor per layer
+    # costs more in page faults than the copy itself.
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def gather(self, name: str, cache: torch.Tensor) -> torch.Tensor:
+        """[Bd * nb, bs, Hkv, D]: the group's blocks of one layer's cache."""
+        buffer = self.buffers.get(name)
+        if buffer is None:
+            buffer = self.buffers[name] = cache.new_empty(len(self.blocks), *cache.shape[1:])
+        return torch.index_select(cache, 0, self.blocks, out=buffer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +93,9 @@ class _CpuMetadata:
 
 
 class CpuAttention:
-    """Gathers each sequence's context a whole block at a time (one contiguous copy per block)
-    and hands it to torch's SDPA; decode rows share one batched call."""
+    """Gathers each sequence's context a whole block at a time (`index_select` copies a block
+    contiguously; advanced indexing is several times slower here) and hands it to torch's SDPA;
+    decode rows share one batched call."""
 
     name = "cpu"
 
@@ -108,7 +119,8 @@ class CpuAttention:
             positions = torch.arange(num_blocks * block_size)
             mask = positions.unsqueeze(0) < decode_lens.unsqueeze(1)  # [Bd, nb * bs]
             rows = batch.query_start_loc.long()[ids]
-            decode = _DecodeGroup(rows, tables[ids, :num_blocks], mask[:, None, None, :])
+            blocks = tables[ids, :num_blocks].flatten()
+            decode = _DecodeGroup(rows, blocks, mask[:, None, None, :])
         return _CpuMetadata(batch.slot_mapping, decode, tuple(prefill))
 
     def attend(
@@ -157,8 +169,8 @@ def _decode(
     num_seqs, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     shape = (num_seqs, -1, num_kv_heads, head_dim)
-    keys = k_cache[group.blocks].view(shape).transpose(1, 2)  # [Bd, Hkv, S, D]
-    values = v_cache[group.blocks].view(shape).transpose(1, 2)
+    keys = group.gather("k", k_cache).view(shape).transpose(1, 2)  # [Bd, Hkv, S, D]
+    values = group.gather("v", v_cache).view(shape).transpose(1, 2)
     grouped = q.view(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(
         grouped, keys.to(q.dtype), values.to(q.dtype), attn_mask=group.mask, scale=scale
@@ -174,8 +186,8 @@ def _prefill(
     scale: float,
 ) -> torch.Tensor:  # [n, Hq, D]
     shape = (-1, *k_cache.shape[2:])
-    keys = k_cache[chunk.blocks].view(shape)[: chunk.context_len]  # [S, Hkv, D]
-    values = v_cache[chunk.blocks].view(shape)[: chunk.context_len]
+    keys = k_cache.index_select(0, chunk.blocks).view(shape)[: chunk.context_len]  # [S, Hkv, D]
+    values = v_cache.index_select(0, chunk.blocks).view(shape)[: chunk.context_len]
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0),  # [1, Hq, n, D]
         keys.transpose(0, 1).unsqueeze(0).to(q.dtype),  # [1, Hkv, S, D]

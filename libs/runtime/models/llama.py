@@ -13,6 +13,7 @@ from duetserve.runtime.config import ModelConfig
 from duetserve.runtime.errors import UnsupportedModelError
 from duetserve.runtime.kv_pool import KVPool
 from duetserve.runtime.layers.attention import AttentionBackend
+from duetserve.runtime.layers.linear import pick_linear
 from duetserve.runtime.layers.norm import rms_norm
 from duetserve.runtime.layers.rotary import RotaryEmbedding
 from duetserve.runtime.weights import Weights
@@ -28,6 +29,7 @@ class LlamaForCausalLM:
         self.device = embed.device
         self.scale = config.head_dim**-0.5
         self.rotary = RotaryEmbedding(config, self.dtype, self.device)
+        self.linear = pick_linear(self.device, self.dtype)
         self.layers = [_LayerWeights.of(weights, i, config) for i in range(config.num_layers)]
 
     @torch.inference_mode()
@@ -43,10 +45,10 @@ class LlamaForCausalLM:
             hidden = self._attention(layer, hidden, batch.positions, k_cache, v_cache, metadata)
             residual = residual + hidden
             hidden = rms_norm(residual, layer.post_attention_norm, self.config.rms_norm_eps)
-            residual = residual + _mlp(layer, hidden)
+            residual = residual + self._mlp(layer, hidden)
         last = residual[batch.logits_indices]  # [R, H]
         hidden = rms_norm(last, self.weights["final_norm"], self.config.rms_norm_eps)
-        return F.linear(hidden, self.weights["lm_head"]).float()  # [R, V]
+        return self.linear(hidden, self.weights["lm_head"], None).float()  # [R, V]
 
     def _attention(
         self,
@@ -58,14 +60,18 @@ class LlamaForCausalLM:
         metadata: object,
     ) -> torch.Tensor:
         c = self.config
-        qkv = F.linear(hidden, layer.qkv_proj, layer.qkv_bias)  # [T, Q + 2 KV]
+        qkv = self.linear(hidden, layer.qkv_proj, layer.qkv_bias)  # [T, Q + 2 KV]
         q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(-1, c.num_q_heads, c.head_dim)  # [T, Hq, D]
         k = k.view(-1, c.num_kv_heads, c.head_dim)  # [T, Hkv, D]
         v = v.view(-1, c.num_kv_heads, c.head_dim)
         q, k = self.rotary(q, k, positions)
         out = self.attention.attend(q, k, v, k_cache, v_cache, metadata, self.scale)
-        return F.linear(out.reshape(-1, c.q_size), layer.o_proj)  # [T, H]
+        return self.linear(out.reshape(-1, c.q_size), layer.o_proj, None)  # [T, H]
+
+    def _mlp(self, layer: "_LayerWeights", hidden: torch.Tensor) -> torch.Tensor:
+        gate, up = self.linear(hidden, layer.gate_up_proj, None).chunk(2, dim=-1)  # [T, I] each
+        return self.linear(F.silu(gate) * up, layer.down_proj, None)  # [T, H]
 
 
 class _LayerWeights:
@@ -101,8 +107,3 @@ class _LayerWeights:
         if config.qkv_bias and prefix + "qkv_bias" not in weights:
             raise UnsupportedModelError(f"weights lack {prefix}qkv_bias")
         return cls(weights, prefix)
-
-
-def _mlp(layer: _LayerWeights, hidden: torch.Tensor) -> torch.Tensor:
-    gate, up = F.linear(hidden, layer.gate_up_proj).chunk(2, dim=-1)  # [T, I] each
-    return F.linear(F.silu(gate) * up, layer.down_proj)  # [T, H]
