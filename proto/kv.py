@@ -1,0 +1,107 @@
+"""Workers and the scheduler <-> one unit's kv_manager: blocks, leases and the shared storage.
+
+kv_manager is the only allocator. Every reference to a block has an owner; owners are named
+"<holder>/<request id>" so that a holder (a worker or the scheduler) that stops heart-beating
+loses all its references at once and its requests can be retried or failed with a reason.
+"""
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from duetserve.proto.codec import message
+
+
+@message("kv.alloc")
+@dataclass(frozen=True, slots=True)
+class AllocateBlocks:
+    owner: str
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError("count must be >= 1")
+
+
+@message("kv.alloc.ok")
+@dataclass(frozen=True, slots=True)
+class BlocksGranted:
+    owner: str
+    block_ids: tuple[int, ...]
+    num_free: int  # after this grant, so callers can keep a watermark
+
+
+@message("kv.retain")
+@dataclass(frozen=True, slots=True)
+class RetainBlocks:
+    """One more reference to blocks already allocated (prefix sharing)."""
+
+    owner: str
+    block_ids: tuple[int, ...]
+
+
+@message("kv.release")
+@dataclass(frozen=True, slots=True)
+class ReleaseBlocks:
+    """Drop the owner's references: to the listed blocks, or to all of its blocks if none."""
+
+    owner: str
+    block_ids: tuple[int, ...] = ()
+
+
+@message("kv.released")
+@dataclass(frozen=True, slots=True)
+class BlocksReleased:
+    owner: str
+    num_freed: int
+    num_free: int
+
+
+@message("kv.heartbeat")
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Renews the lease of every owner under `holder`."""
+
+    holder: str
+
+
+class StorageKind(StrEnum):
+    CPU_SHARED_MEMORY = "cpu_shm"
+    CUDA_IPC = "cuda_ipc"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    dtype: str  # torch dtype name: float32, bfloat16, ...
+    shape: tuple[int, ...]
+    offset: int  # bytes from the start of the region
+
+
+@message("kv.storage.query")
+@dataclass(frozen=True, slots=True)
+class StorageQuery:
+    worker: str
+
+
+@message("kv.storage")
+@dataclass(frozen=True, slots=True)
+class StorageDescription:
+    """Where a worker maps the unit's KV pool and weights from: a shared-memory region name
+    (CPU) or a 64-byte CUDA IPC handle (GPU), and the tensors packed inside it."""
+
+    kind: StorageKind
+    region: str  # /dev/shm name on the CPU
+    cuda_ipc_handle: bytes | None
+    device_index: int | None
+    nbytes: int
+    tensors: tuple[TensorSpec, ...]
+    block_size: int
+    num_blocks: int
+    model_dir: str
+    dtype: str
+
+    def __post_init__(self) -> None:
+        if self.kind == StorageKind.CUDA_IPC and (
+            self.cuda_ipc_handle is None or len(self.cuda_ipc_handle) != 64
+        ):
+            raise ValueError("a CUDA IPC storage needs a 64-byte handle")

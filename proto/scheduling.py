@@ -1,0 +1,96 @@
+"""Ingress <-> scheduler: submitting, finishing and cancelling requests.
+
+A request arrives already tokenized (ingress owns text) with its sampling parameters, its SLO
+(DESIGN.md "Requests, tenants and SLOs") and its cache hints. The scheduler answers
+SubmitAccepted or an ErrorReply; tokens then flow on subjects.tokens(request_id).
+"""
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from duetserve.proto.codec import message
+from duetserve.proto.subjects import check_token
+
+
+class SloKind(StrEnum):
+    LATENCY = "latency"  # TTFT and TPOT targets
+    DEADLINE = "deadline"  # whole answer by a deadline relative to arrival
+    COMPOUND = "compound"  # a group of calls sharing one deadline
+
+
+@dataclass(frozen=True, slots=True)
+class Slo:
+    kind: SloKind
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    deadline_ms: float | None = None
+    group: str | None = None
+
+    def __post_init__(self) -> None:
+        needs = {
+            SloKind.LATENCY: ("ttft_ms", "tpot_ms"),
+            SloKind.DEADLINE: ("deadline_ms",),
+            SloKind.COMPOUND: ("group", "deadline_ms"),
+        }[self.kind]
+        for name in needs:
+            if getattr(self, name) is None:
+                raise ValueError(f"a {self.kind.value} SLO needs {name}")
+        for name in ("ttft_ms", "tpot_ms", "deadline_ms"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """The runtime's SamplingParams as they travel (validated at ingress, again at use)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
+    seed: int | None = None
+
+
+@message("sched.submit")
+@dataclass(frozen=True, slots=True)
+class SubmitRequest:
+    request_id: str
+    tenant: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: Sampling
+    arrival_time: float  # unix seconds at ingress
+    slo: Slo | None = None  # None: the server's default SLO
+    public_prefix_tokens: int = 0  # leading tokens that may be shared across tenants
+
+    def __post_init__(self) -> None:
+        check_token(self.request_id, "request id")
+        if not self.prompt_token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        if not 0 <= self.public_prefix_tokens <= len(self.prompt_token_ids):
+            raise ValueError("public_prefix_tokens must be within the prompt")
+
+
+@message("sched.submit.ok")
+@dataclass(frozen=True, slots=True)
+class SubmitAccepted:
+    request_id: str
+
+
+class CancelReason(StrEnum):
+    CLIENT_GONE = "client_gone"  # the client disconnected: free everything
+    STOP_STRING = "stop_string"  # ingress matched a stop string: finish as "stop"
+
+
+@message("sched.cancel")
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    request_id: str
+    reason: CancelReason

@@ -1,0 +1,38 @@
+"""Every NATS subject Duet uses. Services build subjects here and nowhere else."""
+
+import re
+
+ROOT = "duet"
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+# Ingress -> scheduler (request/reply): a new request.
+SCHED_SUBMIT = f"{ROOT}.sched.submit"
+# Ingress -> scheduler (publish): finish or cancel a request (stop string, client gone).
+SCHED_CANCEL = f"{ROOT}.sched.cancel"
+# Anyone -> cache_index (request/reply).
+CACHE_MATCH = f"{ROOT}.cache.match"
+CACHE_INSERT = f"{ROOT}.cache.insert"
+CACHE_EVICT = f"{ROOT}.cache.evict"
+
+
+def check_token(value: str, what: str) -> str:
+    """A subject token: letters, digits, '_' and '-' only (no '.', '*', '>' or spaces)."""
+    if not _TOKEN.match(value):
+        raise ValueError(f"{what} {value!r} must be 1-128 of [A-Za-z0-9_-]")
+    return value
+
+
+def health(service: str) -> str:
+    """Request/reply: every service instance answers its own service's health subject."""
+    return f"{ROOT}.health.{check_token(service, 'service')}"
+
+
+def tokens(request_id: str) -> str:
+    """Publish: the token stream of one request (first token from prefill, the rest from
+    decode); ingress subscribes before it submits."""
+    return f"{ROOT}.tokens.{check_token(request_id, 'request id')}"
+
+
+def kv(unit: str, verb: str) -> str:
+    """Request/reply to one unit's kv_manager: alloc, release, retain, heartbeat, storage."""
+    return f"{ROOT}.kv.{check_token(unit, 'unit')}.{check_token(verb, 'verb')}"

@@ -1,0 +1,156 @@
+"""Every wire message round-trips; every malformed message is refused with a typed error."""
+
+import re
+
+import msgpack
+import pytest
+
+from duetserve.proto import cache, codec, common, kv, scheduling, subjects, tokens
+from duetserve.proto.codec import (
+    InvalidMessageError,
+    UnknownMessageError,
+    VersionMismatchError,
+    decode,
+    encode,
+)
+
+SAMPLING = scheduling.Sampling(
+    max_tokens=64, temperature=0.7, top_k=40, stop_token_ids=(3, 7), logprobs=2, seed=11
+)
+EXAMPLES: list[object] = [
+    common.HealthQuery(),
+    common.HealthReply("scheduler", "sched-1", common.HealthStatus.READY, "ok"),
+    common.ErrorReply("out_of_blocks", "need 4 blocks, 2 free"),
+    tokens.TokenChunk("r-1", 0, (5, 6), cached_tokens=32),
+    tokens.TokenChunk(
+        "r-1",
+        2,
+        (9,),
+        logprobs=(tokens.TokenLogprob(9, -0.25, (tokens.TopLogprob(9, -0.25),)),),
+        finish_reason=tokens.FinishReason.LENGTH,
+    ),
+    tokens.TokenChunk("r-1", 3, (), finish_reason=tokens.FinishReason.ERROR, error="worker lost"),
+    scheduling.SubmitRequest(
+        request_id="r-1",
+        tenant="tenant-a",
+        prompt_token_ids=(1, 2, 3, 4),
+        sampling=SAMPLING,
+        arrival_time=1732400000.25,
+        slo=scheduling.Slo(scheduling.SloKind.LATENCY, ttft_ms=500, tpot_ms=50),
+        public_prefix_tokens=2,
+    ),
+    scheduling.SubmitRequest(
+        request_id="r-2",
+        tenant="default",
+        prompt_token_ids=(1,),
+        sampling=scheduling.Sampling(max_tokens=1),
+        arrival_time=0.0,
+        slo=scheduling.Slo(scheduling.SloKind.COMPOUND, deadline_ms=2e4, group="plan-17"),
+    ),
+    scheduling.SubmitAccepted("r-1"),
+    scheduling.CancelRequest("r-1", scheduling.CancelReason.CLIENT_GONE),
+    kv.AllocateBlocks("sched-0/r-1", 4),
+    kv.BlocksGranted("sched-0/r-1", (3, 9, 1, 0), num_free=100),
+    kv.RetainBlocks("sched-0/r-2", (3, 9)),
+    kv.ReleaseBlocks("sched-0/r-1"),
+    kv.BlocksReleased("sched-0/r-1", num_freed=2, num_free=102),
+    kv.Heartbeat("decode-0"),
+    kv.StorageQuery("prefill-0"),
+    kv.StorageDescription(
+        kind=kv.StorageKind.CUDA_IPC,
+        region="",
+        cuda_ipc_handle=bytes(range(64)),
+        device_index=0,
+        nbytes=1 << 30,
+        tensors=(kv.TensorSpec("kv_pool", "bfloat16", (4, 2, 128, 16, 4, 64), 0),),
+        block_size=16,
+        num_blocks=128,
+        model_dir="/models/tiny",
+        dtype="bfloat16",
+    ),
+    cache.PrefixMatchQuery("tenant-a", (1, 2, 3), public_prefix_tokens=0),
+    cache.PrefixMatch((4, 5), 32),
+    cache.PrefixInsert("tenant-a", tuple(range(40)), (4, 5)),
+    cache.EvictQuery(8),
+    cache.Evicted((4,)),
+]
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg: object) -> None:
+    assert decode(encode(msg), type(msg)) == msg
+    assert decode(encode(msg)) == msg
+
+
+def test_every_registered_message_has_a_round_trip_example() -> None:
+    covered = {type(m) for m in EXAMPLES}
+    assert set(codec._REGISTRY.values()) <= covered
+
+
+def envelope(name: str, version: int, body: object) -> bytes:
+    packed: bytes = msgpack.packb([name, version, body], use_bin_type=True)
+    return packed
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "text"),
+    [
+        (b"\xc1garbage", InvalidMessageError, "msgpack"),
+        (msgpack.packb({"a": 1}), InvalidMessageError, "name, version, body"),
+        (envelope("no.such", 1, {}), UnknownMessageError, "no.such"),
+        (envelope("sched.submit.ok", 2, {"request_id": "r"}), VersionMismatchError, "version 2"),
+        (envelope("sched.submit.ok", 1, {}), InvalidMessageError, "missing field 'request_id'"),
+        (envelope("sched.submit.ok", 1, {"request_id": 5}), InvalidMessageError, "expected str"),
+        (
+            envelope("sched.submit.ok", 1, {"request_id": "r", "x": 1}),
+            InvalidMessageError,
+            "unknown field",
+        ),
+        (envelope("kv.alloc", 1, {"owner": "o", "count": True}), InvalidMessageError, "bool"),
+        (envelope("kv.alloc", 1, {"owner": "o", "count": 0}), InvalidMessageError, "count"),
+        (
+            envelope("kv.release", 1, {"owner": "o", "block_ids": [1, "2"]}),
+            InvalidMessageError,
+            "[1]",
+        ),
+        (
+            envelope("sched.cancel", 1, {"request_id": "r", "reason": "bored"}),
+            InvalidMessageError,
+            "CancelReason",
+        ),
+    ],
+)
+def test_malformed_messages_are_refused(data: bytes, error: type[Exception], text: str) -> None:
+    with pytest.raises(error, match=re.escape(text)):
+        decode(data)
+
+
+def test_nested_validation_names_the_path() -> None:
+    body = {
+        "request_id": "r-1",
+        "tenant": "t",
+        "prompt_token_ids": [1],
+        "sampling": {"max_tokens": 4},
+        "arrival_time": 0,
+        "slo": {"kind": "latency", "ttft_ms": 100},
+    }
+    with pytest.raises(InvalidMessageError, match="needs tpot_ms"):
+        decode(envelope("sched.submit", 1, body))
+    body["slo"] = None
+    body["request_id"] = "has.dot"
+    with pytest.raises(InvalidMessageError, match="request id"):
+        decode(envelope("sched.submit", 1, body))
+
+
+def test_unexpected_type_is_refused() -> None:
+    data = encode(scheduling.SubmitAccepted("r-1"))
+    with pytest.raises(InvalidMessageError, match=r"expected kv\.alloc"):
+        decode(data, kv.AllocateBlocks)
+
+
+def test_subjects_refuse_unsafe_tokens() -> None:
+    assert subjects.tokens("r-1") == "duet.tokens.r-1"
+    assert subjects.kv("unit0", "alloc") == "duet.kv.unit0.alloc"
+    for bad in ("a.b", "a b", "*", ">", ""):
+        with pytest.raises(ValueError):
+            subjects.tokens(bad)
