@@ -1,0 +1,1 @@
+"""The SLO scheduler: admission, prefill planning, hand-off to decode, preemption."""

@@ -1,0 +1,145 @@
+"""The scheduler's planning core: pure, no I/O, so the live service and the simulator share it.
+
+Each call looks at one unit and says which waiting requests get their prompt blocks now, which
+prompt tokens the next prefill batch computes, and whom to preempt when decode runs out of
+memory. Only prompt blocks are reserved at admission (the decode worker takes growth blocks as
+it goes), so concurrency is not capped by reserving max_tokens up front; when memory does run
+out, requests are preempted by recompute in the policy's order.
+"""
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from duetserve.services.scheduler.policy.base import Policy
+from duetserve.services.scheduler.state import SeqState, UnitView
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerConfig:
+    block_size: int = 16
+    max_prefill_tokens: int = 2048  # token budget of one prefill batch
+    max_prefill_seqs: int = 64  # sequences in one prefill batch
+    max_running: int = 256  # requests holding blocks (prefilling + decoding)
+    decode_reserve_blocks: int = 0  # kept free for decode growth when admitting
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.max_prefill_tokens < 1 or self.max_prefill_seqs < 1:
+            raise ValueError("block_size, max_prefill_tokens and max_prefill_seqs must be >= 1")
+
+
+class Admission(NamedTuple):
+    request_id: str
+    num_new_blocks: int  # blocks to allocate beyond the cached ones
+
+
+class Rejection(NamedTuple):
+    request_id: str
+    reason: str
+
+
+class PrefillChunk(NamedTuple):
+    request_id: str
+    start: int  # first prompt position computed by this chunk
+    num_tokens: int
+    is_last: bool  # completes the prompt: the worker samples the first token
+
+
+class Plan(NamedTuple):
+    admit: tuple[Admission, ...]
+    reject: tuple[Rejection, ...]
+    prefill: tuple[PrefillChunk, ...]
+
+
+class Preemption(NamedTuple):
+    victims: tuple[str, ...]  # give up their blocks and go back to waiting (recompute)
+    fail: tuple[Rejection, ...]  # cannot run on this unit at all
+
+
+class Planner:
+    def __init__(self, config: PlannerConfig, policy: Policy) -> None:
+        self.config = config
+        self.policy = policy
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.config.block_size)
+
+    def plan(self, unit: UnitView, now: float, decode_tokens: int = 0) -> Plan:
+        """The next step. `decode_tokens` are tokens of the same forward pass spent on decodes
+        (a unified worker); they come out of the prefill budget first."""
+        admit, reject, admitted = self._admit(unit, now)
+        budget = self.config.max_prefill_tokens - decode_tokens
+        prefill = self._prefill([*unit.prefilling, *admitted], budget)
+        return Plan(tuple(admit), tuple(reject), tuple(prefill))
+
+    def _admit(
+        self, unit: UnitView, now: float
+    ) -> tuple[list[Admission], list[Rejection], list[SeqState]]:
+        admit: list[Admission] = []
+        reject: list[Rejection] = []
+        admitted: list[SeqState] = []
+        free = unit.free_blocks - self.config.decode_reserve_blocks
+        running = len(unit.prefilling) + len(unit.decoding)
+        for seq in self.policy.admission_order(unit.waiting, now):
+            needed = self._new_blocks(seq)
+            if self.blocks_for(seq.prompt_len) > unit.total_blocks:
+                reject.append(Rejection(seq.request_id, self._too_long(seq, unit)))
+                continue
+            if running >= self.config.max_running or needed > free:
+                if self.policy.skip_when_blocked():
+                    continue
+                break
+            admit.append(Admission(seq.request_id, needed))
+            admitted.append(seq)
+            free -= needed
+            running += 1
+        return admit, reject, admitted
+
+    def _new_blocks(self, seq: SeqState) -> int:
+        cached_blocks = seq.num_cached // self.config.block_size
+        return max(self.blocks_for(seq.prompt_len) - cached_blocks, 0)
+
+    def _too_long(self, seq: SeqState, unit: UnitView) -> str:
+        return (
+            f"prompt of {seq.prompt_len} tokens needs {self.blocks_for(seq.prompt_len)} KV "
+            f"blocks; the unit has {unit.total_blocks}"
+        )
+
+    def _prefill(self, candidates: list[SeqState], budget: int) -> list[PrefillChunk]:
+        chunks: list[PrefillChunk] = []
+        for seq in candidates:
+            if budget <= 0 or len(chunks) >= self.config.max_prefill_seqs:
+                break
+            remaining = seq.num_uncomputed
+            if remaining <= 0:
+                continue
+            take = min(remaining, budget)
+            chunks.append(PrefillChunk(seq.request_id, seq.num_computed, take, take == remaining))
+            budget -= take
+        return chunks
+
+    def preempt(
+        self, unit: UnitView, requester: SeqState, blocks_needed: int, now: float
+    ) -> Preemption:
+        """`requester` (decoding) needs `blocks_needed` more blocks than are free. Victims go in
+        the policy's order until enough is free; when the requester's own turn comes it is the
+        victim itself and nothing more is needed. A requester alone on the unit that still does
+        not fit has outgrown the pool and fails."""
+        free = unit.free_blocks
+        victims: list[str] = []
+        for seq in self.policy.preemption_order(unit.decoding, now):
+            if free >= blocks_needed:
+                break
+            if seq is requester:
+                if victims or len(unit.decoding) > 1 or unit.prefilling:
+                    victims.append(seq.request_id)
+                    return Preemption(tuple(victims), ())
+                break
+            victims.append(seq.request_id)
+            free += seq.num_blocks
+        if free >= blocks_needed:
+            return Preemption(tuple(victims), ())
+        reason = (
+            f"sequence of {requester.prompt_len + requester.num_output} tokens outgrew the KV "
+            f"pool of {unit.total_blocks} blocks"
+        )
+        return Preemption((), (Rejection(requester.request_id, reason),))

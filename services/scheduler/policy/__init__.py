@@ -1,0 +1,1 @@
+"""Scheduling policies: strategy objects chosen once from settings."""

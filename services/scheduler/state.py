@@ -1,0 +1,44 @@
+"""The planner's view of a unit: requests as numbers, no tokens, no I/O.
+
+The scheduler service keeps one `SeqState` per request and updates it as events arrive (blocks
+granted, chunks prefilled, tokens decoded); the planner reads these to decide the next step.
+The simulator drives the same objects from its cost model.
+"""
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Phase(StrEnum):
+    WAITING = "waiting"  # no blocks yet
+    PREFILLING = "prefilling"  # prompt blocks reserved, prompt partly computed
+    DECODING = "decoding"  # handed to the decode worker
+
+
+@dataclass(slots=True)
+class SeqState:
+    request_id: str
+    arrival: float  # seconds, the scheduler's clock
+    prompt_len: int  # tokens to compute before decoding (prompt + any recomputed output)
+    max_tokens: int
+    num_cached: int = 0  # prompt tokens whose KV came from the prefix cache
+    num_computed: int = 0  # prompt tokens whose KV is in the pool (cached ones included)
+    num_output: int = 0  # tokens generated so far
+    num_blocks: int = 0  # blocks held for this request
+    phase: Phase = Phase.WAITING
+    num_preemptions: int = 0
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.prompt_len - self.num_computed
+
+
+@dataclass(slots=True)
+class UnitView:
+    """What the planner sees of one unit. `waiting` is in arrival order."""
+
+    free_blocks: int
+    total_blocks: int
+    waiting: list[SeqState] = field(default_factory=list)
+    prefilling: list[SeqState] = field(default_factory=list)
+    decoding: list[SeqState] = field(default_factory=list)

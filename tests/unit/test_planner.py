@@ -1,0 +1,163 @@
+"""The scheduler's pure planning core: admission, chunked prefill, preemption, no stalls."""
+
+import random
+
+import pytest
+
+from duetserve.services.scheduler.planner import Planner, PlannerConfig
+from duetserve.services.scheduler.policy.fcfs import FcfsPolicy
+from duetserve.services.scheduler.state import Phase, SeqState, UnitView
+
+
+def planner(**overrides: int) -> Planner:
+    return Planner(PlannerConfig(**{"block_size": 16, **overrides}), FcfsPolicy())
+
+
+def seq(rid: str, arrival: float, prompt_len: int, **kw: int) -> SeqState:
+    return SeqState(rid, arrival, prompt_len, max_tokens=kw.pop("max_tokens", 16), **kw)
+
+
+def test_admits_in_arrival_order_and_never_overtakes_a_blocked_head() -> None:
+    unit = UnitView(
+        free_blocks=10,
+        total_blocks=100,
+        waiting=[seq("late", 3.0, 16), seq("big", 1.0, 200), seq("early", 0.5, 32)],
+    )
+    plan = planner().plan(unit, now=4.0)
+    assert [a.request_id for a in plan.admit] == ["early"]  # "big" (13 blocks) blocks "late"
+    assert plan.admit[0].num_new_blocks == 2
+
+
+def test_cached_prefix_blocks_are_not_allocated_again() -> None:
+    unit = UnitView(free_blocks=10, total_blocks=10, waiting=[seq("r", 0, 100, num_cached=64)])
+    plan = planner().plan(unit, now=1.0)
+    assert plan.admit[0].num_new_blocks == 7 - 4
+
+
+def test_a_prompt_larger_than_the_pool_is_rejected_not_stuck() -> None:
+    unit = UnitView(free_blocks=4, total_blocks=4, waiting=[seq("huge", 0, 65), seq("ok", 1, 10)])
+    plan = planner().plan(unit, now=1.0)
+    assert [r.request_id for r in plan.reject] == ["huge"]
+    assert "needs 5 KV blocks; the unit has 4" in plan.reject[0].reason
+    assert [a.request_id for a in plan.admit] == ["ok"]
+
+
+def test_prefill_is_chunked_under_the_token_budget() -> None:
+    running = seq("a", 0, 300, num_computed=100, phase=Phase.PREFILLING)
+    unit = UnitView(
+        free_blocks=100, total_blocks=100, prefilling=[running], waiting=[seq("b", 1, 500)]
+    )
+    plan = planner(max_prefill_tokens=256).plan(unit, now=2.0)
+    assert [(c.request_id, c.start, c.num_tokens, c.is_last) for c in plan.prefill] == [
+        ("a", 100, 200, True),
+        ("b", 0, 56, False),
+    ]
+    plan = planner(max_prefill_tokens=256).plan(unit, now=2.0, decode_tokens=156)
+    assert [(c.request_id, c.num_tokens, c.is_last) for c in plan.prefill] == [("a", 100, False)]
+
+
+def test_running_cap_limits_admission() -> None:
+    decoding = [seq(f"d{i}", 0, 10, phase=Phase.DECODING) for i in range(3)]
+    unit = UnitView(100, 100, waiting=[seq("w", 1, 10)], decoding=decoding)
+    assert planner(max_running=3).plan(unit, 1.0).admit == ()
+    assert len(planner(max_running=4).plan(unit, 1.0).admit) == 1
+
+
+def test_preemption_takes_the_newest_first_and_may_take_the_requester() -> None:
+    old = seq("old", 0, 64, num_blocks=4, phase=Phase.DECODING)
+    mid = seq("mid", 1, 64, num_blocks=4, phase=Phase.DECODING)
+    new = seq("new", 2, 64, num_blocks=4, phase=Phase.DECODING)
+    unit = UnitView(free_blocks=0, total_blocks=12, decoding=[old, mid, new])
+    p = planner()
+    assert p.preempt(unit, old, 1, now=3.0).victims == ("new",)
+    assert p.preempt(unit, old, 6, now=3.0).victims == ("new", "mid")
+    assert p.preempt(unit, new, 1, now=3.0).victims == ("new",)  # the newest yields itself
+
+
+def test_a_lone_sequence_that_outgrew_the_pool_fails_with_a_reason() -> None:
+    alone = seq("alone", 0, 60, num_blocks=4, num_output=4, phase=Phase.DECODING)
+    result = planner().preempt(UnitView(0, 4, decoding=[alone]), alone, 1, now=1.0)
+    assert result.victims == ()
+    assert [f.request_id for f in result.fail] == ["alone"]
+    assert "outgrew the KV pool of 4 blocks" in result.fail[0].reason
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_request_finishes_under_memory_pressure(seed: int) -> None:
+    """Drive the planner like the service does, with a pool far too small for everyone at
+    once: every request completes, preempted ones included, and no block is lost."""
+    rng = random.Random(seed)
+    p = planner(max_prefill_tokens=64)
+    total = 24
+    unit = UnitView(free_blocks=total, total_blocks=total)
+    requests = [
+        seq(f"r{i}", i * 0.1, rng.randint(1, 100), max_tokens=rng.randint(1, 120))
+        for i in range(30)
+    ]
+    unit.waiting = list(requests)
+    finished: set[str] = set()
+    for step in range(20000):
+        if len(finished) == len(requests):
+            break
+        _apply_plan(p, unit, now=step)
+        _decode_step(p, unit, finished, now=step)
+        held = sum(s.num_blocks for s in unit.prefilling + unit.decoding)
+        assert held + unit.free_blocks == total
+    assert len(finished) == len(requests)
+    assert unit.free_blocks == total
+    assert sum(r.num_preemptions for r in requests) > 0  # the pressure was real
+
+
+def _apply_plan(p: Planner, unit: UnitView, now: float) -> None:
+    plan = p.plan(unit, now)
+    assert plan.reject == ()
+    by_id = {s.request_id: s for s in unit.waiting + unit.prefilling}
+    for admission in plan.admit:
+        s = by_id[admission.request_id]
+        unit.waiting.remove(s)
+        s.phase, s.num_blocks = Phase.PREFILLING, admission.num_new_blocks
+        unit.free_blocks -= admission.num_new_blocks
+        unit.prefilling.append(s)
+    for chunk in plan.prefill:
+        s = by_id[chunk.request_id]
+        assert chunk.start == s.num_computed
+        s.num_computed += chunk.num_tokens
+        if chunk.is_last:
+            unit.prefilling.remove(s)
+            s.phase, s.num_output = Phase.DECODING, s.num_output + 1
+            unit.decoding.append(s)
+
+
+def _decode_step(p: Planner, unit: UnitView, finished: set[str], now: float) -> None:
+    for s in list(unit.decoding):
+        if s not in unit.decoding:
+            continue  # preempted earlier in this step
+        # This step writes the KV of the newest token: the context becomes prompt + output.
+        if p.blocks_for(s.prompt_len + s.num_output) > s.num_blocks:
+            if unit.free_blocks == 0:
+                result = p.preempt(unit, s, 1, now)
+                assert result.fail == ()
+                for victim in [v for v in unit.decoding if v.request_id in result.victims]:
+                    _requeue(unit, victim)
+                if s not in unit.decoding:
+                    continue
+            s.num_blocks += 1
+            unit.free_blocks -= 1
+        s.num_output += 1
+        if s.num_output >= s.max_tokens:
+            unit.decoding.remove(s)
+            unit.free_blocks += s.num_blocks
+            s.num_blocks = 0
+            finished.add(s.request_id)
+
+
+def _requeue(unit: UnitView, victim: SeqState) -> None:
+    """Preempt by recompute: everything generated so far becomes prompt to compute again."""
+    unit.decoding.remove(victim)
+    unit.free_blocks += victim.num_blocks
+    victim.prompt_len += victim.num_output - 1
+    victim.max_tokens -= victim.num_output - 1
+    victim.num_output, victim.num_computed, victim.num_blocks = 0, 0, 0
+    victim.phase = Phase.WAITING
+    victim.num_preemptions += 1
+    unit.waiting.append(victim)
