@@ -6,47 +6,12 @@ import pytest
 import torch
 
 from duetserve.runtime.errors import ShapeError
-from duetserve.runtime.kernels.attention_ref import paged_attention_ref, store_kv_ref
+from duetserve.runtime.kernels.attention_ref import paged_attention_ref
 from duetserve.runtime.kernels.decode_attention import paged_decode_attention
+from tests.kernels.paged_cache import DEVICE, TOLERANCE, build_paged_cache, on_device, random_query
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HEAD_DIM = 32
 SCALE = HEAD_DIM**-0.5
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-
-
-def build_paged_cache(
-    seq_lens: list[int], block_size: int, num_kv_heads: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(k_cache, v_cache, block_tables) on the CPU: random K/V for each sequence, in shuffled
-    blocks. Every slot no sequence owns, spare blocks and block tails included, holds NaN: a
-    kernel that reads one returns NaN."""
-    blocks_per_seq = [-(-seq_len // block_size) for seq_len in seq_lens]
-    num_blocks = sum(blocks_per_seq) + 2
-    shape = (num_blocks, block_size, num_kv_heads, HEAD_DIM)
-    k_cache = torch.full(shape, float("nan"), dtype=dtype)  # [N, bs, Hkv, D]
-    v_cache = torch.full(shape, float("nan"), dtype=dtype)
-    block_tables = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32)
-    free_blocks = torch.randperm(num_blocks).tolist()
-    for b, seq_len in enumerate(seq_lens):
-        owned = [free_blocks.pop() for _ in range(blocks_per_seq[b])]
-        block_tables[b, : len(owned)] = torch.tensor(owned, dtype=torch.int32)
-        positions = torch.arange(seq_len)
-        blocks = block_tables[b, positions // block_size].long()
-        slots = blocks * block_size + positions % block_size  # [S]
-        rows = torch.randn(2, seq_len, num_kv_heads, HEAD_DIM)  # [2, S, Hkv, D]
-        store_kv_ref(rows[0], rows[1], k_cache, v_cache, slots)
-    return k_cache, v_cache, block_tables
-
-
-def random_query(num_seqs: int, num_q_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """Query [B, Hq, D], strided as the Q part of a fused qkv projection."""
-    qkv = torch.randn(num_seqs, 2 * num_q_heads, HEAD_DIM, device=DEVICE).to(dtype)
-    return qkv[:, :num_q_heads]
-
-
-def on_device(**tensors: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {name: t.to(DEVICE) for name, t in tensors.items()}
 
 
 def reference(query: torch.Tensor, paged: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -70,8 +35,10 @@ def test_decode_equals_reference(
     seq_lens: list[int], num_q_heads: int, num_kv_heads: int, block_size: int, dtype: torch.dtype
 ) -> None:
     torch.manual_seed(0)
-    k_cache, v_cache, block_tables = build_paged_cache(seq_lens, block_size, num_kv_heads, dtype)
-    query = random_query(len(seq_lens), num_q_heads, dtype)
+    k_cache, v_cache, block_tables = build_paged_cache(
+        seq_lens, block_size, num_kv_heads, dtype, HEAD_DIM
+    )
+    query = random_query(len(seq_lens), num_q_heads, dtype, HEAD_DIM)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     paged = on_device(k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=lens)
     ours = paged_decode_attention(query, **paged, scale=SCALE)
@@ -81,9 +48,9 @@ def test_decode_equals_reference(
 
 
 def valid_args() -> dict[str, torch.Tensor]:
-    k_cache, v_cache, block_tables = build_paged_cache([5, 20], 8, 2, torch.float32)
+    k_cache, v_cache, block_tables = build_paged_cache([5, 20], 8, 2, torch.float32, HEAD_DIM)
     return on_device(
-        query=random_query(2, 4, torch.float32),
+        query=random_query(2, 4, torch.float32, HEAD_DIM),
         k_cache=k_cache,
         v_cache=v_cache,
         block_tables=block_tables,
