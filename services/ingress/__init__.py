@@ -1,0 +1,1 @@
+"""ingress: the OpenAI-compatible HTTP API, tenants, text in and text out."""

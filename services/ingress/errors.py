@@ -1,0 +1,52 @@
+"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+
+@dataclass(frozen=True, slots=True)
+class ApiError(Exception):
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    @classmethod
+    def bad_request(cls, message: str, param: str | None = None) -> "ApiError":
+        return cls(400, message, param=param)
+
+    @classmethod
+    def from_validation(cls, err: ValidationError) -> "ApiError":
+        """The first problem pydantic found, named by its field path (`messages.0.content`)."""
+        first = err.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        if param is None and ": " in message:  # a model-level check names its field itself
+            param = message.split(": ", 1)[0]
+            return cls(400, message, param=param)
+        return cls(400, f"{param}: {message}" if param else message, param=param)
+
+
+def not_found_model(model: str) -> ApiError:
+    return ApiError(
+        404, f"The model `{model}` does not exist.", "NotFoundError", "model", "model_not_found"
+    )
+
+
+def unauthorized() -> ApiError:
+    return ApiError(
+        401, "Invalid or missing API key.", "authentication_error", None, "invalid_api_key"
+    )

@@ -1,0 +1,112 @@
+"""OpenAI request validation: strict types, ranges, extensions, errors in OpenAI's shape."""
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from duetserve.proto.scheduling import SloKind
+from duetserve.services.ingress.api_models import ChatCompletionRequest, CompletionRequest
+from duetserve.services.ingress.errors import ApiError
+
+
+def completion(**fields: Any) -> CompletionRequest:
+    return CompletionRequest.model_validate({"model": "tiny", "prompt": "hi", **fields})
+
+
+def chat(**fields: Any) -> ChatCompletionRequest:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **fields}
+    return ChatCompletionRequest.model_validate(body)
+
+
+def api_error(build: Any, **fields: Any) -> ApiError:
+    with pytest.raises(ValidationError) as info:
+        build(**fields)
+    return ApiError.from_validation(info.value)
+
+
+def test_defaults_and_sampling_translation() -> None:
+    req = completion(temperature=0, top_k=-1, stop="\n", seed=3, logprobs=2, max_tokens=5)
+    sampling = req.sampling(req.max_tokens, req.logprobs)
+    assert (sampling.temperature, sampling.top_k, sampling.seed) == (0.0, None, 3)
+    assert (sampling.max_tokens, sampling.logprobs) == (5, 2)
+    assert req.stop_strings == ("\n",)
+    assert completion(prompt=[1, 2, 3]).prompt_text_or_ids == [1, 2, 3]
+    assert completion(prompt=["only one"]).prompt_text_or_ids == "only one"
+
+
+def test_unknown_fields_are_ignored_like_vllm() -> None:
+    req = completion(best_of=None, user="x", some_client_extra={"a": 1})
+    assert req.model == "tiny"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"max_tokens": "5"}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": 3.0}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"presence_penalty": -2.5}, "presence_penalty"),
+        ({"stream": "yes"}, "stream"),
+        ({"n": 2}, "n"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"prompt": ""}, "prompt"),
+        ({"stop": ["a", ""]}, "stop"),
+        ({"echo": True}, "echo"),
+        ({"duet": {"slo": {"kind": "latency", "ttft_ms": -1}}}, "duet.slo.ttft_ms"),
+        ({"duet": {"cache": {"public_prefix_tokens": -3}}}, "duet.cache.public_prefix_tokens"),
+    ],
+)
+def test_bad_completion_fields_name_their_param(fields: dict[str, Any], param: str) -> None:
+    error = api_error(completion, **fields)
+    assert error.status == 400
+    assert error.param is not None and error.param.startswith(param)
+    body = error.body()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    assert body["type"] == "invalid_request_error"
+
+
+def test_chat_content_parts_and_max_completion_tokens() -> None:
+    req = chat(
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            },
+        ],
+        max_completion_tokens=7,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    assert req.template_messages()[1] == {"role": "user", "content": "ab"}
+    assert (req.requested_max_tokens, req.logprobs_count) == (7, 3)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages.0.content",
+        ),
+        ({"top_logprobs": 2}, "top_logprobs"),
+    ],
+)
+def test_bad_chat_fields_name_their_param(fields: dict[str, Any], param: str) -> None:
+    error = api_error(chat, **fields)
+    assert error.param is not None and error.param.startswith(param)
+
+
+def test_duet_slo_extension_becomes_the_wire_slo() -> None:
+    req = completion(duet={"slo": {"kind": "deadline", "deadline_ms": 8000}})
+    assert req.duet is not None and req.duet.slo is not None
+    slo = req.duet.slo.to_proto()
+    assert (slo.kind, slo.deadline_ms) == (SloKind.DEADLINE, 8000.0)
+    incomplete = completion(duet={"slo": {"kind": "latency", "ttft_ms": 100}})
+    assert incomplete.duet is not None and incomplete.duet.slo is not None
+    with pytest.raises(ValueError, match="needs tpot_ms"):
+        incomplete.duet.slo.to_proto()
