@@ -1,0 +1,1 @@
+"""cache_index: prefix radix index over KV blocks and its eviction."""
