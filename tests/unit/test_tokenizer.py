@@ -241,9 +241,15 @@ def test_special_tokens_from_special_tokens_map(tmp_path: Path) -> None:
 
 
 def test_imports_without_torch() -> None:
+    # Each module first on its own (a circular import fails here too), then the re-exports.
     code = (
         "import sys; sys.modules['torch'] = None\n"
+        "import duetserve.runtime.detokenizer\n"
+        "import duetserve.runtime.chat_template\n"
         "import duetserve.runtime.tokenizer\n"
+        "from duetserve.runtime import chat_template, detokenizer, tokenizer\n"
+        "assert tokenizer.ChatTemplateError is chat_template.ChatTemplateError\n"
+        "assert tokenizer.IncrementalDetokenizer is detokenizer.IncrementalDetokenizer\n"
         "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
