@@ -5,7 +5,7 @@ import re
 import msgpack
 import pytest
 
-from duetserve.proto import cache, codec, common, kv, scheduling, subjects, tokens
+from duetserve.proto import cache, codec, common, kv, scheduling, subjects, tokens, workers
 from duetserve.proto.codec import (
     InvalidMessageError,
     UnknownMessageError,
@@ -73,6 +73,41 @@ EXAMPLES: list[object] = [
     cache.PrefixInsert("tenant-a", tuple(range(40)), (4, 5)),
     cache.EvictQuery(8),
     cache.Evicted((4,)),
+    workers.PrefillBatch(
+        7,
+        (
+            workers.PrefillItem("r-1", (5, 6, 7), 16, (3, 4)),
+            workers.PrefillItem(
+                "r-2",
+                (9,),
+                0,
+                (8,),
+                workers.SamplingState((9,), (), SAMPLING, cached_tokens=0),
+            ),
+        ),
+    ),
+    workers.PrefillDone(
+        7,
+        (
+            workers.PrefillResult("r-1"),
+            workers.PrefillResult("r-2", tokens.TokenLogprob(11, -0.5), finished=True),
+            workers.PrefillResult("r-3", error="context too long"),
+        ),
+    ),
+    workers.DecodeAdmit(
+        (workers.DecodeItem("r-2", (8, 9), workers.SamplingState((9,), (11,), SAMPLING)),)
+    ),
+    workers.DecodeAdmitted(("r-2",), (workers.Refusal("r-4", "full"),)),
+    workers.DecodeControl(workers.ControlKind.PREEMPT, ("r-2", "r-5"), "memory"),
+    workers.WorkerEvents(
+        "decode-0",
+        (
+            workers.WorkerEvent(workers.EventKind.FINISHED, "r-2"),
+            workers.WorkerEvent(workers.EventKind.NEEDS_BLOCKS, "r-5", blocks_needed=1),
+            workers.WorkerEvent(workers.EventKind.PREEMPTED, "r-6", output_token_ids=(1, 2)),
+        ),
+        free_blocks=0,
+    ),
 ]
 
 

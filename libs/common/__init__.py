@@ -1,0 +1,1 @@
+"""What every Duet service shares: settings, logging, tracing, the NATS bus, the lifecycle."""

@@ -1,0 +1,175 @@
+"""The one lifecycle of every Duet service, after NVIDIA Dynamo's graceful shutdown.
+
+A service is started, serves until SIGTERM or SIGINT, then is drained and stopped:
+
+    start (start_timeout_s) -> ready -> wait for a signal -> drain (drain_timeout_s)
+                                                           -> stop (stop_timeout_s)
+
+Each step runs under its own timeout. A step that raises or overruns is logged and cut off,
+and the steps after it still run: a drain that hangs does not keep `stop` from releasing
+resources. The exit code is 0 when every step succeeded and 1 otherwise (a start that failed,
+timed out or was interrupted by a signal; a drain or stop that failed or timed out).
+
+A service's `__main__` is three lines: settings, service, run:
+
+    settings = SchedulerSettings()
+    raise SystemExit(run_service(SchedulerService(settings), settings, "scheduler"))
+"""
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, Protocol
+
+import uvloop
+
+from duetserve.common.logs import setup_logging
+from duetserve.common.settings import CommonSettings
+from duetserve.common.tracing import setup_tracing, shutdown_tracing
+
+logger = logging.getLogger(__name__)
+
+_READY_POLL_S = 0.05
+# How long a step that was cut off gets to unwind after it is cancelled.
+_CANCEL_GRACE_S = 1.0
+
+
+class Service(Protocol):
+    """What `run_service` drives. Construct it without touching the event loop.
+
+    - `start`: connect, subscribe, load; return once the service can begin serving.
+    - `ready`: whether it serves now (also what a health check reports).
+    - `drain`: stop taking new work and finish (or hand off) the work in flight.
+    - `stop`: release everything. Runs even after a failed start or drain, may run twice,
+      and must tolerate resources that were never acquired.
+    """
+
+    async def start(self) -> None: ...
+
+    async def ready(self) -> bool: ...
+
+    async def drain(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def run_service(service: Service, settings: CommonSettings, name: str) -> int:
+    """Run `service` under uvloop from start to stop; returns the process exit code."""
+    setup_logging(name, settings.log_level, settings.log_format)
+    setup_tracing(name, settings)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(serve(service, settings, name))
+    finally:
+        shutdown_tracing()
+
+
+async def serve(
+    service: Service,
+    settings: CommonSettings,
+    name: str,
+    stop_requested: asyncio.Event | None = None,
+    *,
+    handle_signals: bool = True,
+) -> int:
+    """The lifecycle inside a running loop; returns the exit code.
+
+    It ends when `stop_requested` is set: by SIGTERM or SIGINT (while `handle_signals`), or
+    by whoever passed it in (tests, or a service that decides to stop itself).
+    """
+    stop_requested = stop_requested or asyncio.Event()
+    context = {"instance": settings.instance_name(name)}
+    signals = _stop_on_signals(stop_requested) if handle_signals else contextlib.nullcontext()
+    with signals:
+        started = await run_step(
+            "start",
+            lambda: _start_until_ready(service),
+            settings.start_timeout_s,
+            interrupt=stop_requested,
+        )
+        drained = False
+        if started:
+            logger.info("ready", extra=context)
+            await stop_requested.wait()
+            logger.info("stopping", extra=context)
+            drained = await run_step("drain", service.drain, settings.drain_timeout_s)
+        stopped = await run_step("stop", service.stop, settings.stop_timeout_s)
+    code = 0 if started and drained and stopped else 1
+    logger.info("exiting", extra={**context, "exit_code": code})
+    return code
+
+
+async def _start_until_ready(service: Service) -> None:
+    """Start the service, then wait until it says it is ready."""
+    await service.start()
+    while not await service.ready():
+        await asyncio.sleep(_READY_POLL_S)
+
+
+async def run_step(
+    name: str,
+    step: Callable[[], Awaitable[None]],
+    timeout_s: float,
+    interrupt: asyncio.Event | None = None,
+) -> bool:
+    """Run one lifecycle step; True if it finished in time without raising.
+
+    A step that overruns `timeout_s`, or is still running when `interrupt` is set, is
+    cancelled and given a short grace to unwind; it is never waited on beyond that.
+    """
+    task = asyncio.ensure_future(step())
+    waiters: set[asyncio.Future[Any]] = {task}
+    interrupt_waiter = asyncio.ensure_future(interrupt.wait()) if interrupt else None
+    if interrupt_waiter is not None:
+        waiters.add(interrupt_waiter)
+    try:
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        if interrupt_waiter is not None:
+            interrupt_waiter.cancel()
+    if task.done():
+        return _step_outcome(name, task)
+    task.cancel()
+    await asyncio.wait({task}, timeout=_CANCEL_GRACE_S)
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not warn about it
+    reason = "interrupted" if interrupt is not None and interrupt.is_set() else "timed out"
+    logger.error(f"{name} {reason}", extra={"step": name, "timeout_s": timeout_s})
+    return False
+
+
+def _step_outcome(name: str, task: "asyncio.Future[None]") -> bool:
+    """Log how a finished step ended; True if it succeeded."""
+    if task.cancelled():
+        logger.error(f"{name} was cancelled", extra={"step": name})
+        return False
+    exc = task.exception()
+    if exc is not None:
+        logger.error(f"{name} failed", extra={"step": name}, exc_info=exc)
+        return False
+    logger.info(f"{name} done", extra={"step": name})
+    return True
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop_requested: asyncio.Event) -> Iterator[None]:
+    """Set `stop_requested` on SIGTERM or SIGINT while inside the block."""
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
+        loop.add_signal_handler(signum, _on_signal, signum, stop_requested)
+    try:
+        yield
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+def _on_signal(signum: int, stop_requested: asyncio.Event) -> None:
+    logger.info("signal received", extra={"signal": signal.Signals(signum).name})
+    stop_requested.set()

@@ -1,0 +1,49 @@
+"""Settings every service shares, read from the environment once, at the entrypoint.
+
+A service subclasses `CommonSettings` with its own fields, builds it in `__main__` and passes
+it (or the parts it needs) down. Nothing below an entrypoint reads `os.environ`: code that
+needs a setting takes it as an argument, so tests build settings directly.
+
+Every field is read from `DUET_<FIELD>` (case-insensitive), except the OpenTelemetry endpoint,
+which also answers to the standard `OTEL_EXPORTER_OTLP_ENDPOINT`.
+"""
+
+import os
+import socket
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    """Connection, logging, tracing and lifecycle settings of one service process."""
+
+    model_config = SettingsConfigDict(env_prefix="DUET_", extra="ignore", populate_by_name=True)
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    # Name of this process among replicas of the same service; see `instance_name`.
+    instance: str | None = None
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    # Print finished spans to stdout (debugging only; benchmarks keep this off).
+    trace_console: bool = False
+    # Base URL of an OTLP/HTTP collector, e.g. http://127.0.0.1:4318; tracing is off without it.
+    otel_endpoint: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "DUET_OTEL_ENDPOINT"),
+    )
+    start_timeout_s: float = Field(default=60.0, gt=0)
+    drain_timeout_s: float = Field(default=10.0, gt=0)
+    stop_timeout_s: float = Field(default=10.0, gt=0)
+    # Default timeout of a NATS request when the caller gives none.
+    request_timeout_s: float = Field(default=5.0, gt=0)
+
+    def instance_name(self, service: str) -> str:
+        """The configured instance name, or `<service>-<hostname>-<pid>`."""
+        return self.instance or default_instance_name(service)
+
+
+def default_instance_name(service: str) -> str:
+    """A name unique among the processes of one cluster: service, host and process id."""
+    return f"{service}-{socket.gethostname()}-{os.getpid()}"

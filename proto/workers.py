@@ -1,0 +1,146 @@
+"""Scheduler <-> the workers of one unit: prefill batches, hand-off to decode, preemption.
+
+Ownership of a request's KV blocks follows the request: kv_manager owners are named
+"<holder>/<request id>". The scheduler allocates prompt blocks as "scheduler/<id>"; at hand-off
+the decode worker retains them as "<its holder>/<id>" before it acknowledges, and the scheduler
+then releases its own references. A holder that stops heart-beating loses every owner under it,
+and kv_manager publishes LeasesExpired so the scheduler retries or fails those requests.
+
+A request preempted by recompute comes back to prefill with its KV computed again from
+prompt + output so far; its sampling state (original prompt, output so far) travels with it so
+seeded draws, penalties and token indexes continue exactly where they stopped.
+"""
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from duetserve.proto.codec import message
+from duetserve.proto.scheduling import Sampling
+from duetserve.proto.subjects import ROOT, check_token
+from duetserve.proto.tokens import TokenLogprob
+
+
+def prefill_batch_subject(unit: str) -> str:
+    """Request/reply: scheduler -> the unit's prefill worker."""
+    return f"{ROOT}.prefill.{check_token(unit, 'unit')}.batch"
+
+
+def decode_admit_subject(unit: str) -> str:
+    """Request/reply: scheduler -> the unit's decode worker."""
+    return f"{ROOT}.decode.{check_token(unit, 'unit')}.admit"
+
+
+def decode_control_subject(unit: str) -> str:
+    """Publish: scheduler -> the unit's decode worker (preempt, cancel)."""
+    return f"{ROOT}.decode.{check_token(unit, 'unit')}.control"
+
+
+def worker_events_subject(unit: str) -> str:
+    """Publish: the unit's workers and kv_manager -> scheduler."""
+    return f"{ROOT}.sched.{check_token(unit, 'unit')}.events"
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingState:
+    """What sampling needs to continue a request anywhere: its original prompt, the tokens
+    generated so far (the next token is output number len(output_token_ids)) and parameters."""
+
+    prompt_token_ids: tuple[int, ...]
+    output_token_ids: tuple[int, ...]
+    sampling: Sampling
+    cached_tokens: int = 0  # prompt tokens that came from the prefix cache (reported once)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillItem:
+    request_id: str
+    token_ids: tuple[int, ...]  # this chunk
+    num_cached_tokens: int  # tokens before the chunk whose KV is already in the pool
+    block_table: tuple[int, ...]
+    sample: SamplingState | None = None  # set on the chunk that completes the prompt
+
+
+@message("prefill.batch")
+@dataclass(frozen=True, slots=True)
+class PrefillBatch:
+    batch_id: int
+    items: tuple[PrefillItem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResult:
+    request_id: str
+    token: TokenLogprob | None = None  # the sampled token (logprob 0 unless asked for)
+    finished: bool = False  # the sampled token already ends the request (EOS, max_tokens=1)
+    error: str | None = None
+
+
+@message("prefill.done")
+@dataclass(frozen=True, slots=True)
+class PrefillDone:
+    batch_id: int
+    results: tuple[PrefillResult, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeItem:
+    request_id: str
+    block_table: tuple[int, ...]  # holds the KV of prompt + output[:-1]
+    state: SamplingState
+
+
+@message("decode.admit")
+@dataclass(frozen=True, slots=True)
+class DecodeAdmit:
+    items: tuple[DecodeItem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    request_id: str
+    reason: str
+
+
+@message("decode.admitted")
+@dataclass(frozen=True, slots=True)
+class DecodeAdmitted:
+    request_ids: tuple[str, ...]
+    refused: tuple[Refusal, ...] = ()
+
+
+class ControlKind(StrEnum):
+    PREEMPT = "preempt"  # stop, release the blocks, report the output so far
+    CANCEL = "cancel"  # stop, release the blocks, finish the stream with `reason`
+
+
+@message("decode.control")
+@dataclass(frozen=True, slots=True)
+class DecodeControl:
+    kind: ControlKind
+    request_ids: tuple[str, ...]
+    reason: str = ""
+
+
+class EventKind(StrEnum):
+    FINISHED = "finished"  # completed; its blocks are released
+    NEEDS_BLOCKS = "needs_blocks"  # kv_manager said no; the request waits for a preemption
+    PREEMPTED = "preempted"  # stopped on request; output_token_ids says how far it got
+    FAILED = "failed"  # could not continue; `reason` says why (the stream got an error)
+    LEASES_EXPIRED = "leases_expired"  # kv_manager: this holder's owners lost their blocks
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerEvent:
+    kind: EventKind
+    request_id: str
+    output_token_ids: tuple[int, ...] = ()
+    blocks_needed: int = 0
+    reason: str = ""
+
+
+@message("worker.events")
+@dataclass(frozen=True, slots=True)
+class WorkerEvents:
+    source: str  # the publishing instance
+    events: tuple[WorkerEvent, ...]
+    free_blocks: int | None = None  # kv_manager's count when the publisher last knew it

@@ -1,0 +1,45 @@
+"""A service that only reports its lifecycle, for test_lifecycle.py to run as a process.
+
+    python sample_service.py ok|hang-drain|fail-start
+
+Each step prints `EVENT <step>` on stdout; settings come from DUET_* variables as in any
+service.
+"""
+
+import asyncio
+import sys
+
+from duetserve.common.lifecycle import run_service
+from duetserve.common.settings import CommonSettings
+
+
+class SampleService:
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.started = False
+
+    async def start(self) -> None:
+        emit("start")
+        if self.mode == "fail-start":
+            raise RuntimeError("cannot start")
+        self.started = True
+
+    async def ready(self) -> bool:
+        return self.started
+
+    async def drain(self) -> None:
+        emit("drain")
+        if self.mode == "hang-drain":
+            await asyncio.sleep(3600)
+
+    async def stop(self) -> None:
+        emit("stop")
+
+
+def emit(step: str) -> None:
+    print(f"EVENT {step}", flush=True)
+
+
+if __name__ == "__main__":
+    settings = CommonSettings()
+    raise SystemExit(run_service(SampleService(sys.argv[1]), settings, "sample"))
