@@ -17,11 +17,13 @@ import enum
 import types
 import typing
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import msgpack
 
 T = TypeVar("T")
+T2 = TypeVar("T2")
+T3 = TypeVar("T3")
 _REGISTRY: dict[str, type] = {}
 
 
@@ -75,7 +77,15 @@ def encode(msg: object) -> bytes:
     return packed
 
 
-def decode(data: bytes, *expected: type[T]) -> T:
+@overload
+def decode(data: bytes, /) -> object: ...
+@overload
+def decode(data: bytes, e1: type[T], /) -> T: ...
+@overload
+def decode(data: bytes, e1: type[T], e2: type[T2], /) -> T | T2: ...
+@overload
+def decode(data: bytes, e1: type[T], e2: type[T2], e3: type[T3], /) -> T | T2 | T3: ...
+def decode(data: bytes, /, *expected: type[Any]) -> Any:
     """The message in `data`, which must be one of `expected` (any registered type if none)."""
     try:
         envelope = msgpack.unpackb(data, raw=False, strict_map_key=True)
@@ -94,8 +104,7 @@ def decode(data: bytes, *expected: type[T]) -> T:
     if expected and cls not in expected:
         wanted = ", ".join(wire_name(e) for e in expected)
         raise InvalidMessageError(f"expected {wanted}, got {name}")
-    result: T = _build(cls, body, name)
-    return result
+    return _build(cls, body, name)
 
 
 def _to_wire(value: Any) -> Any:

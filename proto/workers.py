@@ -17,7 +17,7 @@ from enum import StrEnum
 from duetserve.proto.codec import message
 from duetserve.proto.scheduling import Sampling
 from duetserve.proto.subjects import ROOT, check_token
-from duetserve.proto.tokens import TokenLogprob
+from duetserve.proto.tokens import FinishReason, TokenLogprob
 
 
 def prefill_batch_subject(unit: str) -> str:
@@ -110,7 +110,7 @@ class DecodeAdmitted:
 
 class ControlKind(StrEnum):
     PREEMPT = "preempt"  # stop, release the blocks, report the output so far
-    CANCEL = "cancel"  # stop, release the blocks, finish the stream with `reason`
+    CANCEL = "cancel"  # stop, release the blocks, end the stream with finish_reason/error
 
 
 @message("decode.control")
@@ -118,7 +118,12 @@ class ControlKind(StrEnum):
 class DecodeControl:
     kind: ControlKind
     request_ids: tuple[str, ...]
-    reason: str = ""
+    finish_reason: FinishReason = FinishReason.ABORT  # for CANCEL: how the stream ends
+    error: str | None = None  # set exactly when finish_reason is ERROR
+
+    def __post_init__(self) -> None:
+        if (self.error is not None) != (self.finish_reason == FinishReason.ERROR):
+            raise ValueError("error is set exactly when finish_reason is 'error'")
 
 
 class EventKind(StrEnum):

@@ -68,9 +68,10 @@ EXAMPLES: list[object] = [
         model_dir="/models/tiny",
         dtype="bfloat16",
     ),
-    cache.PrefixMatchQuery("tenant-a", (1, 2, 3), public_prefix_tokens=0),
+    cache.PrefixMatchQuery("scheduler/r-1", "tenant-a", (1, 2, 3), public_prefix_tokens=0),
     cache.PrefixMatch((4, 5), 32),
     cache.PrefixInsert("tenant-a", tuple(range(40)), (4, 5)),
+    cache.PrefixInserted(2),
     cache.EvictQuery(8),
     cache.Evicted((4,)),
     workers.PrefillBatch(
@@ -98,7 +99,10 @@ EXAMPLES: list[object] = [
         (workers.DecodeItem("r-2", (8, 9), workers.SamplingState((9,), (11,), SAMPLING)),)
     ),
     workers.DecodeAdmitted(("r-2",), (workers.Refusal("r-4", "full"),)),
-    workers.DecodeControl(workers.ControlKind.PREEMPT, ("r-2", "r-5"), "memory"),
+    workers.DecodeControl(workers.ControlKind.PREEMPT, ("r-2", "r-5")),
+    workers.DecodeControl(
+        workers.ControlKind.CANCEL, ("r-7",), tokens.FinishReason.ERROR, "outgrew the pool"
+    ),
     workers.WorkerEvents(
         "decode-0",
         (
