@@ -1,18 +1,25 @@
 """Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 
-@dataclass(frozen=True, slots=True)
 class ApiError(Exception):
-    status: int
-    message: str
-    type: str = "invalid_request_error"
-    param: str | None = None
-    code: str | None = None
+    """An error the client gets as {"error": {...}} with `status`. A plain exception class (not
+    a frozen dataclass) so it can carry a traceback through context managers."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code = param, code
 
     def body(self) -> dict[str, Any]:
         return {

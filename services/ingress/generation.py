@@ -1,0 +1,227 @@
+"""One generation over the bus: subscribe to its tokens, submit it, read its pieces, cancel it.
+
+    generation = Generation(context, request_id, tenant, prepared, Arrival.now())
+    try:
+        await generation.start()          # subscribes FIRST, then submits (ApiError if refused)
+        piece = await generation.next_piece()   # ... until piece.finish_reason
+    finally:
+        await generation.close()          # unfinished: CancelRequest(CLIENT_GONE); unsubscribe
+
+A stop string ends the output at ingress: next_piece tells the scheduler (CancelRequest with
+STOP_STRING) and returns the last piece with finish_reason "stop".
+"""
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from prometheus_client import Gauge
+
+from duetserve.common.nats_bus import Bus, BusNoResponders, BusTimeout
+from duetserve.proto import codec, subjects
+from duetserve.proto.common import ErrorReply
+from duetserve.proto.scheduling import CancelReason, CancelRequest, SubmitAccepted, SubmitRequest
+from duetserve.proto.tokens import FinishReason, TokenChunk
+from duetserve.runtime.tokenizer import Tokenizer
+from duetserve.services.ingress.errors import ApiError
+from duetserve.services.ingress.metrics import IngressMetrics, RequestTiming
+from duetserve.services.ingress.output import OutputAssembler, Piece
+from duetserve.services.ingress.prompts import PreparedPrompt
+from duetserve.services.ingress.responses import Usage
+from duetserve.services.ingress.streams import TokenStream
+
+logger = logging.getLogger(__name__)
+
+# Scheduler refusals that are the request's fault (400); any other code is a 503.
+_CLIENT_ERROR_CODES = frozenset({"context_length_exceeded", "prompt_too_long"})
+
+
+class GenerationFailed(Exception):
+    """The scheduler or a worker reported an ERROR chunk; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationContext:
+    """What every generation of one ingress shares."""
+
+    bus: Bus
+    tokenizer: Tokenizer
+    metrics: IngressMetrics
+    submit_timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """When a request reached ingress: wall clock for the scheduler, monotonic for latencies."""
+
+    time: float
+    monotonic: float
+
+    @classmethod
+    def now(cls) -> "Arrival":
+        return cls(time.time(), time.monotonic())
+
+
+class Generation:
+    def __init__(
+        self,
+        context: GenerationContext,
+        request_id: str,
+        tenant: str,
+        prompt: PreparedPrompt,
+        arrival: Arrival,
+    ) -> None:
+        self.request_id = request_id
+        self.tenant = tenant
+        self.prompt = prompt
+        self.cached_tokens = 0
+        self.finished = False
+        self._context = context
+        self._stream = TokenStream(context.bus, request_id)
+        self._output = OutputAssembler(context.tokenizer, prompt.prompt_ids, prompt.stops)
+        self._arrival = arrival
+        self._first_token_at: float | None = None
+        self._submitted = False
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(len(self.prompt.prompt_ids), self._output.num_tokens, self.cached_tokens)
+
+    async def start(self) -> None:
+        """Subscribe to the token subject, then submit; an ApiError if the scheduler refuses."""
+        await self._stream.open()
+        submit = SubmitRequest(
+            request_id=self.request_id,
+            tenant=self.tenant,
+            prompt_token_ids=self.prompt.prompt_ids,
+            sampling=self.prompt.sampling,
+            arrival_time=self._arrival.time,
+            slo=self.prompt.slo,
+            public_prefix_tokens=self.prompt.public_prefix_tokens,
+        )
+        timeout = self._context.submit_timeout_s
+        try:
+            reply = await self._context.bus.request(
+                subjects.SCHED_SUBMIT, codec.encode(submit), timeout=timeout
+            )
+        except BusNoResponders:
+            raise scheduler_unavailable("no scheduler is running") from None
+        except BusTimeout:
+            self._submitted = True  # it may have arrived after all: close() cancels it
+            raise scheduler_unavailable(f"no answer within {timeout:g}s") from None
+        self._check_accepted(reply.data)
+        self._submitted = True
+
+    def _check_accepted(self, data: bytes) -> None:
+        try:
+            reply: SubmitAccepted | ErrorReply = codec.decode(data, SubmitAccepted, ErrorReply)
+        except codec.ProtoError as err:
+            logger.error("invalid reply to a submit", extra={"error": str(err)})
+            raise ApiError(500, "Invalid reply from the scheduler.", "server_error") from None
+        if isinstance(reply, ErrorReply):
+            raise scheduler_refused(reply)
+        if reply.request_id != self.request_id:
+            raise ApiError(500, "The scheduler accepted another request.", "server_error")
+
+    async def next_piece(self) -> Piece:
+        """The next piece of output; GenerationFailed on an ERROR chunk."""
+        chunk = await self._stream.next()
+        self._note_first(chunk)
+        if chunk.finish_reason == FinishReason.ERROR:
+            self.finished = True
+            raise GenerationFailed(chunk.error or "generation failed")
+        piece = self._output.add(chunk)
+        if piece.finish_reason is not None:
+            self.finished = True
+            self._observe()
+            if piece.stopped_by_string:
+                await self._cancel(CancelReason.STOP_STRING)
+        return piece
+
+    def _note_first(self, chunk: TokenChunk) -> None:
+        if chunk.cached_tokens is not None and chunk.index == 0:
+            self.cached_tokens = chunk.cached_tokens
+        if self._first_token_at is None and chunk.token_ids:
+            self._first_token_at = time.monotonic()
+
+    def _observe(self) -> None:
+        first = self._first_token_at
+        timing = RequestTiming(
+            ttft_s=None if first is None else first - self._arrival.monotonic,
+            e2e_s=time.monotonic() - self._arrival.monotonic,
+            prompt_tokens=len(self.prompt.prompt_ids),
+            completion_tokens=self._output.num_tokens,
+        )
+        self._context.metrics.observe_generation(timing)
+
+    async def close(self) -> None:
+        """Cancel a submitted request that did not finish, then unsubscribe. Safe twice."""
+        if self._submitted and not self.finished:
+            self.finished = True
+            await self._cancel(CancelReason.CLIENT_GONE)
+        await self._stream.close()
+
+    async def _cancel(self, reason: CancelReason) -> None:
+        cancel = codec.encode(CancelRequest(self.request_id, reason))
+        try:
+            await self._context.bus.publish(subjects.SCHED_CANCEL, cancel)
+        except Exception:  # the connection is gone; the scheduler's leases clean up
+            logger.warning("could not cancel", extra={"request_id": self.request_id})
+        else:
+            logger.info("cancelled", extra={"request_id": self.request_id, "reason": reason})
+
+
+def scheduler_unavailable(why: str) -> ApiError:
+    return ApiError(
+        503, f"The scheduler is unavailable: {why}.", "server_error", code="scheduler_unavailable"
+    )
+
+
+def scheduler_refused(reply: ErrorReply) -> ApiError:
+    if reply.code.startswith("invalid") or reply.code in _CLIENT_ERROR_CODES:
+        return ApiError(400, reply.message, code=reply.code)
+    return ApiError(503, reply.message, "server_error", code=reply.code)
+
+
+class Admission:
+    """Lets generation requests in until draining begins, and counts those in flight:
+
+    with admission:   # a 503 ApiError while draining
+        ...
+    """
+
+    def __init__(self, gauge: Gauge) -> None:
+        self.accepting = True
+        self._gauge = gauge
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    # A class-based context manager, not @contextlib.contextmanager: that one sets
+    # __traceback__ on the exception leaving the block, which the frozen ApiError refuses.
+    def __enter__(self) -> None:
+        """Count one request until the block ends; a 503 once draining has begun."""
+        if not self.accepting:
+            raise ApiError(
+                503, "The server is shutting down.", "server_error", code="shutting_down"
+            )
+        self._in_flight += 1
+        self._gauge.inc()
+        self._idle.clear()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._in_flight -= 1
+        self._gauge.dec()
+        if self._in_flight == 0:
+            self._idle.set()
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()

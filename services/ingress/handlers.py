@@ -1,0 +1,256 @@
+"""The HTTP routes: OpenAI's completions, chat completions and models, plus /health and /metrics.
+
+A generation request is: admitted (not while draining), its tenant resolved from the API key,
+its JSON parsed and validated, its model checked, its prompt prepared (prompts.py), then one
+Generation runs it, answered whole or streamed as server-sent events. /health and /metrics need
+no key.
+"""
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from duetserve.common.health import query_health
+from duetserve.proto.common import HealthReply, HealthStatus
+from duetserve.services.ingress import responses
+from duetserve.services.ingress.api_models import ChatCompletionRequest, CompletionRequest
+from duetserve.services.ingress.errors import ApiError, not_found_model
+from duetserve.services.ingress.formats import ChatFormat, CompletionFormat, ResponseFormat
+from duetserve.services.ingress.generation import (
+    Admission,
+    Arrival,
+    Generation,
+    GenerationContext,
+    GenerationFailed,
+)
+from duetserve.services.ingress.metrics import CONTENT_TYPE_LATEST
+from duetserve.services.ingress.prompts import (
+    ModelLimits,
+    PreparedPrompt,
+    prepare_chat,
+    prepare_completion,
+)
+from duetserve.services.ingress.tenants import TenantResolver
+
+logger = logging.getLogger(__name__)
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """What /health asks: these services over the bus, and ingress itself in-process."""
+
+    services: tuple[str, ...]
+    timeout_s: float
+    own: Callable[[], HealthReply]
+
+
+class Handlers:
+    def __init__(
+        self,
+        model_id: str,
+        limits: ModelLimits,
+        context: GenerationContext,
+        tenants: TenantResolver,
+        admission: Admission,
+        health: HealthCheck,
+    ) -> None:
+        self.model_id = model_id
+        self.created = int(time.time())
+        self._limits = limits
+        self._context = context
+        self._tenants = tenants
+        self._admission = admission
+        self._health = health
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/v1/completions", self.completions),
+            web.post("/v1/chat/completions", self.chat_completions),
+            web.get("/v1/models", self.models),
+            web.get("/health", self.health),
+            web.get("/metrics", self.metrics),
+        ]
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        arrival = Arrival.now()
+        with self._admission:
+            tenant = self._tenant(request)
+            req = await self._parse(request, CompletionRequest)
+            prompt = prepare_completion(req, self._context.tokenizer, self._limits)
+            return await self._run(request, arrival, tenant, prompt, CompletionFormat(), req)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        arrival = Arrival.now()
+        with self._admission:
+            tenant = self._tenant(request)
+            req = await self._parse(request, ChatCompletionRequest)
+            prompt = prepare_chat(req, self._context.tokenizer, self._limits)
+            return await self._run(request, arrival, tenant, prompt, ChatFormat(), req)
+
+    async def models(self, request: web.Request) -> web.Response:
+        self._tenant(request)
+        card = {
+            "id": self.model_id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "duet",
+            "root": self.model_id,
+            "parent": None,
+            "max_model_len": self._limits.context_len,
+        }
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        bus = self._context.bus
+        replies = await query_health(bus, self._health.services, self._health.timeout_s)
+        status, body = health_body(self._health.own(), replies)
+        return web.json_response(body, status=status)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = self._context.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def _tenant(self, request: web.Request) -> str:
+        return self._tenants.resolve(request.headers.get("Authorization"))
+
+    async def _parse(self, request: web.Request, model: type[RequestT]) -> RequestT:
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+            raise ApiError.bad_request(f"Invalid JSON body: {err}") from None
+        try:
+            req = model.model_validate(body)
+        except ValidationError as err:
+            raise ApiError.from_validation(err) from None
+        requested = getattr(req, "model", None)
+        if requested != self.model_id:
+            raise not_found_model(str(requested))
+        return req
+
+    async def _run(
+        self,
+        request: web.Request,
+        arrival: Arrival,
+        tenant: str,
+        prompt: PreparedPrompt,
+        fmt: ResponseFormat,
+        req: CompletionRequest | ChatCompletionRequest,
+    ) -> web.StreamResponse:
+        request_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
+        generation = Generation(self._context, request_id, tenant, prompt, arrival)
+        head = responses.ResponseHead(request_id, self.model_id, int(time.time()))
+        try:
+            await generation.start()
+            if req.stream:
+                return await self._stream(request, generation, head, fmt, req.include_usage)
+            return await self._collect(generation, head, fmt)
+        finally:
+            # Shielded: a client that went away cancelled this handler, and the cancel must
+            # still reach the scheduler.
+            await asyncio.shield(generation.close())
+
+    async def _collect(
+        self, generation: Generation, head: responses.ResponseHead, fmt: ResponseFormat
+    ) -> web.Response:
+        parts, logprobs = [], []
+        while True:
+            try:
+                piece = await generation.next_piece()
+            except GenerationFailed as err:
+                raise generation_error(err) from None
+            parts.append(piece.text)
+            logprobs.extend(piece.logprobs)
+            if piece.finish_reason is not None:
+                break
+        tokenizer = self._context.tokenizer
+        wants_logprobs = generation.prompt.sampling.logprobs is not None
+        logprobs_body = fmt.logprobs(tokenizer, logprobs, 0) if wants_logprobs else None
+        body = fmt.body(head, "".join(parts), piece.finish_reason, generation.usage, logprobs_body)
+        return web.json_response(body, headers={"X-Request-Id": head.id})
+
+    async def _stream(
+        self,
+        request: web.Request,
+        generation: Generation,
+        head: responses.ResponseHead,
+        fmt: ResponseFormat,
+        include_usage: bool,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": head.id})
+        await response.prepare(request)
+        for chunk in fmt.stream_start(head):
+            await response.write(responses.sse(chunk))
+        try:
+            await self._stream_pieces(response, generation, head, fmt)
+            if include_usage:
+                await response.write(responses.sse(fmt.usage_chunk(head, generation.usage)))
+        except GenerationFailed as err:
+            await response.write(responses.sse(generation_error(err).body()))
+        except ConnectionResetError:
+            raise
+        except Exception:  # the status line is sent: the error can only be an event now
+            logger.exception("stream failed", extra={"request_id": head.id})
+            error = ApiError(500, "Internal server error.", "server_error")
+            await response.write(responses.sse(error.body()))
+        await response.write(responses.SSE_DONE)
+        await response.write_eof()
+        return response
+
+    async def _stream_pieces(
+        self,
+        response: web.StreamResponse,
+        generation: Generation,
+        head: responses.ResponseHead,
+        fmt: ResponseFormat,
+    ) -> None:
+        wants_logprobs = generation.prompt.sampling.logprobs is not None
+        text_offset = 0
+        while True:
+            piece = await generation.next_piece()
+            finished = piece.finish_reason is not None
+            if piece.text or finished or (wants_logprobs and piece.token_ids):
+                logprobs = None
+                if wants_logprobs:
+                    logprobs = fmt.logprobs(self._context.tokenizer, piece.logprobs, text_offset)
+                await response.write(responses.sse(fmt.stream_chunk(head, piece, logprobs)))
+            text_offset += len(piece.text)
+            if finished:
+                return
+
+
+def generation_error(err: GenerationFailed) -> ApiError:
+    return ApiError(500, str(err), "server_error")
+
+
+def health_body(
+    own: HealthReply, replies: Mapping[str, HealthReply | str]
+) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and body of /health: 200 when every service is ready, else 503."""
+    services: dict[str, dict[str, str]] = {own.service: _health_entry(own)}
+    for name, reply in replies.items():
+        if isinstance(reply, HealthReply):
+            services[name] = _health_entry(reply)
+        else:
+            services[name] = {"status": "unreachable", "detail": reply}
+    ready = all(entry["status"] == HealthStatus.READY.value for entry in services.values())
+    body = {"status": "ready" if ready else "unavailable", "services": services}
+    return (200 if ready else 503), body
+
+
+def _health_entry(reply: HealthReply) -> dict[str, str]:
+    entry = {"status": reply.status.value, "instance": reply.instance}
+    if reply.detail:
+        entry["detail"] = reply.detail
+    return entry

@@ -1,0 +1,84 @@
+"""Ingress metrics in a registry of its own (not prometheus-client's global one), so that two
+services in one process, or one test after another, never share or clash over collectors.
+
+Latencies are measured as clients see them: TTFT from the request's arrival to its first
+output token, TPOT as vLLM defines it, (E2E - TTFT) / (output tokens - 1).
+"""
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+__all__ = ["CONTENT_TYPE_LATEST", "IngressMetrics", "RequestTiming"]
+
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+_TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTiming:
+    """What one finished generation reports: seconds since arrival, and token counts."""
+
+    ttft_s: float | None  # None: no token ever came
+    e2e_s: float
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class IngressMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.ttft = Histogram(
+            "duet_ingress_ttft_seconds",
+            "Time to first token, from arrival at ingress.",
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.tpot = Histogram(
+            "duet_ingress_tpot_seconds",
+            "Time per output token after the first: (E2E - TTFT) / (output tokens - 1).",
+            buckets=_TPOT_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "duet_ingress_e2e_seconds",
+            "End-to-end latency of a finished generation.",
+            buckets=_E2E_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "duet_ingress_requests_in_flight",
+            "Generation requests being served now.",
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "duet_ingress_requests",
+            "HTTP requests by endpoint and status (499: the client went away).",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "duet_ingress_tokens",
+            "Tokens of finished generations, by kind (prompt, completion).",
+            ["kind"],
+            registry=self.registry,
+        )
+
+    def observe_request(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+    def observe_generation(self, timing: RequestTiming) -> None:
+        self.e2e.observe(timing.e2e_s)
+        self.tokens.labels(kind="prompt").inc(timing.prompt_tokens)
+        self.tokens.labels(kind="completion").inc(timing.completion_tokens)
+        if timing.ttft_s is None:
+            return
+        self.ttft.observe(timing.ttft_s)
+        if timing.completion_tokens > 1:
+            self.tpot.observe((timing.e2e_s - timing.ttft_s) / (timing.completion_tokens - 1))
+
+    def render(self) -> bytes:
+        """The registry in Prometheus' text format."""
+        return generate_latest(self.registry)

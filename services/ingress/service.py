@@ -1,0 +1,120 @@
+"""The ingress service: the OpenAI-compatible HTTP API in front of the scheduler.
+
+start: load the tokenizer and the model's context length, connect to NATS, answer health,
+       serve HTTP (aiohttp, on the loop run_service runs: uvloop).
+drain: refuse new generation requests (503 in OpenAI's shape), wait for those in flight.
+stop:  close the HTTP server (what is still running is cancelled, which cancels it at the
+       scheduler too), then drain the NATS connection.
+
+Imports no torch: ingress never runs a model.
+"""
+
+import logging
+
+from aiohttp import web
+from nats.aio.subscription import Subscription
+
+from duetserve.common.health import serve_health
+from duetserve.common.nats_bus import Bus
+from duetserve.proto.common import HealthReply, HealthStatus
+from duetserve.runtime.config import ModelConfig
+from duetserve.runtime.tokenizer import Tokenizer
+from duetserve.services.ingress.generation import Admission, GenerationContext
+from duetserve.services.ingress.handlers import Handlers, HealthCheck
+from duetserve.services.ingress.metrics import IngressMetrics
+from duetserve.services.ingress.middlewares import middlewares
+from duetserve.services.ingress.prompts import ModelLimits, default_slo
+from duetserve.services.ingress.settings import SERVICE_NAME, IngressSettings
+from duetserve.services.ingress.tenants import TenantResolver
+
+logger = logging.getLogger(__name__)
+
+# Part of the stop timeout that aiohttp gives running handlers before it cancels them.
+_HTTP_SHUTDOWN_SHARE = 0.5
+
+
+class IngressService:
+    def __init__(self, settings: IngressSettings) -> None:
+        self.settings = settings
+        self.instance = settings.instance_name(SERVICE_NAME)
+        self.metrics = IngressMetrics()
+        self.admission = Admission(self.metrics.in_flight)
+        self.status = HealthStatus.STARTING
+        self._bus: Bus | None = None
+        self._health_subscription: Subscription | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def port(self) -> int:
+        """The port the HTTP server listens on (the one the OS chose when settings say 0)."""
+        if self._runner is None or not self._runner.addresses:
+            raise RuntimeError("ingress is not serving")
+        return int(self._runner.addresses[0][1])
+
+    async def start(self) -> None:
+        settings = self.settings
+        tokenizer = Tokenizer.from_dir(settings.model)
+        config = ModelConfig.from_dir(settings.model)
+        tenants = TenantResolver.from_settings(settings.api_keys, settings.api_keys_file)
+        self._bus = await Bus.connect(
+            settings.nats_url, self.instance, request_timeout_s=settings.request_timeout_s
+        )
+        self._health_subscription = await serve_health(
+            self._bus, SERVICE_NAME, self.instance, lambda: self.status
+        )
+        limits = ModelLimits(
+            context_len=config.max_context_len,
+            vocab_size=min(config.vocab_size, tokenizer.vocab_size),
+            default_slo=default_slo(settings.default_ttft_ms, settings.default_tpot_ms),
+        )
+        context = GenerationContext(self._bus, tokenizer, self.metrics, settings.submit_timeout_s)
+        handlers = Handlers(
+            settings.model_id, limits, context, tenants, self.admission, self._health_check()
+        )
+        await self._serve_http(handlers)
+        self.status = HealthStatus.READY
+        logger.info(
+            "serving",
+            extra={"model": settings.model_id, "host": settings.host, "port": self.port},
+        )
+
+    def _health_check(self) -> HealthCheck:
+        def own() -> HealthReply:
+            return HealthReply(SERVICE_NAME, self.instance, self.status)
+
+        services = tuple(s for s in self.settings.health_services if s != SERVICE_NAME)
+        return HealthCheck(services, self.settings.health_timeout_s, own)
+
+    async def _serve_http(self, handlers: Handlers) -> None:
+        app = web.Application(
+            client_max_size=self.settings.max_body_bytes, middlewares=middlewares(self.metrics)
+        )
+        app.add_routes(handlers.routes())
+        self._runner = web.AppRunner(
+            app,
+            handle_signals=False,  # run_service owns the signals
+            handler_cancellation=True,  # a client that goes away cancels its request
+            access_log=logging.getLogger("aiohttp.access") if self.settings.access_log else None,
+            shutdown_timeout=self.settings.stop_timeout_s * _HTTP_SHUTDOWN_SHARE,
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
+        await site.start()
+
+    async def ready(self) -> bool:
+        return self.status == HealthStatus.READY
+
+    async def drain(self) -> None:
+        self.status = HealthStatus.DRAINING
+        self.admission.stop_accepting()
+        logger.info("draining", extra={"in_flight": self.admission.in_flight})
+        await self.admission.wait_idle()
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        self._health_subscription = None  # the bus's drain ends every subscription
+        bus, self._bus = self._bus, None
+        if bus is not None:
+            await bus.drain()

@@ -1,0 +1,67 @@
+"""Ingress settings, read once from DUET_* variables at the entrypoint.
+
+    DUET_MODEL=/models/tiny DUET_PORT=8000 DUET_API_KEYS="k1:tenant-a" \
+        python -m duetserve.services.ingress
+"""
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
+
+from duetserve.common.settings import CommonSettings
+from duetserve.proto.subjects import check_token
+
+SERVICE_NAME = "ingress"
+# The services /health asks besides ingress itself (DESIGN.md's six, less ingress).
+DEFAULT_HEALTH_SERVICES = (
+    "scheduler",
+    "prefill_worker",
+    "decode_worker",
+    "kv_manager",
+    "cache_index",
+)
+
+
+class IngressSettings(CommonSettings):
+    """The HTTP API's address, the model it serves, API keys, defaults and limits."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)  # 0: any free port (tests)
+    # The model directory (tokenizer.json, config.json); DUET_MODEL.
+    model: Path
+    # The id clients send as `model`; the model directory's name unless set.
+    served_model_name: str | None = None
+    # "key1:tenant-a,key2:tenant-b"; with neither this nor the file, keys are not checked.
+    api_keys: str = ""
+    api_keys_file: Path | None = None
+    # The SLO of a request that brings none of its own.
+    default_ttft_ms: float = Field(default=1000.0, gt=0)
+    default_tpot_ms: float = Field(default=100.0, gt=0)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    # How long the scheduler has to accept or refuse a request (generation itself is unbounded).
+    submit_timeout_s: float = Field(default=5.0, gt=0)
+    # DUET_HEALTH_SERVICES="scheduler,kv_manager": what /health requires to be ready.
+    health_services: Annotated[tuple[str, ...], NoDecode] = DEFAULT_HEALTH_SERVICES
+    health_timeout_s: float = Field(default=1.0, gt=0)
+    access_log: bool = False
+
+    @field_validator("health_services", mode="before")
+    @classmethod
+    def _split_services(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("health_services")
+    @classmethod
+    def _check_services(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            check_token(name, "service")
+        return value
+
+    @property
+    def model_id(self) -> str:
+        """The served model id: DUET_SERVED_MODEL_NAME, else the model directory's name."""
+        return self.served_model_name or self.model.resolve().name

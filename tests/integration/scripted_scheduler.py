@@ -1,0 +1,103 @@
+"""A stand-in for the scheduler in ingress tests: a real NATS subscriber on SCHED_SUBMIT that
+accepts (or refuses) each request, plays back a script of TokenChunks on the request's token
+subject, and records the submits and the CancelRequests it receives."""
+
+import asyncio
+from dataclasses import dataclass
+
+from nats.aio.msg import Msg
+
+from duetserve.common.nats_bus import Bus
+from duetserve.proto import codec, subjects
+from duetserve.proto.common import ErrorReply
+from duetserve.proto.scheduling import CancelRequest, SubmitAccepted, SubmitRequest
+from duetserve.proto.tokens import FinishReason, TokenChunk, TokenLogprob, TopLogprob
+
+
+@dataclass(frozen=True)
+class Script:
+    """What the scripted scheduler plays for every request it accepts."""
+
+    token_ids: tuple[int, ...]
+    chunk_size: int = 1
+    finish: FinishReason | None = FinishReason.LENGTH  # None: never finishes (wait for cancel)
+    error: str | None = None  # an ERROR chunk after the tokens
+    out_of_order: bool = True  # publish chunk pairs swapped
+    cached_tokens: int = 3
+    delay_s: float = 0.0
+    logprobs: bool = False
+    refuse: ErrorReply | None = None
+
+    def chunks(self, request_id: str) -> list[TokenChunk]:
+        groups = [
+            self.token_ids[i : i + self.chunk_size]
+            for i in range(0, len(self.token_ids), self.chunk_size)
+        ]
+        chunks, index = [], 0
+        for number, ids in enumerate(groups):
+            last = number == len(groups) - 1 and self.error is None
+            chunks.append(
+                TokenChunk(
+                    request_id,
+                    index,
+                    ids,
+                    tuple(_logprob(t) for t in ids) if self.logprobs else (),
+                    finish_reason=self.finish if last else None,
+                    cached_tokens=self.cached_tokens if index == 0 else None,
+                )
+            )
+            index += len(ids)
+        if self.error is not None:
+            chunks.append(TokenChunk(request_id, index, (), (), FinishReason.ERROR, self.error))
+        if self.out_of_order:
+            for i in range(0, len(chunks) - 1, 2):
+                chunks[i], chunks[i + 1] = chunks[i + 1], chunks[i]
+        return chunks
+
+
+def _logprob(token_id: int) -> TokenLogprob:
+    return TokenLogprob(token_id, -0.5, (TopLogprob(token_id, -0.5), TopLogprob(7, -1.5)))
+
+
+class ScriptedScheduler:
+    def __init__(self, bus: Bus, script: Script) -> None:
+        self.bus = bus
+        self.script = script
+        self.submits: list[SubmitRequest] = []
+        self.traceparents: list[str | None] = []
+        self.cancels: asyncio.Queue[CancelRequest] = asyncio.Queue()
+        self._players: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await self.bus.subscribe(subjects.SCHED_SUBMIT, self._on_submit)
+        await self.bus.subscribe(subjects.SCHED_CANCEL, self._on_cancel)
+        await self.bus.flush()
+
+    async def _on_submit(self, msg: Msg) -> None:
+        submit = codec.decode(msg.data, SubmitRequest)
+        self.submits.append(submit)
+        self.traceparents.append((msg.headers or {}).get("traceparent"))
+        if self.script.refuse is not None:
+            await self.bus.reply(msg, codec.encode(self.script.refuse))
+            return
+        await self.bus.reply(msg, codec.encode(SubmitAccepted(submit.request_id)))
+        player = asyncio.create_task(self._play(submit.request_id))
+        self._players.add(player)
+        player.add_done_callback(self._players.discard)
+
+    async def _play(self, request_id: str) -> None:
+        subject = subjects.tokens(request_id)
+        await self.bus.publish(subject, b"\x93not a chunk")  # logged and dropped by ingress
+        for chunk in self.script.chunks(request_id):
+            await asyncio.sleep(self.script.delay_s)
+            await self.bus.publish(subject, codec.encode(chunk))
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        self.cancels.put_nowait(codec.decode(msg.data, CancelRequest))
+
+    async def next_cancel(self, timeout: float = 3.0) -> CancelRequest:
+        return await asyncio.wait_for(self.cancels.get(), timeout)
+
+    def stop(self) -> None:
+        for player in self._players:
+            player.cancel()

@@ -1,0 +1,424 @@
+"""The ingress service end to end: a real nats-server, a real aiohttp server on loopback, the
+official openai client, and a scripted scheduler (a real NATS subscriber on SCHED_SUBMIT that
+accepts each request and plays back a script of TokenChunks for it)."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import format_trace_id
+
+from duetserve.common.health import serve_health
+from duetserve.common.nats_bus import Bus
+from duetserve.common.nats_server import NatsServer
+from duetserve.common.settings import CommonSettings
+from duetserve.common.tracing import setup_tracing, shutdown_tracing
+from duetserve.proto.common import ErrorReply, HealthStatus
+from duetserve.proto.scheduling import CancelReason, CancelRequest, SloKind
+from duetserve.runtime.tokenizer import Tokenizer
+from duetserve.services.ingress.service import IngressService
+from duetserve.services.ingress.settings import IngressSettings
+from tests.conftest import ModelDirs
+from tests.integration.scripted_scheduler import Script, ScriptedScheduler
+from tests.model_specs import TINY
+
+# CJK, an emoji and accents: byte-level tokens split these characters.
+TEXT = " Hello 世界! 🎉 café — naïve 😀 done."
+CONTEXT_LEN = TINY.max_context_len
+StartIngress = Callable[..., Awaitable[IngressService]]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(model_dirs: ModelDirs) -> Path:
+    return model_dirs.get(TINY)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir: Path) -> Tokenizer:
+    return Tokenizer.from_dir(tiny_dir)
+
+
+@pytest.fixture
+def text_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+    return tuple(tokenizer.encode(TEXT, add_special_tokens=False))
+
+
+@pytest.fixture
+async def start_ingress(nats_server: NatsServer, tiny_dir: Path) -> AsyncIterator[StartIngress]:
+    started: list[IngressService] = []
+
+    async def start(**overrides: Any) -> IngressService:
+        fields: dict[str, Any] = {
+            "model": tiny_dir,
+            "nats_url": nats_server.url,
+            "port": 0,
+            "submit_timeout_s": 1.0,
+            "health_timeout_s": 0.3,
+            "stop_timeout_s": 2.0,
+            **overrides,
+        }
+        service = IngressService(IngressSettings(**fields))
+        started.append(service)
+        await service.start()
+        return service
+
+    yield start
+    for service in started:
+        await service.stop()
+
+
+@pytest.fixture
+async def ingress(start_ingress: StartIngress) -> IngressService:
+    return await start_ingress()
+
+
+@pytest.fixture
+async def scheduler(bus: Bus, text_ids: tuple[int, ...]) -> AsyncIterator[ScriptedScheduler]:
+    scripted = ScriptedScheduler(bus, Script(text_ids))
+    await scripted.start()
+    yield scripted
+    scripted.stop()
+
+
+@pytest.fixture
+async def client(ingress: IngressService) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{ingress.port}/v1", api_key="unused", max_retries=0, timeout=10
+    ) as connected:
+        yield connected
+
+
+@pytest.fixture
+async def http(ingress: IngressService) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{ingress.port}") as session:
+        yield session
+
+
+def model_id(ingress: IngressService) -> str:
+    return ingress.settings.model_id
+
+
+async def test_completion_and_chat_return_the_scripted_text(
+    ingress: IngressService,
+    client: openai.AsyncOpenAI,
+    scheduler: ScriptedScheduler,
+    tokenizer: Tokenizer,
+    text_ids: tuple[int, ...],
+) -> None:
+    completion = await client.completions.create(model=model_id(ingress), prompt="Say it")
+    assert completion.choices[0].text == TEXT
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.id.startswith("cmpl-")
+    submit = scheduler.submits[-1]
+    assert submit.prompt_token_ids == tuple(tokenizer.encode("Say it"))
+    assert submit.tenant == "default" and submit.slo is not None
+    assert submit.slo.kind == SloKind.LATENCY
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens == len(submit.prompt_token_ids)
+    assert completion.usage.completion_tokens == len(text_ids)
+    assert completion.usage.prompt_tokens_details is not None
+    assert completion.usage.prompt_tokens_details.cached_tokens == 3
+
+    messages: Any = [{"role": "user", "content": "Say it 😀"}]
+    chat = await client.chat.completions.create(model=model_id(ingress), messages=messages)
+    assert chat.choices[0].message.content == TEXT
+    assert chat.choices[0].message.role == "assistant"
+    submit = scheduler.submits[-1]
+    assert submit.request_id.startswith("chatcmpl-")
+    assert submit.prompt_token_ids == tuple(tokenizer.encode_chat(messages))
+    assert submit.sampling.max_tokens == CONTEXT_LEN - len(submit.prompt_token_ids)
+
+
+async def test_streamed_text_equals_the_whole_text(
+    ingress: IngressService, client: openai.AsyncOpenAI, scheduler: ScriptedScheduler
+) -> None:
+    stream = await client.completions.create(model=model_id(ingress), prompt="Hi", stream=True)
+    pieces = [chunk.choices[0].text async for chunk in stream if chunk.choices]
+    assert "".join(pieces) == TEXT and len(pieces) > 5
+
+    chat_stream = await client.chat.completions.create(
+        model=model_id(ingress),
+        messages=[{"role": "user", "content": "Hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in chat_stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == TEXT
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == len(scheduler.script.token_ids)
+
+
+async def test_stop_string_truncates_and_cancels_at_the_scheduler(
+    ingress: IngressService, client: openai.AsyncOpenAI, scheduler: ScriptedScheduler
+) -> None:
+    scheduler.script = replace(scheduler.script, finish=None)  # only the cancel ends it
+    stop = "café"
+    expected = TEXT[: TEXT.index(stop)]
+    completion = await client.completions.create(
+        model=model_id(ingress), prompt="Hi", stop=[stop, "never"]
+    )
+    assert completion.choices[0].text == expected
+    assert completion.choices[0].finish_reason == "stop"
+    cancel = await scheduler.next_cancel()
+    assert cancel == CancelRequest(completion.id, CancelReason.STOP_STRING)
+
+    stream = await client.completions.create(
+        model=model_id(ingress), prompt="Hi", stop="🎉", stream=True
+    )
+    pieces = [chunk.choices[0] async for chunk in stream]
+    assert "".join(p.text for p in pieces) == TEXT[: TEXT.index("🎉")]
+    assert pieces[-1].finish_reason == "stop"
+    assert (await scheduler.next_cancel()).reason == CancelReason.STOP_STRING
+
+
+async def test_logprobs_name_each_token(
+    ingress: IngressService,
+    client: openai.AsyncOpenAI,
+    scheduler: ScriptedScheduler,
+    tokenizer: Tokenizer,
+    text_ids: tuple[int, ...],
+) -> None:
+    scheduler.script = replace(scheduler.script, logprobs=True, chunk_size=4)
+    completion = await client.completions.create(model=model_id(ingress), prompt="Hi", logprobs=1)
+    logprobs = completion.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens is not None
+    assert logprobs.tokens == [tokenizer.decode([i]) for i in text_ids]
+    assert logprobs.token_logprobs == [-0.5] * len(text_ids)
+    chat = await client.chat.completions.create(
+        model=model_id(ingress),
+        messages=[{"role": "user", "content": "Hi"}],
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = chat.choices[0].logprobs and chat.choices[0].logprobs.content
+    assert content and len(content) == len(text_ids)
+    assert [alt.logprob for alt in content[0].top_logprobs] == [-0.5, -1.5]
+
+
+async def post(http: aiohttp.ClientSession, path: str, body: Any, **kw: Any) -> tuple[int, Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with http.post(path, data=data, **kw) as response:
+        return response.status, await response.json()
+
+
+async def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(
+    ingress: IngressService, http: aiohttp.ClientSession, scheduler: ScriptedScheduler
+) -> None:
+    model = model_id(ingress)
+    good = {"model": model, "prompt": "Hi", "max_tokens": 5}
+    cases: list[tuple[Any, int, str | None]] = [
+        (b"{not json", 400, None),
+        ({**good, "max_tokens": "5"}, 400, "max_tokens"),
+        ({**good, "model": "gpt-9"}, 404, "model"),
+        ({**good, "n": 2}, 400, "n"),
+        ({**good, "prompt": [5] * CONTEXT_LEN}, 400, "prompt"),
+        ({**good, "prompt": [5, 6], "max_tokens": CONTEXT_LEN}, 400, "max_tokens"),
+        ({**good, "prompt": [5, TINY.vocab_size]}, 400, "prompt"),
+    ]
+    for body, status, param in cases:
+        got_status, error = await post(http, "/v1/completions", body)
+        assert got_status == status, (body, error)
+        assert set(error["error"]) == {"message", "type", "param", "code"}
+        assert error["error"]["param"] == param, error
+    _, too_long = await post(http, "/v1/completions", cases[5][0])
+    assert "maximum context length is 2048 tokens" in too_long["error"]["message"]
+    assert (await post(http, "/v1/chat/completions", {"model": model, "messages": []}))[0] == 400
+    async with http.get("/v1/nothing") as response:
+        assert response.status == 404 and "error" in await response.json()
+    status, body = await post(http, "/v1/completions", good)
+    assert status == 200 and body["choices"][0]["text"]
+
+
+async def test_api_keys_are_required_when_configured(
+    start_ingress: StartIngress, scheduler: ScriptedScheduler
+) -> None:
+    ingress = await start_ingress(api_keys="secret-1:tenant-a", max_body_bytes=4096)
+    base = f"http://127.0.0.1:{ingress.port}"
+    body = {"model": model_id(ingress), "prompt": "Hi"}
+    async with aiohttp.ClientSession(base) as http:
+        status, error = await post(http, "/v1/completions", body)
+        assert status == 401 and error["error"]["type"] == "authentication_error"
+        wrong = {"Authorization": "Bearer secret-2"}
+        assert (await post(http, "/v1/completions", body, headers=wrong))[0] == 401
+        huge = {**body, "prompt": "x" * 5000}
+        status, error = await post(
+            http, "/v1/completions", huge, headers={"Authorization": "Bearer secret-1"}
+        )
+        assert status == 413 and error["error"]["type"] == "invalid_request_error"
+        async with http.get("/health") as response:
+            assert response.status == 503  # no key needed; no services are up
+        async with http.get("/metrics") as response:
+            assert response.status == 200
+    async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="secret-1", max_retries=0) as c:
+        completion = await c.completions.create(model=model_id(ingress), prompt="Hi")
+    assert completion.choices[0].text == TEXT
+    assert scheduler.submits[-1].tenant == "tenant-a"
+
+
+async def test_client_disconnect_mid_stream_cancels_the_request(
+    ingress: IngressService, http: aiohttp.ClientSession, scheduler: ScriptedScheduler
+) -> None:
+    # Every token at once, then silence: only the closed connection can end the request.
+    scheduler.script = replace(scheduler.script, finish=None)
+    body = {"model": model_id(ingress), "prompt": "Hi", "stream": True}
+    response = await http.post("/v1/completions", data=json.dumps(body))
+    assert response.status == 200
+    line = b""
+    while not line.startswith(b"data: "):
+        line = await response.content.readline()
+    assert json.loads(line[len(b"data: ") :])["choices"][0]["text"]
+    response.close()
+    cancel = await scheduler.next_cancel()
+    assert cancel == CancelRequest(scheduler.submits[-1].request_id, CancelReason.CLIENT_GONE)
+    await _until(lambda: ingress.admission.in_flight == 0)
+    assert ingress.metrics.in_flight._value.get() == 0
+
+    # A client that gives up on a whole (non-streamed) answer.
+    with pytest.raises(asyncio.TimeoutError):
+        await http.post(
+            "/v1/completions",
+            data=json.dumps({**body, "stream": False}),
+            timeout=aiohttp.ClientTimeout(total=0.3),
+        )
+    cancel = await scheduler.next_cancel()
+    assert cancel == CancelRequest(scheduler.submits[-1].request_id, CancelReason.CLIENT_GONE)
+    await _until(lambda: ingress.admission.in_flight == 0)
+    text = await _metrics(http)
+    assert 'duet_ingress_requests_total{endpoint="/v1/completions",status="499"} 2.0' in text
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 3.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_no_scheduler_or_a_refusal_is_a_503(
+    ingress: IngressService, client: openai.AsyncOpenAI, bus: Bus, text_ids: tuple[int, ...]
+) -> None:
+    with pytest.raises(openai.InternalServerError) as info:
+        await client.completions.create(model=model_id(ingress), prompt="Hi")
+    assert info.value.status_code == 503
+    assert "scheduler" in info.value.message
+    refusing = ScriptedScheduler(bus, Script(text_ids, refuse=ErrorReply("overloaded", "busy")))
+    await refusing.start()
+    with pytest.raises(openai.InternalServerError) as info:
+        await client.completions.create(model=model_id(ingress), prompt="Hi")
+    assert info.value.status_code == 503 and "busy" in info.value.message
+    refusing.script = replace(refusing.script, refuse=ErrorReply("invalid_request", "bad"))
+    with pytest.raises(openai.BadRequestError):
+        await client.completions.create(model=model_id(ingress), prompt="Hi")
+    assert ingress.admission.in_flight == 0
+
+
+async def test_an_error_chunk_is_a_500_or_an_error_event(
+    ingress: IngressService, http: aiohttp.ClientSession, scheduler: ScriptedScheduler
+) -> None:
+    scheduler.script = replace(scheduler.script, error="worker lost its KV")
+    body = {"model": model_id(ingress), "prompt": "Hi"}
+    status, error = await post(http, "/v1/completions", body)
+    assert status == 500
+    assert error["error"]["type"] == "server_error"
+    assert error["error"]["message"] == "worker lost its KV"
+    async with http.post("/v1/completions", data=json.dumps({**body, "stream": True})) as stream:
+        events = [line async for line in stream.content if line.startswith(b"data: ")]
+    assert events[-1] == b"data: [DONE]\n"
+    assert json.loads(events[-2][len(b"data: ") :])["error"]["message"] == "worker lost its KV"
+
+
+async def test_models_and_metrics(
+    ingress: IngressService,
+    client: openai.AsyncOpenAI,
+    http: aiohttp.ClientSession,
+    scheduler: ScriptedScheduler,
+) -> None:
+    models = await client.models.list()
+    assert [m.id for m in models.data] == [model_id(ingress)]
+    assert models.data[0].owned_by == "duet"
+    async with http.get("/v1/models") as response:
+        assert (await response.json())["data"][0]["max_model_len"] == CONTEXT_LEN
+
+    before = _ttft_count(await _metrics(http))
+    await client.completions.create(model=model_id(ingress), prompt="Hi")
+    text = await _metrics(http)
+    assert _ttft_count(text) == before + 1
+    assert 'duet_ingress_requests_total{endpoint="/v1/completions",status="200"}' in text
+    assert "duet_ingress_requests_in_flight 0.0" in text
+
+
+async def _metrics(http: aiohttp.ClientSession) -> str:
+    async with http.get("/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        return await response.text()
+
+
+def _ttft_count(text: str) -> float:
+    line = next(x for x in text.splitlines() if x.startswith("duet_ingress_ttft_seconds_count"))
+    return float(line.split()[-1])
+
+
+async def test_health_aggregates_the_required_services(
+    start_ingress: StartIngress, bus: Bus
+) -> None:
+    ingress = await start_ingress(health_services="scheduler,kv_manager")
+    ready = lambda: HealthStatus.READY  # noqa: E731
+    await serve_health(bus, "scheduler", "scheduler-0", ready)
+    kv_manager = await serve_health(bus, "kv_manager", "kv-0", ready)
+    await bus.flush()
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{ingress.port}") as http:
+        async with http.get("/health") as response:
+            body = await response.json()
+            assert response.status == 200, body
+        assert set(body["services"]) == {"ingress", "scheduler", "kv_manager"}
+        assert body["services"]["scheduler"] == {"status": "ready", "instance": "scheduler-0"}
+        await kv_manager.unsubscribe()
+        await bus.flush()
+        async with http.get("/health") as response:
+            body = await response.json()
+            assert response.status == 503
+        unreachable = {"status": "unreachable", "detail": "no responders"}
+        assert body["services"]["kv_manager"] == unreachable
+
+
+async def test_drain_refuses_new_requests_and_waits_for_running_ones(
+    ingress: IngressService, client: openai.AsyncOpenAI, scheduler: ScriptedScheduler
+) -> None:
+    scheduler.script = replace(scheduler.script, delay_s=0.01)
+    running = asyncio.create_task(client.completions.create(model=model_id(ingress), prompt="Hi"))
+    await _until(lambda: ingress.admission.in_flight == 1)
+    drain = asyncio.create_task(ingress.drain())
+    with pytest.raises(openai.InternalServerError) as info:
+        await client.completions.create(model=model_id(ingress), prompt="Hi")
+    assert info.value.status_code == 503
+    assert not drain.done()
+    assert (await running).choices[0].text == TEXT
+    await asyncio.wait_for(drain, 3.0)
+
+
+async def test_one_request_is_one_trace_from_http_to_the_scheduler(
+    ingress: IngressService, client: openai.AsyncOpenAI, scheduler: ScriptedScheduler
+) -> None:
+    exporter = InMemorySpanExporter()
+    setup_tracing("ingress", CommonSettings(), span_processor=SimpleSpanProcessor(exporter))
+    try:
+        await client.completions.create(model=model_id(ingress), prompt="Hi")
+    finally:
+        shutdown_tracing()
+    [span] = [s for s in exporter.get_finished_spans() if s.name == "POST /v1/completions"]
+    assert span.attributes is not None
+    assert span.attributes["http.response.status_code"] == 200
+    traceparent = scheduler.traceparents[-1]
+    assert traceparent is not None
+    assert traceparent.split("-")[1] == format_trace_id(span.context.trace_id)
