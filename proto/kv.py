@@ -99,9 +99,12 @@ class StorageDescription:
     num_blocks: int
     model_dir: str
     dtype: str
+    alignment: int = 256  # of every tensor offset, as the layout was packed
 
     def __post_init__(self) -> None:
         if self.kind == StorageKind.CUDA_IPC and (
             self.cuda_ipc_handle is None or len(self.cuda_ipc_handle) != 64
         ):
             raise ValueError("a CUDA IPC storage needs a 64-byte handle")
+        if self.alignment < 1 or self.alignment & (self.alignment - 1):
+            raise ValueError(f"alignment {self.alignment} is not a power of two")

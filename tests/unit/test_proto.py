@@ -67,6 +67,7 @@ EXAMPLES: list[object] = [
         num_blocks=128,
         model_dir="/models/tiny",
         dtype="bfloat16",
+        alignment=512,
     ),
     cache.PrefixMatchQuery("scheduler/r-1", "tenant-a", (1, 2, 3), public_prefix_tokens=0),
     cache.PrefixMatch((4, 5), 32),

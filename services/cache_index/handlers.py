@@ -1,0 +1,184 @@
+"""cache_index's handlers, one per subject: CACHE_MATCH, CACHE_INSERT, CACHE_EVICT, and the
+unit's worker events (to learn that kv_manager dropped the index's own references).
+
+One message at a time. nats-py runs one subscription's handlers in order, but each subject is
+its own subscription, so every handler here holds one lock from the index lookup until its
+kv_manager call has answered. That is what makes proto/cache.py's protocol safe: a matched block
+is retained for the asking owner before anything can evict it, and an evicted block is released
+before anything can match it again.
+
+Invariant: the index names only blocks it holds a kv_manager reference to (as `holder`). An
+insert therefore retains the blocks the index would adopt BEFORE indexing them: a refused retain
+leaves the index as it was, with nothing to undo.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from nats.aio.msg import Msg
+
+from duetserve.common.nats_bus import Bus
+from duetserve.proto import cache
+from duetserve.proto.codec import ProtoError, decode, encode
+from duetserve.proto.common import ErrorReply
+from duetserve.proto.workers import EventKind, WorkerEvents
+from duetserve.services.cache_index.kv_client import KVCallFailed, KVClient
+from duetserve.services.cache_index.radix import RadixIndex
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+Clock = Callable[[], float]
+NO_MATCH = cache.PrefixMatch((), 0)
+
+
+class CacheHandlers:
+    def __init__(
+        self,
+        bus: Bus,
+        radix: RadixIndex,
+        kv: KVClient,
+        holder: str,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.bus = bus
+        self.radix = radix
+        self.kv = kv
+        self.holder = holder  # kv_manager owner of the index's references
+        self.clock = clock  # monotonic: the index refuses time that goes backwards
+        self.lock = asyncio.Lock()
+
+    # ---- subjects ----------------------------------------------------------------------
+
+    async def match(self, msg: Msg) -> None:
+        await self._serve(msg, cache.PrefixMatchQuery, self._match)
+
+    async def insert(self, msg: Msg) -> None:
+        await self._serve(msg, cache.PrefixInsert, self._insert)
+
+    async def evict(self, msg: Msg) -> None:
+        await self._serve(msg, cache.EvictQuery, self._evict)
+
+    async def worker_events(self, msg: Msg) -> None:
+        """kv_manager reports lapsed leases here; if the index's own lapsed, every block it
+        names may be free or reused by now, so it forgets them all."""
+        try:
+            report = decode(msg.data, WorkerEvents)
+        except ProtoError as err:
+            logger.debug("unreadable worker events ignored: %s", err)
+            return
+        # kv_manager names a bare owner (no "/request") by itself in request_id.
+        if not any(
+            e.kind == EventKind.LEASES_EXPIRED and e.request_id == self.holder
+            for e in report.events
+        ):
+            return
+        async with self.lock:
+            logger.error(
+                "kv_manager dropped the index's references (lease of %s expired): "
+                "forgetting %d indexed blocks",
+                self.holder,
+                self.radix.num_blocks,
+            )
+            self.radix = RadixIndex(self.radix.block_size)
+
+    # ---- what each does ----------------------------------------------------------------
+
+    async def _match(self, query: cache.PrefixMatchQuery) -> cache.PrefixMatch:
+        found = self.radix.match(
+            query.tenant, query.token_ids, query.public_prefix_tokens, now=self.clock()
+        )
+        if not found.block_ids:
+            return NO_MATCH
+        try:
+            await self.kv.retain(query.owner, found.block_ids)
+        except KVCallFailed as err:
+            logger.warning("match for %s not retained, answering none: %s", query.owner, err)
+            return NO_MATCH
+        return cache.PrefixMatch(tuple(found.block_ids), found.num_tokens)
+
+    async def _insert(self, insert: cache.PrefixInsert) -> cache.PrefixInserted:
+        now = self.clock()
+        adopt = self._blocks_to_adopt(insert, now)
+        if adopt:
+            try:
+                await self.kv.retain(self.holder, adopt)
+            except KVCallFailed as err:
+                logger.warning("insert of %d blocks not retained, skipped: %s", len(adopt), err)
+                if err.uncertain:
+                    await self._release(adopt)
+                return cache.PrefixInserted(0)
+        try:
+            result = self.radix.insert(
+                insert.tenant,
+                insert.token_ids,
+                insert.block_ids,
+                insert.public_prefix_tokens,
+                now=now,
+            )
+        except ValueError:
+            await self._release(adopt)
+            raise
+        surplus = set(adopt) - set(result.adopted)
+        if surplus:  # never expected: retained but not adopted
+            logger.error("retained blocks the index did not adopt: %s", sorted(surplus))
+            await self._release(sorted(surplus))
+        return cache.PrefixInserted(result.num_new)
+
+    def _blocks_to_adopt(self, insert: cache.PrefixInsert, now: float) -> list[int]:
+        """The ids `radix.insert` would adopt: the full blocks past the cached prefix.
+
+        The lookup appends one token so that `match` (which always leaves the last prompt token
+        to compute) may cover every full block; a block's key depends on its own and earlier
+        tokens only, so the extra token changes nothing else.
+        """
+        block_size = self.radix.block_size
+        num_full = len(insert.token_ids) // block_size
+        if len(insert.block_ids) < num_full:
+            raise ValueError(f"{num_full} full blocks but only {len(insert.block_ids)} block ids")
+        probe = (*insert.token_ids[: num_full * block_size], 0)
+        cached = self.radix.match(insert.tenant, probe, insert.public_prefix_tokens, now=now)
+        return list(insert.block_ids[len(cached.block_ids) : num_full])
+
+    async def _evict(self, query: cache.EvictQuery) -> cache.Evicted:
+        evicted = self.radix.evict(query.num_blocks)
+        if evicted:
+            await self._release(evicted)
+        return cache.Evicted(tuple(evicted))
+
+    async def _release(self, block_ids: list[int]) -> None:
+        """Drop the index's references; a failure is logged (the blocks stay held by the
+        index's owner until it is released whole, at the next start or a lapsed lease)."""
+        if not block_ids:
+            return
+        try:
+            await self.kv.release(self.holder, block_ids)
+        except KVCallFailed as err:
+            logger.error("could not release %d blocks: %s", len(block_ids), err)
+
+    async def _serve(
+        self, msg: Msg, kind: type[T], serve: Callable[[T], Awaitable[object]]
+    ) -> None:
+        """Decode `msg` as `kind` and serve it under the lock; reply with the result or an
+        ErrorReply (invalid_message, invalid_request, internal_error)."""
+        if not msg.reply:
+            logger.warning(
+                "request without a reply subject dropped", extra={"subject": msg.subject}
+            )
+            return
+        answer: object
+        async with self.lock:
+            try:
+                answer = await serve(decode(msg.data, kind))
+            except ProtoError as err:
+                answer = ErrorReply(err.code, str(err))
+            except ValueError as err:  # the index refused: bad token ids, counts, block ids
+                answer = ErrorReply("invalid_request", str(err))
+            except Exception as err:  # a bug must not leave the caller waiting for a timeout
+                logger.exception("request failed", extra={"subject": msg.subject})
+                answer = ErrorReply("internal_error", f"{type(err).__name__}: {err}")
+        if isinstance(answer, ErrorReply):
+            logger.warning("refused", extra={"subject": msg.subject, "code": answer.code})
+        await self.bus.reply(msg, encode(answer))

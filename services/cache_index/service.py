@@ -1,0 +1,134 @@
+"""The cache_index service: the exact-prefix radix index over one unit's KV blocks, served
+over NATS (CACHE_MATCH, CACHE_INSERT, CACHE_EVICT).
+
+Start: wait for the unit's kv_manager (its `storage` reply gives the block size), drop any
+references a previous incarnation of this holder left behind, then serve and heart-beat so that
+kv_manager keeps the index's references alive. Stop releases them.
+
+Holder: every reference the index takes is held by one owner, `settings.holder` (no request
+part). kv_manager expires it like any other holder if the heartbeats stop; the handlers then
+clear the index (see handlers.py).
+"""
+
+import asyncio
+import contextlib
+import logging
+
+from nats.aio.subscription import Subscription
+
+from duetserve.common.health import serve_health
+from duetserve.common.nats_bus import Bus, BusTimeout
+from duetserve.proto import kv, subjects
+from duetserve.proto.codec import ProtoError, decode, encode
+from duetserve.proto.common import HealthStatus
+from duetserve.proto.workers import worker_events_subject
+from duetserve.services.cache_index.handlers import CacheHandlers
+from duetserve.services.cache_index.kv_client import KVCallFailed, KVClient
+from duetserve.services.cache_index.radix import RadixIndex
+from duetserve.services.cache_index.settings import CacheIndexSettings
+
+logger = logging.getLogger(__name__)
+SERVICE = "cache_index"
+_STORAGE_RETRY_S = 0.2
+
+
+class CacheIndexService:
+    def __init__(self, settings: CacheIndexSettings) -> None:
+        self.settings = settings
+        self.instance = settings.instance_name(SERVICE)
+        self.status = HealthStatus.STARTING
+        self.bus: Bus | None = None
+        self.kv: KVClient | None = None
+        self.handlers: CacheHandlers | None = None
+        self._subscriptions: list[Subscription] = []
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        self.bus = bus = await Bus.connect(
+            s.nats_url, self.instance, request_timeout_s=s.request_timeout_s
+        )
+        block_size = await self._block_size(bus)
+        self.kv = KVClient(bus, s.unit)
+        await self._release_all("left by a previous incarnation")
+        self._heartbeat = asyncio.create_task(self._beat(bus), name="cache-heartbeat")
+        self.handlers = handlers = CacheHandlers(bus, RadixIndex(block_size), self.kv, s.holder)
+        served = {
+            subjects.CACHE_MATCH: handlers.match,
+            subjects.CACHE_INSERT: handlers.insert,
+            subjects.CACHE_EVICT: handlers.evict,
+        }
+        for subject, handler in served.items():
+            self._subscriptions.append(await bus.subscribe(subject, handler, queue=SERVICE))
+        self._subscriptions.append(
+            await bus.subscribe(worker_events_subject(s.unit), handlers.worker_events)
+        )
+        self._subscriptions.append(
+            await serve_health(bus, SERVICE, self.instance, lambda: self.status)
+        )
+        await bus.flush()  # ready means the server knows the subscriptions
+        self.status = HealthStatus.READY
+        logger.info("indexing unit %s in blocks of %d tokens as %s", s.unit, block_size, s.holder)
+
+    async def _block_size(self, bus: Bus) -> int:
+        """The unit's block size, from kv_manager's storage description (waits for it)."""
+        query = encode(kv.StorageQuery(self.instance))
+        subject = subjects.kv(self.settings.unit, "storage")
+        level = logging.INFO  # the first wait is news; the retries are not
+        while True:
+            try:
+                reply = await bus.request(subject, query)
+                return decode(reply.data, kv.StorageDescription).block_size
+            except (BusTimeout, ProtoError) as err:
+                logger.log(level, "waiting for kv_manager of unit %s: %s", self.settings.unit, err)
+                level = logging.DEBUG
+                await asyncio.sleep(_STORAGE_RETRY_S)
+
+    async def _beat(self, bus: Bus) -> None:
+        beat = encode(kv.Heartbeat(self.settings.holder))
+        subject = subjects.kv(self.settings.unit, "heartbeat")
+        while True:
+            try:
+                await bus.publish(subject, beat)
+            except Exception:  # a dropped connection must not end the heartbeats
+                logger.exception("heartbeat not sent")
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def _release_all(self, why: str) -> None:
+        assert self.kv is not None
+        try:
+            released = await self.kv.release(self.settings.holder)
+        except KVCallFailed as err:
+            logger.warning("could not release the index's references (%s): %s", why, err)
+            return
+        if released.num_freed:
+            logger.info("released %d blocks %s", released.num_freed, why)
+
+    async def ready(self) -> bool:
+        beating = self._heartbeat is not None and not self._heartbeat.done()
+        return self.status == HealthStatus.READY and beating
+
+    async def drain(self) -> None:
+        """Finish the message in hand; keep answering (a match of nothing is always safe)."""
+        self.status = HealthStatus.DRAINING
+        if self.handlers is not None:
+            async with self.handlers.lock:
+                pass
+
+    async def stop(self) -> None:
+        """Stop serving, give the index's references back, leave NATS. Safe twice."""
+        for subscription in self._subscriptions:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+        self._subscriptions = []
+        if self.handlers is not None and self.bus is not None and self.bus.is_connected:
+            async with self.handlers.lock:  # after the message in hand, if any
+                await self._release_all("at stop")
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            self._heartbeat = None
+        if self.bus is not None:
+            await self.bus.close()
+            self.bus = None

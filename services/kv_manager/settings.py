@@ -1,0 +1,43 @@
+"""kv_manager settings (DUET_ prefix), parsed once at the entrypoint.
+
+    DUET_MODEL=/models/tiny DUET_DTYPE=bfloat16 DUET_KV_CACHE_MB=512 \
+        python -m duetserve.services.kv_manager
+
+The pool holds `num_blocks` blocks when that is set, else as many as fit in `kv_cache_mb`.
+"""
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from duetserve.common.settings import CommonSettings
+
+
+class KVManagerSettings(CommonSettings):
+    unit: str = "unit0"
+    model: Path  # DUET_MODEL: the checkpoint directory (config.json, safetensors)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # of the weights and the pool
+    block_size: int = Field(16, gt=0)  # tokens per KV block
+    kv_cache_mb: float = Field(256.0, gt=0)  # the KV pool's size budget, in MiB
+    num_blocks: int | None = Field(None, gt=0)  # overrides kv_cache_mb
+    lease_s: float = Field(5.0, gt=0)  # a holder that has not heart-beaten for this long loses
+    storage: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA IPC if usable, else /dev/shm
+    cuda_device: int = Field(0, ge=0)
+    region: str | None = None  # the /dev/shm name on the CPU; see region_name
+
+    def region_name(self) -> str:
+        """The configured /dev/shm name, or `duet-<unit>-<pid>` (unique on this machine)."""
+        return self.region or f"duet-{self.unit}-{os.getpid()}"
+
+    def pool_blocks(self, bytes_per_block: int) -> int:
+        """How many KV blocks the pool holds: `num_blocks`, or what fits in `kv_cache_mb`."""
+        if self.num_blocks is not None:
+            return self.num_blocks
+        blocks = int(self.kv_cache_mb * 2**20) // bytes_per_block
+        if blocks < 1:
+            raise ValueError(
+                f"kv_cache_mb={self.kv_cache_mb:g} holds no block of {bytes_per_block} bytes"
+            )
+        return blocks

@@ -1,0 +1,198 @@
+"""cache_index with a running kv_manager over a real nats-server: the index holds what it
+indexes, a match retains for the asker, tenants stay apart, eviction frees, refusals leave no
+trace."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import NamedTuple
+
+import pytest
+
+from duetserve.common.nats_bus import Bus
+from duetserve.common.nats_server import NatsServer
+from duetserve.proto import cache, kv, subjects
+from duetserve.proto.codec import decode
+from duetserve.proto.common import ErrorReply
+from duetserve.services.cache_index.service import CacheIndexService
+from tests.conftest import ModelDirs
+from tests.integration.unit_services import (
+    ServiceProcess,
+    ask,
+    ask_ok,
+    new_unit,
+    num_free,
+    running_cache_index,
+    running_kv_manager,
+    wait_for_reply,
+)
+from tests.model_specs import TINY
+
+BLOCK = 4
+NUM_BLOCKS = 16
+PROMPT = tuple(range(100, 100 + 3 * BLOCK))  # three full blocks
+
+
+class Unit(NamedTuple):
+    name: str
+    bus: Bus
+    index: CacheIndexService
+
+
+@pytest.fixture
+async def unit(nats_server: NatsServer, bus: Bus, model_dirs: ModelDirs) -> AsyncIterator[Unit]:
+    tiny = model_dirs.get(TINY)
+    async with (
+        running_kv_manager(nats_server.url, tiny, num_blocks=NUM_BLOCKS, block_size=BLOCK) as kvm,
+        running_cache_index(nats_server.url, kvm.settings.unit) as index,
+    ):
+        yield Unit(kvm.settings.unit, bus, index)
+
+
+async def alloc(unit: Unit, owner: str, count: int) -> tuple[int, ...]:
+    request = kv.AllocateBlocks(owner, count)
+    granted = await ask_ok(unit.bus, subjects.kv(unit.name, "alloc"), request, kv.BlocksGranted)
+    return granted.block_ids
+
+
+async def release(unit: Unit, owner: str) -> kv.BlocksReleased:
+    request = kv.ReleaseBlocks(owner)
+    return await ask_ok(unit.bus, subjects.kv(unit.name, "release"), request, kv.BlocksReleased)
+
+
+async def insert(unit: Unit, tenant: str, tokens: tuple[int, ...], ids: tuple[int, ...]) -> int:
+    request = cache.PrefixInsert(tenant, tokens, ids)
+    done = await ask_ok(unit.bus, subjects.CACHE_INSERT, request, cache.PrefixInserted)
+    return done.num_new
+
+
+async def match(unit: Unit, owner: str, tenant: str, tokens: tuple[int, ...]) -> cache.PrefixMatch:
+    query = cache.PrefixMatchQuery(owner, tenant, tokens)
+    return await ask_ok(unit.bus, subjects.CACHE_MATCH, query, cache.PrefixMatch)
+
+
+async def evict(unit: Unit, count: int) -> tuple[int, ...]:
+    evicted = await ask_ok(unit.bus, subjects.CACHE_EVICT, cache.EvictQuery(count), cache.Evicted)
+    return evicted.block_ids
+
+
+async def test_the_index_holds_what_it_indexes_and_a_match_retains(unit: Unit) -> None:
+    ids = await alloc(unit, "sched/r1", 3)
+    assert await insert(unit, "tenant-a", PROMPT, ids) == 3
+    released = await release(unit, "sched/r1")
+    assert (released.num_freed, released.num_free) == (0, NUM_BLOCKS - 3)  # the index holds them
+
+    found = await match(unit, "sched/r2", "tenant-a", (*PROMPT, 7))
+    assert found == cache.PrefixMatch(ids, 3 * BLOCK)
+    assert await num_free(unit.bus, unit.name) == NUM_BLOCKS - 3  # shared, not copied
+    # Two references per block: evicting drops the index's, r2's keeps them allocated.
+    assert sorted(await evict(unit, 3)) == sorted(ids)
+    assert await num_free(unit.bus, unit.name) == NUM_BLOCKS - 3
+    assert (await release(unit, "sched/r2")).num_freed == 3
+    assert await num_free(unit.bus, unit.name) == NUM_BLOCKS
+    assert await match(unit, "sched/r3", "tenant-a", (*PROMPT, 7)) == cache.PrefixMatch((), 0)
+
+
+async def test_a_tenant_does_not_match_another_tenants_private_prefix(unit: Unit) -> None:
+    ids = await alloc(unit, "sched/r1", 3)
+    assert await insert(unit, "tenant-a", PROMPT, ids) == 3
+    await release(unit, "sched/r1")
+    assert await match(unit, "sched/r2", "tenant-b", (*PROMPT, 7)) == cache.PrefixMatch((), 0)
+    assert (await release(unit, "sched/r2")).num_freed == 0
+    assert (await match(unit, "sched/r3", "tenant-a", PROMPT)).num_tokens == 2 * BLOCK
+
+
+async def test_eviction_frees_the_blocks_in_kv_manager(unit: Unit) -> None:
+    ids = await alloc(unit, "sched/r1", 3)
+    assert await insert(unit, "tenant-a", PROMPT, ids) == 3
+    await release(unit, "sched/r1")
+    before = await num_free(unit.bus, unit.name)
+    evicted = await evict(unit, 2)
+    assert evicted == ids[:0:-1]  # leaves first: the deepest block, then its parent
+    assert await num_free(unit.bus, unit.name) == before + 2
+    assert (await match(unit, "sched/r2", "tenant-a", (*PROMPT, 7))).block_ids == ids[:1]
+    assert await evict(unit, 5) == ids[:1]
+
+
+async def test_refused_retains_leave_no_trace(unit: Unit) -> None:
+    never_allocated = (9, 10, 11)
+    assert await insert(unit, "tenant-a", PROMPT, never_allocated) == 0
+    assert await match(unit, "sched/r1", "tenant-a", (*PROMPT, 7)) == cache.PrefixMatch((), 0)
+
+    ids = await alloc(unit, "sched/r1", 3)
+    assert await insert(unit, "tenant-a", PROMPT, ids) == 3
+    # sched/r1 already holds these blocks: kv_manager refuses the retain, the match is empty.
+    assert await match(unit, "sched/r1", "tenant-a", (*PROMPT, 7)) == cache.PrefixMatch((), 0)
+    assert await insert(unit, "tenant-a", PROMPT, ids) == 0  # already indexed, nothing new
+    await release(unit, "sched/r1")
+    assert await num_free(unit.bus, unit.name) == NUM_BLOCKS - 3
+
+
+async def test_malformed_requests_get_error_replies(unit: Unit) -> None:
+    for subject in (subjects.CACHE_MATCH, subjects.CACHE_INSERT, subjects.CACHE_EVICT):
+        reply = await unit.bus.request(subject, b"\xc1 not msgpack")
+        assert decode(reply.data, ErrorReply).code == "invalid_message"
+    negative = await ask(unit.bus, subjects.CACHE_EVICT, cache.EvictQuery(-1), cache.Evicted)
+    assert isinstance(negative, ErrorReply) and negative.code == "invalid_request"
+    ids = await alloc(unit, "sched/r1", 3)
+    short = cache.PrefixInsert("tenant-a", PROMPT, ids[:2])
+    refused = await ask(unit.bus, subjects.CACHE_INSERT, short, cache.PrefixInserted)
+    assert isinstance(refused, ErrorReply) and refused.code == "invalid_request"
+    assert await insert(unit, "tenant-a", PROMPT, ids) == 3  # still serving
+
+
+async def test_stop_gives_the_index_references_back(
+    nats_server: NatsServer, bus: Bus, model_dirs: ModelDirs
+) -> None:
+    tiny = model_dirs.get(TINY)
+    async with running_kv_manager(nats_server.url, tiny, num_blocks=8, block_size=BLOCK) as kvm:
+        name = kvm.settings.unit
+        async with running_cache_index(nats_server.url, name) as index:
+            unit = Unit(name, bus, index)
+            ids = await alloc(unit, "sched/r1", 3)
+            assert await insert(unit, "tenant-a", PROMPT, ids) == 3
+            await release(unit, "sched/r1")
+            assert await num_free(bus, name) == 5
+        assert await num_free(bus, name) == 8
+
+
+async def test_a_lapsed_index_lease_clears_the_index(
+    nats_server: NatsServer, bus: Bus, model_dirs: ModelDirs
+) -> None:
+    tiny = model_dirs.get(TINY)
+    async with (
+        running_kv_manager(nats_server.url, tiny, lease_s=0.3, block_size=BLOCK) as kvm,
+        running_cache_index(nats_server.url, kvm.settings.unit, heartbeat_interval_s=30) as index,
+    ):
+        unit = Unit(kvm.settings.unit, bus, index)
+        ids = await alloc(unit, "sched/r1", 3)
+        assert await insert(unit, "tenant-a", PROMPT, ids) == 3
+        assert index.handlers is not None
+        for _ in range(100):  # kv_manager expires both holders within a few lease periods
+            await asyncio.sleep(0.05)
+            if index.handlers.radix.num_blocks == 0:
+                break
+        assert index.handlers.radix.num_blocks == 0
+        assert await num_free(bus, unit.name) == 8
+
+
+async def test_runs_as_a_process_after_waiting_for_kv_manager(
+    nats_server: NatsServer, bus: Bus, model_dirs: ModelDirs
+) -> None:
+    name = new_unit()
+    process = ServiceProcess("cache_index", DUET_NATS_URL=nats_server.url, DUET_UNIT=name)
+    try:
+        await process.wait_for_output("waiting for kv_manager")
+        async with running_kv_manager(nats_server.url, model_dirs.get(TINY), unit=name) as kvm:
+            query = cache.PrefixMatchQuery("sched/r1", "tenant-a", PROMPT)
+            data = await wait_for_reply(bus, subjects.CACHE_MATCH, query)
+            assert decode(data, cache.PrefixMatch) == cache.PrefixMatch((), 0)
+            allocator = kvm.allocator
+            assert allocator is not None
+            for _ in range(40):  # its heartbeats reach kv_manager
+                if allocator.lease_deadline("cache_index") is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert allocator.lease_deadline("cache_index") is not None
+    finally:
+        code = await process.stop()
+    assert code == 0, process.output

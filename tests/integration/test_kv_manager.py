@@ -1,0 +1,267 @@
+"""kv_manager over a real nats-server: the storage it describes maps in another process, block
+round trips and refusals, lease expiry with its event, and malformed requests."""
+
+import asyncio
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+from nats.aio.msg import Msg
+
+from duetserve.common.nats_bus import Bus
+from duetserve.common.nats_server import NatsServer
+from duetserve.proto import kv, subjects
+from duetserve.proto.codec import decode, encode
+from duetserve.proto.common import ErrorReply
+from duetserve.proto.workers import EventKind, WorkerEvents, worker_events_subject
+from duetserve.runtime.config import ModelConfig
+from duetserve.runtime.weights import load_weights
+from tests.conftest import ModelDirs
+from tests.integration.unit_services import (
+    ServiceProcess,
+    ask,
+    ask_ok,
+    new_unit,
+    num_free,
+    running_kv_manager,
+    wait_for_reply,
+)
+from tests.model_specs import TINY, TINY_QWEN2
+
+# Runs in a separate process: maps the described storage and checks every weight against the
+# checkpoint loaded directly, then writes into the KV pool for the parent to see.
+MAPPER = """
+import sys
+import torch
+from duetserve.proto import kv
+from duetserve.proto.codec import decode
+from duetserve.runtime.config import ModelConfig
+from duetserve.runtime.loader import parse_dtype
+from duetserve.runtime.weights import load_weights
+from duetserve.services.kv_manager.describe import handle_of
+from duetserve.services.kv_manager.storage import attach_storage
+
+description = decode(sys.stdin.buffer.read(), kv.StorageDescription)
+mapped = attach_storage(handle_of(description))
+config = ModelConfig.from_dir(description.model_dir)
+expected = load_weights(description.model_dir, config, parse_dtype(description.dtype))
+for name, tensor in expected.items():
+    if name == "lm_head" and config.tie_word_embeddings:
+        assert name not in mapped.tensors
+        continue
+    assert torch.equal(mapped.tensors[name], tensor), name
+pool = mapped.tensors["kv_pool"]
+assert pool.shape[2] == description.num_blocks and not pool.any()
+pool[1, 0, 2].fill_(7.0)
+print("checked", len(expected), "weights")
+"""
+
+
+@pytest.fixture
+def tiny(model_dirs: ModelDirs) -> Path:
+    return model_dirs.get(TINY)
+
+
+async def test_storage_maps_in_another_process(
+    nats_server: NatsServer, bus: Bus, tiny: Path
+) -> None:
+    async with running_kv_manager(nats_server.url, tiny) as service:
+        unit = service.settings.unit
+        description = await ask_ok(
+            bus, subjects.kv(unit, "storage"), kv.StorageQuery("test"), kv.StorageDescription
+        )
+        assert description.kind == kv.StorageKind.CPU_SHARED_MEMORY
+        assert (description.num_blocks, description.block_size) == (8, 16)
+        assert description.tensors[0].name == "kv_pool"
+        mapper = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", MAPPER],
+            input=encode(description),
+            capture_output=True,
+            timeout=60,
+        )
+        assert mapper.returncode == 0, mapper.stderr.decode()
+        assert b"checked" in mapper.stdout
+        assert service.storage is not None
+        pool = service.storage.tensors["kv_pool"]
+        assert torch.all(pool[1, 0, 2] == 7.0)  # the other process wrote the same memory
+        assert float(pool.sum()) == 7.0 * pool[1, 0, 2].numel()
+
+
+async def test_a_tied_head_is_stored_once(nats_server: NatsServer, model_dirs: ModelDirs) -> None:
+    tied = model_dirs.get(TINY_QWEN2)
+    async with running_kv_manager(nats_server.url, tied, dtype="bfloat16") as service:
+        assert service.storage is not None and service.description is not None
+        tensors = service.storage.tensors
+        names = [spec.name for spec in service.description.tensors]
+        assert "lm_head" not in names and "embed_tokens" in names
+        assert "layers.0.qkv_bias" in names
+        assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+        config = ModelConfig.from_dir(tied)
+        expected = load_weights(tied, config, torch.bfloat16)["lm_head"]
+        assert torch.equal(tensors["embed_tokens"], expected)
+
+
+async def test_auto_storage_falls_back_to_cpu_with_a_reason(
+    nats_server: NatsServer,
+    tiny: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO):
+        async with running_kv_manager(nats_server.url, tiny, storage="auto") as service:
+            assert service.description is not None
+            kind = service.description.kind
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("storage: ")]
+    assert lines, caplog.text
+    if kind == kv.StorageKind.CPU_SHARED_MEMORY:
+        assert "using CPU shared memory" in lines[-1]
+    assert "storage closed" in caplog.text
+
+
+async def test_alloc_retain_release_round_trips(
+    nats_server: NatsServer, bus: Bus, tiny: Path
+) -> None:
+    async with running_kv_manager(nats_server.url, tiny) as service:
+        unit = service.settings.unit
+        alloc, retain, release = (subjects.kv(unit, v) for v in ("alloc", "retain", "release"))
+        granted = await ask_ok(bus, alloc, kv.AllocateBlocks("sched/r1", 3), kv.BlocksGranted)
+        assert granted.owner == "sched/r1" and len(set(granted.block_ids)) == 3
+        assert granted.num_free == 5
+        shared = granted.block_ids[:2]
+        retained = await ask_ok(bus, retain, kv.RetainBlocks("decode/r1", shared), kv.BlocksGranted)
+        assert retained.block_ids == shared and retained.num_free == 5
+
+        refused = await ask(bus, alloc, kv.AllocateBlocks("sched/r2", 6), kv.BlocksGranted)
+        assert isinstance(refused, ErrorReply) and refused.code == "out_of_blocks"
+        assert "6 blocks" in refused.message and "5 of 8" in refused.message
+
+        # Releasing all of an owner's blocks: the shared ones stay for decode/r1.
+        released = await ask_ok(bus, release, kv.ReleaseBlocks("sched/r1"), kv.BlocksReleased)
+        assert (released.num_freed, released.num_free) == (1, 6)
+        one = await ask_ok(
+            bus, release, kv.ReleaseBlocks("decode/r1", shared[:1]), kv.BlocksReleased
+        )
+        assert (one.num_freed, one.num_free) == (1, 7)
+        again = await ask(
+            bus, release, kv.ReleaseBlocks("decode/r1", shared[:1]), kv.BlocksReleased
+        )
+        assert isinstance(again, ErrorReply) and again.code == "not_held"
+        unknown = await ask(bus, retain, kv.RetainBlocks("x/r", (shared[0],)), kv.BlocksGranted)
+        assert isinstance(unknown, ErrorReply) and unknown.code == "unknown_block"
+        await ask_ok(bus, release, kv.ReleaseBlocks("decode/r1"), kv.BlocksReleased)
+        assert await num_free(bus, unit) == 8
+
+
+async def test_a_silent_holder_loses_its_blocks(
+    nats_server: NatsServer, bus: Bus, tiny: Path
+) -> None:
+    async with running_kv_manager(nats_server.url, tiny, lease_s=0.3) as service:
+        unit = service.settings.unit
+        events: asyncio.Queue[WorkerEvents] = asyncio.Queue()
+
+        async def on_events(msg: Msg) -> None:
+            events.put_nowait(decode(msg.data, WorkerEvents))
+
+        await bus.subscribe(worker_events_subject(unit), on_events)
+        await bus.flush()
+        beating = asyncio.create_task(_beat(bus, unit, "live", every_s=0.05))
+        try:
+            alloc = subjects.kv(unit, "alloc")
+            kept = await ask_ok(bus, alloc, kv.AllocateBlocks("live/r1", 2), kv.BlocksGranted)
+            await ask_ok(bus, alloc, kv.AllocateBlocks("dead/r2", 3), kv.BlocksGranted)
+            report = await asyncio.wait_for(events.get(), timeout=3.0)
+            await asyncio.sleep(0.6)  # two more lease periods: the live holder keeps its blocks
+        finally:
+            beating.cancel()
+        assert report.source == service.instance
+        assert [(e.kind, e.request_id) for e in report.events] == [(EventKind.LEASES_EXPIRED, "r2")]
+        assert "dead" in report.events[0].reason and report.free_blocks == 6
+        assert events.empty()
+        released = await ask_ok(
+            bus, subjects.kv(unit, "release"), kv.ReleaseBlocks("live/r1"), kv.BlocksReleased
+        )
+        assert (released.num_freed, released.num_free) == (len(kept.block_ids), 8)
+
+
+async def test_a_lapsed_lease_is_refused_until_renewed(
+    nats_server: NatsServer,
+    bus: Bus,
+    tiny: Path,
+) -> None:
+    async with running_kv_manager(nats_server.url, tiny, lease_s=60.0) as service:
+        unit, handlers = service.settings.unit, service.handlers
+        assert handlers is not None
+        alloc = subjects.kv(unit, "alloc")
+        await ask_ok(bus, alloc, kv.AllocateBlocks("w/r1", 1), kv.BlocksGranted)
+        handlers.clock = lambda: time.monotonic() + 120.0  # past the deadline, before a sweep
+        refused = await ask(bus, alloc, kv.AllocateBlocks("w/r2", 1), kv.BlocksGranted)
+        assert isinstance(refused, ErrorReply) and refused.code == "lease_expired"
+        await bus.publish(subjects.kv(unit, "heartbeat"), encode(kv.Heartbeat("w")))
+        await ask_ok(bus, alloc, kv.AllocateBlocks("w/r2", 1), kv.BlocksGranted)
+
+
+async def test_malformed_requests_get_error_replies(
+    nats_server: NatsServer, bus: Bus, tiny: Path
+) -> None:
+    async with running_kv_manager(nats_server.url, tiny) as service:
+        unit = service.settings.unit
+        alloc = subjects.kv(unit, "alloc")
+        cases = {
+            b"\xc1 not msgpack": "invalid_message",
+            msgpack.packb(["kv.alloc", 2, {"owner": "a/b", "count": 1}]): "version_mismatch",
+            msgpack.packb(["kv.nope", 1, {}]): "unknown_message",
+            msgpack.packb(["kv.alloc", 1, {"owner": "a/b", "count": 0}]): "invalid_message",
+            encode(kv.Heartbeat("a")): "invalid_message",
+            encode(kv.AllocateBlocks("/r1", 1)): "invalid_owner",
+        }
+        for payload, code in cases.items():
+            reply = await bus.request(alloc, payload)
+            error = decode(reply.data, ErrorReply)
+            assert error.code == code, (payload, error)
+        for verb in ("heartbeat", "storage", "release", "retain"):
+            await bus.publish(subjects.kv(unit, verb), b"garbage")
+        reply = await bus.request(subjects.kv(unit, "storage"), b"garbage")
+        assert decode(reply.data, ErrorReply).code == "invalid_message"
+        granted = await ask_ok(bus, alloc, kv.AllocateBlocks("a/b", 8), kv.BlocksGranted)
+        assert granted.num_free == 0  # still serving, and nothing leaked
+
+
+async def test_runs_as_a_process_and_cleans_up(
+    nats_server: NatsServer, bus: Bus, tiny: Path
+) -> None:
+    unit = new_unit()
+    process = ServiceProcess(
+        "kv_manager",
+        DUET_NATS_URL=nats_server.url,
+        DUET_MODEL=str(tiny),
+        DUET_UNIT=unit,
+        DUET_STORAGE="auto",
+        DUET_DTYPE="bfloat16",
+        DUET_KV_CACHE_MB="1",
+    )
+    try:
+        data = await wait_for_reply(bus, subjects.kv(unit, "storage"), kv.StorageQuery("test"))
+    finally:
+        code = await process.stop()
+    description = decode(data, kv.StorageDescription)
+    output = process.output
+    assert code == 0, output
+    assert description.dtype == "bfloat16" and description.tensors[0].dtype == "bfloat16"
+    pool_bytes = 2**20 // description.num_blocks
+    assert description.num_blocks > 1 and pool_bytes >= description.tensors[0].shape[3]
+    storage_lines = [line for line in output.splitlines() if '"storage: ' in line]
+    assert storage_lines, output
+    if description.kind == kv.StorageKind.CPU_SHARED_MEMORY:
+        assert description.region == f"duet-{unit}-{process.pid}"
+        assert not (Path("/dev/shm") / description.region).exists()  # unlinked at stop
+
+
+async def _beat(bus: Bus, unit: str, holder: str, every_s: float) -> None:
+    while True:
+        await bus.publish(subjects.kv(unit, "heartbeat"), encode(kv.Heartbeat(holder)))
+        await asyncio.sleep(every_s)
