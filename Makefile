@@ -5,9 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODELS := models
 
-.PHONY: help venv test lint typecheck unit model model-small bench-runtime clean
+.PHONY: help venv run test lint typecheck model model-small bench-runtime clean
 
 help:
+	@echo "make run           the whole stack on 127.0.0.1:8000 (DUET_MODEL, DUET_DTYPE, DUET_PORT)"
 	@echo "make test          set up .venv, then ruff, mypy and the whole test suite"
 	@echo "make model         generate the tiny model under $(MODELS)/tiny"
 	@echo "make model-small   generate the small (~100M) benchmark model under $(MODELS)/small"
@@ -20,6 +21,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m duetserve.services.launcher
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

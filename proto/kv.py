@@ -108,3 +108,20 @@ class StorageDescription:
             raise ValueError("a CUDA IPC storage needs a 64-byte handle")
         if self.alignment < 1 or self.alignment & (self.alignment - 1):
             raise ValueError(f"alignment {self.alignment} is not a power of two")
+
+
+@message("kv.stats.query")
+@dataclass(frozen=True, slots=True)
+class KvStatsQuery:
+    pass
+
+
+@message("kv.stats")
+@dataclass(frozen=True, slots=True)
+class KvStats:
+    """Who holds the unit's blocks: references per holder (a block two holders share counts
+    for both), for operators, metrics and leak checks."""
+
+    num_free: int
+    num_total: int
+    references_by_holder: dict[str, int]

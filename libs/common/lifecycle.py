@@ -19,6 +19,7 @@ A service's `__main__` is three lines: settings, service, run:
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol
@@ -173,3 +174,28 @@ def _stop_on_signals(stop_requested: asyncio.Event) -> Iterator[None]:
 def _on_signal(signum: int, stop_requested: asyncio.Event) -> None:
     logger.info("signal received", extra={"signal": signal.Signals(signum).name})
     stop_requested.set()
+
+
+def critical_task(coro: Awaitable[None], name: str) -> "asyncio.Task[None]":
+    """A background task the service cannot live without (a step loop, a heartbeat): if it
+    ever ends with an exception, that is logged and the process is asked to stop (SIGTERM),
+    so it drains and exits non-zero and its supervisor restarts it, instead of lingering
+    half-alive with requests that never finish."""
+
+    async def run() -> None:
+        await coro
+
+    task = asyncio.get_running_loop().create_task(run(), name=name)
+    task.add_done_callback(_stop_on_crash)
+    return task
+
+
+def _stop_on_crash(task: "asyncio.Task[None]") -> None:
+    if task.cancelled() or task.exception() is None:
+        return
+    logger.critical(
+        "background task crashed; stopping",
+        exc_info=task.exception(),
+        extra={"task": task.get_name()},
+    )
+    os.kill(os.getpid(), signal.SIGTERM)

@@ -171,6 +171,14 @@ class BlockAllocator:
         self._check_in_range(block)
         return sorted(self._holders_of_block.get(block, ()))
 
+    def references_by_holder(self) -> dict[str, int]:
+        """How many block references each holder's owners hold, together."""
+        counts: dict[str, int] = {}
+        for owner, blocks in self._held.items():
+            holder = holder_of(owner)
+            counts[holder] = counts.get(holder, 0) + len(blocks)
+        return counts
+
     def held_by(self, owner: str) -> list[int]:
         """The blocks `owner` holds a reference to, in the order it took them."""
         return list(self._held.get(owner, ()))

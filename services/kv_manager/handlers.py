@@ -97,6 +97,13 @@ class KVHandlers:
     async def storage(self, msg: Msg) -> None:
         await self._answer(msg, kv.StorageQuery, self._describe)
 
+    async def stats(self, msg: Msg) -> None:
+        await self._answer(msg, kv.KvStatsQuery, self._stats)
+
+    def _stats(self, _: kv.KvStatsQuery) -> kv.KvStats:
+        allocator = self.allocator
+        return kv.KvStats(allocator.num_free, allocator.num_total, allocator.references_by_holder())
+
     def _allocate(self, request: kv.AllocateBlocks) -> kv.BlocksGranted:
         block_ids = self.allocator.allocate(request.owner, request.count, self.clock())
         return kv.BlocksGranted(request.owner, tuple(block_ids), self.allocator.num_free)

@@ -69,6 +69,7 @@ class KVManagerService:
             "release": handlers.release,
             "heartbeat": handlers.heartbeat,
             "storage": handlers.storage,
+            "stats": handlers.stats,
         }
         for verb, handler in served.items():
             await bus.subscribe(subjects.kv(s.unit, verb), handler)

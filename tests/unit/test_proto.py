@@ -56,6 +56,8 @@ EXAMPLES: list[object] = [
     kv.BlocksReleased("sched-0/r-1", num_freed=2, num_free=102),
     kv.Heartbeat("decode-0"),
     kv.StorageQuery("prefill-0"),
+    kv.KvStatsQuery(),
+    kv.KvStats(10, 64, {"cache_index": 40, "decode-0": 14}),
     kv.StorageDescription(
         kind=kv.StorageKind.CUDA_IPC,
         region="",

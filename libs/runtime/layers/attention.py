@@ -4,11 +4,13 @@ Each backend stores the step's new K/V at their slots, then attends. `prepare` t
 into whatever per-step metadata the backend wants, once per forward pass rather than per layer.
 
 - `reference`: the torch oracle (kernels/attention_ref.py); slow, obviously right.
-- `cpu`: the fast CPU path; decode rows are attended together in one batched SDPA call over
-  gathered context, prefill chunks one SDPA call each.
+- `cpu`: the fast CPU path; decode rows are attended together by the fused paged-decode C
+  kernel (kernels/cpu_decode_attention.py), or where it cannot be built, by one batched SDPA call
+  over gathered context; prefill chunks one SDPA call each.
 - `triton`: the GPU path; Triton kernels for the KV store, paged decode and paged prefill.
 """
 
+import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,6 +19,15 @@ import torch.nn.functional as F
 
 from duetserve.runtime.batch import ForwardBatch
 from duetserve.runtime.kernels.attention_ref import paged_attention_ref, store_kv_ref
+from duetserve.runtime.kernels.cpu.build import CompilerOptions
+from duetserve.runtime.kernels.cpu_decode_attention import (
+    DEFAULT_OPTIONS,
+    DTYPE_CODES,
+    cpu_kernels_available,
+    cpu_paged_decode_attention,
+)
+
+_log = logging.getLogger(__name__)
 
 
 class AttentionBackend(Protocol):
@@ -70,19 +81,34 @@ class _PrefillChunk:
 
 @dataclass(frozen=True, slots=True)
 class _DecodeGroup:
-    rows: torch.Tensor  # int64 [Bd]: query rows of the one-token sequences
-    blocks: torch.Tensor  # int64 [Bd * nb]: their blocks, each row padded to the longest
-    mask: torch.Tensor  # bool [Bd, 1, 1, nb * bs]: True where a position is inside the context
-    # Gather buffers reused by every layer of the step: a fresh multi-megabyte tensor per layer
-    # costs more in page faults than the copy itself.
-    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The one-token sequences of a step, attended together."""
+
+    rows: torch.Tensor  # int64 [Bd]: their query rows
+    every_row: bool  # rows are all T query rows, in order: q needs no gather
+    block_tables: torch.Tensor  # int32 [Bd, nb]: nb blocks cover the longest context
+    seq_lens: torch.Tensor  # int32 [Bd]
+    # The SDPA path's mask, block list and gather buffers, made on first use and reused by every
+    # layer of the step: a fresh multi-megabyte tensor per layer costs more in page faults than
+    # the copy itself.
+    derived: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, block_size: int) -> torch.Tensor:
+        """bool [Bd, 1, 1, nb * bs]: True where a position is inside the context."""
+        if "mask" not in self.derived:
+            positions = torch.arange(self.block_tables.shape[1] * block_size)
+            mask = positions.unsqueeze(0) < self.seq_lens.long().unsqueeze(1)
+            self.derived["mask"] = mask[:, None, None, :]
+        return self.derived["mask"]
 
     def gather(self, name: str, cache: torch.Tensor) -> torch.Tensor:
-        """[Bd * nb, bs, Hkv, D]: the group's blocks of one layer's cache."""
-        buffer = self.buffers.get(name)
+        """[Bd * nb, bs, Hkv, D]: the group's blocks of one layer's cache, rows padded to nb."""
+        if "blocks" not in self.derived:
+            self.derived["blocks"] = self.block_tables.long().flatten()
+        blocks = self.derived["blocks"]
+        buffer = self.derived.get(name)
         if buffer is None:
-            buffer = self.buffers[name] = cache.new_empty(len(self.blocks), *cache.shape[1:])
-        return torch.index_select(cache, 0, self.blocks, out=buffer)
+            buffer = self.derived[name] = cache.new_empty(len(blocks), *cache.shape[1:])
+        return torch.index_select(cache, 0, blocks, out=buffer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,15 +119,24 @@ class _CpuMetadata:
 
 
 class CpuAttention:
-    """Gathers each sequence's context a whole block at a time (`index_select` copies a block
-    contiguously; advanced indexing is several times slower here) and hands it to torch's SDPA;
-    decode rows share one batched call."""
+    """Decode rows by the fused paged-decode kernel, which reads K/V where they lie in the pool;
+    where it cannot be built (or for a float16 cache), by gathering each sequence's context a
+    whole block at a time (`index_select` copies a block contiguously; advanced indexing is
+    several times slower here) into one batched SDPA call. Prefill chunks: gather and SDPA."""
 
     name = "cpu"
 
+    def __init__(self, kernels: CompilerOptions | None = DEFAULT_OPTIONS) -> None:
+        """kernels: how to build the fused kernel (at first use, cached); None: SDPA only."""
+        available, reason = (
+            cpu_kernels_available(kernels) if kernels is not None else (False, "not asked for")
+        )
+        self.fused_decode = available
+        how = "the fused paged kernel" if available else "SDPA over gathered blocks"
+        _log.info("cpu attention: decode rows by %s (kernel %s)", how, reason)
+
     def prepare(self, batch: ForwardBatch, block_size: int) -> _CpuMetadata:
         tables = batch.block_tables.long()
-        decode_ids = [b for b, n in enumerate(batch.query_lens) if n == 1]
         prefill: list[_PrefillChunk] = []
         starts = batch.query_start_loc.tolist()
         for b, (n, context) in enumerate(zip(batch.query_lens, batch.context_lens, strict=True)):
@@ -111,17 +146,7 @@ class CpuAttention:
                 prefill.append(
                     _PrefillChunk(slice(starts[b], starts[b + 1]), blocks, context, mask)
                 )
-        decode = None
-        if decode_ids:
-            ids = torch.tensor(decode_ids)
-            decode_lens = batch.seq_lens.long()[ids]  # [Bd]
-            num_blocks = _cdiv(int(decode_lens.max()), block_size)
-            positions = torch.arange(num_blocks * block_size)
-            mask = positions.unsqueeze(0) < decode_lens.unsqueeze(1)  # [Bd, nb * bs]
-            rows = batch.query_start_loc.long()[ids]
-            blocks = tables[ids, :num_blocks].flatten()
-            decode = _DecodeGroup(rows, blocks, mask[:, None, None, :])
-        return _CpuMetadata(batch.slot_mapping, decode, tuple(prefill))
+        return _CpuMetadata(batch.slot_mapping, _decode_group(batch, block_size), tuple(prefill))
 
     def attend(
         self,
@@ -137,14 +162,30 @@ class CpuAttention:
         m = metadata
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, m.slot_mapping, k.to(k_cache.dtype))
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, m.slot_mapping, v.to(v_cache.dtype))
+        decode = m.decode
+        fused = self.fused_decode and k_cache.dtype in DTYPE_CODES
+        attend_decode = _decode_fused if fused else _decode_sdpa
+        if decode is not None and decode.every_row:
+            return attend_decode(q, k_cache, v_cache, decode, scale)
         out = torch.empty_like(q)
-        if m.decode is not None:
-            out.index_copy_(
-                0, m.decode.rows, _decode(q[m.decode.rows], k_cache, v_cache, m.decode, scale)
-            )
+        if decode is not None:
+            decoded = attend_decode(q[decode.rows], k_cache, v_cache, decode, scale)
+            out.index_copy_(0, decode.rows, decoded)
         for chunk in m.prefill:
             out[chunk.rows] = _prefill(q[chunk.rows], k_cache, v_cache, chunk, scale)
         return out
+
+
+def _decode_group(batch: ForwardBatch, block_size: int) -> _DecodeGroup | None:
+    decode_ids = [b for b, n in enumerate(batch.query_lens) if n == 1]
+    if not decode_ids:
+        return None
+    every_row = len(decode_ids) == batch.num_seqs  # one row per sequence, so rows == seqs
+    ids = torch.tensor(decode_ids)
+    seq_lens = batch.seq_lens[ids]  # [Bd]
+    num_blocks = _cdiv(max(batch.context_lens[b] for b in decode_ids), block_size)
+    block_tables = batch.block_tables[ids, :num_blocks]  # [Bd, nb]
+    return _DecodeGroup(batch.query_start_loc.long()[ids], every_row, block_tables, seq_lens)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -157,7 +198,19 @@ def _chunk_mask(n: int, context: int) -> torch.Tensor:
     return torch.arange(context).unsqueeze(0) <= q_pos  # [n, S]
 
 
-def _decode(
+def _decode_fused(
+    q: torch.Tensor,  # [Bd, Hq, D]
+    k_cache: torch.Tensor,  # [N, bs, Hkv, D]
+    v_cache: torch.Tensor,
+    group: _DecodeGroup,
+    scale: float,
+) -> torch.Tensor:  # [Bd, Hq, D]
+    return cpu_paged_decode_attention(
+        q, k_cache, v_cache, group.block_tables, group.seq_lens, scale
+    )
+
+
+def _decode_sdpa(
     q: torch.Tensor,  # [Bd, Hq, D]
     k_cache: torch.Tensor,  # [N, bs, Hkv, D]
     v_cache: torch.Tensor,
@@ -171,9 +224,10 @@ def _decode(
     shape = (num_seqs, -1, num_kv_heads, head_dim)
     keys = group.gather("k", k_cache).view(shape).transpose(1, 2)  # [Bd, Hkv, S, D]
     values = group.gather("v", v_cache).view(shape).transpose(1, 2)
-    grouped = q.view(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    grouped = q.reshape(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    mask = group.mask(k_cache.shape[1])
     out = F.scaled_dot_product_attention(
-        grouped, keys.to(q.dtype), values.to(q.dtype), attn_mask=group.mask, scale=scale
+        grouped, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=scale
     )
     return out.reshape(num_seqs, num_q_heads, head_dim)
 

@@ -1,0 +1,370 @@
+/* Paged decode attention for the CPU: one query token per sequence against the K/V of its whole
+ * context, read where they lie in the paged pool (no gather copy).
+ *
+ * Cache layout, one layer; k_cache and v_cache share their strides, counted in elements:
+ *     cache[block][row][kv_head][d] at block * stride_block + row * stride_row
+ *                                      + kv_head * stride_head + d          (stride of d is 1)
+ * Position p of sequence s lies in block block_tables[s * table_stride + p / block_size], at row
+ * p % block_size.
+ *
+ * A work item is one sequence and a run of its kv heads: all of them when there are enough
+ * sequences to keep the threads busy, fewer otherwise. It walks the context TILE positions at a
+ * time; within a tile each kv head serves all q heads of its group from one read of each K/V row
+ * (the group's other heads find the row in L1), and the next tile's rows are read ahead
+ * (touch_tile) so that memory reads overlap the arithmetic. Softmax is online, in float32 and
+ * base 2 (q carries scale * log2(e)); bfloat16 becomes float32 by a 16-bit shift. Vectors are
+ * GCC vector extensions of 16 floats, one AVX-512 register; elsewhere GCC splits them.
+ */
+#include <math.h>
+#include <stdint.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define LANES 16          /* floats per vector; head_dim must be a multiple of it */
+#define TILE 16           /* positions per tile: the scores of one q head fill one vector */
+#define SUBGROUP 8        /* q heads whose accumulators live in registers together */
+#define ITEMS_PER_THREAD 4 /* split kv heads over items until there are this many per thread */
+#define MAX_ITEM_FLOATS 32768 /* q heads * head_dim of one item: two such arrays on the stack */
+#define LOG2E 1.4426950408889634f
+
+enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1 };
+enum { OK = 0, BAD_ARGUMENT = 1, BAD_SEQ_LEN = 2, BAD_BLOCK_ID = 3 };
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+/* Unaligned, aliasing-safe views of LANES elements in memory. */
+typedef float vf_mem __attribute__((vector_size(64), aligned(4), may_alias));
+typedef uint16_t vh_mem __attribute__((vector_size(32), aligned(2), may_alias));
+typedef uint32_t vu_mem __attribute__((vector_size(64), aligned(1), may_alias));
+
+typedef struct {
+    const void *query, *k_cache, *v_cache;
+    void *out;
+    const int32_t *block_tables, *seq_lens;
+    int64_t q_stride_seq, q_stride_head, out_stride_seq, out_stride_head;
+    int64_t stride_block, stride_row, stride_head, table_stride;
+    int64_t num_blocks, max_blocks, block_size, group, head_dim;
+    float qk_scale;
+    int bf16;
+} Args;
+
+static inline vf load_vec(const void *base, int64_t offset, int bf16) {
+    if (bf16) {
+        vh half = *(const vh_mem *)((const uint16_t *)base + offset);
+        return (vf)(__builtin_convertvector(half, vu) << 16);
+    }
+    return *(const vf_mem *)((const float *)base + offset);
+}
+
+static inline float load_scalar(const void *base, int64_t offset, int bf16) {
+    if (!bf16) return ((const float *)base)[offset];
+    union { uint32_t u; float f; } bits = {.u = (uint32_t)((const uint16_t *)base)[offset] << 16};
+    return bits.f;
+}
+
+static inline void store_scalar(void *base, int64_t offset, float value, int bf16) {
+    if (!bf16) {
+        ((float *)base)[offset] = value;
+        return;
+    }
+    union { float f; uint32_t u; } bits = {.f = value};
+    uint32_t rounded = bits.u + 0x7fffu + ((bits.u >> 16) & 1u); /* round to nearest even */
+    ((uint16_t *)base)[offset] = isnan(value) ? 0x7fc0u : (uint16_t)(rounded >> 16);
+}
+
+static inline vf select_vec(vi mask, vf yes, vf no) {
+    return (vf)((mask & (vi)yes) | (~mask & (vi)no));
+}
+
+static inline float hsum(vf v) {
+#ifdef __AVX512F__
+    return _mm512_reduce_add_ps((__m512)v);
+#else
+    float sum = 0.0f;
+    for (int i = 0; i < LANES; i++) sum += v[i];
+    return sum;
+#endif
+}
+
+static inline float hmax(vf v) {
+#ifdef __AVX512F__
+    return _mm512_reduce_max_ps((__m512)v);
+#else
+    float best = v[0];
+    for (int i = 1; i < LANES; i++) best = v[i] > best ? v[i] : best;
+    return best;
+#endif
+}
+
+/* out[r] = the sum of the lanes of rows[r], r < 16: a tree that halves the lanes per row and
+ * doubles the rows per vector at each level, ~3 operations a row instead of ~8. */
+static inline vf sum_rows(const vf *rows) {
+#ifdef __AVX512F__
+    __m512 half[8], quarter[4], eighth[2];
+    for (int i = 0; i < 8; i++) { /* 256-bit halves: rows 2i | 2i+1, 8 lanes each */
+        __m512 a = (__m512)rows[2 * i], b = (__m512)rows[2 * i + 1];
+        half[i] = _mm512_shuffle_f32x4(a, b, 0x44) + _mm512_shuffle_f32x4(a, b, 0xee);
+    }
+    for (int i = 0; i < 4; i++) { /* 128-bit quarters: rows 4i .. 4i+3, 4 lanes each */
+        __m512 a = half[2 * i], b = half[2 * i + 1];
+        quarter[i] = _mm512_shuffle_f32x4(a, b, 0x88) + _mm512_shuffle_f32x4(a, b, 0xdd);
+    }
+    for (int i = 0; i < 2; i++) { /* quarter q: rows 8i+q | 8i+4+q, 2 lanes each */
+        __m512d a = (__m512d)quarter[2 * i], b = (__m512d)quarter[2 * i + 1];
+        eighth[i] = (__m512)_mm512_unpacklo_pd(a, b) + (__m512)_mm512_unpackhi_pd(a, b);
+    }
+    __m512 sums = _mm512_shuffle_ps(eighth[0], eighth[1], 0x88) + /* lane 4q+e: row q+4e */
+                  _mm512_shuffle_ps(eighth[0], eighth[1], 0xdd);
+    const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    return (vf)_mm512_permutexvar_ps(order, sums);
+#else
+    vf sums;
+    for (int r = 0; r < LANES; r++) sums[r] = hsum(rows[r]);
+    return sums;
+#endif
+}
+
+/* 2^x for x <= 0 (Cephes exp2f: 2^n times a degree-6 polynomial on [-0.5, 0.5], relative error
+ * ~2e-7). Lanes below -126 give 2^-126, lanes above 0 give 1; NaN stays NaN. */
+static inline vf exp2_nonpositive(vf x) {
+    const vf zero = {0}, low = zero - 126.0f;
+    vf clamped = select_vec(x < zero, x, zero); /* NaN too becomes 0 here... */
+    clamped = select_vec(clamped > low, clamped, low);
+    vf shifted = clamped + 0.5f;
+    vi whole = __builtin_convertvector(shifted, vi);                  /* truncates to zero */
+    whole -= (vi)(__builtin_convertvector(whole, vf) > shifted) & 1; /* ... now floor */
+    vf f = select_vec(x == x, clamped, x) - __builtin_convertvector(whole, vf); /* ...not here */
+    vf poly = f * 1.535336188319500e-4f + 1.339887440266574e-3f;
+    poly = poly * f + 9.618437357674640e-3f;
+    poly = poly * f + 5.550332471162809e-2f;
+    poly = poly * f + 2.402264791363012e-1f;
+    poly = poly * f + 6.931472028550421e-1f;
+    poly = poly * f + 1.0f;
+    return poly * (vf)((whole + 127) << 23);
+}
+
+/* scores[g] lane r = q[g] . K[row r] for the n <= TILE rows at k_head + rows[r] (lanes from n
+ * on: 0). Each K vector is loaded once and multiplied into all ng heads' partial sums. */
+static inline __attribute__((always_inline)) void score_tile(
+    const float *q, const void *k_head, const int64_t *rows, int n, int64_t head_dim,
+    vf *scores, const int ng, const int bf16) {
+    vf partial[SUBGROUP][TILE];
+    for (int r = 0; r < TILE; r++) {
+        vf sum[SUBGROUP];
+        for (int g = 0; g < ng; g++) sum[g] = (vf){0};
+        for (int64_t d = 0; r < n && d < head_dim; d += LANES) {
+            vf k = load_vec(k_head, rows[r] + d, bf16);
+            for (int g = 0; g < ng; g++) sum[g] += *(const vf_mem *)(q + g * head_dim + d) * k;
+        }
+        for (int g = 0; g < ng; g++) partial[g][r] = sum[g];
+    }
+    for (int g = 0; g < ng; g++) scores[g] = sum_rows(partial[g]);
+}
+
+/* acc[g][d .. d + width * LANES) += sum_r probs[g] lane r * V[row r][same columns]: the
+ * ng * width accumulators stay in registers while the tile's rows stream past. */
+static inline __attribute__((always_inline)) void value_columns(
+    const vf *probs, const void *v_head, const int64_t *rows, int n, int64_t head_dim,
+    float *acc, int64_t d, const int ng, const int width, const int bf16) {
+    vf sum[SUBGROUP][2];
+    for (int g = 0; g < ng; g++)
+        for (int w = 0; w < width; w++)
+            sum[g][w] = *(const vf_mem *)(acc + g * head_dim + d + w * LANES);
+    for (int r = 0; r < n; r++)
+        for (int w = 0; w < width; w++) {
+            vf v = load_vec(v_head, rows[r] + d + w * LANES, bf16);
+            for (int g = 0; g < ng; g++) sum[g][w] += probs[g][r] * v;
+        }
+    for (int g = 0; g < ng; g++)
+        for (int w = 0; w < width; w++)
+            *(vf_mem *)(acc + g * head_dim + d + w * LANES) = sum[g][w];
+}
+
+static inline __attribute__((always_inline)) void value_tile(
+    const vf *probs, const void *v_head, const int64_t *rows, int n, int64_t head_dim,
+    float *acc, const int ng, const int bf16) {
+    int64_t d = 0;
+    for (; d + 2 * LANES <= head_dim; d += 2 * LANES)
+        value_columns(probs, v_head, rows, n, head_dim, acc, d, ng, 2, bf16);
+    if (d < head_dim) value_columns(probs, v_head, rows, n, head_dim, acc, d, ng, 1, bf16);
+}
+
+typedef void (*score_fn)(const float *, const void *, const int64_t *, int, int64_t, vf *);
+typedef void (*value_fn)(const vf *, const void *, const int64_t *, int, int64_t, float *);
+
+/* One copy of each tile function per (subgroup size, dtype), so the loops over heads unroll. */
+#define TILE_FUNCTIONS(NG, NAME, BF16)                                                       \
+    static void score_##NAME##_##NG(const float *q, const void *k, const int64_t *rows,     \
+                                    int n, int64_t hd, vf *s) {                              \
+        score_tile(q, k, rows, n, hd, s, NG, BF16);                                          \
+    }                                                                                        \
+    static void value_##NAME##_##NG(const vf *p, const void *v, const int64_t *rows, int n, \
+                                    int64_t hd, float *acc) {                                \
+        value_tile(p, v, rows, n, hd, acc, NG, BF16);                                        \
+    }
+#define BOTH_DTYPES(NG) TILE_FUNCTIONS(NG, f32, 0) TILE_FUNCTIONS(NG, bf16, 1)
+BOTH_DTYPES(1) BOTH_DTYPES(2) BOTH_DTYPES(3) BOTH_DTYPES(4)
+BOTH_DTYPES(5) BOTH_DTYPES(6) BOTH_DTYPES(7) BOTH_DTYPES(8)
+#define BY_SUBGROUP(P) {P##1, P##2, P##3, P##4, P##5, P##6, P##7, P##8}
+static const score_fn SCORE_TILE[2][SUBGROUP] = {BY_SUBGROUP(score_f32_), BY_SUBGROUP(score_bf16_)};
+static const value_fn VALUE_TILE[2][SUBGROUP] = {BY_SUBGROUP(value_f32_), BY_SUBGROUP(value_bf16_)};
+
+/* Turns one head's tile of scores into probabilities in place and folds them into the running
+ * max m and sum l; a new max first rescales l and the head's accumulator acc [head_dim]. */
+static void softmax_tile(vf *scores, int n, float *m, float *l, float *acc, int64_t head_dim) {
+    const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const vi valid = lane < n;
+    vf s = select_vec(valid, *scores, (vf){0} - INFINITY);
+    float tile_max = hmax(s);
+    if (tile_max > *m) {
+        float alpha = exp2f(*m - tile_max); /* 0 on the first tile, where *m is -inf */
+        *l *= alpha;
+        for (int64_t d = 0; d < head_dim; d += LANES) *(vf_mem *)(acc + d) *= alpha;
+        *m = tile_max;
+    }
+    vf p = select_vec(valid, exp2_nonpositive(s - *m), (vf){0});
+    *l += hsum(p);
+    *scores = p;
+}
+
+/* Cache offsets (elements, from kv head 0) of positions start .. start + n - 1. */
+static int tile_rows(const Args *a, const int32_t *table, int64_t start, int n, int64_t *rows) {
+    int64_t entry = start / a->block_size, row = start % a->block_size;
+    int64_t block = table[entry];
+    for (int r = 0; r < n; r++, row++) {
+        if (row == a->block_size) {
+            block = table[++entry];
+            row = 0;
+        }
+        if (block < 0 || block >= a->num_blocks) return BAD_BLOCK_ID;
+        rows[r] = block * a->stride_block + row * a->stride_row;
+    }
+    return OK;
+}
+
+/* Reads the item's K/V rows at positions start .. start + TILE - 1, a tile ahead of their use.
+ * The blocks lie anywhere in the pool and the hardware prefetchers stop at page boundaries;
+ * measured here, these plain loads overlap the memory reads with the arithmetic where prefetch
+ * instructions do not. Returns a sum of what was read, for the caller to keep the loads alive. */
+static unsigned touch_tile(const Args *a, const int32_t *table, int64_t start, int64_t seq_len,
+                           int64_t first, int64_t count) {
+    int64_t rows[TILE];
+    int n = seq_len - start < TILE ? (int)(seq_len - start) : TILE;
+    if (n <= 0 || tile_rows(a, table, start, n, rows) != OK) return 0;
+    const int64_t element = a->bf16 ? 2 : 4, row_bytes = a->head_dim * element;
+    const int whole_lines = row_bytes % 64 == 0; /* else one byte a line, not past the row */
+    vu sum = {0};
+    for (int r = 0; r < n; r++)
+        for (int64_t kv = first; kv < first + count; kv++) {
+            int64_t offset = (rows[r] + kv * a->stride_head) * element;
+            const unsigned char *k = (const unsigned char *)a->k_cache + offset;
+            const unsigned char *v = (const unsigned char *)a->v_cache + offset;
+            for (int64_t byte = 0; byte < row_bytes; byte += 64) {
+                if (whole_lines) sum += *(const vu_mem *)(k + byte) + *(const vu_mem *)(v + byte);
+                else sum[0] += (unsigned)k[byte] + v[byte];
+            }
+        }
+    return sum[0];
+}
+
+/* One tile of positions for the item's kv heads first .. first + count - 1; q, m, l and acc
+ * hold the item's q heads in order. */
+static void attend_tile(const Args *a, const int64_t *rows, int n, int64_t first, int64_t count,
+                        const float *q, float *m, float *l, float *acc) {
+    const int64_t D = a->head_dim, G = a->group, element = a->bf16 ? 2 : 4;
+    vf scores[SUBGROUP];
+    for (int64_t kv = 0; kv < count; kv++) {
+        int64_t head_bytes = (first + kv) * a->stride_head * element;
+        const char *k_head = (const char *)a->k_cache + head_bytes;
+        const char *v_head = (const char *)a->v_cache + head_bytes;
+        for (int64_t h = kv * G; h < (kv + 1) * G; h += SUBGROUP) {
+            int ng = (kv + 1) * G - h < SUBGROUP ? (int)((kv + 1) * G - h) : SUBGROUP;
+            SCORE_TILE[a->bf16][ng - 1](q + h * D, k_head, rows, n, D, scores);
+            for (int g = 0; g < ng; g++)
+                softmax_tile(&scores[g], n, &m[h + g], &l[h + g], acc + (h + g) * D, D);
+            VALUE_TILE[a->bf16][ng - 1](scores, v_head, rows, n, D, acc + h * D);
+        }
+    }
+}
+
+/* The work item of kv heads first .. first + count - 1 of sequence seq. */
+static int attend_item(const Args *a, int64_t seq, int64_t first, int64_t count) {
+    const int64_t D = a->head_dim, H = count * a->group, seq_len = a->seq_lens[seq];
+    if (seq_len < 1 || seq_len > a->max_blocks * a->block_size) return BAD_SEQ_LEN;
+    const int32_t *table = a->block_tables + seq * a->table_stride;
+    const int64_t q_first = seq * a->q_stride_seq + first * a->group * a->q_stride_head;
+    const int64_t out_first = seq * a->out_stride_seq + first * a->group * a->out_stride_head;
+    float q[H * D], acc[H * D], m[H], l[H]; /* per q head of the item */
+    for (int64_t h = 0; h < H; h++) {
+        for (int64_t d = 0; d < D; d++) {
+            q[h * D + d] = load_scalar(a->query, q_first + h * a->q_stride_head + d, a->bf16);
+            q[h * D + d] *= a->qk_scale;
+            acc[h * D + d] = 0.0f;
+        }
+        m[h] = -INFINITY;
+        l[h] = 0.0f;
+    }
+    int64_t rows[TILE];
+    unsigned touched = touch_tile(a, table, 0, seq_len, first, count);
+    for (int64_t start = 0; start < seq_len; start += TILE) {
+        int n = seq_len - start < TILE ? (int)(seq_len - start) : TILE;
+        if (tile_rows(a, table, start, n, rows) != OK) return BAD_BLOCK_ID;
+        touched += touch_tile(a, table, start + TILE, seq_len, first, count);
+        attend_tile(a, rows, n, first, count, q, m, l, acc);
+    }
+    __asm__ volatile("" : : "r"(touched)); /* the touches' only use */
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t d = 0; d < D; d++)
+            store_scalar(a->out, out_first + h * a->out_stride_head + d, acc[h * D + d] / l[h],
+                         a->bf16);
+    return OK;
+}
+
+/* kv heads per work item: all of a sequence's (its rows then read in address order) unless that
+ * leaves fewer than ITEMS_PER_THREAD items per thread or exceeds MAX_ITEM_FLOATS. */
+static int64_t heads_per_item(int64_t num_seqs, int64_t num_kv_heads, int64_t head_floats,
+                              int64_t num_threads) {
+    int64_t items_per_seq = 1;
+    while (items_per_seq < num_kv_heads &&
+           (num_seqs * items_per_seq < ITEMS_PER_THREAD * num_threads ||
+            (num_kv_heads + items_per_seq - 1) / items_per_seq * head_floats > MAX_ITEM_FLOATS))
+        items_per_seq++;
+    return (num_kv_heads + items_per_seq - 1) / items_per_seq;
+}
+
+/* out [num_seqs, num_kv_heads * group, head_dim] = attention of each sequence's one query over
+ * its seq_lens[s] cached positions. Returns OK, or the largest error code a work item met (an
+ * item that meets one leaves its output unwritten). */
+int paged_decode_attention(
+    void *out, const void *query, const void *k_cache, const void *v_cache,
+    const int32_t *block_tables, const int32_t *seq_lens,
+    int64_t num_seqs, int64_t num_kv_heads, int64_t group, int64_t head_dim,
+    int64_t num_blocks, int64_t block_size, int64_t max_blocks,
+    int64_t out_stride_seq, int64_t out_stride_head, int64_t q_stride_seq, int64_t q_stride_head,
+    int64_t stride_block, int64_t stride_row, int64_t stride_head, int64_t table_stride,
+    float scale, int32_t dtype, int32_t num_threads) {
+    if (head_dim <= 0 || head_dim % LANES != 0 || group <= 0 || block_size <= 0) return BAD_ARGUMENT;
+    if (num_kv_heads <= 0 || num_threads <= 0) return BAD_ARGUMENT;
+    if (group * head_dim > MAX_ITEM_FLOATS) return BAD_ARGUMENT;
+    if (dtype != DTYPE_FLOAT32 && dtype != DTYPE_BFLOAT16) return BAD_ARGUMENT;
+    const Args a = {query, k_cache, v_cache, out, block_tables, seq_lens,
+                    q_stride_seq, q_stride_head, out_stride_seq, out_stride_head,
+                    stride_block, stride_row, stride_head, table_stride,
+                    num_blocks, max_blocks, block_size, group, head_dim, scale * LOG2E,
+                    dtype == DTYPE_BFLOAT16};
+    const int64_t per_item = heads_per_item(num_seqs, num_kv_heads, group * head_dim, num_threads);
+    const int64_t per_seq = (num_kv_heads + per_item - 1) / per_item;
+    int status = OK;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) reduction(max : status) \
+    if (num_threads > 1)
+    for (int64_t item = 0; item < num_seqs * per_seq; item++) {
+        int64_t first = item % per_seq * per_item;
+        int64_t count = num_kv_heads - first < per_item ? num_kv_heads - first : per_item;
+        int result = attend_item(&a, item / per_seq, first, count);
+        status = result > status ? result : status;
+    }
+    return status;
+}

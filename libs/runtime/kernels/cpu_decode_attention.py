@@ -1,0 +1,148 @@
+"""Decode attention over the paged KV cache on the CPU: one query token per sequence, at position
+seq_lens[b] - 1, attending to all seq_lens[b] cached keys (the token's own K/V already stored).
+
+The kernel (cpu/paged_decode.c, compiled at first use by cpu/build.py) reads each sequence's K/V
+rows where they lie in the pool, serves all q heads of a KV group from one read of each row and
+keeps an online softmax in float32. OpenMP work items are whole sequences (their blocks then read
+in address order), or parts of their kv heads when sequences are too few for the threads; it runs
+on torch.get_num_threads() threads of torch's own OpenMP runtime. It takes float32 and bfloat16
+caches and any head_dim that is a multiple of 16. Equals attention_ref.paged_attention_ref with
+one query row per sequence.
+
+`cpu_kernels_available` says whether the kernel could be built here and, if not, why; callers
+keep a torch path for that case.
+"""
+
+import ctypes
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from duetserve.runtime.errors import BlockTableError, ShapeError
+from duetserve.runtime.kernels.checks import (
+    CacheGeometry,
+    check_kv_cache,
+    check_query_heads,
+    check_same_device,
+    check_tensor,
+)
+from duetserve.runtime.kernels.cpu.build import CompilerOptions, KernelUnavailable, load_library
+
+SOURCE = Path(__file__).parent / "cpu" / "paged_decode.c"
+DEFAULT_OPTIONS = CompilerOptions()
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the C side's DTYPE_* values
+LANES = 16  # head_dim must be a multiple of the kernel's vector width
+MAX_GROUP_ELEMENTS = 1 << 15  # group * head_dim: the C side's MAX_ITEM_FLOATS
+STATUS_ERRORS = {
+    1: "the kernel refused its arguments",
+    2: "seq_lens: a length outside 1 .. block_tables.shape[1] * block_size",
+    3: "block_tables: a block id outside the pool",
+}
+# out, query, k_cache, v_cache, block_tables, seq_lens; 15 sizes and strides; scale, dtype, threads
+_ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 15 + [ctypes.c_float] + [ctypes.c_int32] * 2
+
+_log = logging.getLogger(__name__)
+
+
+class KernelLoad(NamedTuple):
+    function: Callable[..., int] | None  # the C entry point; None when unavailable
+    reason: str  # where it was loaded from, or why it is unavailable
+
+
+@functools.cache
+def load_decode_kernel(options: CompilerOptions = DEFAULT_OPTIONS) -> KernelLoad:
+    """The compiled kernel, built on the first call for these options; logs the outcome once."""
+    try:
+        library = load_library(SOURCE, options)
+    except KernelUnavailable as error:
+        _log.warning("CPU decode attention kernel unavailable: %s", error)
+        return KernelLoad(None, f"unavailable: {error}")
+    function = library.paged_decode_attention
+    function.argtypes = _ARGTYPES
+    function.restype = ctypes.c_int
+    _log.info("CPU decode attention kernel loaded from %s", library._name)
+    return KernelLoad(function, f"loaded from {library._name}")
+
+
+def cpu_kernels_available(options: CompilerOptions = DEFAULT_OPTIONS) -> tuple[bool, str]:
+    """(True, where it was loaded from), or (False, "unavailable: <reason>")."""
+    load = load_decode_kernel(options)
+    return load.function is not None, load.reason
+
+
+def cpu_paged_decode_attention(
+    query: torch.Tensor,  # [B, Hq, D]
+    k_cache: torch.Tensor,  # [N, bs, Hkv, D]
+    v_cache: torch.Tensor,  # [N, bs, Hkv, D]
+    block_tables: torch.Tensor,  # int32 [B, max_blocks]
+    seq_lens: torch.Tensor,  # int32 [B]
+    scale: float,
+    *,
+    num_threads: int | None = None,
+    options: CompilerOptions = DEFAULT_OPTIONS,
+) -> torch.Tensor:  # [B, Hq, D]
+    """Raises ShapeError on a bad argument, BlockTableError on a length or block id that points
+    outside the table or pool, KernelUnavailable when the kernel cannot be built here."""
+    geometry = _check_arguments(query, k_cache, v_cache, block_tables, seq_lens)
+    kernel = load_decode_kernel(options)
+    if kernel.function is None:
+        raise KernelUnavailable(kernel.reason)
+    out = torch.empty(query.shape, dtype=query.dtype)  # [B, Hq, D]
+    status = kernel.function(
+        out.data_ptr(),
+        query.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        block_tables.data_ptr(),
+        seq_lens.data_ptr(),
+        query.shape[0],
+        geometry.num_kv_heads,
+        query.shape[1] // geometry.num_kv_heads,
+        geometry.head_dim,
+        geometry.num_blocks,
+        geometry.block_size,
+        block_tables.shape[1],
+        *out.stride()[:2],
+        *query.stride()[:2],
+        *k_cache.stride()[:3],
+        block_tables.stride(0),
+        scale,
+        DTYPE_CODES[query.dtype],
+        torch.get_num_threads() if num_threads is None else num_threads,
+    )
+    if status == 1:
+        raise ShapeError(STATUS_ERRORS[status])
+    if status != 0:
+        raise BlockTableError(STATUS_ERRORS[status])
+    return out
+
+
+def _check_arguments(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> CacheGeometry:
+    check_same_device(
+        query=query, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens
+    )
+    if query.device.type != "cpu":
+        raise ShapeError(f"query: on {query.device}, the kernel runs on the CPU")
+    geometry = check_kv_cache(k_cache, v_cache)
+    if k_cache.dtype not in DTYPE_CODES:
+        raise ShapeError(f"k_cache: dtype {k_cache.dtype}, expected float32 or bfloat16")
+    if geometry.head_dim % LANES != 0:
+        raise ShapeError(f"head_dim is {geometry.head_dim}, expected a multiple of {LANES}")
+    check_tensor("query", query, dtype=k_cache.dtype, shape=(None, None, geometry.head_dim))
+    group = check_query_heads(query.shape[1], geometry.num_kv_heads)
+    if group * geometry.head_dim > MAX_GROUP_ELEMENTS:
+        raise ShapeError(f"query: {group} heads per KV head of {geometry.head_dim} is too many")
+    num_seqs = query.shape[0]
+    check_tensor("block_tables", block_tables, dtype=torch.int32, shape=(num_seqs, None))
+    check_tensor("seq_lens", seq_lens, dtype=torch.int32, shape=(num_seqs,))
+    return geometry

@@ -1,0 +1,57 @@
+"""The requests resident on a decode worker, and one decode step over them."""
+
+from dataclasses import dataclass
+
+from duetserve.proto.tokens import FinishReason, TokenChunk
+from duetserve.runtime.batch import ForwardBatch, SequenceChunk
+from duetserve.runtime.sampling import SamplingParams, SequenceSamplingState
+from duetserve.services.unit_worker.model_host import ModelHost
+from duetserve.services.unit_worker.sequences import finish_of, token_chunk
+
+
+@dataclass(slots=True)
+class Resident:
+    request_id: str
+    owner: str  # this worker's kv_manager owner for the request's blocks
+    block_table: list[int]
+    state: SequenceSamplingState
+    stalled_since: float | None = None  # kv_manager had no block for its next token
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.state.params
+
+    @property
+    def num_computed(self) -> int:
+        """Tokens whose KV is in the pool: prompt + output except the newest token."""
+        return len(self.state.prompt_token_ids) + len(self.state.output_token_ids) - 1
+
+    @property
+    def output(self) -> list[int]:
+        return self.state.output_token_ids  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    tokens: tuple[TokenChunk, ...]
+    finished: tuple[Resident, ...]
+
+
+def decode_step(host: ModelHost, residents: list[Resident]) -> StepOutcome:
+    """Feed each resident's newest token, sample the next, decide who finished."""
+    chunks = [SequenceChunk([r.output[-1]], r.num_computed, r.block_table) for r in residents]
+    batch = ForwardBatch.build(chunks, host.config, host.pool)
+    logits = host.model.forward(batch, host.pool)  # [B, V]
+    sampled = host.sampler.sample(logits, [r.state for r in residents])
+    tokens, finished = [], []
+    for resident, token in zip(residents, sampled, strict=True):
+        index = len(resident.output)
+        resident.output.append(token.token_id)
+        finish = finish_of(resident.params, host.eos_token_ids, resident.output)
+        if finish is None and resident.num_computed + 1 >= host.config.max_context_len:
+            finish = FinishReason.LENGTH  # the context window is full
+        wants_logprobs = resident.params.logprobs is not None
+        tokens.append(token_chunk(resident.request_id, index, token, wants_logprobs, finish))
+        if finish is not None:
+            finished.append(resident)
+    return StepOutcome(tuple(tokens), tuple(finished))

@@ -1,0 +1,205 @@
+"""The decode step loop and the block bookkeeping around it."""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+
+from duetserve.common.nats_bus import Bus, BusTimeout
+from duetserve.proto import kv, subjects, workers
+from duetserve.proto.codec import ProtoError, decode, encode
+from duetserve.proto.common import ErrorReply
+from duetserve.proto.tokens import FinishReason, TokenChunk
+from duetserve.runtime.errors import RuntimeInputError
+from duetserve.services.decode_worker.residents import Resident, decode_step
+from duetserve.services.decode_worker.settings import DecodeSettings
+from duetserve.services.unit_worker.model_host import ModelHost
+from duetserve.services.unit_worker.sequences import runtime_state, sampling_params
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeStepper:
+    def __init__(self, bus: Bus, host: ModelHost, settings: DecodeSettings, holder: str) -> None:
+        self.bus, self.host, self.settings, self.holder = bus, host, settings, holder
+        self.unit = settings.unit
+        self.residents: dict[str, Resident] = {}
+        self.accepting = True
+        self._controls: list[workers.DecodeControl] = []
+        self._work = asyncio.Event()
+        self._free_blocks: int | None = None
+        self._last_needs_blocks: dict[str, float] = {}
+
+    # --- between steps --------------------------------------------------------------------
+
+    async def admit(self, items: Sequence[workers.DecodeItem]) -> workers.DecodeAdmitted:
+        admitted: list[str] = []
+        refused: list[workers.Refusal] = []
+        for item in items:
+            reason = await self._admit_one(item)
+            if reason is None:
+                admitted.append(item.request_id)
+            else:
+                refused.append(workers.Refusal(item.request_id, reason))
+        self._work.set()
+        return workers.DecodeAdmitted(tuple(admitted), tuple(refused))
+
+    async def _admit_one(self, item: workers.DecodeItem) -> str | None:
+        if not self.accepting:
+            return "the decode worker is draining"
+        if len(self.residents) >= self.settings.max_resident or item.request_id in self.residents:
+            return "the decode worker is full" if len(self.residents) else "duplicate request"
+        try:
+            params = sampling_params(item.state.sampling, self.host.config.vocab_size)
+        except RuntimeInputError as err:
+            return str(err)
+        owner = f"{self.holder}/{item.request_id}"
+        error = await self._kv(kv.RetainBlocks(owner, item.block_table), "retain")
+        if error is not None:
+            return f"could not take over its blocks: {error}"
+        state = runtime_state(item.state, params)
+        self.residents[item.request_id] = Resident(
+            item.request_id, owner, list(item.block_table), state
+        )
+        return None
+
+    def control(self, control: workers.DecodeControl) -> None:
+        self._controls.append(control)
+        self._work.set()
+
+    async def _apply_controls(self) -> None:
+        controls, self._controls = self._controls, []
+        for control in controls:
+            for request_id in control.request_ids:
+                resident = self.residents.pop(request_id, None)
+                if resident is None:
+                    continue
+                await self._release(resident)
+                if control.kind == workers.ControlKind.PREEMPT:
+                    event = workers.WorkerEvent(
+                        workers.EventKind.PREEMPTED,
+                        request_id,
+                        output_token_ids=tuple(resident.output),
+                    )
+                    await self._events((event,))
+                else:
+                    await self._end_stream(resident, control.finish_reason, control.error)
+
+    # --- the loop -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            await self._apply_controls()
+            # A snapshot: admissions land in self.residents while _has_room awaits kv_manager.
+            active = [r for r in list(self.residents.values()) if await self._has_room(r)]
+            if not active:
+                self._work.clear()
+                stalled = bool(self.residents)
+                with_timeout = self.settings.needs_blocks_repeat_s if stalled else None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._work.wait(), with_timeout)
+                continue
+            await self._step(active)
+
+    async def _step(self, active: list[Resident]) -> None:
+        try:
+            outcome = await asyncio.to_thread(decode_step, self.host, active)
+        except RuntimeInputError as err:  # a request the model refuses fails alone
+            for resident in active:
+                self.residents.pop(resident.request_id, None)
+                await self._release(resident)
+                await self._end_stream(resident, FinishReason.ERROR, str(err))
+            return
+        for chunk in outcome.tokens:
+            await self.bus.publish(subjects.tokens(chunk.request_id), encode(chunk))
+        finished = []
+        for resident in outcome.finished:
+            self.residents.pop(resident.request_id, None)
+            await self._release(resident)
+            finished.append(workers.WorkerEvent(workers.EventKind.FINISHED, resident.request_id))
+        if finished:
+            await self._events(tuple(finished))
+
+    async def _has_room(self, resident: Resident) -> bool:
+        """Whether the block table has a slot for the token this step writes; takes growth
+        blocks if not. A refusal stalls the request and asks the scheduler to preempt."""
+        block_size = self.host.pool.block_size
+        needed = resident.num_computed // block_size + 1 - len(resident.block_table)
+        if needed <= 0:
+            return True
+        count = max(needed, self.settings.growth_blocks)
+        granted = await self._allocate(resident.owner, count) or await self._allocate(
+            resident.owner, needed
+        )
+        if granted:
+            resident.block_table.extend(granted)
+            resident.stalled_since = None
+            return True
+        await self._ask_for_blocks(resident, needed)
+        return False
+
+    async def _ask_for_blocks(self, resident: Resident, needed: int) -> None:
+        now = time.monotonic()
+        last = self._last_needs_blocks.get(resident.request_id)
+        if resident.stalled_since is None:
+            resident.stalled_since = now
+        if last is not None and now - last < self.settings.needs_blocks_repeat_s:
+            return
+        self._last_needs_blocks[resident.request_id] = now
+        event = workers.WorkerEvent(
+            workers.EventKind.NEEDS_BLOCKS, resident.request_id, blocks_needed=needed
+        )
+        await self._events((event,))
+
+    # --- kv_manager and the scheduler -----------------------------------------------------
+
+    async def _allocate(self, owner: str, count: int) -> list[int]:
+        try:
+            reply = await self.bus.request(
+                subjects.kv(self.unit, "alloc"), encode(kv.AllocateBlocks(owner, count))
+            )
+            answer = decode(reply.data, kv.BlocksGranted, ErrorReply)
+        except (BusTimeout, ProtoError) as err:
+            logger.warning("kv_manager unavailable for %s: %s", owner, err)
+            return []
+        if isinstance(answer, ErrorReply):
+            return []
+        self._free_blocks = answer.num_free
+        return list(answer.block_ids)
+
+    async def _kv(self, message: kv.RetainBlocks | kv.ReleaseBlocks, verb: str) -> str | None:
+        """Send a retain or release; the error message, or None on success."""
+        try:
+            reply = await self.bus.request(subjects.kv(self.unit, verb), encode(message))
+            answer = decode(reply.data, kv.BlocksGranted, kv.BlocksReleased, ErrorReply)
+        except (BusTimeout, ProtoError) as err:
+            return str(err)
+        if isinstance(answer, ErrorReply):
+            return answer.message
+        if isinstance(answer, kv.BlocksReleased):
+            self._free_blocks = answer.num_free
+        return None
+
+    async def _release(self, resident: Resident) -> None:
+        self._last_needs_blocks.pop(resident.request_id, None)
+        error = await self._kv(kv.ReleaseBlocks(resident.owner), "release")
+        if error is not None:
+            logger.warning("releasing %s: %s", resident.owner, error)
+
+    async def release_all(self) -> None:
+        for resident in list(self.residents.values()):
+            await self._release(resident)
+        self.residents.clear()
+
+    async def _events(self, events: tuple[workers.WorkerEvent, ...]) -> None:
+        message = workers.WorkerEvents(self.holder, events, self._free_blocks)
+        await self.bus.publish(workers.worker_events_subject(self.unit), encode(message))
+
+    async def _end_stream(
+        self, resident: Resident, reason: FinishReason, error: str | None
+    ) -> None:
+        chunk = TokenChunk(
+            resident.request_id, len(resident.output), (), finish_reason=reason, error=error
+        )
+        await self.bus.publish(subjects.tokens(resident.request_id), encode(chunk))

@@ -1,0 +1,1 @@
+"""launcher: the local supervisor behind `make run`: nats-server and the six services."""

@@ -1,0 +1,18 @@
+"""Launcher settings (DUET_ prefix). Every DUET_ variable also reaches the services it starts."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from duetserve.common.settings import CommonSettings
+
+
+class LauncherSettings(CommonSettings):
+    model: Path | None = None  # DUET_MODEL; the generated tiny model when unset
+    models_dir: Path = Path("models")
+    var_dir: Path = Path(".var")  # NATS store and logs, project-local
+    port: int = Field(8000, ge=1, le=65535)  # DUET_PORT: the API
+    nats_port: int = Field(4222, ge=0, le=65535)  # 0 picks a free one
+    mode: Literal["semi-pd"] = "semi-pd"  # unified and disagg come with the semi-PD work
+    ready_timeout_s: float = Field(120.0, gt=0)

@@ -1,0 +1,1 @@
+"""prefill_worker: runs (chunked) prefill batches and samples each request's first token."""

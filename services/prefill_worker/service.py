@@ -1,0 +1,67 @@
+"""The prefill worker: maps the unit's storage, runs the prefill batches the scheduler sends,
+publishes each request's first token on its stream and reports back."""
+
+import asyncio
+import logging
+
+from nats.aio.msg import Msg
+
+from duetserve.common.health import serve_health
+from duetserve.common.nats_bus import Bus
+from duetserve.proto import subjects, workers
+from duetserve.proto.codec import ProtoError, decode, encode
+from duetserve.proto.common import ErrorReply, HealthStatus
+from duetserve.services.prefill_worker.executor import run_prefill
+from duetserve.services.prefill_worker.settings import PrefillSettings
+from duetserve.services.unit_worker.model_host import ModelHost, fetch_storage, host_model
+
+logger = logging.getLogger(__name__)
+SERVICE = "prefill_worker"
+
+
+class PrefillWorkerService:
+    def __init__(self, settings: PrefillSettings) -> None:
+        self.settings = settings
+        self.instance = settings.instance_name(SERVICE)
+        self.bus: Bus | None = None
+        self.status = HealthStatus.STARTING
+        self.host: ModelHost | None = None
+        self.tokens_computed = 0
+
+    async def start(self) -> None:
+        s = self.settings
+        self.bus = bus = await Bus.connect(
+            s.nats_url, self.instance, request_timeout_s=s.request_timeout_s
+        )
+        description = await fetch_storage(bus, s.unit, self.instance)
+        self.host = await asyncio.to_thread(host_model, description, s.sampler_seed)
+        await bus.subscribe(workers.prefill_batch_subject(s.unit), self.on_batch, queue=SERVICE)
+        await serve_health(bus, SERVICE, self.instance, lambda: self.status)
+        self.status = HealthStatus.READY
+
+    async def on_batch(self, msg: Msg) -> None:
+        assert self.bus is not None and self.host is not None
+        try:
+            batch = decode(msg.data, workers.PrefillBatch)
+        except ProtoError as err:
+            await self.bus.reply(msg, encode(ErrorReply(err.code, str(err))))
+            return
+        output = await asyncio.to_thread(run_prefill, self.host, batch)
+        self.tokens_computed += sum(len(item.token_ids) for item in batch.items)
+        for chunk in output.tokens:  # the first token reaches the client before the hand-off
+            await self.bus.publish(subjects.tokens(chunk.request_id), encode(chunk))
+        await self.bus.reply(msg, encode(workers.PrefillDone(batch.batch_id, output.results)))
+
+    async def ready(self) -> bool:
+        return self.host is not None
+
+    async def drain(self) -> None:
+        self.status = HealthStatus.DRAINING
+        if self.bus is not None:
+            await self.bus.drain()  # finishes the batch in hand, takes no more
+
+    async def stop(self) -> None:
+        if self.bus is not None:
+            await self.bus.close()
+        if self.host is not None:
+            self.host.close()

@@ -1,0 +1,258 @@
+"""The scheduler's loop over one unit: plan, admit (prefix cache, then blocks), run a prefill
+batch, hand finished prompts to decode. The planner decides; this module talks.
+
+Handlers for submissions, cancels and worker events run beside the loop on the same event loop;
+they change records and wake the loop.
+"""
+
+import asyncio
+import logging
+import time
+
+from duetserve.common.nats_bus import Bus, BusTimeout
+from duetserve.proto import cache, kv, subjects, workers
+from duetserve.proto.codec import ProtoError, decode, encode
+from duetserve.proto.common import ErrorReply
+from duetserve.proto.tokens import FinishReason, TokenChunk
+from duetserve.services.scheduler.planner import Admission, Planner, PrefillChunk
+from duetserve.services.scheduler.requests import RequestRecord
+from duetserve.services.scheduler.state import Phase, UnitView
+
+logger = logging.getLogger(__name__)
+
+
+class SchedulerCore:
+    def __init__(
+        self, bus: Bus, planner: Planner, unit: str, num_blocks: int, prefill_timeout_s: float
+    ) -> None:
+        self.bus, self.planner, self.unit = bus, planner, unit
+        self.prefill_timeout_s = prefill_timeout_s
+        self.records: dict[str, RequestRecord] = {}
+        self.view = UnitView(free_blocks=num_blocks, total_blocks=num_blocks)
+        self.wake = asyncio.Event()
+        self._batch_id = 0
+
+    # --- the loop -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while await self._step():
+                pass
+
+    async def _step(self) -> bool:
+        """One plan and its prefill batch; False when there is nothing to do right now."""
+        # Handlers run while this awaits: a request may end (cancel, failure) at any await, so
+        # records are looked up again after each one.
+        for record in [r for r in self.records.values() if r.cancelled is not None]:
+            if record.seq.phase == Phase.PREFILLING:  # no chunk of it is in flight now
+                await self.finish(record)
+        plan = self.planner.plan(self.view, time.monotonic())
+        for rejection in plan.reject:
+            if (rejected := self.records.get(rejection.request_id)) is not None:
+                await self.fail(rejected, rejection.reason)
+        admitted = {a.request_id for a in plan.admit if await self._admit(a)}
+        chunks = [c for c in plan.prefill if self._still_prefilling(c.request_id, admitted)]
+        if not chunks:
+            return bool(plan.reject)
+        await self._run_prefill(chunks)
+        return True
+
+    def _still_prefilling(self, request_id: str, admitted: set[str]) -> bool:
+        record = self.records.get(request_id)
+        if record is None or record.cancelled is not None:
+            return False
+        return request_id in admitted or record.seq.phase == Phase.PREFILLING
+
+    # --- admission ----------------------------------------------------------------------
+
+    async def _admit(self, admission: Admission) -> bool:
+        record = self.records.get(admission.request_id)
+        if record is None:
+            return False
+        matched = await self._match_prefix(record)
+        needed = self.planner.blocks_for(len(record.kv_token_ids)) - len(matched.block_ids)
+        granted = await self._allocate(record.owner, needed)
+        if granted is None or self.records.get(record.request_id) is not record:
+            await self.release(record.owner)  # no room, or it ended while we asked
+            return False
+        seq = record.seq
+        record.block_table = [*matched.block_ids, *granted]
+        seq.num_cached = seq.num_computed = matched.num_tokens
+        seq.num_blocks = len(record.block_table)
+        seq.phase = Phase.PREFILLING
+        self.view.waiting.remove(seq)
+        self.view.prefilling.append(seq)
+        return True
+
+    async def _match_prefix(self, record: RequestRecord) -> cache.PrefixMatch:
+        query = cache.PrefixMatchQuery(
+            owner=record.owner,
+            tenant=record.submit.tenant,
+            token_ids=record.kv_token_ids,
+            public_prefix_tokens=record.submit.public_prefix_tokens,
+        )
+        try:
+            reply = await self.bus.request(subjects.CACHE_MATCH, encode(query))
+            return decode(reply.data, cache.PrefixMatch)
+        except (BusTimeout, ProtoError) as err:
+            logger.warning("prefix cache unavailable, computing everything: %s", err)
+            return cache.PrefixMatch((), 0)
+
+    async def _allocate(self, owner: str, count: int) -> list[int] | None:
+        """Blocks from kv_manager; on a shortage the prefix cache gives some back, once."""
+        for attempt in range(2):
+            reply = await self.bus.request(
+                subjects.kv(self.unit, "alloc"), encode(kv.AllocateBlocks(owner, count))
+            )
+            answer = decode(reply.data, kv.BlocksGranted, ErrorReply)
+            if isinstance(answer, kv.BlocksGranted):
+                self.view.free_blocks = answer.num_free
+                return list(answer.block_ids)
+            if attempt == 0:
+                await self._evict(count)
+        return None
+
+    async def _evict(self, count: int) -> None:
+        try:
+            await self.bus.request(subjects.CACHE_EVICT, encode(cache.EvictQuery(count)))
+        except BusTimeout as err:
+            logger.warning("prefix cache could not evict: %s", err)
+
+    async def release(self, owner: str) -> None:
+        reply = await self.bus.request(
+            subjects.kv(self.unit, "release"), encode(kv.ReleaseBlocks(owner))
+        )
+        answer = decode(reply.data, kv.BlocksReleased, ErrorReply)
+        if isinstance(answer, kv.BlocksReleased):
+            self.view.free_blocks = answer.num_free
+
+    # --- prefill and hand-off -----------------------------------------------------------
+
+    async def _run_prefill(self, chunks: list[PrefillChunk]) -> None:
+        self._batch_id += 1
+        items = tuple(self._prefill_item(c) for c in chunks)
+        batch = workers.PrefillBatch(self._batch_id, items)
+        try:
+            reply = await self.bus.request(
+                workers.prefill_batch_subject(self.unit), encode(batch), self.prefill_timeout_s
+            )
+            done = decode(reply.data, workers.PrefillDone)
+        except (BusTimeout, ProtoError) as err:
+            for chunk in chunks:
+                if (record := self.records.get(chunk.request_id)) is not None:
+                    await self.fail(record, f"prefill failed: {err}")
+            return
+        results = {r.request_id: r for r in done.results}
+        for chunk in chunks:
+            if (record := self.records.get(chunk.request_id)) is not None:
+                await self._after_chunk(record, chunk, results)
+
+    def _prefill_item(self, chunk: PrefillChunk) -> workers.PrefillItem:
+        record = self.records[chunk.request_id]
+        tokens = record.kv_token_ids[chunk.start : chunk.start + chunk.num_tokens]
+        return workers.PrefillItem(
+            request_id=chunk.request_id,
+            token_ids=tokens,
+            num_cached_tokens=chunk.start,
+            block_table=tuple(record.block_table),
+            sample=record.sampling_state() if chunk.is_last else None,
+        )
+
+    async def _after_chunk(
+        self,
+        record: RequestRecord,
+        chunk: PrefillChunk,
+        results: dict[str, workers.PrefillResult],
+    ) -> None:
+        result = results.get(chunk.request_id)
+        if result is None or result.error is not None:
+            reason = result.error if result is not None else "no result from prefill"
+            await self.fail(record, reason or "prefill failed")
+            return
+        record.seq.num_computed += chunk.num_tokens
+        if record.cancelled is not None:
+            await self.finish(record)
+            return
+        if not chunk.is_last:
+            return
+        assert result.token is not None, "the last chunk samples a token"
+        record.output_token_ids.append(result.token.token_id)
+        await self._insert_prefix(record)
+        if result.finished:
+            await self.finish(record)
+        else:
+            await self._hand_off(record)
+
+    async def _insert_prefix(self, record: RequestRecord) -> None:
+        insert = cache.PrefixInsert(
+            tenant=record.submit.tenant,
+            token_ids=record.kv_token_ids[: record.seq.num_computed],
+            block_ids=tuple(record.block_table),
+            public_prefix_tokens=record.submit.public_prefix_tokens,
+        )
+        try:  # cache_index retains the blocks it adopts before it answers
+            await self.bus.request(subjects.CACHE_INSERT, encode(insert))
+        except BusTimeout as err:
+            logger.warning("prefix cache did not index %s: %s", record.request_id, err)
+
+    async def _hand_off(self, record: RequestRecord) -> None:
+        item = workers.DecodeItem(
+            record.request_id, tuple(record.block_table), record.sampling_state()
+        )
+        try:
+            reply = await self.bus.request(
+                workers.decode_admit_subject(self.unit), encode(workers.DecodeAdmit((item,)))
+            )
+            admitted = decode(reply.data, workers.DecodeAdmitted)
+        except (BusTimeout, ProtoError) as err:
+            await self.fail(record, f"decode worker unavailable: {err}")
+            return
+        if record.request_id not in admitted.request_ids:
+            reasons = [r.reason for r in admitted.refused if r.request_id == record.request_id]
+            await self.fail(record, f"decode refused: {reasons[0] if reasons else 'no reason'}")
+            return
+        await self.release(record.owner)  # the decode worker holds its own references now
+        self.view.prefilling.remove(record.seq)
+        record.seq.phase = Phase.DECODING
+        self.view.decoding.append(record.seq)
+
+    # --- endings --------------------------------------------------------------------------
+
+    def forget(self, record: RequestRecord) -> None:
+        self.records.pop(record.request_id, None)
+        for group in (self.view.waiting, self.view.prefilling, self.view.decoding):
+            if record.seq in group:
+                group.remove(record.seq)
+
+    async def finish(self, record: RequestRecord) -> None:
+        """Ended while the scheduler held it: give its blocks back."""
+        self.forget(record)
+        if record.seq.phase != Phase.DECODING:
+            await self.release(record.owner)
+        self.wake.set()
+
+    async def fail(self, record: RequestRecord, reason: str) -> None:
+        """Fail a request: the client gets the reason on its stream. A decoding request is the
+        decode worker's to stop; it publishes the error and releases the blocks."""
+        logger.warning("request %s failed: %s", record.request_id, reason)
+        if record.seq.phase == Phase.DECODING:
+            control = workers.DecodeControl(
+                workers.ControlKind.CANCEL, (record.request_id,), FinishReason.ERROR, reason
+            )
+            await self.bus.publish(workers.decode_control_subject(self.unit), encode(control))
+            self.forget(record)
+            return
+        await self.publish_error(record, reason)
+        await self.finish(record)
+
+    async def publish_error(self, record: RequestRecord, reason: str) -> None:
+        chunk = TokenChunk(
+            record.request_id,
+            len(record.output_token_ids),
+            (),
+            finish_reason=FinishReason.ERROR,
+            error=reason,
+        )
+        await self.bus.publish(subjects.tokens(record.request_id), encode(chunk))

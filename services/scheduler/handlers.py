@@ -1,0 +1,125 @@
+"""Handlers of the subjects the scheduler serves: submissions, cancels, worker events."""
+
+import logging
+import time
+
+from nats.aio.msg import Msg
+
+from duetserve.common.nats_bus import Bus
+from duetserve.proto import workers
+from duetserve.proto.codec import ProtoError, decode, encode
+from duetserve.proto.common import ErrorReply
+from duetserve.proto.scheduling import CancelReason, CancelRequest, SubmitAccepted, SubmitRequest
+from duetserve.proto.tokens import FinishReason
+from duetserve.services.scheduler.core import SchedulerCore
+from duetserve.services.scheduler.requests import RequestRecord
+from duetserve.services.scheduler.state import Phase
+
+logger = logging.getLogger(__name__)
+
+
+class SchedulerHandlers:
+    def __init__(self, bus: Bus, core: SchedulerCore, unit: str) -> None:
+        self.bus, self.core, self.unit = bus, core, unit
+        self.accepting = True
+
+    async def on_submit(self, msg: Msg) -> None:
+        try:
+            submit = decode(msg.data, SubmitRequest)
+        except ProtoError as err:
+            await self.bus.reply(msg, encode(ErrorReply(err.code, str(err))))
+            return
+        if not self.accepting:
+            await self.bus.reply(msg, encode(ErrorReply("draining", "the scheduler is draining")))
+            return
+        if submit.request_id in self.core.records:
+            error = ErrorReply("duplicate_request", f"request {submit.request_id} already exists")
+            await self.bus.reply(msg, encode(error))
+            return
+        record = RequestRecord.new(submit, time.monotonic())
+        self.core.records[submit.request_id] = record
+        self.core.view.waiting.append(record.seq)
+        await self.bus.reply(msg, encode(SubmitAccepted(submit.request_id)))
+        self.core.wake.set()
+
+    async def on_cancel(self, msg: Msg) -> None:
+        try:
+            cancel = decode(msg.data, CancelRequest)
+        except ProtoError as err:
+            logger.warning("dropped a malformed cancel: %s", err)
+            return
+        record = self.core.records.get(cancel.request_id)
+        if record is None:
+            return  # already finished
+        record.cancelled = cancel.reason.value
+        phase = record.seq.phase
+        if phase == Phase.WAITING:
+            await self.core.finish(record)
+        elif phase == Phase.DECODING:
+            control = workers.DecodeControl(
+                workers.ControlKind.CANCEL, (record.request_id,), _finish_reason(cancel.reason)
+            )
+            await self.bus.publish(workers.decode_control_subject(self.unit), encode(control))
+            self.core.forget(record)
+        else:  # PREFILLING: it ends once no chunk of it is in flight (SchedulerCore._step)
+            self.core.wake.set()
+
+    async def on_worker_events(self, msg: Msg) -> None:
+        try:
+            events = decode(msg.data, workers.WorkerEvents)
+        except ProtoError as err:
+            logger.warning("dropped malformed worker events: %s", err)
+            return
+        if events.free_blocks is not None:
+            self.core.view.free_blocks = events.free_blocks
+        for event in events.events:
+            await self._on_event(event)
+        self.core.wake.set()
+
+    async def _on_event(self, event: workers.WorkerEvent) -> None:
+        record = self.core.records.get(event.request_id)
+        if record is None:
+            return
+        kind = event.kind
+        if kind in (workers.EventKind.FINISHED, workers.EventKind.FAILED):
+            self.core.forget(record)
+        elif kind == workers.EventKind.PREEMPTED:
+            self._requeue(record, event.output_token_ids)
+        elif kind == workers.EventKind.NEEDS_BLOCKS:
+            await self._preempt_for(record, event.blocks_needed)
+        elif kind == workers.EventKind.LEASES_EXPIRED:
+            await self._lost(record, event.reason)
+
+    def _requeue(self, record: RequestRecord, output_token_ids: tuple[int, ...]) -> None:
+        view = self.core.view
+        if record.seq in view.decoding:
+            view.decoding.remove(record.seq)
+        record.requeue_after_preemption(output_token_ids)
+        view.waiting.append(record.seq)
+
+    async def _preempt_for(self, record: RequestRecord, blocks_needed: int) -> None:
+        result = self.core.planner.preempt(
+            self.core.view, record.seq, blocks_needed, time.monotonic()
+        )
+        for failure in result.fail:
+            await self.core.fail(self.core.records[failure.request_id], failure.reason)
+        if result.victims:
+            control = workers.DecodeControl(workers.ControlKind.PREEMPT, result.victims)
+            await self.bus.publish(workers.decode_control_subject(self.unit), encode(control))
+
+    async def _lost(self, record: RequestRecord, reason: str) -> None:
+        """A holder of this request's blocks stopped heart-beating. Before decode nothing was
+        streamed past what the scheduler knows, so the request starts again; in decode the
+        tokens so far are unknown here, so it fails with the reason."""
+        if record.seq.phase == Phase.DECODING:
+            self.core.forget(record)
+            await self.core.publish_error(record, f"decode worker lost: {reason}")
+            return
+        if record.seq in self.core.view.prefilling:
+            self.core.view.prefilling.remove(record.seq)
+            record.requeue_after_preemption(tuple(record.output_token_ids))
+            self.core.view.waiting.append(record.seq)
+
+
+def _finish_reason(reason: CancelReason) -> FinishReason:
+    return FinishReason.STOP if reason == CancelReason.STOP_STRING else FinishReason.ABORT

@@ -1,0 +1,62 @@
+"""Everything the scheduler keeps about one request, beside the planner's numbers."""
+
+from dataclasses import dataclass, field
+
+from duetserve.proto.scheduling import SubmitRequest
+from duetserve.proto.workers import SamplingState
+from duetserve.services.scheduler.state import Phase, SeqState
+
+SCHEDULER_HOLDER = "scheduler"
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    submit: SubmitRequest
+    seq: SeqState
+    block_table: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)  # known after a preemption
+    cancelled: str | None = None  # reason, once a cancel arrived
+
+    @property
+    def request_id(self) -> str:
+        return self.submit.request_id
+
+    @property
+    def owner(self) -> str:
+        """The kv_manager owner of this request's blocks while the scheduler holds them."""
+        return f"{SCHEDULER_HOLDER}/{self.request_id}"
+
+    @property
+    def kv_token_ids(self) -> tuple[int, ...]:
+        """The tokens whose KV prefill computes: the prompt, plus after a preemption all output
+        so far (recompute); prefill then samples the next token as if nothing had happened."""
+        return self.submit.prompt_token_ids + tuple(self.output_token_ids)
+
+    def sampling_state(self) -> SamplingState:
+        return SamplingState(
+            prompt_token_ids=self.submit.prompt_token_ids,
+            output_token_ids=tuple(self.output_token_ids),
+            sampling=self.submit.sampling,
+            cached_tokens=self.seq.num_cached,
+        )
+
+    def requeue_after_preemption(self, output_token_ids: tuple[int, ...]) -> None:
+        self.output_token_ids = list(output_token_ids)
+        self.block_table = []
+        seq = self.seq
+        seq.prompt_len = len(self.kv_token_ids)
+        seq.num_output = len(output_token_ids)
+        seq.num_cached = seq.num_computed = seq.num_blocks = 0
+        seq.phase = Phase.WAITING
+        seq.num_preemptions += 1
+
+    @classmethod
+    def new(cls, submit: SubmitRequest, arrival: float) -> "RequestRecord":
+        seq = SeqState(
+            request_id=submit.request_id,
+            arrival=arrival,
+            prompt_len=len(submit.prompt_token_ids),
+            max_tokens=submit.sampling.max_tokens,
+            phase=Phase.WAITING,
+        )
+        return cls(submit, seq)

@@ -1,0 +1,75 @@
+"""A worker's model over the unit's shared storage: weights and KV pool mapped, never copied."""
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from duetserve.common.nats_bus import Bus, BusTimeout
+from duetserve.proto import kv, subjects
+from duetserve.proto.codec import decode, encode
+from duetserve.runtime.config import ModelConfig
+from duetserve.runtime.kv_pool import KVPool
+from duetserve.runtime.loader import build_model
+from duetserve.runtime.models.llama import LlamaForCausalLM
+from duetserve.runtime.sampling import Sampler
+from duetserve.runtime.tokenizer import Tokenizer
+from duetserve.services.kv_manager.describe import handle_of
+from duetserve.services.kv_manager.storage import MappedStorage, attach_storage
+
+logger = logging.getLogger(__name__)
+KV_POOL = "kv_pool"
+
+
+@dataclass(slots=True)
+class ModelHost:
+    description: kv.StorageDescription
+    mapped: MappedStorage
+    model: LlamaForCausalLM
+    pool: KVPool
+    sampler: Sampler
+    eos_token_ids: frozenset[int]
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def close(self) -> None:
+        self.mapped.close()
+
+
+async def fetch_storage(bus: Bus, unit: str, instance: str) -> kv.StorageDescription:
+    """The unit's storage description, waiting for kv_manager to come up."""
+    query = encode(kv.StorageQuery(instance))
+    while True:
+        try:
+            reply = await bus.request(subjects.kv(unit, "storage"), query)
+            return decode(reply.data, kv.StorageDescription)
+        except BusTimeout:
+            logger.info("waiting for kv_manager of unit %s", unit)
+            await asyncio.sleep(0.2)
+
+
+def host_model(description: kv.StorageDescription, seed: int) -> ModelHost:
+    """Map the storage and build the model on it: the weights are kv_manager's one copy."""
+    mapped = attach_storage(handle_of(description))
+    tensors = dict(mapped.tensors)
+    pool = KVPool(tensors.pop(KV_POOL))
+    config = ModelConfig.from_dir(description.model_dir)
+    if config.tie_word_embeddings:  # stored once; the head reads the embedding table
+        tensors["lm_head"] = tensors["embed_tokens"]
+    model = build_model(config, tensors)
+    pool.check_compatible(config, model.dtype)
+    eos = Tokenizer.from_dir(description.model_dir).eos_token_ids
+    logger.info(
+        "model %s (%s) on %s: %d KV blocks of %d, weights and pool mapped from %s",
+        description.model_dir,
+        description.dtype,
+        next(iter(tensors.values())).device,
+        pool.num_blocks,
+        pool.block_size,
+        description.kind.value,
+    )
+    torch.set_grad_enabled(False)
+    return ModelHost(description, mapped, model, pool, Sampler(config.vocab_size, eos, seed), eos)

@@ -1,0 +1,84 @@
+"""The whole stack, started the way `make run` starts it, once per test module."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from duetserve.common.nats_server import free_port
+from tests.conftest import ModelDirs
+from tests.model_specs import TINY
+
+
+@dataclass(frozen=True)
+class Stack:
+    base_url: str
+    nats_url: str
+    model_dir: Path
+    process: subprocess.Popen[str]
+    var_dir: Path
+
+    def service_pids(self) -> dict[str, int]:
+        """pid of each service process, by service name (the launcher's children)."""
+        out = subprocess.run(
+            ["ps", "-o", "pid=,args=", "--ppid", str(self.process.pid)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        pids = {}
+        for row in out.splitlines():
+            pid, _, args = row.strip().partition(" ")
+            if "duetserve.services." in args:
+                pids[args.split("duetserve.services.")[1].split()[0]] = int(pid)
+        return pids
+
+
+def start_stack(model_dir: Path, var_dir: Path, **env: str) -> Stack:
+    port = free_port()
+    environment = dict(
+        os.environ,
+        DUET_MODEL=str(model_dir),
+        DUET_PORT=str(port),
+        DUET_NATS_PORT="0",
+        DUET_VAR_DIR=str(var_dir),
+        DUET_KV_CACHE_MB="64",
+        **env,
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "duetserve.services.launcher"],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    nats_url, deadline = "", time.monotonic() + 120
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("NATS on "):
+            nats_url = line.split()[-1]
+        if line.startswith("Duet is serving"):
+            return Stack(f"http://127.0.0.1:{port}/v1", nats_url, model_dir, process, var_dir)
+        if time.monotonic() > deadline:
+            break
+    process.kill()
+    logs = "\n".join(p.read_text()[-2000:] for p in (var_dir / "logs").glob("*.log"))
+    raise RuntimeError(f"the stack did not start:\n{logs}")
+
+
+def stop_stack(stack: Stack) -> int:
+    stack.process.send_signal(signal.SIGTERM)
+    return stack.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def stack(model_dirs: ModelDirs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    running = start_stack(model_dirs.get(TINY), tmp_path_factory.mktemp("var"))
+    yield running
+    assert stop_stack(running) == 0

@@ -1,0 +1,28 @@
+"""Ask a running stack's kv_manager who holds blocks."""
+
+import asyncio
+
+from duetserve.common.nats_bus import Bus
+from duetserve.proto import kv, subjects
+from duetserve.proto.codec import decode, encode
+
+
+async def kv_stats(nats_url: str, unit: str = "unit0") -> kv.KvStats:
+    bus = await Bus.connect(nats_url, "kv-probe")
+    try:
+        reply = await bus.request(subjects.kv(unit, "stats"), encode(kv.KvStatsQuery()))
+        return decode(reply.data, kv.KvStats)
+    finally:
+        await bus.close()
+
+
+async def allocated_blocks(nats_url: str, settle_s: float) -> dict[str, int]:
+    """References by holder once everything but the prefix cache has let go (or whatever is
+    still held after `settle_s`: a cancelled request releases asynchronously)."""
+    held: dict[str, int] = {}
+    for _ in range(max(1, int(settle_s / 0.1))):
+        held = {h: n for h, n in (await kv_stats(nats_url)).references_by_holder.items() if n}
+        if set(held) <= {"cache_index"}:
+            break
+        await asyncio.sleep(0.1)
+    return held

@@ -1,0 +1,185 @@
+"""The whole stack, end to end, through the official openai client."""
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+
+from duetserve.runtime.kv_pool import KVPool
+from duetserve.runtime.loader import load_model
+from duetserve.runtime.offline import OfflineEngine
+from duetserve.runtime.sampling import SamplingParams
+from duetserve.runtime.tokenizer import Tokenizer
+from tests.e2e.conftest import Stack
+from tests.e2e.kv_probe import allocated_blocks
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog",
+    "def fibonacci(n):\n    return",
+    "Grüße aus Köln — 東京へようこそ 🎉",
+]
+
+
+def client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base_url, api_key="unused", max_retries=0, timeout=60)
+
+
+def offline_greedy(model_dir: Path, prompt: str, max_tokens: int) -> str:
+    tokenizer = Tokenizer.from_dir(model_dir)
+    model = load_model(model_dir)
+    engine = OfflineEngine(model, KVPool.allocate(model.config, 64, 16), tokenizer.eos_token_ids)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    [out] = engine.generate([tokenizer.encode(prompt)], params)
+    return tokenizer.decode(out.token_ids)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_output_equals_the_runtime_run_directly(stack: Stack, prompt: str) -> None:
+    """Prefill and decode run in two processes on one pool; the result equals one process."""
+    result = client(stack).completions.create(
+        model=stack.model_dir.name, prompt=prompt, max_tokens=24, temperature=0
+    )
+    assert result.choices[0].text == offline_greedy(stack.model_dir, prompt, 24)
+    assert result.usage is not None and result.usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_stream_concatenates_to_the_whole_text(stack: Stack, seed: int) -> None:
+    """Sampled (seeded) output of a random model is full of multi-byte characters split
+    across tokens; the streamed pieces must join to exactly the non-streamed text."""
+    api = client(stack)
+    kwargs = dict(model=stack.model_dir.name, max_tokens=40, temperature=1.0, seed=seed)
+    messages = [{"role": "user", "content": PROMPTS[2]}]
+    whole = api.chat.completions.create(messages=messages, **kwargs)  # type: ignore[call-overload]
+    stream = api.chat.completions.create(messages=messages, stream=True, **kwargs)  # type: ignore[call-overload]
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == whole.choices[0].message.content
+
+
+def test_32_concurrent_requests_all_complete(stack: Stack) -> None:
+    async def run() -> list[openai.types.Completion]:
+        api = openai.AsyncOpenAI(
+            base_url=stack.base_url, api_key="unused", max_retries=0, timeout=60
+        )
+        return await asyncio.gather(
+            *(
+                api.completions.create(
+                    model=stack.model_dir.name,
+                    prompt=f"Request {i}: {PROMPTS[i % 3]}",
+                    max_tokens=16 + i,
+                    temperature=0.8,
+                    seed=i,
+                    extra_body={"ignore_eos": True},
+                )
+                for i in range(32)
+            )
+        )
+
+    results = asyncio.run(run())
+    assert [r.usage.completion_tokens for r in results if r.usage] == [16 + i for i in range(32)]
+
+
+def test_seeded_sample_is_the_same_alone_and_under_load(stack: Stack) -> None:
+    api = client(stack)
+    request = dict(model=stack.model_dir.name, prompt=PROMPTS[0], max_tokens=20, seed=7)
+    alone = api.completions.create(**request).choices[0].text  # type: ignore[call-overload]
+
+    async def crowd() -> list[str]:
+        a = openai.AsyncOpenAI(base_url=stack.base_url, api_key="unused", max_retries=0, timeout=60)
+        others = [
+            a.completions.create(model=stack.model_dir.name, prompt=p, max_tokens=30)
+            for p in PROMPTS * 4
+        ]
+        mine = a.completions.create(**request)  # type: ignore[call-overload]
+        results = await asyncio.gather(mine, *others)
+        return [r.choices[0].text for r in results]
+
+    assert asyncio.run(crowd())[0] == alone
+
+
+def test_repeated_prompt_reuses_its_prefix_and_answers_the_same(stack: Stack) -> None:
+    api = client(stack)
+    prompt = " ".join(PROMPTS * 3)
+    first = api.completions.create(
+        model=stack.model_dir.name, prompt=prompt, max_tokens=12, temperature=0
+    )
+    second = api.completions.create(
+        model=stack.model_dir.name, prompt=prompt, max_tokens=12, temperature=0
+    )
+    assert second.choices[0].text == first.choices[0].text
+    assert first.usage is not None and second.usage is not None
+    details = second.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens
+    assert details.cached_tokens >= first.usage.prompt_tokens - 16
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"prompt": "hi", "max_tokens": -1}, 400),
+        ({"prompt": "hi", "temperature": "hot"}, 400),
+        ({"prompt": "hi", "n": 3}, 400),
+        ({"prompt": [1, 2, 999999]}, 400),
+        ({"prompt": "word " * 3000}, 400),
+        ({"prompt": "hi", "model": "no-such-model"}, 404),
+    ],
+)
+def test_bad_requests_get_4xx_and_the_stack_keeps_serving(
+    stack: Stack, body: dict[str, object], status: int
+) -> None:
+    async def post() -> tuple[int, dict[str, object]]:
+        async with aiohttp.ClientSession() as session:
+            payload = {"model": stack.model_dir.name, **body}
+            async with session.post(f"{stack.base_url}/completions", json=payload) as response:
+                return response.status, await response.json()
+
+    code, error = asyncio.run(post())
+    assert code == status
+    assert set(error["error"]) >= {"message", "type", "param", "code"}  # type: ignore[arg-type]
+    ok = client(stack).completions.create(model=stack.model_dir.name, prompt="ok", max_tokens=2)
+    assert ok.choices[0].finish_reason == "length"
+
+
+def test_malformed_json_is_a_400(stack: Stack) -> None:
+    async def post() -> int:
+        url = f"{stack.base_url}/completions"
+        async with aiohttp.ClientSession() as session, session.post(url, data=b"{") as response:
+            return response.status
+
+    assert asyncio.run(post()) == 400
+
+
+def test_a_client_that_disconnects_leaves_no_blocks_behind(stack: Stack) -> None:
+    async def read_then_leave() -> None:
+        payload = {
+            "model": stack.model_dir.name,
+            "prompt": PROMPTS[0],
+            "max_tokens": 1500,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        url = f"{stack.base_url}/completions"
+        async with aiohttp.ClientSession() as session, session.post(url, json=payload) as response:
+            first = await response.content.readline()
+            assert first.startswith(b"data: ")
+            json.loads(first[6:])
+
+    asyncio.run(read_then_leave())
+    held = asyncio.run(allocated_blocks(stack.nats_url, settle_s=5.0))
+    assert set(held) <= {"cache_index"}, held
+
+
+def test_both_workers_map_the_same_pool_and_weights(stack: Stack) -> None:
+    """One KV pool and one copy of the weights: both worker processes (and kv_manager) map
+    the same /dev/shm segment, and neither holds a copy of it."""
+    pids = stack.service_pids()
+    segments = []
+    for name in ("kv_manager", "prefill_worker", "decode_worker"):
+        maps = Path(f"/proc/{pids[name]}/maps").read_text()
+        segments.append(
+            {line.split()[-1] for line in maps.splitlines() if "/dev/shm/duet-" in line}
+        )
+    assert segments[0] and segments[0] == segments[1] == segments[2]
