@@ -104,6 +104,10 @@ class SchedulerHandlers:
         for failure in result.fail:
             await self.core.fail(self.core.records[failure.request_id], failure.reason)
         if result.victims:
+            logger.info(
+                "preempting by recompute",
+                extra={"victims": list(result.victims), "for": record.request_id},
+            )
             control = workers.DecodeControl(workers.ControlKind.PREEMPT, result.victims)
             await self.bus.publish(workers.decode_control_subject(self.unit), encode(control))
 
