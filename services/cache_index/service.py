@@ -17,9 +17,9 @@ import logging
 from nats.aio.subscription import Subscription
 
 from duetserve.common.health import serve_health
-from duetserve.common.nats_bus import Bus, BusTimeout
-from duetserve.proto import kv, subjects
-from duetserve.proto.codec import ProtoError, decode, encode
+from duetserve.common.nats_bus import Bus
+from duetserve.common.unit_client import fetch_storage, heartbeat_forever
+from duetserve.proto import subjects
 from duetserve.proto.common import HealthStatus
 from duetserve.proto.workers import worker_events_subject
 from duetserve.services.cache_index.handlers import CacheHandlers
@@ -29,7 +29,6 @@ from duetserve.services.cache_index.settings import CacheIndexSettings
 
 logger = logging.getLogger(__name__)
 SERVICE = "cache_index"
-_STORAGE_RETRY_S = 0.2
 
 
 class CacheIndexService:
@@ -48,10 +47,12 @@ class CacheIndexService:
         self.bus = bus = await Bus.connect(
             s.nats_url, self.instance, request_timeout_s=s.request_timeout_s
         )
-        block_size = await self._block_size(bus)
+        block_size = (await fetch_storage(bus, s.unit, self.instance)).block_size
         self.kv = KVClient(bus, s.unit)
         await self._release_all("left by a previous incarnation")
-        self._heartbeat = asyncio.create_task(self._beat(bus), name="cache-heartbeat")
+        self._heartbeat = asyncio.create_task(
+            heartbeat_forever(bus, s.unit, s.holder, s.heartbeat_interval_s), name="cache-heartbeat"
+        )
         self.handlers = handlers = CacheHandlers(bus, RadixIndex(block_size), self.kv, s.holder)
         served = {
             subjects.CACHE_MATCH: handlers.match,
@@ -69,30 +70,6 @@ class CacheIndexService:
         await bus.flush()  # ready means the server knows the subscriptions
         self.status = HealthStatus.READY
         logger.info("indexing unit %s in blocks of %d tokens as %s", s.unit, block_size, s.holder)
-
-    async def _block_size(self, bus: Bus) -> int:
-        """The unit's block size, from kv_manager's storage description (waits for it)."""
-        query = encode(kv.StorageQuery(self.instance))
-        subject = subjects.kv(self.settings.unit, "storage")
-        level = logging.INFO  # the first wait is news; the retries are not
-        while True:
-            try:
-                reply = await bus.request(subject, query)
-                return decode(reply.data, kv.StorageDescription).block_size
-            except (BusTimeout, ProtoError) as err:
-                logger.log(level, "waiting for kv_manager of unit %s: %s", self.settings.unit, err)
-                level = logging.DEBUG
-                await asyncio.sleep(_STORAGE_RETRY_S)
-
-    async def _beat(self, bus: Bus) -> None:
-        beat = encode(kv.Heartbeat(self.settings.holder))
-        subject = subjects.kv(self.settings.unit, "heartbeat")
-        while True:
-            try:
-                await bus.publish(subject, beat)
-            except Exception:  # a dropped connection must not end the heartbeats
-                logger.exception("heartbeat not sent")
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     async def _release_all(self, why: str) -> None:
         assert self.kv is not None

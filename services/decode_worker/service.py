@@ -16,12 +16,13 @@ from nats.aio.msg import Msg
 from duetserve.common.health import serve_health
 from duetserve.common.lifecycle import critical_task
 from duetserve.common.nats_bus import Bus
-from duetserve.proto import kv, subjects, workers
+from duetserve.common.unit_client import fetch_storage, heartbeat_forever
+from duetserve.proto import workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply, HealthStatus
 from duetserve.services.decode_worker.settings import DecodeSettings
 from duetserve.services.decode_worker.stepper import DecodeStepper
-from duetserve.services.unit_worker.model_host import fetch_storage, host_model
+from duetserve.services.unit_worker.model_host import host_model
 
 logger = logging.getLogger(__name__)
 SERVICE = "decode_worker"
@@ -49,7 +50,10 @@ class DecodeWorkerService:
         await bus.subscribe(workers.decode_control_subject(s.unit), self.on_control)
         self._tasks = [
             critical_task(self.stepper.run(), "decode-loop"),
-            critical_task(self._heartbeat(bus), "decode-heartbeat"),
+            critical_task(
+                heartbeat_forever(bus, s.unit, self.holder, s.heartbeat_interval_s),
+                "decode-heartbeat",
+            ),
         ]
         await serve_health(bus, SERVICE, self.instance, lambda: self.status)
         self.status = HealthStatus.READY
@@ -72,13 +76,6 @@ class DecodeWorkerService:
             logger.warning("dropped a malformed control: %s", err)
             return
         self.stepper.control(control)
-
-    async def _heartbeat(self, bus: Bus) -> None:
-        beat = encode(kv.Heartbeat(self.holder))
-        subject = subjects.kv(self.settings.unit, "heartbeat")
-        while True:
-            await bus.publish(subject, beat)
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     async def ready(self) -> bool:
         return self.stepper is not None and all(not t.done() for t in self._tasks)

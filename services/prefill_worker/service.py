@@ -8,12 +8,13 @@ from nats.aio.msg import Msg
 
 from duetserve.common.health import serve_health
 from duetserve.common.nats_bus import Bus
+from duetserve.common.unit_client import fetch_storage
 from duetserve.proto import subjects, workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply, HealthStatus
 from duetserve.services.prefill_worker.executor import run_prefill
 from duetserve.services.prefill_worker.settings import PrefillSettings
-from duetserve.services.unit_worker.model_host import ModelHost, fetch_storage, host_model
+from duetserve.services.unit_worker.model_host import ModelHost, host_model
 
 logger = logging.getLogger(__name__)
 SERVICE = "prefill_worker"

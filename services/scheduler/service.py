@@ -6,9 +6,9 @@ import logging
 
 from duetserve.common.health import serve_health
 from duetserve.common.lifecycle import critical_task
-from duetserve.common.nats_bus import Bus, BusTimeout
-from duetserve.proto import kv, subjects, workers
-from duetserve.proto.codec import decode, encode
+from duetserve.common.nats_bus import Bus
+from duetserve.common.unit_client import fetch_storage, heartbeat_forever
+from duetserve.proto import subjects, workers
 from duetserve.proto.common import HealthStatus
 from duetserve.services.scheduler.core import SchedulerCore
 from duetserve.services.scheduler.handlers import SchedulerHandlers
@@ -36,7 +36,7 @@ class SchedulerService:
         self.bus = bus = await Bus.connect(
             s.nats_url, self.instance, request_timeout_s=s.request_timeout_s
         )
-        storage = await self._storage(bus)
+        storage = await fetch_storage(bus, s.unit, self.instance)
         config = PlannerConfig(
             block_size=storage.block_size,
             max_prefill_tokens=s.max_prefill_tokens,
@@ -52,7 +52,10 @@ class SchedulerService:
         await bus.subscribe(workers.worker_events_subject(s.unit), handlers.on_worker_events)
         self._tasks = [
             critical_task(self.core.run(), "scheduler-loop"),
-            critical_task(self._heartbeat(bus), "scheduler-heartbeat"),
+            critical_task(
+                heartbeat_forever(bus, s.unit, SCHEDULER_HOLDER, s.heartbeat_interval_s),
+                "scheduler-heartbeat",
+            ),
         ]
         await serve_health(bus, SERVICE, self.instance, lambda: self.status)
         self.status = HealthStatus.READY
@@ -63,24 +66,6 @@ class SchedulerService:
             storage.block_size,
             planner.policy.name,
         )
-
-    async def _storage(self, bus: Bus) -> kv.StorageDescription:
-        """The unit's pool geometry, from kv_manager (waits for it to come up)."""
-        query = encode(kv.StorageQuery(self.instance))
-        while True:
-            try:
-                reply = await bus.request(subjects.kv(self.settings.unit, "storage"), query)
-                return decode(reply.data, kv.StorageDescription)
-            except BusTimeout:
-                logger.info("waiting for kv_manager of unit %s", self.settings.unit)
-                await asyncio.sleep(0.2)
-
-    async def _heartbeat(self, bus: Bus) -> None:
-        beat = encode(kv.Heartbeat(SCHEDULER_HOLDER))
-        subject = subjects.kv(self.settings.unit, "heartbeat")
-        while True:
-            await bus.publish(subject, beat)
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     async def ready(self) -> bool:
         return self.core is not None and all(not t.done() for t in self._tasks)

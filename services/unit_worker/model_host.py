@@ -1,14 +1,11 @@
 """A worker's model over the unit's shared storage: weights and KV pool mapped, never copied."""
 
-import asyncio
 import logging
 from dataclasses import dataclass
 
 import torch
 
-from duetserve.common.nats_bus import Bus, BusTimeout
-from duetserve.proto import kv, subjects
-from duetserve.proto.codec import decode, encode
+from duetserve.proto import kv
 from duetserve.runtime.config import ModelConfig
 from duetserve.runtime.kv_pool import KVPool
 from duetserve.runtime.loader import build_model
@@ -37,18 +34,6 @@ class ModelHost:
 
     def close(self) -> None:
         self.mapped.close()
-
-
-async def fetch_storage(bus: Bus, unit: str, instance: str) -> kv.StorageDescription:
-    """The unit's storage description, waiting for kv_manager to come up."""
-    query = encode(kv.StorageQuery(instance))
-    while True:
-        try:
-            reply = await bus.request(subjects.kv(unit, "storage"), query)
-            return decode(reply.data, kv.StorageDescription)
-        except BusTimeout:
-            logger.info("waiting for kv_manager of unit %s", unit)
-            await asyncio.sleep(0.2)
 
 
 def host_model(description: kv.StorageDescription, seed: int) -> ModelHost:
