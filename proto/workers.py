@@ -58,6 +58,7 @@ class PrefillItem:
     num_cached_tokens: int  # tokens before the chunk whose KV is already in the pool
     block_table: tuple[int, ...]
     sample: SamplingState | None = None  # set on the chunk that completes the prompt
+    traceparent: str = ""  # the request's trace (W3C), since a batch serves many requests
 
 
 @message("prefill.batch")
@@ -87,6 +88,7 @@ class DecodeItem:
     request_id: str
     block_table: tuple[int, ...]  # holds the KV of prompt + output[:-1]
     state: SamplingState
+    traceparent: str = ""  # the request's trace (W3C)
 
 
 @message("decode.admit")

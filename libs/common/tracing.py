@@ -10,9 +10,11 @@ the current span's `traceparent` (and `tracestate`) if there is a valid one, and
 trace on to the services it calls.
 """
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
@@ -122,3 +124,28 @@ def extract_context(headers: Mapping[str, str] | None) -> Context:
     if not headers:
         return Context()
     return _PROPAGATOR.extract(headers)
+
+
+def current_traceparent() -> str:
+    """The current context as a W3C traceparent string ("" when there is none): for work on
+    one request that travels inside a batch message rather than in a message's headers."""
+    return inject_headers().get("traceparent", "")
+
+
+@contextlib.contextmanager
+def traced_as(traceparent: str, span: str | None = None) -> Iterator[None]:
+    """Run the block in the trace a `current_traceparent()` string names, inside a span of its
+    own when `span` is given and tracing is on (a no-op for "")."""
+    if not traceparent:
+        yield
+        return
+    token = otel_context.attach(extract_context({"traceparent": traceparent}))
+    try:
+        tracer = active_tracer()
+        if span is None or tracer is None:
+            yield
+        else:
+            with tracer.start_as_current_span(span):
+                yield
+    finally:
+        otel_context.detach(token)

@@ -16,6 +16,7 @@ class Resident:
     block_table: list[int]
     state: SequenceSamplingState
     stalled_since: float | None = None  # kv_manager had no block for its next token
+    traceparent: str = ""  # the request's trace
 
     @property
     def params(self) -> SamplingParams:

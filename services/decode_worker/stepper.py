@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 
 from duetserve.common.nats_bus import Bus, BusTimeout
+from duetserve.common.tracing import traced_as
 from duetserve.proto import kv, subjects, workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
@@ -55,12 +56,13 @@ class DecodeStepper:
         except RuntimeInputError as err:
             return str(err)
         owner = f"{self.holder}/{item.request_id}"
-        error = await self._kv(kv.RetainBlocks(owner, item.block_table), "retain")
+        with traced_as(item.traceparent, "decode.admit"):
+            error = await self._kv(kv.RetainBlocks(owner, item.block_table), "retain")
         if error is not None:
             return f"could not take over its blocks: {error}"
         state = runtime_state(item.state, params)
         self.residents[item.request_id] = Resident(
-            item.request_id, owner, list(item.block_table), state
+            item.request_id, owner, list(item.block_table), state, traceparent=item.traceparent
         )
         return None
 
@@ -111,12 +113,14 @@ class DecodeStepper:
                 await self._release(resident)
                 await self._end_stream(resident, FinishReason.ERROR, str(err))
             return
-        for chunk in outcome.tokens:
-            await self.bus.publish(subjects.tokens(chunk.request_id), encode(chunk))
+        for resident, chunk in zip(active, outcome.tokens, strict=True):
+            with traced_as(resident.traceparent):
+                await self.bus.publish(subjects.tokens(chunk.request_id), encode(chunk))
         finished = []
         for resident in outcome.finished:
             self.residents.pop(resident.request_id, None)
-            await self._release(resident)
+            with traced_as(resident.traceparent, "decode.finished"):
+                await self._release(resident)
             finished.append(workers.WorkerEvent(workers.EventKind.FINISHED, resident.request_id))
         if finished:
             await self._events(tuple(finished))

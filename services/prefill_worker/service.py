@@ -8,6 +8,7 @@ from nats.aio.msg import Msg
 
 from duetserve.common.health import serve_health
 from duetserve.common.nats_bus import Bus
+from duetserve.common.tracing import traced_as
 from duetserve.common.unit_client import fetch_storage
 from duetserve.proto import subjects, workers
 from duetserve.proto.codec import ProtoError, decode, encode
@@ -49,8 +50,10 @@ class PrefillWorkerService:
             return
         output = await asyncio.to_thread(run_prefill, self.host, batch)
         self.tokens_computed += sum(len(item.token_ids) for item in batch.items)
+        traces = {item.request_id: item.traceparent for item in batch.items}
         for chunk in output.tokens:  # the first token reaches the client before the hand-off
-            await self.bus.publish(subjects.tokens(chunk.request_id), encode(chunk))
+            with traced_as(traces.get(chunk.request_id, ""), "prefill.first_token"):
+                await self.bus.publish(subjects.tokens(chunk.request_id), encode(chunk))
         await self.bus.reply(msg, encode(workers.PrefillDone(batch.batch_id, output.results)))
 
     async def ready(self) -> bool:

@@ -10,6 +10,7 @@ import logging
 import time
 
 from duetserve.common.nats_bus import Bus, BusTimeout
+from duetserve.common.tracing import traced_as
 from duetserve.proto import cache, kv, subjects, workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
@@ -71,6 +72,10 @@ class SchedulerCore:
         record = self.records.get(admission.request_id)
         if record is None:
             return False
+        with traced_as(record.traceparent, "scheduler.admit"):
+            return await self._admit_traced(record)
+
+    async def _admit_traced(self, record: RequestRecord) -> bool:
         matched = await self._match_prefix(record)
         needed = self.planner.blocks_for(len(record.kv_token_ids)) - len(matched.block_ids)
         granted = await self._allocate(record.owner, needed)
@@ -111,14 +116,18 @@ class SchedulerCore:
                 self.view.free_blocks = answer.num_free
                 return list(answer.block_ids)
             if attempt == 0:
-                await self._evict(count)
+                await self.evict(count)
         return None
 
-    async def _evict(self, count: int) -> None:
+    async def evict(self, count: int) -> int:
+        """Ask the prefix cache to give back `count` blocks; how many it dropped (blocks that
+        requests still use stay allocated until they end)."""
         try:
-            await self.bus.request(subjects.CACHE_EVICT, encode(cache.EvictQuery(count)))
-        except BusTimeout as err:
+            reply = await self.bus.request(subjects.CACHE_EVICT, encode(cache.EvictQuery(count)))
+            return len(decode(reply.data, cache.Evicted).block_ids)
+        except (BusTimeout, ProtoError) as err:
             logger.warning("prefix cache could not evict: %s", err)
+            return 0
 
     async def release(self, owner: str) -> None:
         reply = await self.bus.request(
@@ -147,7 +156,8 @@ class SchedulerCore:
         results = {r.request_id: r for r in done.results}
         for chunk in chunks:
             if (record := self.records.get(chunk.request_id)) is not None:
-                await self._after_chunk(record, chunk, results)
+                with traced_as(record.traceparent, "scheduler.prefilled"):
+                    await self._after_chunk(record, chunk, results)
 
     def _prefill_item(self, chunk: PrefillChunk) -> workers.PrefillItem:
         record = self.records[chunk.request_id]
@@ -158,6 +168,7 @@ class SchedulerCore:
             num_cached_tokens=chunk.start,
             block_table=tuple(record.block_table),
             sample=record.sampling_state() if chunk.is_last else None,
+            traceparent=record.traceparent,
         )
 
     async def _after_chunk(
@@ -199,7 +210,10 @@ class SchedulerCore:
 
     async def _hand_off(self, record: RequestRecord) -> None:
         item = workers.DecodeItem(
-            record.request_id, tuple(record.block_table), record.sampling_state()
+            record.request_id,
+            tuple(record.block_table),
+            record.sampling_state(),
+            record.traceparent,
         )
         try:
             reply = await self.bus.request(

@@ -6,6 +6,7 @@ import time
 from nats.aio.msg import Msg
 
 from duetserve.common.nats_bus import Bus
+from duetserve.common.tracing import current_traceparent
 from duetserve.proto import workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
@@ -37,6 +38,7 @@ class SchedulerHandlers:
             await self.bus.reply(msg, encode(error))
             return
         record = RequestRecord.new(submit, time.monotonic())
+        record.traceparent = current_traceparent()  # the handler runs in the submit's trace
         self.core.records[submit.request_id] = record
         self.core.view.waiting.append(record.seq)
         await self.bus.reply(msg, encode(SubmitAccepted(submit.request_id)))
@@ -98,6 +100,10 @@ class SchedulerHandlers:
         view.waiting.append(record.seq)
 
     async def _preempt_for(self, record: RequestRecord, blocks_needed: int) -> None:
+        """Reclaim prefix-cache blocks first (cheapest: nothing is recomputed); preempt only
+        if the cache could not give back enough. The decode worker retries on its own."""
+        if await self.core.evict(blocks_needed) >= blocks_needed:
+            return
         result = self.core.planner.preempt(
             self.core.view, record.seq, blocks_needed, time.monotonic()
         )

@@ -122,24 +122,21 @@ class Planner:
     ) -> Preemption:
         """`requester` (decoding) needs `blocks_needed` more blocks than are free. Victims go in
         the policy's order until enough is free; when the requester's own turn comes it is the
-        victim itself and nothing more is needed. A requester alone on the unit that still does
-        not fit has outgrown the pool and fails."""
+        victim itself (it is recomputed later, when there is room) and nothing more is needed.
+        Only a sequence that would not fit even in an empty pool fails."""
+        length = requester.prompt_len + requester.num_output
+        if self.blocks_for(length + 1) > unit.total_blocks:
+            reason = (
+                f"sequence of {length} tokens outgrew the KV pool of {unit.total_blocks} blocks"
+            )
+            return Preemption((), (Rejection(requester.request_id, reason),))
         free = unit.free_blocks
         victims: list[str] = []
         for seq in self.policy.preemption_order(unit.decoding, now):
             if free >= blocks_needed:
                 break
-            if seq is requester:
-                if victims or len(unit.decoding) > 1 or unit.prefilling:
-                    victims.append(seq.request_id)
-                    return Preemption(tuple(victims), ())
-                break
             victims.append(seq.request_id)
+            if seq is requester:
+                break
             free += seq.num_blocks
-        if free >= blocks_needed:
-            return Preemption(tuple(victims), ())
-        reason = (
-            f"sequence of {requester.prompt_len + requester.num_output} tokens outgrew the KV "
-            f"pool of {unit.total_blocks} blocks"
-        )
-        return Preemption((), (Rejection(requester.request_id, reason),))
+        return Preemption(tuple(victims), ())

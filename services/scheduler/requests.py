@@ -16,6 +16,7 @@ class RequestRecord:
     block_table: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)  # known after a preemption
     cancelled: str | None = None  # reason, once a cancel arrived
+    traceparent: str = ""  # the request's trace, for work done on it outside its messages
 
     @property
     def request_id(self) -> str:

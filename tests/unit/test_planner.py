@@ -74,6 +74,14 @@ def test_preemption_takes_the_newest_first_and_may_take_the_requester() -> None:
     assert p.preempt(unit, new, 1, now=3.0).victims == ("new",)  # the newest yields itself
 
 
+def test_a_lone_sequence_that_fits_an_empty_pool_yields_and_waits() -> None:
+    """Nothing else decodes, but the blocks are elsewhere (the prefix cache, prefills): it
+    steps back to be recomputed later rather than failing."""
+    alone = seq("alone", 0, 60, num_blocks=4, num_output=4, phase=Phase.DECODING)
+    result = planner().preempt(UnitView(0, 40, decoding=[alone]), alone, 1, now=1.0)
+    assert result == (("alone",), ())
+
+
 def test_a_lone_sequence_that_outgrew_the_pool_fails_with_a_reason() -> None:
     alone = seq("alone", 0, 60, num_blocks=4, num_output=4, phase=Phase.DECODING)
     result = planner().preempt(UnitView(0, 4, decoding=[alone]), alone, 1, now=1.0)
