@@ -94,3 +94,22 @@ class CancelReason(StrEnum):
 class CancelRequest:
     request_id: str
     reason: CancelReason
+
+
+@message("sched.stats.query")
+@dataclass(frozen=True, slots=True)
+class SchedulerStatsQuery:
+    pass
+
+
+@message("sched.stats")
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    """Requests by phase (for the queue and running gauges of /metrics)."""
+
+    waiting: int
+    prefilling: int
+    decoding: int
+    free_blocks: int
+    total_blocks: int
+    preemptions: int  # since the scheduler started

@@ -9,6 +9,8 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 SCHED_SUBMIT = f"{ROOT}.sched.submit"
 # Ingress -> scheduler (publish): finish or cancel a request (stop string, client gone).
 SCHED_CANCEL = f"{ROOT}.sched.cancel"
+# Anyone -> scheduler (request/reply): requests by phase, for metrics.
+SCHED_STATS = f"{ROOT}.sched.stats"
 # Anyone -> cache_index (request/reply).
 CACHE_MATCH = f"{ROOT}.cache.match"
 CACHE_INSERT = f"{ROOT}.cache.insert"

@@ -19,7 +19,11 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from duetserve.common.health import query_health
+from duetserve.common.nats_bus import BusTimeout
+from duetserve.proto import subjects
+from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import HealthReply, HealthStatus
+from duetserve.proto.scheduling import SchedulerStats, SchedulerStatsQuery
 from duetserve.services.ingress import responses
 from duetserve.services.ingress.api_models import ChatCompletionRequest, CompletionRequest
 from duetserve.services.ingress.errors import ApiError, not_found_model
@@ -118,6 +122,15 @@ class Handlers:
         return web.json_response(body, status=status)
 
     async def metrics(self, request: web.Request) -> web.Response:
+        """Ingress's own metrics, plus the scheduler's queue and running counts asked for now
+        (left at their last values if the scheduler does not answer in time)."""
+        try:
+            reply = await self._context.bus.request(
+                subjects.SCHED_STATS, encode(SchedulerStatsQuery()), timeout=0.5
+            )
+            self._context.metrics.observe_scheduler(decode(reply.data, SchedulerStats))
+        except (BusTimeout, ProtoError) as err:
+            logger.debug("scheduler stats unavailable: %s", err)
         body = self._context.metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

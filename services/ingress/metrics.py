@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from duetserve.proto.scheduling import SchedulerStats
+
 __all__ = ["CONTENT_TYPE_LATEST", "IngressMetrics", "RequestTiming"]
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -65,6 +67,31 @@ class IngressMetrics:
             ["kind"],
             registry=self.registry,
         )
+
+        self.scheduler = Gauge(
+            "duet_scheduler_requests",
+            "Requests at the scheduler by phase (waiting = the queue), as of the last scrape.",
+            ["phase"],
+            registry=self.registry,
+        )
+        self.kv_blocks = Gauge(
+            "duet_kv_blocks",
+            "KV blocks of the unit by state (free, total), as the scheduler last knew them.",
+            ["state"],
+            registry=self.registry,
+        )
+        self.preemptions = Gauge(
+            "duet_scheduler_preemptions",
+            "Requests preempted by recompute since the scheduler started.",
+            registry=self.registry,
+        )
+
+    def observe_scheduler(self, stats: SchedulerStats) -> None:
+        for phase in ("waiting", "prefilling", "decoding"):
+            self.scheduler.labels(phase=phase).set(getattr(stats, phase))
+        self.kv_blocks.labels(state="free").set(stats.free_blocks)
+        self.kv_blocks.labels(state="total").set(stats.total_blocks)
+        self.preemptions.set(stats.preemptions)
 
     def observe_request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()

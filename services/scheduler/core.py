@@ -228,17 +228,36 @@ class SchedulerCore:
             await self.fail(record, f"decode refused: {reasons[0] if reasons else 'no reason'}")
             return
         await self.release(record.owner)  # the decode worker holds its own references now
+        if (
+            self.records.get(record.request_id) is not record
+            or record.seq.phase != Phase.PREFILLING
+        ):
+            return  # while we waited it finished, was cancelled or preempted on the decode worker
         self.view.prefilling.remove(record.seq)
         record.seq.phase = Phase.DECODING
         self.view.decoding.append(record.seq)
+        if record.cancelled is not None:  # the cancel arrived while the hand-off was under way
+            await self.cancel_decoding(record)
+
+    async def cancel_decoding(self, record: RequestRecord) -> None:
+        """Stop a request on the decode worker, which releases its blocks and ends its stream
+        (finish reason "stop" for a stop string, "abort" for a client that went away)."""
+        reason = FinishReason.STOP if record.cancelled == "stop_string" else FinishReason.ABORT
+        control = workers.DecodeControl(workers.ControlKind.CANCEL, (record.request_id,), reason)
+        await self.bus.publish(workers.decode_control_subject(self.unit), encode(control))
+        self.forget(record)
 
     # --- endings --------------------------------------------------------------------------
 
-    def forget(self, record: RequestRecord) -> None:
-        self.records.pop(record.request_id, None)
+    def unlist(self, record: RequestRecord) -> None:
+        """Take the request out of whichever phase list holds it."""
         for group in (self.view.waiting, self.view.prefilling, self.view.decoding):
             if record.seq in group:
                 group.remove(record.seq)
+
+    def forget(self, record: RequestRecord) -> None:
+        self.records.pop(record.request_id, None)
+        self.unlist(record)
 
     async def finish(self, record: RequestRecord) -> None:
         """Ended while the scheduler held it: give its blocks back."""

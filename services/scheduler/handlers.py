@@ -10,8 +10,13 @@ from duetserve.common.tracing import current_traceparent
 from duetserve.proto import workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
-from duetserve.proto.scheduling import CancelReason, CancelRequest, SubmitAccepted, SubmitRequest
-from duetserve.proto.tokens import FinishReason
+from duetserve.proto.scheduling import (
+    CancelRequest,
+    SchedulerStats,
+    SchedulerStatsQuery,
+    SubmitAccepted,
+    SubmitRequest,
+)
 from duetserve.services.scheduler.core import SchedulerCore
 from duetserve.services.scheduler.requests import RequestRecord
 from duetserve.services.scheduler.state import Phase
@@ -23,6 +28,7 @@ class SchedulerHandlers:
     def __init__(self, bus: Bus, core: SchedulerCore, unit: str) -> None:
         self.bus, self.core, self.unit = bus, core, unit
         self.accepting = True
+        self.preemptions = 0
 
     async def on_submit(self, msg: Msg) -> None:
         try:
@@ -58,13 +64,26 @@ class SchedulerHandlers:
         if phase == Phase.WAITING:
             await self.core.finish(record)
         elif phase == Phase.DECODING:
-            control = workers.DecodeControl(
-                workers.ControlKind.CANCEL, (record.request_id,), _finish_reason(cancel.reason)
-            )
-            await self.bus.publish(workers.decode_control_subject(self.unit), encode(control))
-            self.core.forget(record)
+            await self.core.cancel_decoding(record)
         else:  # PREFILLING: it ends once no chunk of it is in flight (SchedulerCore._step)
             self.core.wake.set()
+
+    async def on_stats(self, msg: Msg) -> None:
+        try:
+            decode(msg.data, SchedulerStatsQuery)
+        except ProtoError as err:
+            await self.bus.reply(msg, encode(ErrorReply(err.code, str(err))))
+            return
+        view = self.core.view
+        stats = SchedulerStats(
+            waiting=len(view.waiting),
+            prefilling=len(view.prefilling),
+            decoding=len(view.decoding),
+            free_blocks=view.free_blocks,
+            total_blocks=view.total_blocks,
+            preemptions=self.preemptions,
+        )
+        await self.bus.reply(msg, encode(stats))
 
     async def on_worker_events(self, msg: Msg) -> None:
         try:
@@ -93,11 +112,9 @@ class SchedulerHandlers:
             await self._lost(record, event.reason)
 
     def _requeue(self, record: RequestRecord, output_token_ids: tuple[int, ...]) -> None:
-        view = self.core.view
-        if record.seq in view.decoding:
-            view.decoding.remove(record.seq)
+        self.core.unlist(record)
         record.requeue_after_preemption(output_token_ids)
-        view.waiting.append(record.seq)
+        self.core.view.waiting.append(record.seq)
 
     async def _preempt_for(self, record: RequestRecord, blocks_needed: int) -> None:
         """Reclaim prefix-cache blocks first (cheapest: nothing is recomputed); preempt only
@@ -114,6 +131,7 @@ class SchedulerHandlers:
                 "preempting by recompute",
                 extra={"victims": list(result.victims), "for": record.request_id},
             )
+            self.preemptions += len(result.victims)
             control = workers.DecodeControl(workers.ControlKind.PREEMPT, result.victims)
             await self.bus.publish(workers.decode_control_subject(self.unit), encode(control))
 
@@ -129,7 +147,3 @@ class SchedulerHandlers:
             self.core.view.prefilling.remove(record.seq)
             record.requeue_after_preemption(tuple(record.output_token_ids))
             self.core.view.waiting.append(record.seq)
-
-
-def _finish_reason(reason: CancelReason) -> FinishReason:
-    return FinishReason.STOP if reason == CancelReason.STOP_STRING else FinishReason.ABORT

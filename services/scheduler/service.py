@@ -49,6 +49,7 @@ class SchedulerService:
         self.handlers = handlers = SchedulerHandlers(bus, self.core, s.unit)
         await bus.subscribe(subjects.SCHED_SUBMIT, handlers.on_submit)
         await bus.subscribe(subjects.SCHED_CANCEL, handlers.on_cancel)
+        await bus.subscribe(subjects.SCHED_STATS, handlers.on_stats)
         await bus.subscribe(workers.worker_events_subject(s.unit), handlers.on_worker_events)
         self._tasks = [
             critical_task(self.core.run(), "scheduler-loop"),

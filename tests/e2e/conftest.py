@@ -77,8 +77,23 @@ def stop_stack(stack: Stack) -> int:
     return stack.process.wait(timeout=60)
 
 
+def shm_segments(pid: int) -> set[str]:
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return {line.split()[-1] for line in maps.splitlines() if "/dev/shm/duet-" in line}
+
+
+def assert_stops_cleanly(stack: Stack) -> None:
+    """SIGTERM to the launcher: exit 0, no service process left, the shm segment gone."""
+    pids = stack.service_pids()
+    segments = shm_segments(pids["kv_manager"])
+    assert stop_stack(stack) == 0
+    left = [name for name, pid in pids.items() if Path(f"/proc/{pid}").exists()]
+    assert not left, f"still running after stop: {left}"
+    assert segments and not any(Path(s).exists() for s in segments)
+
+
 @pytest.fixture(scope="module")
 def stack(model_dirs: ModelDirs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     running = start_stack(model_dirs.get(TINY), tmp_path_factory.mktemp("var"))
     yield running
-    assert stop_stack(running) == 0
+    assert_stops_cleanly(running)

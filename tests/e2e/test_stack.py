@@ -13,7 +13,7 @@ from duetserve.runtime.loader import load_model
 from duetserve.runtime.offline import OfflineEngine
 from duetserve.runtime.sampling import SamplingParams
 from duetserve.runtime.tokenizer import Tokenizer
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import Stack, shm_segments
 from tests.e2e.kv_probe import allocated_blocks
 
 PROMPTS = [
@@ -172,14 +172,25 @@ def test_a_client_that_disconnects_leaves_no_blocks_behind(stack: Stack) -> None
     assert set(held) <= {"cache_index"}, held
 
 
+def test_metrics_expose_latency_histograms_and_scheduler_gauges(stack: Stack) -> None:
+    client(stack).completions.create(model=stack.model_dir.name, prompt="hi", max_tokens=3)
+
+    async def scrape() -> str:
+        url = stack.base_url.removesuffix("/v1") + "/metrics"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            return await response.text()
+
+    text = asyncio.run(scrape())
+    for name in ("duet_ingress_ttft_seconds_count", "duet_ingress_tpot_seconds_count"):
+        assert float(text.split(name)[1].split()[0]) >= 1
+    assert 'duet_scheduler_requests{phase="waiting"}' in text
+    total = float(text.split('duet_kv_blocks{state="total"}')[1].split()[0])
+    assert total > 0
+
+
 def test_both_workers_map_the_same_pool_and_weights(stack: Stack) -> None:
     """One KV pool and one copy of the weights: both worker processes (and kv_manager) map
     the same /dev/shm segment, and neither holds a copy of it."""
     pids = stack.service_pids()
-    segments = []
-    for name in ("kv_manager", "prefill_worker", "decode_worker"):
-        maps = Path(f"/proc/{pids[name]}/maps").read_text()
-        segments.append(
-            {line.split()[-1] for line in maps.splitlines() if "/dev/shm/duet-" in line}
-        )
+    segments = [shm_segments(pids[n]) for n in ("kv_manager", "prefill_worker", "decode_worker")]
     assert segments[0] and segments[0] == segments[1] == segments[2]

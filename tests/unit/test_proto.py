@@ -48,6 +48,8 @@ EXAMPLES: list[object] = [
         slo=scheduling.Slo(scheduling.SloKind.COMPOUND, deadline_ms=2e4, group="plan-17"),
     ),
     scheduling.SubmitAccepted("r-1"),
+    scheduling.SchedulerStatsQuery(),
+    scheduling.SchedulerStats(3, 1, 12, 40, 512, preemptions=2),
     scheduling.CancelRequest("r-1", scheduling.CancelReason.CLIENT_GONE),
     kv.AllocateBlocks("sched-0/r-1", 4),
     kv.BlocksGranted("sched-0/r-1", (3, 9, 1, 0), num_free=100),
