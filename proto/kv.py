@@ -125,3 +125,19 @@ class KvStats:
     num_free: int
     num_total: int
     references_by_holder: dict[str, int]
+
+
+@message("kv.shared.query")
+@dataclass(frozen=True, slots=True)
+class SharedBlocksQuery:
+    """Which of these blocks does anyone besides `owner` hold? (cache_index asks before it
+    evicts, so that it drops only blocks no request is using.)"""
+
+    owner: str
+    block_ids: tuple[int, ...]
+
+
+@message("kv.shared")
+@dataclass(frozen=True, slots=True)
+class SharedBlocks:
+    block_ids: tuple[int, ...]

@@ -143,7 +143,14 @@ class CacheHandlers:
         return list(insert.block_ids[len(cached.block_ids) : num_full])
 
     async def _evict(self, query: cache.EvictQuery) -> cache.Evicted:
-        evicted = self.radix.evict(query.num_blocks)
+        """LRU over the blocks no request uses: blocks someone besides the index holds would
+        not come free, so they stay indexed (and reusable) and are skipped."""
+        try:
+            in_use = await self.kv.shared(self.holder, self.radix.block_ids())
+        except KVCallFailed as err:
+            logger.warning("could not ask which blocks are in use: %s", err)
+            in_use = set()
+        evicted = self.radix.evict(query.num_blocks, keep=in_use.__contains__)
         if evicted:
             await self._release(evicted)
         return cache.Evicted(tuple(evicted))

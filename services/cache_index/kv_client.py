@@ -34,6 +34,11 @@ class KVClient:
         request = kv.ReleaseBlocks(owner, tuple(block_ids))
         return await self._call("release", request, kv.BlocksReleased)
 
+    async def shared(self, owner: str, block_ids: Sequence[int]) -> set[int]:
+        """The blocks among `block_ids` that someone besides `owner` holds."""
+        request = kv.SharedBlocksQuery(owner, tuple(block_ids))
+        return set((await self._call("shared", request, kv.SharedBlocks)).block_ids)
+
     async def _call(self, verb: str, request: object, expected: type[T]) -> T:
         try:
             reply = await self.bus.request(subjects.kv(self.unit, verb), encode(request))

@@ -29,7 +29,7 @@ Invariants (``check_invariants`` verifies them all):
 
 import heapq
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import count
 from typing import NamedTuple
@@ -199,8 +199,13 @@ class RadixIndex:
             if node.evictable_leaf:
                 self._push(node)
 
-    def evict(self, num_blocks: int) -> list[int]:
+    def block_ids(self) -> list[int]:
+        """Every block the index holds."""
+        return list(self._by_block)
+
+    def evict(self, num_blocks: int, keep: Callable[[int], bool] | None = None) -> list[int]:
         """Drop up to ``num_blocks`` least-recently-used unlocked leaves; returns their ids.
+        Leaves whose block ``keep`` names stay (still evictable later), and so do their parents.
 
         Evicting a leaf may expose its parent as a new leaf, which then competes by its own last
         access. The index no longer references the returned ids: the caller frees them. Fewer are
@@ -209,6 +214,7 @@ class RadixIndex:
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
         freed: list[int] = []
+        kept: list[_Node] = []
         while len(freed) < num_blocks and self._heap:
             entry_time, _, node = heapq.heappop(self._heap)
             node.in_heap = False
@@ -217,8 +223,13 @@ class RadixIndex:
             if entry_time < node.last_access:
                 self._push(node)  # touched since it was queued: requeue at its real time
                 continue
+            if keep is not None and keep(node.block_id):
+                kept.append(node)
+                continue
             self._remove(node)
             freed.append(node.block_id)
+        for node in kept:
+            self._push(node)
         return freed
 
     def _advance(self, now: float, public_prefix_tokens: int) -> None:

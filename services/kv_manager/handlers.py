@@ -97,6 +97,13 @@ class KVHandlers:
     async def storage(self, msg: Msg) -> None:
         await self._answer(msg, kv.StorageQuery, self._describe)
 
+    async def shared(self, msg: Msg) -> None:
+        await self._answer(msg, kv.SharedBlocksQuery, self._shared)
+
+    def _shared(self, query: kv.SharedBlocksQuery) -> kv.SharedBlocks:
+        owners = self.allocator.owners_of
+        return kv.SharedBlocks(tuple(b for b in query.block_ids if set(owners(b)) - {query.owner}))
+
     async def stats(self, msg: Msg) -> None:
         await self._answer(msg, kv.KvStatsQuery, self._stats)
 

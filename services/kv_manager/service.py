@@ -70,6 +70,7 @@ class KVManagerService:
             "heartbeat": handlers.heartbeat,
             "storage": handlers.storage,
             "stats": handlers.stats,
+            "shared": handlers.shared,
         }
         for verb, handler in served.items():
             await bus.subscribe(subjects.kv(s.unit, verb), handler)

@@ -84,10 +84,11 @@ async def test_the_index_holds_what_it_indexes_and_a_match_retains(unit: Unit) -
     found = await match(unit, "sched/r2", "tenant-a", (*PROMPT, 7))
     assert found == cache.PrefixMatch(ids, 3 * BLOCK)
     assert await num_free(unit.bus, unit.name) == NUM_BLOCKS - 3  # shared, not copied
-    # Two references per block: evicting drops the index's, r2's keeps them allocated.
+    # r2 uses the blocks: eviction skips them (they would not come free) and they stay indexed.
+    assert await evict(unit, 3) == ()
+    assert (await release(unit, "sched/r2")).num_freed == 0
+    # Once nobody else holds them, eviction drops the index's references and frees them.
     assert sorted(await evict(unit, 3)) == sorted(ids)
-    assert await num_free(unit.bus, unit.name) == NUM_BLOCKS - 3
-    assert (await release(unit, "sched/r2")).num_freed == 3
     assert await num_free(unit.bus, unit.name) == NUM_BLOCKS
     assert await match(unit, "sched/r3", "tenant-a", (*PROMPT, 7)) == cache.PrefixMatch((), 0)
 
@@ -110,6 +111,8 @@ async def test_eviction_frees_the_blocks_in_kv_manager(unit: Unit) -> None:
     assert evicted == ids[:0:-1]  # leaves first: the deepest block, then its parent
     assert await num_free(unit.bus, unit.name) == before + 2
     assert (await match(unit, "sched/r2", "tenant-a", (*PROMPT, 7))).block_ids == ids[:1]
+    assert await evict(unit, 5) == ()  # r2 now uses the last indexed block
+    await release(unit, "sched/r2")
     assert await evict(unit, 5) == ids[:1]
 
 

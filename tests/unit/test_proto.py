@@ -59,6 +59,8 @@ EXAMPLES: list[object] = [
     kv.Heartbeat("decode-0"),
     kv.StorageQuery("prefill-0"),
     kv.KvStatsQuery(),
+    kv.SharedBlocksQuery("cache_index", (3, 4, 5)),
+    kv.SharedBlocks((4,)),
     kv.KvStats(10, 64, {"cache_index": 40, "decode-0": 14}),
     kv.StorageDescription(
         kind=kv.StorageKind.CUDA_IPC,

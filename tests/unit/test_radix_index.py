@@ -283,3 +283,12 @@ def test_randomized_against_a_reference_model() -> None:
     assert index.num_evictable == index.num_blocks
     assert len(index.evict(10_000)) == len(ref.blocks)
     assert index.num_blocks == 0
+
+
+def test_evict_skips_the_leaves_it_is_told_to_keep() -> None:
+    index = RadixIndex(4)
+    tokens = list(range(13))
+    index.insert("t", tokens, [10, 11, 12], now=1.0)
+    assert index.evict(3, keep={12}.__contains__) == []  # the leaf is kept, so its parents stay
+    assert index.num_blocks == 3
+    assert index.evict(3) == [12, 11, 10]  # still evictable afterwards, leaves first
