@@ -97,7 +97,7 @@ async def serve(
             logger.info("stopping", extra=context)
             drained = await run_step("drain", service.drain, settings.drain_timeout_s)
         stopped = await run_step("stop", service.stop, settings.stop_timeout_s)
-    code = 0 if started and drained and stopped else 1
+    code = 0 if started and drained and stopped and not _crashed_tasks else 1
     logger.info("exiting", extra={**context, "exit_code": code})
     return code
 
@@ -190,9 +190,13 @@ def critical_task(coro: Awaitable[None], name: str) -> "asyncio.Task[None]":
     return task
 
 
+_crashed_tasks: list[str] = []  # a crash makes the exit code 1 however clean the stop
+
+
 def _stop_on_crash(task: "asyncio.Task[None]") -> None:
     if task.cancelled() or task.exception() is None:
         return
+    _crashed_tasks.append(task.get_name())
     logger.critical(
         "background task crashed; stopping",
         exc_info=task.exception(),

@@ -1,6 +1,6 @@
 """A service that only reports its lifecycle, for test_lifecycle.py to run as a process.
 
-    python sample_service.py ok|hang-drain|fail-start
+    python sample_service.py ok|hang-drain|fail-start|crash-loop
 
 Each step prints `EVENT <step>` on stdout; settings come from DUET_* variables as in any
 service.
@@ -9,7 +9,7 @@ service.
 import asyncio
 import sys
 
-from duetserve.common.lifecycle import run_service
+from duetserve.common.lifecycle import critical_task, run_service
 from duetserve.common.settings import CommonSettings
 
 
@@ -22,7 +22,13 @@ class SampleService:
         emit("start")
         if self.mode == "fail-start":
             raise RuntimeError("cannot start")
+        if self.mode == "crash-loop":
+            critical_task(self._crash_soon(), "sample-loop")
         self.started = True
+
+    async def _crash_soon(self) -> None:
+        await asyncio.sleep(0.2)
+        raise RuntimeError("the loop broke")
 
     async def ready(self) -> bool:
         return self.started

@@ -85,6 +85,17 @@ def test_hanging_drain_is_cut_off_and_stop_still_runs() -> None:
     assert "drain timed out" in [line["msg"] for line in service.logs()]
 
 
+def test_a_crashed_background_task_stops_the_service_loudly() -> None:
+    """A step loop that dies must not leave a half-alive process: it drains, stops, exits 1."""
+    service = ServiceProcess("crash-loop")
+    assert service.finish() == 1
+    assert service.events() == ["start", "drain", "stop"]
+    [crash] = [
+        line for line in service.logs() if line["msg"] == "background task crashed; stopping"
+    ]
+    assert "the loop broke" in str(crash["exc"])
+
+
 def test_failed_start_still_stops_and_exits_one() -> None:
     service = ServiceProcess("fail-start")
     assert service.finish() == 1
