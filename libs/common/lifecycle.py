@@ -203,3 +203,13 @@ def _stop_on_crash(task: "asyncio.Task[None]") -> None:
         extra={"task": task.get_name()},
     )
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def cancel_tasks(tasks: "list[asyncio.Task[None]]") -> None:
+    """Cancel background tasks and wait until each has unwound (safe to call twice)."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    tasks.clear()

@@ -8,13 +8,12 @@ one, so the step in flight always sees a consistent batch.
 """
 
 import asyncio
-import contextlib
 import logging
 
 from nats.aio.msg import Msg
 
 from duetserve.common.health import serve_health
-from duetserve.common.lifecycle import critical_task
+from duetserve.common.lifecycle import cancel_tasks, critical_task
 from duetserve.common.nats_bus import Bus
 from duetserve.common.unit_client import fetch_storage, heartbeat_forever
 from duetserve.proto import workers
@@ -89,12 +88,7 @@ class DecodeWorkerService:
                 await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks = []
+        await cancel_tasks(self._tasks)
         if self.stepper is not None:
             await self.stepper.release_all()
             self.stepper.host.close()

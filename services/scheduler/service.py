@@ -1,11 +1,10 @@
 """The scheduler service: wiring and lifecycle around SchedulerCore and its handlers."""
 
 import asyncio
-import contextlib
 import logging
 
 from duetserve.common.health import serve_health
-from duetserve.common.lifecycle import critical_task
+from duetserve.common.lifecycle import cancel_tasks, critical_task
 from duetserve.common.nats_bus import Bus
 from duetserve.common.unit_client import fetch_storage, heartbeat_forever
 from duetserve.proto import subjects, workers
@@ -80,11 +79,6 @@ class SchedulerService:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks = []
+        await cancel_tasks(self._tasks)
         if self.bus is not None:
             await self.bus.close()
