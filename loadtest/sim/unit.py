@@ -1,0 +1,254 @@
+"""One simulated unit: the planner's state plus workers whose steps take the cost model's time.
+
+- semi-pd: a prefill and a decode worker run at the same time on their compute shares, over
+  one KV pool (one `UnitView`);
+- unified: one worker; each step decodes every running sequence and spends what is left of
+  the prefill budget (the planner's `decode_tokens`) on prompts;
+- disagg: each worker a full device with its own pool; a finished prompt's KV is copied to the
+  decode pool at a cost per token, and its prefill blocks are freed when the copy lands.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+from duetserve.loadtest.sim.cost import CostModel, attended_keys
+from duetserve.loadtest.spec import RequestResult
+from duetserve.services.scheduler.planner import Planner, PrefillChunk
+from duetserve.services.scheduler.state import Phase, SeqState, UnitView
+
+Mode = Literal["semi-pd", "unified", "disagg"]
+Schedule = Callable[[float, Callable[[float], None]], None]  # (time, action(now))
+
+
+@dataclass(slots=True)
+class Record:
+    seq: SeqState
+    result: RequestResult
+    prompt_tokens: int  # the original prompt (seq.prompt_len grows with recompute)
+
+    def kv_tokens(self) -> int:
+        """Tokens whose KV a decoding sequence holds: prompt and every output but the last."""
+        return self.prompt_tokens + self.seq.num_output - 1
+
+
+@dataclass(frozen=True, slots=True)
+class UnitSetup:
+    mode: Mode
+    share: tuple[float, float]  # (prefill, decode) compute shares in semi-pd
+    num_blocks: int  # per pool
+    transfer_s_per_token: float  # disagg only
+
+
+class Unit:
+    def __init__(
+        self, setup: UnitSetup, planner: Planner, cost: CostModel, schedule: Schedule
+    ) -> None:
+        self.setup, self.planner, self.cost, self.schedule = setup, planner, cost, schedule
+        self.view = UnitView(free_blocks=setup.num_blocks, total_blocks=setup.num_blocks)
+        self.decode_view = self.view
+        if setup.mode == "disagg":
+            self.decode_view = UnitView(setup.num_blocks, setup.num_blocks)
+        self.records: dict[str, Record] = {}
+        self.prefill_busy = self.decode_busy = False
+        self.handoffs: list[SeqState] = []  # disagg: waiting for room in the decode pool
+        self.plan_seconds: list[float] = []
+
+    @property
+    def load(self) -> int:
+        return len(self.records)
+
+    def add(self, record: Record, now: float) -> None:
+        self.records[record.seq.request_id] = record
+        self.view.waiting.append(record.seq)
+        self.kick(now)
+
+    def kick(self, now: float) -> None:
+        """Start whatever worker is idle and has work."""
+        if self.setup.mode == "unified":
+            if not self.prefill_busy:
+                self._start_unified(now)
+            return
+        if not self.decode_busy:  # first: its preemptions free blocks and requeue prompts
+            self._start_decode(now)
+        if self.setup.mode == "disagg":
+            self._start_transfers(now)
+        if not self.prefill_busy:
+            self._start_prefill(now)
+
+    # --- planning and blocks ---
+
+    def _plan(self, now: float, decode_tokens: int) -> tuple[PrefillChunk, ...]:
+        start = time.perf_counter()
+        plan = self.planner.plan(self.view, now, decode_tokens)
+        self.plan_seconds.append(time.perf_counter() - start)
+        for rejection in plan.reject:
+            seq = self.records[rejection.request_id].seq
+            self.view.waiting.remove(seq)
+            self._close(seq, now, rejection.reason)
+        for admission in plan.admit:
+            seq = self.records[admission.request_id].seq
+            self.view.waiting.remove(seq)
+            self.view.free_blocks -= admission.num_new_blocks
+            seq.num_blocks += admission.num_new_blocks
+            seq.phase = Phase.PREFILLING
+            self.view.prefilling.append(seq)
+        return plan.prefill
+
+    def _grow(self, seq: SeqState, now: float) -> bool:
+        """Blocks for one more token of a decoding sequence, preempting when out of blocks;
+        False when the sequence itself was preempted or failed."""
+        pool = self.decode_view
+        needed = self.planner.blocks_for(self.records[seq.request_id].kv_tokens() + 1)
+        needed -= seq.num_blocks
+        if needed > pool.free_blocks:
+            preemption = self.planner.preempt(pool, seq, needed, now)
+            for failure in preemption.fail:
+                self._close(self.records[failure.request_id].seq, now, failure.reason)
+            for victim in preemption.victims:
+                self._preempt(self.records[victim].seq)
+            if seq.phase != Phase.DECODING or needed > pool.free_blocks:
+                return False
+        if needed > 0:
+            pool.free_blocks -= needed
+            seq.num_blocks += needed
+        return True
+
+    def _preempt(self, seq: SeqState) -> None:
+        """Back to waiting, to recompute prompt and outputs so far."""
+        self.decode_view.decoding.remove(seq)
+        self.decode_view.free_blocks += seq.num_blocks
+        seq.prompt_len = self.records[seq.request_id].prompt_tokens + seq.num_output
+        seq.num_cached = seq.num_computed = seq.num_blocks = 0
+        seq.phase = Phase.WAITING
+        seq.num_preemptions += 1
+        self.view.waiting.append(seq)
+
+    def _close(self, seq: SeqState, now: float, error: str | None = None) -> None:
+        """Finished (or failed): give back its blocks and leave the unit."""
+        record = self.records.pop(seq.request_id)
+        pool = self.decode_view if seq.phase == Phase.DECODING else self.view
+        if seq in pool.decoding:
+            pool.decoding.remove(seq)
+        if seq in self.view.prefilling:
+            self.view.prefilling.remove(seq)
+        pool.free_blocks += seq.num_blocks
+        seq.num_blocks = 0
+        record.result.error = error
+        record.result.done_s = None if error else now
+        record.result.output_tokens = seq.num_output
+
+    def _emit(self, seq: SeqState, now: float) -> bool:
+        """One output token at `now`; True when the request is done (and closed)."""
+        seq.num_output += 1
+        result = self.records[seq.request_id].result
+        result.token_times_s.append(now)
+        if result.first_token_s is None:
+            result.first_token_s = now
+        if seq.num_output >= seq.max_tokens:
+            self._close(seq, now)
+            return True
+        return False
+
+    # --- prefill ---
+
+    @staticmethod
+    def _prefill_work(chunks: tuple[PrefillChunk, ...]) -> tuple[int, int]:
+        tokens = sum(c.num_tokens for c in chunks)
+        return tokens, sum(attended_keys(c.start, c.num_tokens) for c in chunks)
+
+    def _start_prefill(self, now: float) -> None:
+        chunks = self._plan(now, 0)
+        if not chunks:
+            return
+        share = 1.0 if self.setup.mode == "disagg" else self.setup.share[0]
+        seconds = self.cost.prefill_s(*self._prefill_work(chunks), share)
+        self.prefill_busy = True
+        self.schedule(now + seconds, lambda t: self._prefill_done(chunks, t))
+
+    def _prefill_done(self, chunks: tuple[PrefillChunk, ...], now: float) -> None:
+        self.prefill_busy = False
+        self._apply_chunks(chunks, now)
+        self.kick(now)
+
+    def _apply_chunks(self, chunks: tuple[PrefillChunk, ...], now: float) -> None:
+        for chunk in chunks:
+            seq = self.records[chunk.request_id].seq
+            seq.num_computed += chunk.num_tokens
+            if not chunk.is_last or self._emit(seq, now):
+                continue
+            self.view.prefilling.remove(seq)
+            if self.setup.mode == "disagg":
+                self.handoffs.append(seq)
+            else:
+                seq.phase = Phase.DECODING
+                self.view.decoding.append(seq)
+
+    # --- decode ---
+
+    def _decode_batch(self, now: float) -> list[SeqState]:
+        batch = []
+        for seq in list(self.decode_view.decoding):
+            # an earlier sequence's preemption may have sent this one back to waiting
+            if seq.phase == Phase.DECODING and self._grow(seq, now):
+                batch.append(seq)
+        return [seq for seq in batch if seq.phase == Phase.DECODING]
+
+    def _decode_work(self, batch: list[SeqState]) -> int:
+        return sum(self.records[seq.request_id].kv_tokens() + 1 for seq in batch)
+
+    def _start_decode(self, now: float) -> None:
+        batch = self._decode_batch(now)
+        if not batch:
+            return
+        share = 1.0 if self.setup.mode == "disagg" else self.setup.share[1]
+        seconds = self.cost.decode_s(len(batch), self._decode_work(batch), share)
+        self.decode_busy = True
+        self.schedule(now + seconds, lambda t: self._decode_done(batch, t))
+
+    def _decode_done(self, batch: list[SeqState], now: float) -> None:
+        self.decode_busy = False
+        for seq in batch:
+            if seq.phase == Phase.DECODING:
+                self._emit(seq, now)
+        self.kick(now)
+
+    # --- unified: one worker, mixed steps ---
+
+    def _start_unified(self, now: float) -> None:
+        batch = self._decode_batch(now)
+        chunks = self._plan(now, len(batch))
+        if not batch and not chunks:
+            return
+        tokens, keys = self._prefill_work(chunks)
+        seconds = self.cost.mixed_s(tokens, keys, len(batch), self._decode_work(batch), 1.0)
+        self.prefill_busy = True
+        self.schedule(now + seconds, lambda t: self._unified_done(batch, chunks, t))
+
+    def _unified_done(
+        self, batch: list[SeqState], chunks: tuple[PrefillChunk, ...], now: float
+    ) -> None:
+        self.prefill_busy = False
+        for seq in batch:
+            if seq.phase == Phase.DECODING:
+                self._emit(seq, now)
+        self._apply_chunks(chunks, now)
+        self.kick(now)
+
+    # --- disagg: KV copy from the prefill pool to the decode pool ---
+
+    def _start_transfers(self, now: float) -> None:
+        while self.handoffs and self.handoffs[0].num_blocks <= self.decode_view.free_blocks:
+            seq = self.handoffs.pop(0)
+            self.decode_view.free_blocks -= seq.num_blocks
+            tokens = self.records[seq.request_id].kv_tokens()
+            arrive = now + tokens * self.setup.transfer_s_per_token
+            self.schedule(arrive, partial(self._transfer_done, seq))
+
+    def _transfer_done(self, seq: SeqState, now: float) -> None:
+        self.view.free_blocks += seq.num_blocks  # the prefill pool's copy is released
+        seq.phase = Phase.DECODING
+        self.decode_view.decoding.append(seq)
+        self.kick(now)

@@ -1,0 +1,125 @@
+"""The simulator against queues worked out by hand, its bookkeeping, and its cost models."""
+
+import time
+from collections.abc import Callable
+from typing import get_args
+
+import numpy as np
+import pytest
+
+from duetserve.loadtest.metrics import summarize, tpot_ms, ttft_ms
+from duetserve.loadtest.sim import (
+    CpuProfile,
+    FixedCost,
+    GpuRooflineProfile,
+    StepMeasurement,
+    fit_cpu_profile,
+    run_simulation,
+    simulate,
+)
+from duetserve.loadtest.sim.cost import H100_HBM_BYTES_PER_S, WEIGHT_BYTES
+from duetserve.loadtest.sim.unit import Mode
+from duetserve.loadtest.spec import RequestResult, RequestSpec
+from duetserve.services.scheduler.planner import PlannerConfig
+
+# Work per token dominates; prefill dearer per token than a decode sequence.
+SYNTHETIC = CpuProfile(1e-3, 2e-4, 1e-8, 1e-3, 2e-3, 1e-7)
+
+
+def _spec(index: int, arrival: float, prompt: int, output: int) -> RequestSpec:
+    return RequestSpec(index, "x", prompt, output, arrival)
+
+
+def _random_specs(n: int, rate: float, seed: int = 0) -> list[RequestSpec]:
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1 / rate, n))
+    prompts, outputs = rng.integers(20, 400, n), rng.integers(10, 200, n)
+    return [_spec(i, float(arrivals[i]), int(prompts[i]), int(outputs[i])) for i in range(n)]
+
+
+def test_deterministic_queue_matches_hand_computation() -> None:
+    """Arrivals every 1 s, one prefill at a time taking 1.5 s: prefill k starts at 1.5k, so its
+    wait is 0.5k and TTFT 1.5 + 0.5k; two decode steps of 0.25 s follow on an idle worker."""
+    specs = [_spec(k, float(k), 10, 3) for k in range(6)]
+    results = simulate(
+        specs,
+        FixedCost(prefill_step_s=1.5, decode_step_s=0.25),
+        planner_config=PlannerConfig(max_prefill_seqs=1),
+    )
+    for k, result in enumerate(results):
+        assert ttft_ms(result) == pytest.approx(1500 + 500 * k)
+        assert result.done_s is not None
+        assert (result.done_s - result.sent_s) * 1000 == pytest.approx(2000 + 500 * k)
+        assert tpot_ms(result) == pytest.approx(250)
+        assert result.output_tokens == 3 and len(result.token_times_s) == 3
+
+
+@pytest.mark.parametrize("mode", get_args(Mode))
+def test_every_request_completes_and_no_block_leaks(mode: Mode) -> None:
+    specs = _random_specs(60, rate=200.0)
+    sim = run_simulation(specs, SYNTHETIC, mode=mode, num_blocks=48, transfer_s_per_token=1e-6)
+    assert sim.preemptions > 0  # the small pool forces recompute
+    assert sim.leaked_blocks == 0
+    for result, spec in zip(sim.results, specs, strict=True):
+        assert result.ok, result.error
+        assert result.output_tokens == spec.output_tokens
+        assert len(result.token_times_s) == spec.output_tokens
+        assert result.token_times_s == sorted(result.token_times_s)
+    assert summarize(sim.results, duration_s=sim.end_s).ok == len(specs)
+
+
+def test_prompt_larger_than_the_pool_is_rejected() -> None:
+    results = simulate([_spec(0, 0.0, 10_000, 4)], SYNTHETIC, num_blocks=16)
+    assert not results[0].ok and results[0].error is not None and "KV" in results[0].error
+
+
+def _p50(results: list[RequestResult], metric: Callable[[RequestResult], float | None]) -> float:
+    values = [v for r in results if (v := metric(r)) is not None]
+    return float(np.percentile(values, 50))
+
+
+def test_semi_pd_shares_move_ttft_and_tpot_against_unified() -> None:
+    """Decode on its own share is not slowed by prompts: semi-PD's TPOT beats unified's. A
+    small prefill share makes prompts wait: its TTFT is worse than unified's, which runs
+    prompts on the whole device; a larger prefill share lowers TTFT and raises TPOT."""
+    specs = _random_specs(150, rate=25.0, seed=1)
+    unified = simulate(specs, SYNTHETIC, mode="unified")
+    small = simulate(specs, SYNTHETIC, share=(0.3, 0.7))
+    large = simulate(specs, SYNTHETIC, share=(0.7, 0.3))
+    assert _p50(small, tpot_ms) < _p50(unified, tpot_ms)
+    assert _p50(small, ttft_ms) > _p50(unified, ttft_ms)
+    assert _p50(large, ttft_ms) < _p50(small, ttft_ms)
+    assert _p50(large, tpot_ms) > _p50(small, tpot_ms)
+
+
+def test_gpu_decode_batch_one_is_weight_streaming() -> None:
+    gpu = GpuRooflineProfile()
+    step = gpu.decode_s(1, 100, 1.0)
+    floor = WEIGHT_BYTES / H100_HBM_BYTES_PER_S
+    assert floor < step <= floor / gpu.bandwidth_efficiency * 1.01 + gpu.step_overhead_s
+    assert gpu.decode_s(1, 100, 0.5) > step  # bandwidth shared with the share
+    assert gpu.prefill_s(4096, 4096 * 2048, 1.0) > gpu.prefill_s(512, 512 * 256, 1.0)
+    assert gpu.kv_blocks(16) > 10_000
+
+
+def test_fit_cpu_profile_recovers_linear_coefficients() -> None:
+    truth = CpuProfile(2e-3, 1e-4, 1e-8, 3e-3, 5e-4, 2e-7)
+    shapes = [(64, 2080), (256, 32896), (1024, 524800), (512, 65792), (128, 8256)]
+    rows = [StepMeasurement("prefill", t, c, truth.prefill_s(t, c, 1.0)) for t, c in shapes]
+    rows += [
+        StepMeasurement("decode", s, c, truth.decode_s(s, c, 1.0))
+        for s, c in [(1, 128), (8, 2048), (32, 8192), (32, 32768), (16, 4096)]
+    ]
+    fitted = fit_cpu_profile(rows)
+    for name in truth.__slots__:
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-6, abs=1e-12)
+
+
+def test_scale_smoke_four_units_high_rate() -> None:
+    specs = _random_specs(400, rate=400.0, seed=2)
+    start = time.perf_counter()
+    sim = run_simulation(specs, GpuRooflineProfile(), units=4, num_blocks=2048)
+    assert time.perf_counter() - start < 5.0
+    assert all(r.ok for r in sim.results)
+    assert sim.leaked_blocks == 0
+    assert sim.decisions.count > 0 and sim.decisions.mean_us > 0
