@@ -6,6 +6,7 @@ they change records and wake the loop.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -20,6 +21,8 @@ from duetserve.services.scheduler.requests import RequestRecord
 from duetserve.services.scheduler.state import Phase, UnitView
 
 logger = logging.getLogger(__name__)
+RETRY_WAITING_S = 0.5
+RELEASE_ATTEMPTS = 3
 
 
 class SchedulerCore:
@@ -37,7 +40,11 @@ class SchedulerCore:
 
     async def run(self) -> None:
         while True:
-            await self.wake.wait()
+            # Events wake the loop; requests left waiting (no blocks yet) are retried on a short
+            # timer too, so no lost wake-up can strand them.
+            retry_s = RETRY_WAITING_S if self.view.waiting else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), retry_s)
             self.wake.clear()
             while await self._step():
                 pass
@@ -106,12 +113,17 @@ class SchedulerCore:
             return cache.PrefixMatch((), 0)
 
     async def _allocate(self, owner: str, count: int) -> list[int] | None:
-        """Blocks from kv_manager; on a shortage the prefix cache gives some back, once."""
+        """Blocks from kv_manager; on a shortage the prefix cache gives some back, once. None
+        when there is no room (or no answer: the request stays waiting and is retried)."""
         for attempt in range(2):
-            reply = await self.bus.request(
-                subjects.kv(self.unit, "alloc"), encode(kv.AllocateBlocks(owner, count))
-            )
-            answer = decode(reply.data, kv.BlocksGranted, ErrorReply)
+            try:
+                reply = await self.bus.request(
+                    subjects.kv(self.unit, "alloc"), encode(kv.AllocateBlocks(owner, count))
+                )
+                answer = decode(reply.data, kv.BlocksGranted, ErrorReply)
+            except (BusTimeout, ProtoError) as err:
+                logger.warning("kv_manager did not allocate for %s: %s", owner, err)
+                return None
             if isinstance(answer, kv.BlocksGranted):
                 self.view.free_blocks = answer.num_free
                 return list(answer.block_ids)
@@ -130,12 +142,21 @@ class SchedulerCore:
             return 0
 
     async def release(self, owner: str) -> None:
-        reply = await self.bus.request(
-            subjects.kv(self.unit, "release"), encode(kv.ReleaseBlocks(owner))
-        )
-        answer = decode(reply.data, kv.BlocksReleased, ErrorReply)
-        if isinstance(answer, kv.BlocksReleased):
-            self.view.free_blocks = answer.num_free
+        """Give back every block `owner` holds; retried, since a lost release would keep the
+        blocks until the scheduler's own lease lapsed."""
+        for attempt in range(RELEASE_ATTEMPTS):
+            try:
+                reply = await self.bus.request(
+                    subjects.kv(self.unit, "release"), encode(kv.ReleaseBlocks(owner))
+                )
+                answer = decode(reply.data, kv.BlocksReleased, ErrorReply)
+            except (BusTimeout, ProtoError) as err:
+                logger.warning("release of %s, attempt %d: %s", owner, attempt + 1, err)
+                continue
+            if isinstance(answer, kv.BlocksReleased):
+                self.view.free_blocks = answer.num_free
+            return
+        logger.error("could not release the blocks of %s", owner)
 
     # --- prefill and hand-off -----------------------------------------------------------
 
