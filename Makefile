@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODELS := models
 
-.PHONY: help venv run test lint typecheck model model-small bench-runtime clean
+.PHONY: help venv run test lint typecheck model model-small bench-runtime gpu-check clean
 
 help:
 	@echo "make run           the whole stack on 127.0.0.1:8000 (DUET_MODEL, DUET_DTYPE, DUET_PORT)"
@@ -13,6 +13,7 @@ help:
 	@echo "make model         generate the tiny model under $(MODELS)/tiny"
 	@echo "make model-small   generate the small (~100M) benchmark model under $(MODELS)/small"
 	@echo "make bench-runtime runtime speed against its floors (writes docs/benchmarks.md)"
+	@echo "make gpu-check     the GPU compute-share backends (green contexts, MPS) on a real GPU"
 
 venv: $(STAMP)
 
@@ -43,6 +44,9 @@ model-small: $(STAMP)
 
 bench-runtime: model-small
 	$(BIN)/python -m duetserve.loadtest.runtime_bench --model $(MODELS)/small --write docs/benchmarks.md
+
+gpu-check: $(STAMP)
+	$(BIN)/python -m duetserve.runtime.compute_share.gpu_check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache src/*.egg-info
