@@ -113,3 +113,5 @@ class SchedulerStats:
     free_blocks: int
     total_blocks: int
     preemptions: int  # since the scheduler started
+    prefill_share: float = 0.0  # the compute split last asked of the unit's workers
+    split_moves: int = 0  # times the partition controller moved it since the start

@@ -143,6 +143,7 @@ class WorkerEvent:
     output_token_ids: tuple[int, ...] = ()
     blocks_needed: int = 0
     reason: str = ""
+    num_output_tokens: int = 0  # FINISHED: tokens the request generated in all
 
 
 @message("worker.events")

@@ -21,6 +21,7 @@ from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply, HealthStatus
 from duetserve.services.decode_worker.settings import DecodeSettings
 from duetserve.services.decode_worker.stepper import DecodeStepper
+from duetserve.services.unit_worker.compute import WorkerCompute, follow_splits
 from duetserve.services.unit_worker.model_host import host_model
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class DecodeWorkerService:
         self.bus: Bus | None = None
         self.status = HealthStatus.STARTING
         self.stepper: DecodeStepper | None = None
+        self.compute: WorkerCompute | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -43,8 +45,10 @@ class DecodeWorkerService:
             s.nats_url, self.instance, request_timeout_s=s.request_timeout_s
         )
         description = await fetch_storage(bus, s.unit, self.instance)
-        host = await asyncio.to_thread(host_model, description, s.sampler_seed)
-        self.stepper = DecodeStepper(bus, host, s, self.holder)
+        self.compute = compute = await asyncio.to_thread(WorkerCompute.open, s, "decode")
+        await follow_splits(bus, compute, s, self.instance)
+        host = await compute.run(host_model, description, s.sampler_seed)
+        self.stepper = DecodeStepper(bus, host, s, self.holder, compute)
         await bus.subscribe(workers.decode_admit_subject(s.unit), self.on_admit, queue=SERVICE)
         await bus.subscribe(workers.decode_control_subject(s.unit), self.on_control)
         self._tasks = [
@@ -92,5 +96,8 @@ class DecodeWorkerService:
         if self.stepper is not None:
             await self.stepper.release_all()
             self.stepper.host.close()
+            self.stepper.step_log.close()
+        if self.compute is not None:
+            self.compute.close()
         if self.bus is not None:
             await self.bus.close()

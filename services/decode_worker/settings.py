@@ -2,12 +2,10 @@
 
 from pydantic import Field
 
-from duetserve.common.settings import CommonSettings
+from duetserve.services.unit_worker.settings import UnitWorkerSettings
 
 
-class DecodeSettings(CommonSettings):
-    unit: str = "unit0"
-    sampler_seed: int = 0  # randomness of unseeded requests
+class DecodeSettings(UnitWorkerSettings):
     max_resident: int = Field(256, gt=0)  # requests decoding at once
     growth_blocks: int = Field(4, gt=0)  # blocks taken per allocation, ahead of need
     heartbeat_interval_s: float = Field(1.0, gt=0)

@@ -15,15 +15,25 @@ from duetserve.proto.tokens import FinishReason, TokenChunk
 from duetserve.runtime.errors import RuntimeInputError
 from duetserve.services.decode_worker.residents import Resident, decode_step
 from duetserve.services.decode_worker.settings import DecodeSettings
+from duetserve.services.unit_worker.compute import WorkerCompute
 from duetserve.services.unit_worker.model_host import ModelHost
 from duetserve.services.unit_worker.sequences import runtime_state, sampling_params
+from duetserve.services.unit_worker.step_log import StepLog
 
 logger = logging.getLogger(__name__)
 
 
 class DecodeStepper:
-    def __init__(self, bus: Bus, host: ModelHost, settings: DecodeSettings, holder: str) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        host: ModelHost,
+        settings: DecodeSettings,
+        holder: str,
+        compute: WorkerCompute,
+    ) -> None:
         self.bus, self.host, self.settings, self.holder = bus, host, settings, holder
+        self.compute = compute
         self.unit = settings.unit
         self.residents: dict[str, Resident] = {}
         self.accepting = True
@@ -31,6 +41,7 @@ class DecodeStepper:
         self._work = asyncio.Event()
         self._free_blocks: int | None = None
         self._last_needs_blocks: dict[str, float] = {}
+        self.step_log = StepLog(settings.step_log_dir, "decode")
 
     # --- between steps --------------------------------------------------------------------
 
@@ -92,6 +103,7 @@ class DecodeStepper:
 
     async def run(self) -> None:
         while True:
+            started = time.perf_counter()
             await self._apply_controls()
             # A snapshot: admissions land in self.residents while _has_room awaits kv_manager.
             active = [r for r in list(self.residents.values()) if await self._has_room(r)]
@@ -102,11 +114,14 @@ class DecodeStepper:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._work.wait(), with_timeout)
                 continue
-            await self._step(active)
+            await self._step(active, started)
 
-    async def _step(self, active: list[Resident]) -> None:
+    async def _step(self, active: list[Resident], started: float) -> None:
+        context = sum(r.num_computed + 1 for r in active)
+        forward_start = time.perf_counter()
         try:
-            outcome = await asyncio.to_thread(decode_step, self.host, active)
+            outcome = await self.compute.run(decode_step, self.host, active)
+            forward_s = time.perf_counter() - forward_start
         except RuntimeInputError as err:  # a request the model refuses fails alone
             for resident in active:
                 self.residents.pop(resident.request_id, None)
@@ -121,9 +136,16 @@ class DecodeStepper:
             self.residents.pop(resident.request_id, None)
             with traced_as(resident.traceparent, "decode.finished"):
                 await self._release(resident)
-            finished.append(workers.WorkerEvent(workers.EventKind.FINISHED, resident.request_id))
+            finished.append(
+                workers.WorkerEvent(
+                    workers.EventKind.FINISHED,
+                    resident.request_id,
+                    num_output_tokens=len(resident.output),
+                )
+            )
         if finished:
             await self._events(tuple(finished))
+        self.step_log.record(len(active), context, forward_s, time.perf_counter() - started)
 
     async def _has_room(self, resident: Resident) -> bool:
         """Whether the block table has a slot for the token this step writes; takes growth

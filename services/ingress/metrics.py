@@ -86,12 +86,26 @@ class IngressMetrics:
             registry=self.registry,
         )
 
+        self.prefill_share = Gauge(
+            "duet_compute_prefill_share",
+            "The prefill worker's share of the unit's device, as the scheduler last set it "
+            "(the decode worker has the rest).",
+            registry=self.registry,
+        )
+        self.split_moves = Gauge(
+            "duet_compute_split_moves",
+            "Times the partition controller moved the compute split since the scheduler started.",
+            registry=self.registry,
+        )
+
     def observe_scheduler(self, stats: SchedulerStats) -> None:
         for phase in ("waiting", "prefilling", "decoding"):
             self.scheduler.labels(phase=phase).set(getattr(stats, phase))
         self.kv_blocks.labels(state="free").set(stats.free_blocks)
         self.kv_blocks.labels(state="total").set(stats.total_blocks)
         self.preemptions.set(stats.preemptions)
+        self.prefill_share.set(stats.prefill_share)
+        self.split_moves.set(stats.split_moves)
 
     def observe_request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()

@@ -3,6 +3,7 @@ publishes each request's first token on its stream and reports back."""
 
 import asyncio
 import logging
+import time
 
 from nats.aio.msg import Msg
 
@@ -15,7 +16,9 @@ from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply, HealthStatus
 from duetserve.services.prefill_worker.executor import run_prefill
 from duetserve.services.prefill_worker.settings import PrefillSettings
+from duetserve.services.unit_worker.compute import WorkerCompute, follow_splits
 from duetserve.services.unit_worker.model_host import ModelHost, host_model
+from duetserve.services.unit_worker.step_log import StepLog, attended_keys
 
 logger = logging.getLogger(__name__)
 SERVICE = "prefill_worker"
@@ -28,7 +31,9 @@ class PrefillWorkerService:
         self.bus: Bus | None = None
         self.status = HealthStatus.STARTING
         self.host: ModelHost | None = None
+        self.compute: WorkerCompute | None = None
         self.tokens_computed = 0
+        self.step_log = StepLog(settings.step_log_dir, "prefill")
 
     async def start(self) -> None:
         s = self.settings
@@ -36,25 +41,32 @@ class PrefillWorkerService:
             s.nats_url, self.instance, request_timeout_s=s.request_timeout_s
         )
         description = await fetch_storage(bus, s.unit, self.instance)
-        self.host = await asyncio.to_thread(host_model, description, s.sampler_seed)
+        self.compute = compute = await asyncio.to_thread(WorkerCompute.open, s, "prefill")
+        await follow_splits(bus, compute, s, self.instance)
+        self.host = await compute.run(host_model, description, s.sampler_seed)
         await bus.subscribe(workers.prefill_batch_subject(s.unit), self.on_batch, queue=SERVICE)
         await serve_health(bus, SERVICE, self.instance, lambda: self.status)
         self.status = HealthStatus.READY
 
     async def on_batch(self, msg: Msg) -> None:
-        assert self.bus is not None and self.host is not None
+        assert self.bus is not None and self.host is not None and self.compute is not None
         try:
             batch = decode(msg.data, workers.PrefillBatch)
         except ProtoError as err:
             await self.bus.reply(msg, encode(ErrorReply(err.code, str(err))))
             return
-        output = await asyncio.to_thread(run_prefill, self.host, batch)
-        self.tokens_computed += sum(len(item.token_ids) for item in batch.items)
+        started = time.perf_counter()
+        output = await self.compute.run(run_prefill, self.host, batch)
+        forward_s = time.perf_counter() - started
+        tokens = sum(len(item.token_ids) for item in batch.items)
+        self.tokens_computed += tokens
         traces = {item.request_id: item.traceparent for item in batch.items}
         for chunk in output.tokens:  # the first token reaches the client before the hand-off
             with traced_as(traces.get(chunk.request_id, ""), "prefill.first_token"):
                 await self.bus.publish(subjects.tokens(chunk.request_id), encode(chunk))
         await self.bus.reply(msg, encode(workers.PrefillDone(batch.batch_id, output.results)))
+        context = sum(attended_keys(i.num_cached_tokens, len(i.token_ids)) for i in batch.items)
+        self.step_log.record(tokens, context, forward_s, time.perf_counter() - started)
 
     async def ready(self) -> bool:
         return self.host is not None
@@ -69,3 +81,6 @@ class PrefillWorkerService:
             await self.bus.close()
         if self.host is not None:
             self.host.close()
+        if self.compute is not None:
+            self.compute.close()
+        self.step_log.close()

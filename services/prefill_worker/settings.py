@@ -1,8 +1,7 @@
 """Prefill worker settings (DUET_ prefix), parsed once at the entrypoint."""
 
-from duetserve.common.settings import CommonSettings
+from duetserve.services.unit_worker.settings import UnitWorkerSettings
 
 
-class PrefillSettings(CommonSettings):
-    unit: str = "unit0"
-    sampler_seed: int = 0  # randomness of unseeded requests
+class PrefillSettings(UnitWorkerSettings):
+    pass

@@ -18,6 +18,7 @@ from duetserve.proto.common import ErrorReply
 from duetserve.proto.tokens import FinishReason, TokenChunk
 from duetserve.services.scheduler.planner import Admission, Planner, PrefillChunk
 from duetserve.services.scheduler.requests import RequestRecord
+from duetserve.services.scheduler.split_tuner import SplitTuner
 from duetserve.services.scheduler.state import Phase, UnitView
 
 logger = logging.getLogger(__name__)
@@ -27,9 +28,15 @@ RELEASE_ATTEMPTS = 3
 
 class SchedulerCore:
     def __init__(
-        self, bus: Bus, planner: Planner, unit: str, num_blocks: int, prefill_timeout_s: float
+        self,
+        bus: Bus,
+        planner: Planner,
+        unit: str,
+        num_blocks: int,
+        prefill_timeout_s: float,
+        tuner: SplitTuner,
     ) -> None:
-        self.bus, self.planner, self.unit = bus, planner, unit
+        self.bus, self.planner, self.unit, self.tuner = bus, planner, unit, tuner
         self.prefill_timeout_s = prefill_timeout_s
         self.records: dict[str, RequestRecord] = {}
         self.view = UnitView(free_blocks=num_blocks, total_blocks=num_blocks)
@@ -164,11 +171,14 @@ class SchedulerCore:
         self._batch_id += 1
         items = tuple(self._prefill_item(c) for c in chunks)
         batch = workers.PrefillBatch(self._batch_id, items)
+        started = time.monotonic()
         try:
             reply = await self.bus.request(
                 workers.prefill_batch_subject(self.unit), encode(batch), self.prefill_timeout_s
             )
             done = decode(reply.data, workers.PrefillDone)
+            tokens = sum(c.num_tokens for c in chunks)
+            self.tuner.on_prefill_batch(tokens, time.monotonic() - started)
         except (BusTimeout, ProtoError) as err:
             for chunk in chunks:
                 if (record := self.records.get(chunk.request_id)) is not None:
@@ -210,6 +220,9 @@ class SchedulerCore:
         if not chunk.is_last:
             return
         assert result.token is not None, "the last chunk samples a token"
+        if not record.output_token_ids and record.seq.num_preemptions == 0:
+            record.first_token_at = now = time.monotonic()
+            self.tuner.on_first_token(now - record.seq.arrival)
         record.output_token_ids.append(result.token.token_id)
         await self._insert_prefix(record)
         if result.finished:

@@ -47,6 +47,7 @@ class SchedulerHandlers:
         record.traceparent = current_traceparent()  # the handler runs in the submit's trace
         self.core.records[submit.request_id] = record
         self.core.view.waiting.append(record.seq)
+        self.core.tuner.on_arrival(len(submit.prompt_token_ids))
         await self.bus.reply(msg, encode(SubmitAccepted(submit.request_id)))
         self.core.wake.set()
 
@@ -82,6 +83,8 @@ class SchedulerHandlers:
             free_blocks=view.free_blocks,
             total_blocks=view.total_blocks,
             preemptions=self.preemptions,
+            prefill_share=self.core.tuner.prefill_share,
+            split_moves=self.core.tuner.moves,
         )
         await self.bus.reply(msg, encode(stats))
 
@@ -103,6 +106,9 @@ class SchedulerHandlers:
             return
         kind = event.kind
         if kind in (workers.EventKind.FINISHED, workers.EventKind.FAILED):
+            if kind == workers.EventKind.FINISHED and record.first_token_at is not None:
+                decode_s = time.monotonic() - record.first_token_at
+                self.core.tuner.on_finished(decode_s, event.num_output_tokens)
             self.core.forget(record)
         elif kind == workers.EventKind.PREEMPTED:
             self._requeue(record, event.output_token_ids)

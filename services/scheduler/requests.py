@@ -17,6 +17,7 @@ class RequestRecord:
     output_token_ids: list[int] = field(default_factory=list)  # known after a preemption
     cancelled: str | None = None  # reason, once a cancel arrived
     traceparent: str = ""  # the request's trace, for work done on it outside its messages
+    first_token_at: float | None = None  # monotonic time prefill produced the first token
 
     @property
     def request_id(self) -> str:

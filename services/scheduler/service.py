@@ -15,6 +15,8 @@ from duetserve.services.scheduler.planner import Planner, PlannerConfig
 from duetserve.services.scheduler.policy.fcfs import FcfsPolicy
 from duetserve.services.scheduler.requests import SCHEDULER_HOLDER
 from duetserve.services.scheduler.settings import SchedulerSettings
+from duetserve.services.scheduler.split_controller import SplitController, SplitControllerConfig
+from duetserve.services.scheduler.split_tuner import SplitTuner
 
 logger = logging.getLogger(__name__)
 SERVICE = "scheduler"
@@ -28,6 +30,7 @@ class SchedulerService:
         self.status = HealthStatus.STARTING
         self.core: SchedulerCore | None = None
         self.handlers: SchedulerHandlers | None = None
+        self.tuner: SplitTuner | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -44,7 +47,11 @@ class SchedulerService:
             decode_reserve_blocks=s.decode_reserve_blocks,
         )
         planner = Planner(config, FcfsPolicy())
-        self.core = SchedulerCore(bus, planner, s.unit, storage.num_blocks, s.prefill_timeout_s)
+        self.tuner = tuner = SplitTuner(bus, s.unit, split_controller(s), s.prefill_share)
+        await tuner.start()
+        self.core = SchedulerCore(
+            bus, planner, s.unit, storage.num_blocks, s.prefill_timeout_s, tuner
+        )
         self.handlers = handlers = SchedulerHandlers(bus, self.core, s.unit)
         await bus.subscribe(subjects.SCHED_SUBMIT, handlers.on_submit)
         await bus.subscribe(subjects.SCHED_CANCEL, handlers.on_cancel)
@@ -52,6 +59,7 @@ class SchedulerService:
         await bus.subscribe(workers.worker_events_subject(s.unit), handlers.on_worker_events)
         self._tasks = [
             critical_task(self.core.run(), "scheduler-loop"),
+            critical_task(tuner.run(), "split-controller"),
             critical_task(
                 heartbeat_forever(bus, s.unit, SCHEDULER_HOLDER, s.heartbeat_interval_s),
                 "scheduler-heartbeat",
@@ -82,3 +90,22 @@ class SchedulerService:
         await cancel_tasks(self._tasks)
         if self.bus is not None:
             await self.bus.close()
+
+
+def split_controller(s: SchedulerSettings) -> SplitController | None:
+    """The partition controller the settings ask for (None: the split stays where it starts)."""
+    if s.split_control == "static":
+        return None
+    config = SplitControllerConfig(
+        ttft_slo_s=s.split_ttft_slo_ms / 1000,
+        tpot_slo_s=s.split_tpot_slo_ms / 1000,
+        percentile=s.split_percentile,
+        window_samples=s.split_window_samples,
+        window_s=s.split_window_s,
+        min_samples=min(s.split_min_samples, s.split_window_samples),
+        step=s.split_step,
+        min_share=s.split_min_share,
+        max_share=s.split_max_share,
+        initial_split=min(max(s.prefill_share, s.split_min_share), s.split_max_share),
+    )
+    return SplitController(config, start=asyncio.get_running_loop().time())

@@ -16,3 +16,17 @@ class SchedulerSettings(CommonSettings):
     decode_reserve_blocks: int = Field(0, ge=0)
     prefill_timeout_s: float = Field(120.0, gt=0)
     heartbeat_interval_s: float = Field(1.0, gt=0)
+    # The unit's compute split: the prefill worker's share at start (the workers read the same
+    # DUET_PREFILL_SHARE), and whether the partition controller moves it ("slo") or not.
+    prefill_share: float = Field(0.5, gt=0.0, lt=1.0)
+    split_control: Literal["slo", "static"] = "slo"
+    # The latencies the controller keeps the unit within, at its percentile.
+    split_ttft_slo_ms: float = Field(1000.0, gt=0)
+    split_tpot_slo_ms: float = Field(100.0, gt=0)
+    split_percentile: float = Field(90.0, gt=0, le=100)
+    split_window_samples: int = Field(32, gt=0)  # a window closes after this many samples ...
+    split_window_s: float = Field(10.0, gt=0)  # ... or this long (with a few of each)
+    split_min_samples: int = Field(4, gt=0)
+    split_step: float = Field(0.05, gt=0, lt=1)
+    split_min_share: float = Field(0.1, gt=0, lt=1)
+    split_max_share: float = Field(0.9, gt=0, lt=1)

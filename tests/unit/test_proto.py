@@ -5,7 +5,17 @@ import re
 import msgpack
 import pytest
 
-from duetserve.proto import cache, codec, common, kv, scheduling, subjects, tokens, workers
+from duetserve.proto import (
+    cache,
+    codec,
+    common,
+    compute,
+    kv,
+    scheduling,
+    subjects,
+    tokens,
+    workers,
+)
 from duetserve.proto.codec import (
     InvalidMessageError,
     UnknownMessageError,
@@ -50,6 +60,7 @@ EXAMPLES: list[object] = [
     scheduling.SubmitAccepted("r-1"),
     scheduling.SchedulerStatsQuery(),
     scheduling.SchedulerStats(3, 1, 12, 40, 512, preemptions=2),
+    scheduling.SchedulerStats(0, 0, 2, 500, 512, 0, prefill_share=0.65, split_moves=3),
     scheduling.CancelRequest("r-1", scheduling.CancelReason.CLIENT_GONE),
     kv.AllocateBlocks("sched-0/r-1", 4),
     kv.BlocksGranted("sched-0/r-1", (3, 9, 1, 0), num_free=100),
@@ -113,11 +124,18 @@ EXAMPLES: list[object] = [
     workers.WorkerEvents(
         "decode-0",
         (
-            workers.WorkerEvent(workers.EventKind.FINISHED, "r-2"),
+            workers.WorkerEvent(workers.EventKind.FINISHED, "r-2", num_output_tokens=17),
             workers.WorkerEvent(workers.EventKind.NEEDS_BLOCKS, "r-5", blocks_needed=1),
             workers.WorkerEvent(workers.EventKind.PREEMPTED, "r-6", output_token_ids=(1, 2)),
         ),
         free_blocks=0,
+    ),
+    compute.SetComputeSplit(0.35, 4, "TTFT misses"),
+    compute.ComputeShareApplied(
+        "prefill-0", "prefill", "cpu-cgroup", 4, 0.35, 0.35, "0.7 of 2 cores, 1 thread"
+    ),
+    compute.ComputeShareApplied(
+        "decode-0", "decode", "cpu-affinity", 5, 0.9, 0.5, "", error="too few cores"
     ),
 ]
 
@@ -200,3 +218,14 @@ def test_subjects_refuse_unsafe_tokens() -> None:
     for bad in ("a.b", "a b", "*", ">", ""):
         with pytest.raises(ValueError):
             subjects.tokens(bad)
+
+
+def test_a_compute_split_outside_zero_one_is_refused() -> None:
+    for share in (0.0, 1.0, -0.2, float("nan")):
+        with pytest.raises(ValueError, match="prefill_share"):
+            compute.SetComputeSplit(share, 1)
+    with pytest.raises(InvalidMessageError):
+        decode(envelope("compute.set_split", 1, {"prefill_share": 1.5, "sequence": 1}))
+    assert compute.compute_split_subject("unit0") == "duet.compute.unit0.split"
+    with pytest.raises(ValueError):
+        compute.compute_applied_subject("unit.0")

@@ -1,0 +1,125 @@
+"""A worker's compute share, and the one thread its model runs on.
+
+Every model call of a worker (loading, prefill batches, decode steps) and every change of its
+share run on one dedicated thread, in order. So a new split lands between two iterations,
+never inside one, and torch's intra-op thread count (a per-thread setting) is set in the
+thread that runs the model."""
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
+
+from nats.aio.msg import Msg
+
+from duetserve.common.nats_bus import Bus
+from duetserve.proto.codec import ProtoError, decode, encode
+from duetserve.proto.compute import (
+    ComputeShareApplied,
+    SetComputeSplit,
+    compute_applied_subject,
+    compute_split_subject,
+)
+from duetserve.runtime.compute_share import (
+    AppliedShare,
+    ComputeShare,
+    ComputeShareError,
+    Role,
+    ShareOptions,
+    open_compute_share,
+    probe_machine,
+    select_backend,
+)
+from duetserve.services.unit_worker.settings import UnitWorkerSettings, parse_cores
+
+logger = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class WorkerCompute:
+    def __init__(self, share: ComputeShare, role: Role) -> None:
+        self.share, self.role = share, role
+        self.applied: AppliedShare | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"{role}-model")
+
+    @classmethod
+    def open(cls, settings: UnitWorkerSettings, role: Role) -> "WorkerCompute":
+        """Probe the machine, pick the backend the settings ask for (or the best one) and open
+        this worker's share; BackendUnavailableError says why a requested one cannot run."""
+        probe = probe_machine()
+        selection = select_backend(settings.compute_share, probe)
+        cores = parse_cores(settings.unit_cores) if settings.unit_cores else None
+        share = open_compute_share(
+            selection,
+            role,
+            settings.unit,
+            cores or sorted(os.sched_getaffinity(0)),
+            probe,
+            ShareOptions(cgroup_period_us=settings.cgroup_period_us),
+        )
+        return cls(share, role)
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`fn` on the model thread, after whatever was queued there before it."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, lambda: fn(*args, **kwargs))
+
+    def own_share(self, prefill_share: float) -> float:
+        return prefill_share if self.role == "prefill" else round(1.0 - prefill_share, 6)
+
+    async def apply_split(self, prefill_share: float) -> AppliedShare:
+        """This worker's part of a unit split, applied on the model thread between iterations."""
+        applied = await self.run(self.share.apply, self.own_share(prefill_share))
+        self.applied = applied
+        logger.info("compute share applied: %s", applied.description)
+        return applied
+
+    async def report(self, source: str, prefill_share: float, sequence: int) -> ComputeShareApplied:
+        """Apply a split and describe the outcome; a failure leaves the previous share."""
+        try:
+            applied = await self.apply_split(prefill_share)
+        except ComputeShareError as err:
+            logger.warning("compute split %.3f refused: %s", prefill_share, err)
+            own = self.own_share(prefill_share)
+            given = self.applied.given if self.applied else 1.0
+            return ComputeShareApplied(
+                source, self.role, self.share.name, sequence, own, given, "", str(err)
+            )
+        return ComputeShareApplied(
+            source,
+            self.role,
+            applied.backend,
+            sequence,
+            applied.requested,
+            applied.given,
+            applied.description,
+        )
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True, cancel_futures=True)
+        self.share.close()
+
+
+async def follow_splits(
+    bus: Bus, compute: WorkerCompute, settings: UnitWorkerSettings, source: str
+) -> None:
+    """Apply the configured start-up split, then every split published for the unit, each
+    after the model call in hand; every outcome is published for the scheduler."""
+
+    async def apply(split: SetComputeSplit) -> None:
+        applied = await compute.report(source, split.prefill_share, split.sequence)
+        await bus.publish(compute_applied_subject(settings.unit), encode(applied))
+
+    async def on_split(msg: Msg) -> None:
+        try:
+            split = decode(msg.data, SetComputeSplit)
+        except ProtoError as err:
+            logger.warning("ignored a compute split message: %s", err)
+            return
+        await apply(split)
+
+    await apply(SetComputeSplit(settings.prefill_share, 0, "start-up"))
+    await bus.subscribe(compute_split_subject(settings.unit), on_split)

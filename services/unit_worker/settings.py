@@ -1,0 +1,46 @@
+"""Settings both workers of a unit share (DUET_ prefix), parsed once at each entrypoint."""
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from duetserve.common.settings import CommonSettings
+from duetserve.runtime.compute_share import BackendPreference
+
+
+class UnitWorkerSettings(CommonSettings):
+    unit: str = "unit0"
+    sampler_seed: int = 0  # randomness of unseeded requests
+    step_log_dir: Path | None = None  # a JSON line per model step (see unit_worker/step_log)
+    # How the unit's device is split between its workers (runtime/compute_share): a backend
+    # name, or auto (the best this machine has; one log line says which and why).
+    compute_share: BackendPreference = "auto"
+    # The prefill worker's fraction of the device at start; the scheduler's controller (or
+    # an operator, on the unit's compute split subject) moves it while serving.
+    prefill_share: float = Field(0.5, gt=0.0, lt=1.0)
+    # The CPU cores of the unit, e.g. "0-3" or "0,2,4"; default: the cores this process may
+    # use.
+    unit_cores: str | None = None
+    cgroup_period_us: int = Field(100_000, ge=1_000, le=1_000_000)  # cpu-cgroup's CFS period
+
+    @field_validator("unit_cores")
+    @classmethod
+    def _cores_parse(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_cores(value)
+        return value
+
+
+def parse_cores(text: str) -> list[int]:
+    """'0-3,6' -> [0, 1, 2, 3, 6]; a clear ValueError for anything else."""
+    cores: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            low, high = int(first), int(last if dash else first)
+        except ValueError:
+            raise ValueError(f"unit_cores: {part!r} is not a core or a range like 0-3") from None
+        if low < 0 or high < low:
+            raise ValueError(f"unit_cores: {part!r} is not a core or a range like 0-3")
+        cores.update(range(low, high + 1))
+    return sorted(cores)
