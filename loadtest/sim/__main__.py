@@ -1,36 +1,56 @@
-"""Simulate a cluster on a ShareGPT-like workload and print the live run's report.
+"""The simulator's command line.
 
-    python -m duetserve.loadtest.sim --units 64 --rate 5000 --seconds 3 --mode semi-pd
-
-Also prints the wall time of each scheduling decision (`Planner.plan`), mean and p99.
+    python -m duetserve.loadtest.sim cluster --units 64 --rate 5000 --seconds 3 --mode semi-pd
+        a cluster on a ShareGPT-like workload with the H100 roofline profile: the report of a
+        live run, and the wall time of each scheduling decision (`Planner.plan`), mean and p99
+    python -m duetserve.loadtest.sim measure --model models/small --threads 1 \\
+        --out docs/bench/cpu_profile_float32.json
+        time real steps on this machine and fit a CPU profile
+    python -m duetserve.loadtest.sim calibrate --profile PROFILE.json --step-logs DIR \
+        --run RUN.json --out LIVE.json
+        fit a measured profile to a live stack: the steps its workers logged
+        (DUET_STEP_LOG_DIR) and one run's TTFTs
+    python -m duetserve.loadtest.sim replay RUN.json [RUN.json ...] --profile PROFILE.json
+        serve the requests of live runs in the simulator; predicted vs measured p50/p90 of
+        TTFT and TPOT
 """
 
 import argparse
+from pathlib import Path
 
 from duetserve.loadtest.arrivals import poisson
 from duetserve.loadtest.metrics import summarize
-from duetserve.loadtest.report import format_summary
-from duetserve.loadtest.sim.cost import GpuRooflineProfile
+from duetserve.loadtest.report import format_summary, read_run
+from duetserve.loadtest.sim.cost import (
+    GpuRooflineProfile,
+    StepMeasurement,
+    fit_cpu_profile,
+    measure_cpu_profile,
+    read_cpu_profile,
+    read_step_logs,
+    write_cpu_profile,
+)
 from duetserve.loadtest.sim.engine import run_simulation
+from duetserve.loadtest.sim.replay import (
+    calibrate,
+    compare,
+    format_comparisons,
+    predicted_summary,
+    replay,
+)
 from duetserve.loadtest.sim.unit import Mode
 from duetserve.loadtest.workloads import assign_arrivals, sharegpt_like
 from duetserve.services.scheduler.planner import PlannerConfig
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--units", type=int, default=1)
-    parser.add_argument("--rate", type=float, default=10.0, help="requests per second (Poisson)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="arrivals span this long")
-    parser.add_argument("--mode", choices=["semi-pd", "unified", "disagg"], default="semi-pd")
-    parser.add_argument("--share", default="0.5,0.5", help="prefill,decode compute shares")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+def _shares(text: str) -> tuple[float, float]:
+    prefill, decode = (float(v) for v in text.split(","))
+    return prefill, decode
+
+
+def cluster(args: argparse.Namespace) -> None:
     n = int(args.rate * args.seconds)
     specs = assign_arrivals(sharegpt_like(n, seed=args.seed), poisson(args.rate, n, args.seed))
-    prefill_share, decode_share = (float(v) for v in args.share.split(","))
     profile = GpuRooflineProfile()
     config = PlannerConfig()
     mode: Mode = args.mode
@@ -39,7 +59,7 @@ def main() -> None:
         profile,
         units=args.units,
         mode=mode,
-        share=(prefill_share, decode_share),
+        share=_shares(args.share),
         planner_config=config,
         num_blocks=profile.kv_blocks(config.block_size),
         transfer_s_per_token=0.0,
@@ -51,6 +71,124 @@ def main() -> None:
         f"{sim.preemptions} preemptions, {sim.leaked_blocks} leaked blocks\n"
         f"Planner.plan: {d.count} calls, mean {d.mean_us:.1f} us, p99 {d.p99_us:.1f} us"
     )
+
+
+def measure(args: argparse.Namespace) -> None:
+    if args.step_logs is not None:
+        rows = read_step_logs(args.step_logs)
+        _fit_and_write(rows, {"step_logs": str(args.step_logs)}, args.out, verbose=False)
+        return
+    if args.model is None:
+        raise SystemExit("measure: give --model (time steps here) or --step-logs")
+    rows = []
+    for threads in args.threads:
+        rows += measure_cpu_profile(args.model, args.dtype, threads)
+    metadata = {"model": str(args.model), "dtype": args.dtype, "threads": args.threads}
+    _fit_and_write(rows, metadata, args.out, verbose=True)
+
+
+def _fit_and_write(
+    rows: list[StepMeasurement], metadata: dict[str, object], out: Path, verbose: bool
+) -> None:
+    profile = fit_cpu_profile(rows)
+    for row in rows if verbose else []:
+        fitted = (profile.prefill_s if row.kind == "prefill" else profile.decode_s)(
+            row.tokens, row.context, row.share
+        )
+        print(
+            f"{row.kind:7} tokens/seqs {row.tokens:5} context {row.context:7} share "
+            f"{row.share:.2f}{' contended' if row.contended else ''}: "
+            f"{1e3 * row.seconds:8.1f} ms measured, {1e3 * fitted:8.1f} fitted alone"
+        )
+    print(f"{len(rows)} steps: {profile}")
+    write_cpu_profile(out, profile, rows, metadata)
+    print(f"wrote {out}")
+
+
+def replay_runs(args: argparse.Namespace) -> None:
+    profile = read_cpu_profile(args.profile)
+    config = PlannerConfig(max_prefill_tokens=args.max_prefill_tokens)
+    columns = []
+    for path in args.runs:
+        run = read_run(path)
+        sim = replay(run, profile, args.mode, _shares(args.share), args.num_blocks, config)
+        rows = compare(run.summary, predicted_summary(sim))
+        options = run.metadata.get("options")
+        rate = options.get("rate", "?") if isinstance(options, dict) else "?"
+        label = f"{Path(path).stem} ({rate} req/s)"
+        columns.append((label, rows))
+    print(format_comparisons(columns))
+    worst = max(abs(c.error) for _, rows in columns for c in rows)
+    print(f"largest error: {worst:.0%}")
+
+
+def calibrate_profile(args: argparse.Namespace) -> None:
+    profile = read_cpu_profile(args.profile)
+    live = read_step_logs(args.step_logs)
+    run = read_run(args.run)
+    config = PlannerConfig(max_prefill_tokens=args.max_prefill_tokens)
+    fitted = calibrate(profile, live, run, _shares(args.share), args.num_blocks, config)
+    print(
+        f"{len(live)} live steps; host factors prefill {fitted.prefill_host_factor:.3f}, "
+        f"decode {fitted.decode_host_factor:.3f}; dispatch {1e3 * fitted.dispatch_s:.1f} ms"
+    )
+    metadata = {"profile": str(args.profile), "step_logs": str(args.step_logs)}
+    metadata["run"] = str(args.run)
+    write_cpu_profile(args.out, fitted, live, metadata)
+    print(f"wrote {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m duetserve.loadtest.sim",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    one = commands.add_parser("cluster", help="a simulated cluster with the H100 profile")
+    one.add_argument("--units", type=int, default=1)
+    one.add_argument("--rate", type=float, default=10.0, help="requests per second (Poisson)")
+    one.add_argument("--seconds", type=float, default=10.0, help="arrivals span this long")
+    one.add_argument("--mode", choices=["semi-pd", "unified", "disagg"], default="semi-pd")
+    one.add_argument("--share", default="0.5,0.5", help="prefill,decode compute shares")
+    one.add_argument("--seed", type=int, default=0)
+    one.set_defaults(handler=cluster)
+    fit = commands.add_parser("measure", help="time real steps and fit a CPU profile")
+    fit.add_argument("--model", type=Path, help="model directory: time its steps here")
+    fit.add_argument(
+        "--step-logs", type=Path, help="or fit the steps live workers logged (DUET_STEP_LOG_DIR)"
+    )
+    fit.add_argument("--dtype", default="float32")
+    fit.add_argument(
+        "--threads", type=int, nargs="+", default=[1], help="intra-op thread counts to time"
+    )
+    fit.add_argument("--out", type=Path, required=True, help="profile JSON to write")
+    fit.set_defaults(handler=measure)
+    back = commands.add_parser("replay", help="simulate live runs' requests and compare")
+    back.add_argument("runs", nargs="+", type=Path, help="run files of `loadtest run --out`")
+    back.add_argument("--profile", type=Path, required=True, help="from `measure`")
+    back.add_argument("--mode", choices=["semi-pd", "unified", "disagg"], default="semi-pd")
+    back.set_defaults(handler=replay_runs)
+    tune = commands.add_parser(
+        "calibrate", help="fit a measured profile to a live stack (its step logs and one run)"
+    )
+    tune.add_argument("--profile", type=Path, required=True, help="from `measure --model`")
+    tune.add_argument("--step-logs", type=Path, required=True, help="DUET_STEP_LOG_DIR of a run")
+    tune.add_argument("--run", type=Path, required=True, help="that run's `loadtest run --out`")
+    tune.add_argument("--out", type=Path, required=True)
+    for sub in (back, tune):
+        sub.add_argument("--share", default="0.5,0.5", help="prefill,decode compute shares")
+        sub.add_argument(
+            "--num-blocks", type=int, default=5461, help="the live pool's KV blocks of 16 tokens"
+        )
+        sub.add_argument("--max-prefill-tokens", type=int, default=2048)
+    tune.set_defaults(handler=calibrate_profile)
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    args.handler(args)
 
 
 if __name__ == "__main__":

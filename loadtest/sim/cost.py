@@ -8,12 +8,15 @@ device between a prefill and a decode worker):
 - mixed (a unified worker's step): both in one forward pass.
 """
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
+
+StepKind = Literal["prefill", "decode"]
 
 
 class CostModel(Protocol):
@@ -24,6 +27,11 @@ class CostModel(Protocol):
     def mixed_s(
         self, prefill_tokens: int, prefill_context: int, seqs: int, context: int, share: float
     ) -> float: ...
+
+    def contention(self, kind: "StepKind") -> float:
+        """How many times slower a step of this kind runs while the unit's other worker is
+        busy too (semi-PD: shared caches, memory bandwidth and the host's other processes)."""
+        ...
 
 
 def attended_keys(start: int, tokens: int) -> int:
@@ -51,12 +59,17 @@ class FixedCost:
             self.decode_step_s if seqs else 0.0
         )
 
+    def contention(self, kind: StepKind) -> float:
+        return 1.0
+
 
 class StepMeasurement(NamedTuple):
-    kind: Literal["prefill", "decode"]
+    kind: StepKind
     tokens: int  # prefill tokens, or decoding sequences
     context: int  # attended keys (prefill) or KV tokens read (decode)
-    seconds: float  # at the whole machine (share 1.0)
+    seconds: float
+    share: float = 1.0  # of the machine the step ran on (threads / cores)
+    contended: bool = False  # timed while another process ran the other kind of step
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +78,13 @@ class CpuProfile:
 
     Assumption: a share s of the cores runs the token- and context-proportional work 1/s times
     slower (matmuls and attention split linearly over cores); the base (Python, dispatch) does
-    not scale with cores."""
+    not scale with cores. While the other worker is busy, a step takes `*_contention` times
+    as long (measured, not assumed: see `fit_cpu_profile`).
+
+    Calibrated to a live stack (`calibrate`): its workers' forward passes run `*_host_factor`
+    times as long as the same steps timed alone (the unit's other processes share the cores),
+    and a request reaches the scheduler `dispatch_s` after it is sent (HTTP, tokenizing, NATS
+    hops; the first token's way back is in it too)."""
 
     prefill_base_s: float
     prefill_per_token_s: float
@@ -73,28 +92,41 @@ class CpuProfile:
     decode_base_s: float
     decode_per_seq_s: float
     decode_per_context_s: float
+    prefill_contention: float = 1.0
+    decode_contention: float = 1.0
+    prefill_host_factor: float = 1.0
+    decode_host_factor: float = 1.0
+    dispatch_s: float = 0.0
+
+    def contention(self, kind: StepKind) -> float:
+        return self.prefill_contention if kind == "prefill" else self.decode_contention
+
+    def _host(self, kind: StepKind) -> float:
+        return self.prefill_host_factor if kind == "prefill" else self.decode_host_factor
 
     def prefill_s(self, tokens: int, context: int, share: float) -> float:
         work = self.prefill_per_token_s * tokens + self.prefill_per_context_s * context
-        return self.prefill_base_s + work / share
+        return (self.prefill_base_s + work / share) * self.prefill_host_factor
 
     def decode_s(self, seqs: int, context: int, share: float) -> float:
         work = self.decode_per_seq_s * seqs + self.decode_per_context_s * context
-        return self.decode_base_s + work / share
+        return (self.decode_base_s + work / share) * self.decode_host_factor
 
     def mixed_s(
         self, prefill_tokens: int, prefill_context: int, seqs: int, context: int, share: float
     ) -> float:
         """One forward pass: one base (the larger), the two kinds of work added."""
-        prefill = self.prefill_s(prefill_tokens, prefill_context, share) - self.prefill_base_s
-        decode = self.decode_s(seqs, context, share) - self.decode_base_s
-        return max(self.prefill_base_s, self.decode_base_s) + prefill + decode
+        prefill = self.prefill_s(prefill_tokens, prefill_context, share) / self.prefill_host_factor
+        decode = self.decode_s(seqs, context, share) / self.decode_host_factor
+        base = max(self.prefill_base_s, self.decode_base_s)
+        work = prefill - self.prefill_base_s + decode - self.decode_base_s
+        return (base + work) * max(self.prefill_host_factor, self.decode_host_factor)
 
 
 def _least_squares(rows: Sequence[StepMeasurement]) -> tuple[float, float, float]:
     if len(rows) < 3:
         raise ValueError(f"need at least 3 measurements of each kind, got {len(rows)}")
-    features = np.array([[1.0, r.tokens, r.context] for r in rows])
+    features = np.array([[1.0, r.tokens / r.share, r.context / r.share] for r in rows])
     seconds = np.array([r.seconds for r in rows])
     solution, *_ = np.linalg.lstsq(features, seconds, rcond=None)
     base, per_token, per_context = (max(float(v), 0.0) for v in solution)
@@ -102,19 +134,99 @@ def _least_squares(rows: Sequence[StepMeasurement]) -> tuple[float, float, float
 
 
 def fit_cpu_profile(measurements: Sequence[StepMeasurement]) -> CpuProfile:
-    """Least squares of seconds on (1, tokens, context), per kind; negative terms clipped to
-    zero (a step never gets faster with more work)."""
-    prefill = _least_squares([m for m in measurements if m.kind == "prefill"])
-    decode = _least_squares([m for m in measurements if m.kind == "decode"])
-    return CpuProfile(*prefill, *decode)
+    """Least squares of seconds on (1, tokens/share, context/share), per kind, over the rows
+    timed alone (the profile's own form, so rows measured on part of the machine fit its
+    share-1.0 coefficients); negative terms clipped to zero (a step never gets faster with more
+    work). Each kind's contention is the median of its contended rows' time over the fitted
+    time alone (1.0 without contended rows)."""
+    alone = [m for m in measurements if not m.contended]
+    prefill = _least_squares([m for m in alone if m.kind == "prefill"])
+    decode = _least_squares([m for m in alone if m.kind == "decode"])
+    profile = CpuProfile(*prefill, *decode)
+    slowdowns: dict[StepKind, list[float]] = {"prefill": [], "decode": []}
+    for m in measurements:
+        if m.contended:
+            step = profile.prefill_s if m.kind == "prefill" else profile.decode_s
+            slowdowns[m.kind].append(m.seconds / step(m.tokens, m.context, m.share))
+    return replace(
+        profile,
+        prefill_contention=_median_or_one(slowdowns["prefill"]),
+        decode_contention=_median_or_one(slowdowns["decode"]),
+    )
 
 
-def measure_cpu_profile(model_dir: Path, dtype: str = "float32") -> list[StepMeasurement]:
-    """Time real prefill and decode steps of `duetserve.runtime` on this machine (a few
+def _median_or_one(values: list[float]) -> float:
+    return float(np.median(values)) if values else 1.0
+
+
+def measure_cpu_profile(
+    model_dir: Path, dtype: str = "float32", threads: int | None = None, contended: bool = True
+) -> list[StepMeasurement]:
+    """Time real prefill and decode steps of `duetserve.runtime` on this machine with
+    `threads` intra-op threads, alone and (`contended`) beside the other kind of step (a few
     minutes; not run by the tests). Feed the result to `fit_cpu_profile`."""
     from duetserve.loadtest.sim.measure import measure_steps  # torch only when measuring
 
-    return measure_steps(model_dir, dtype)
+    return measure_steps(model_dir, dtype, threads, contended)
+
+
+def host_factors(profile: CpuProfile, live: Sequence[StepMeasurement]) -> CpuProfile:
+    """The profile with each kind's host factor: the median of live step times over the
+    profile's own prediction for the same steps."""
+    ratios: dict[StepKind, list[float]] = {"prefill": [], "decode": []}
+    for m in live:
+        step = profile.prefill_s if m.kind == "prefill" else profile.decode_s
+        ratios[m.kind].append(m.seconds / step(m.tokens, m.context, m.share))
+    return replace(
+        profile,
+        prefill_host_factor=_median_or_one(ratios["prefill"]) * profile.prefill_host_factor,
+        decode_host_factor=_median_or_one(ratios["decode"]) * profile.decode_host_factor,
+    )
+
+
+def read_step_logs(directory: Path) -> list[StepMeasurement]:
+    """The steps live workers recorded (`DUET_STEP_LOG_DIR`), each timed by its whole
+    iteration (`cycle_s`: the forward pass plus the worker's messaging around it), at the share
+    of the machine its threads had."""
+    rows = []
+    for path in sorted(directory.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            step = json.loads(line)
+            share = min(step["threads"] / step["cores"], 1.0)
+            rows.append(
+                StepMeasurement(
+                    step["kind"], step["tokens"], step["context"], step["cycle_s"], share
+                )
+            )
+    return rows
+
+
+PROFILE_FORMAT = "duet-cpu-profile"
+
+
+def write_cpu_profile(
+    path: Path,
+    profile: CpuProfile,
+    rows: Sequence[StepMeasurement],
+    metadata: Mapping[str, object],
+) -> None:
+    """The fitted coefficients with the measurements they came from, as JSON."""
+    document = {
+        "format": PROFILE_FORMAT,
+        "version": 1,
+        "metadata": dict(metadata),
+        "profile": asdict(profile),
+        "measurements": [row._asdict() for row in rows],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1) + "\n")
+
+
+def read_cpu_profile(path: Path) -> CpuProfile:
+    document = json.loads(path.read_text())
+    if not isinstance(document, dict) or document.get("format") != PROFILE_FORMAT:
+        raise ValueError(f"{path}: not a {PROFILE_FORMAT} file")
+    return CpuProfile(**document["profile"])
 
 
 # --- An 8B Llama on one H100, from published peak rates. Written assumptions: ---
@@ -165,6 +277,11 @@ class GpuRooflineProfile:
 
     def prefill_s(self, tokens: int, context: int, share: float) -> float:
         return self.mixed_s(tokens, context, 0, 0, share)
+
+    def contention(self, kind: StepKind) -> float:
+        """None beyond the share split (assumption: the two workers' SM partitions do not slow
+        each other; bandwidth is already split with the share)."""
+        return 1.0
 
     def decode_s(self, seqs: int, context: int, share: float) -> float:
         return self.mixed_s(0, 0, seqs, context, share)

@@ -102,16 +102,18 @@ def run_simulation(
     num_blocks: int = 4096,
     transfer_s_per_token: float = 0.0,
     until_s: float | None = None,
+    dispatch_s: float = 0.0,
 ) -> Simulation:
     """Serve `specs` on `units` units of `num_blocks` KV blocks each (disagg: that many per
-    worker). Requests still running at `until_s` fail with UNFINISHED."""
+    worker); each request reaches its unit `dispatch_s` after it is sent. Requests still running
+    at `until_s` fail with UNFINISHED."""
     config = planner_config or PlannerConfig()
     setup = UnitSetup(mode, share, num_blocks, transfer_s_per_token)
     queue = EventQueue()
     cluster = [Unit(setup, Planner(config, FcfsPolicy()), profile, queue.at) for _ in range(units)]
     records = [_record(spec) for spec in specs]
     for record in records:
-        queue.at(record.seq.arrival, partial(_route, cluster, record))
+        queue.at(record.seq.arrival + dispatch_s, partial(_route, cluster, record))
     start = time.perf_counter()
     queue.run(until_s)
     wall = time.perf_counter() - start

@@ -165,6 +165,8 @@ class Unit:
             return
         share = 1.0 if self.setup.mode == "disagg" else self.setup.share[0]
         seconds = self.cost.prefill_s(*self._prefill_work(chunks), share)
+        if self.setup.mode == "semi-pd" and self.decode_busy:
+            seconds *= self.cost.contention("prefill")
         self.prefill_busy = True
         self.schedule(now + seconds, lambda t: self._prefill_done(chunks, t))
 
@@ -205,6 +207,9 @@ class Unit:
             return
         share = 1.0 if self.setup.mode == "disagg" else self.setup.share[1]
         seconds = self.cost.decode_s(len(batch), self._decode_work(batch), share)
+        busy = self.prefill_busy or self.view.waiting or self.view.prefilling
+        if self.setup.mode == "semi-pd" and busy:
+            seconds *= self.cost.contention("decode")  # prompts waiting: prefill starts next
         self.decode_busy = True
         self.schedule(now + seconds, lambda t: self._decode_done(batch, t))
 

@@ -123,3 +123,50 @@ def test_scale_smoke_four_units_high_rate() -> None:
     assert all(r.ok for r in sim.results)
     assert sim.leaked_blocks == 0
     assert sim.decisions.count > 0 and sim.decisions.mean_us > 0
+
+
+def test_fit_uses_the_share_rows_ran_at_and_measures_contention() -> None:
+    """Rows timed on half the machine fit the whole machine's coefficients; rows timed beside
+    the other kind of step give each kind's slowdown."""
+    truth = CpuProfile(2e-3, 1e-4, 1e-8, 3e-3, 5e-4, 2e-7)
+    prefill = [(64, 2080), (256, 32896), (1024, 524800), (512, 65792)]
+    decode = [(1, 128), (8, 2048), (32, 8192), (16, 4096)]
+    rows = [StepMeasurement("prefill", t, c, truth.prefill_s(t, c, 0.5), 0.5) for t, c in prefill]
+    rows += [StepMeasurement("decode", s, c, truth.decode_s(s, c, 0.5), 0.5) for s, c in decode]
+    rows += [
+        r._replace(seconds=r.seconds * 1.25, contended=True) for r in rows if r.kind == "prefill"
+    ]
+    rows += [r._replace(seconds=r.seconds * 1.1, contended=True) for r in rows[4:8]]
+    fitted = fit_cpu_profile(rows)
+    for name in ("prefill_per_token_s", "decode_per_seq_s", "decode_base_s"):
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-6)
+    assert fitted.prefill_contention == pytest.approx(1.25)
+    assert fitted.decode_contention == pytest.approx(1.1)
+    assert fit_cpu_profile(rows[:8]).prefill_contention == 1.0
+
+
+def test_contention_slows_a_step_only_while_the_other_worker_is_busy() -> None:
+    """One request alone: its prefill runs with decode idle (no slowdown), its decode steps with
+    prefill idle. Two at once: the second's prefill overlaps the first's decode."""
+    profile = CpuProfile(0.0, 1e-3, 0.0, 0.01, 0.0, 0.0, prefill_contention=2.0)
+    alone = simulate([_spec(0, 0.0, 100, 3)], profile, share=(1.0, 1.0))[0]
+    assert ttft_ms(alone) == pytest.approx(100)
+    pair = simulate([_spec(0, 0.0, 100, 50), _spec(1, 0.15, 100, 3)], profile, share=(1.0, 1.0))
+    assert ttft_ms(pair[1]) == pytest.approx(200)
+
+
+def test_replay_serves_a_live_runs_requests_and_compares_percentiles() -> None:
+    """A run file made from a simulation, replayed on the same cost model, predicts itself."""
+    from duetserve.loadtest.report import make_run
+    from duetserve.loadtest.sim.replay import compare, predicted_summary, replay
+
+    specs = _random_specs(30, rate=2.0, seed=4)
+    sim = run_simulation(specs, SYNTHETIC, num_blocks=512)
+    run = make_run({"rate": 2.0}, sim.results, sim.end_s)
+    rows = compare(run.summary, predicted_summary(replay(run, SYNTHETIC, num_blocks=512)))
+    assert [(c.metric, c.stat) for c in rows] == [
+        ("ttft", "p50"), ("ttft", "p90"), ("tpot", "p50"), ("tpot", "p90"),
+    ]  # fmt: skip
+    assert all(abs(c.error) < 1e-9 for c in rows)
+    slower = replay(run, CpuProfile(1e-3, 4e-4, 1e-8, 1e-3, 2e-3, 1e-7), num_blocks=512)
+    assert compare(run.summary, predicted_summary(slower))[0].error > 0.2
