@@ -22,7 +22,14 @@ SERVICES = ("kv_manager", "cache_index", "scheduler", "prefill_worker", "decode_
 STOP_GRACE_S = 15.0
 
 
-def compute_threads(service: str, env: dict[str, str]) -> dict[str, str]:
+def services_for(mode: str) -> tuple[str, ...]:
+    """The processes a mode starts, in start order: unified runs no decode worker."""
+    if mode == "unified":
+        return tuple(s for s in SERVICES if s != "decode_worker")
+    return SERVICES
+
+
+def compute_threads(service: str, env: dict[str, str], mode: str = "semi-pd") -> dict[str, str]:
     """Threads for a service's torch/OpenMP pool, unless OMP_NUM_THREADS says otherwise.
 
     The two workers each get half of the cores and every other service one thread: with
@@ -32,8 +39,11 @@ def compute_threads(service: str, env: dict[str, str]) -> dict[str, str]:
     static split; the semi-PD compute share will move it at run time."""
     if "OMP_NUM_THREADS" in env:
         return {}
+    cores = os.cpu_count() or 2
+    if service == "prefill_worker" and mode == "unified":
+        return {"OMP_NUM_THREADS": str(cores)}  # the only worker: every core
     workers = service in ("prefill_worker", "decode_worker")
-    threads = max(1, (os.cpu_count() or 2) // 2) if workers else 1
+    threads = max(1, cores // 2) if workers else 1
     return {"OMP_NUM_THREADS": str(threads)}
 
 
@@ -59,14 +69,17 @@ class Launcher:
         bus = await Bus.connect(self.nats.url, "launcher")
         try:
             env = self.environment(self.nats.url)
-            for service in SERVICES:
+            for service in services_for(self.settings.mode):
                 self._spawn(service, env, var / "logs")
                 await self._wait_ready(bus, service)
         finally:
             await bus.close()
 
     def _spawn(self, service: str, env: dict[str, str], logs: Path) -> None:
-        env = {**env, **compute_threads(service, env)}
+        env = {**env, **compute_threads(service, env, self.settings.mode)}
+        if service == "ingress" and "DUET_HEALTH_SERVICES" not in env:
+            required = [s for s in services_for(self.settings.mode) if s != "ingress"]
+            env["DUET_HEALTH_SERVICES"] = ",".join(required)
         logs.mkdir(parents=True, exist_ok=True)
         log = (logs / f"{service}.log").open("ab")
         command = [sys.executable, "-m", f"duetserve.services.{service}"]

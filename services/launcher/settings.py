@@ -14,5 +14,7 @@ class LauncherSettings(CommonSettings):
     var_dir: Path = Path(".var")  # NATS store and logs, project-local
     port: int = Field(8000, ge=1, le=65535)  # DUET_PORT: the API
     nats_port: int = Field(4222, ge=0, le=65535)  # 0 picks a free one
-    mode: Literal["semi-pd"] = "semi-pd"  # unified and disagg come with the semi-PD work
+    # semi-pd (prefill and decode workers, one pool, split compute) or unified (one worker runs
+    # both phases with chunked prefill; no decode worker). disagg is not built yet.
+    mode: Literal["semi-pd", "unified"] = "semi-pd"
     ready_timeout_s: float = Field(120.0, gt=0)

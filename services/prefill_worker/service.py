@@ -1,5 +1,9 @@
 """The prefill worker: maps the unit's storage, runs the prefill batches the scheduler sends,
-publishes each request's first token on its stream and reports back."""
+publishes each request's first token on its stream and reports back.
+
+In unified mode (DUET_MODE=unified) it is the unit's only worker: it decodes too
+(unit_worker/decoding.py), on the whole device, and each prefill batch joins the next decode
+step as one forward pass (chunked prefill beside decode, the vLLM-style baseline)."""
 
 import asyncio
 import logging
@@ -14,10 +18,11 @@ from duetserve.common.unit_client import fetch_storage
 from duetserve.proto import subjects, workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply, HealthStatus
-from duetserve.services.prefill_worker.executor import run_prefill
 from duetserve.services.prefill_worker.settings import PrefillSettings
 from duetserve.services.unit_worker.compute import WorkerCompute, follow_splits
+from duetserve.services.unit_worker.decoding import Decoding
 from duetserve.services.unit_worker.model_host import ModelHost, host_model
+from duetserve.services.unit_worker.prefill_step import run_prefill
 from duetserve.services.unit_worker.step_log import StepLog, attended_keys
 
 logger = logging.getLogger(__name__)
@@ -32,6 +37,7 @@ class PrefillWorkerService:
         self.status = HealthStatus.STARTING
         self.host: ModelHost | None = None
         self.compute: WorkerCompute | None = None
+        self.decoding: Decoding | None = None  # unified mode
         self.tokens_computed = 0
         self.step_log = StepLog(settings.step_log_dir, "prefill")
 
@@ -44,6 +50,9 @@ class PrefillWorkerService:
         self.compute = compute = await asyncio.to_thread(WorkerCompute.open, s, "prefill")
         await follow_splits(bus, compute, s, self.instance)
         self.host = await compute.run(host_model, description, s.sampler_seed)
+        if s.mode == "unified":
+            self.decoding = Decoding(bus, self.host, s, self.instance, compute)
+            await self.decoding.start()
         await bus.subscribe(workers.prefill_batch_subject(s.unit), self.on_batch, queue=SERVICE)
         await serve_health(bus, SERVICE, self.instance, lambda: self.status)
         self.status = HealthStatus.READY
@@ -56,7 +65,10 @@ class PrefillWorkerService:
             await self.bus.reply(msg, encode(ErrorReply(err.code, str(err))))
             return
         started = time.perf_counter()
-        output = await self.compute.run(run_prefill, self.host, batch)
+        if self.decoding is not None:
+            output = await self.decoding.stepper.prefill(batch)
+        else:
+            output = await self.compute.run(run_prefill, self.host, batch)
         forward_s = time.perf_counter() - started
         tokens = sum(len(item.token_ids) for item in batch.items)
         self.tokens_computed += tokens
@@ -69,14 +81,18 @@ class PrefillWorkerService:
         self.step_log.record(tokens, context, forward_s, time.perf_counter() - started)
 
     async def ready(self) -> bool:
-        return self.host is not None
+        return self.host is not None and (self.decoding is None or self.decoding.healthy())
 
     async def drain(self) -> None:
         self.status = HealthStatus.DRAINING
+        if self.decoding is not None:
+            await self.decoding.drain()
         if self.bus is not None:
             await self.bus.drain()  # finishes the batch in hand, takes no more
 
     async def stop(self) -> None:
+        if self.decoding is not None:
+            await self.decoding.stop()
         if self.bus is not None:
             await self.bus.close()
         if self.host is not None:

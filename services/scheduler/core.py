@@ -35,8 +35,12 @@ class SchedulerCore:
         num_blocks: int,
         prefill_timeout_s: float,
         tuner: SplitTuner,
+        shared_steps: bool = False,
     ) -> None:
+        """`shared_steps`: prefill chunks share each forward pass with the decoding requests
+        (unified mode), so the decodes take their tokens out of the batch's budget."""
         self.bus, self.planner, self.unit, self.tuner = bus, planner, unit, tuner
+        self.shared_steps = shared_steps
         self.prefill_timeout_s = prefill_timeout_s
         self.records: dict[str, RequestRecord] = {}
         self.view = UnitView(free_blocks=num_blocks, total_blocks=num_blocks)
@@ -63,7 +67,8 @@ class SchedulerCore:
         for record in [r for r in self.records.values() if r.cancelled is not None]:
             if record.seq.phase == Phase.PREFILLING:  # no chunk of it is in flight now
                 await self.finish(record)
-        plan = self.planner.plan(self.view, time.monotonic())
+        decode_tokens = len(self.view.decoding) if self.shared_steps else 0
+        plan = self.planner.plan(self.view, time.monotonic(), decode_tokens)
         for rejection in plan.reject:
             if (rejected := self.records.get(rejection.request_id)) is not None:
                 await self.fail(rejected, rejection.reason)

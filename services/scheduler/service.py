@@ -50,7 +50,13 @@ class SchedulerService:
         self.tuner = tuner = SplitTuner(bus, s.unit, split_controller(s), s.prefill_share)
         await tuner.start()
         self.core = SchedulerCore(
-            bus, planner, s.unit, storage.num_blocks, s.prefill_timeout_s, tuner
+            bus,
+            planner,
+            s.unit,
+            storage.num_blocks,
+            s.prefill_timeout_s,
+            tuner,
+            shared_steps=s.mode == "unified",
         )
         self.handlers = handlers = SchedulerHandlers(bus, self.core, s.unit)
         await bus.subscribe(subjects.SCHED_SUBMIT, handlers.on_submit)
@@ -68,8 +74,9 @@ class SchedulerService:
         await serve_health(bus, SERVICE, self.instance, lambda: self.status)
         self.status = HealthStatus.READY
         logger.info(
-            "scheduling unit %s: %d blocks of %d tokens, policy %s",
+            "scheduling unit %s (%s): %d blocks of %d tokens, policy %s",
             s.unit,
+            s.mode,
             storage.num_blocks,
             storage.block_size,
             planner.policy.name,
@@ -94,7 +101,7 @@ class SchedulerService:
 
 def split_controller(s: SchedulerSettings) -> SplitController | None:
     """The partition controller the settings ask for (None: the split stays where it starts)."""
-    if s.split_control == "static":
+    if s.split_control == "static" or s.mode != "semi-pd":
         return None
     config = SplitControllerConfig(
         ttft_slo_s=s.split_ttft_slo_ms / 1000,

@@ -72,18 +72,24 @@ class WorkerCompute:
 
     async def apply_split(self, prefill_share: float) -> AppliedShare:
         """This worker's part of a unit split, applied on the model thread between iterations."""
-        applied = await self.run(self.share.apply, self.own_share(prefill_share))
+        return await self.apply_own(self.own_share(prefill_share))
+
+    async def apply_own(self, share: float) -> AppliedShare:
+        """This worker's own fraction of the device (1.0: all of it)."""
+        applied = await self.run(self.share.apply, share)
         self.applied = applied
         logger.info("compute share applied: %s", applied.description)
         return applied
 
     async def report(self, source: str, prefill_share: float, sequence: int) -> ComputeShareApplied:
         """Apply a split and describe the outcome; a failure leaves the previous share."""
+        return await self.report_own(source, self.own_share(prefill_share), sequence)
+
+    async def report_own(self, source: str, own: float, sequence: int) -> ComputeShareApplied:
         try:
-            applied = await self.apply_split(prefill_share)
+            applied = await self.apply_own(own)
         except ComputeShareError as err:
-            logger.warning("compute split %.3f refused: %s", prefill_share, err)
-            own = self.own_share(prefill_share)
+            logger.warning("compute share %.3f refused: %s", own, err)
             given = self.applied.given if self.applied else 1.0
             return ComputeShareApplied(
                 source, self.role, self.share.name, sequence, own, given, "", str(err)
@@ -121,5 +127,9 @@ async def follow_splits(
             return
         await apply(split)
 
+    if settings.mode == "unified":  # the only worker: the whole device, no split to follow
+        whole = await compute.report_own(source, 1.0, 0)
+        await bus.publish(compute_applied_subject(settings.unit), encode(whole))
+        return
     await apply(SetComputeSplit(settings.prefill_share, 0, "start-up"))
     await bus.subscribe(compute_split_subject(settings.unit), on_split)

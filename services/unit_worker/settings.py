@@ -1,6 +1,7 @@
 """Settings both workers of a unit share (DUET_ prefix), parsed once at each entrypoint."""
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -10,7 +11,16 @@ from duetserve.runtime.compute_share import BackendPreference
 
 class UnitWorkerSettings(CommonSettings):
     unit: str = "unit0"
+    # semi-pd: a prefill and a decode worker side by side on their compute shares; unified:
+    # the prefill worker runs both phases in one forward pass per step (chunked prefill) on
+    # the whole device, and no decode worker is started.
+    mode: Literal["semi-pd", "unified"] = "semi-pd"
     sampler_seed: int = 0  # randomness of unseeded requests
+    # Decoding (the decode worker; the prefill worker in unified mode)
+    max_resident: int = Field(256, gt=0)  # requests decoding at once
+    growth_blocks: int = Field(4, gt=0)  # blocks taken per allocation, ahead of need
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    needs_blocks_repeat_s: float = Field(0.5, gt=0)  # re-ask for a preemption this often
     step_log_dir: Path | None = None  # a JSON line per model step (see unit_worker/step_log)
     # How the unit's device is split between its workers (runtime/compute_share): a backend
     # name, or auto (the best this machine has; one log line says which and why).

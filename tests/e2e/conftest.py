@@ -1,5 +1,6 @@
 """The whole stack, started the way `make run` starts it, once per test module."""
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,3 +99,56 @@ def stack(model_dirs: ModelDirs, tmp_path_factory: pytest.TempPathFactory) -> It
     running = start_stack(model_dirs.get(TINY), tmp_path_factory.mktemp("var"))
     yield running
     assert_stops_cleanly(running)
+
+
+def alone_outputs(
+    model_dir: Path, prompts: list[str], max_tokens: int, temperature: float
+) -> list[str]:
+    """Each prompt's seeded (seed = its index) output, EOS ignored, run alone in one process
+    by the runtime: what the stack must give each of them under any load or split."""
+    from duetserve.runtime.kv_pool import KVPool
+    from duetserve.runtime.loader import load_model
+    from duetserve.runtime.offline import OfflineEngine
+    from duetserve.runtime.sampling import SamplingParams
+    from duetserve.runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(model_dir)
+    model = load_model(model_dir)
+    texts = []
+    for seed, prompt in enumerate(prompts):
+        engine = OfflineEngine(model, KVPool.allocate(model.config, 64, 16), frozenset())
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=True
+        )
+        [out] = engine.generate([tokenizer.encode(prompt)], params)
+        texts.append(tokenizer.decode(out.token_ids))
+    return texts
+
+
+async def seeded_completions(
+    stack: Stack,
+    prompts: list[str],
+    max_tokens: int,
+    temperature: float,
+    stagger_s: float = 0.0,
+) -> list[Any]:
+    """The prompts sent at once (or `stagger_s` apart) with seed = index, EOS ignored."""
+    import openai
+
+    api = openai.AsyncOpenAI(base_url=stack.base_url, api_key="x", max_retries=0, timeout=120)
+
+    async def one(seed: int, prompt: str) -> Any:
+        await asyncio.sleep(stagger_s * seed)
+        return await api.completions.create(
+            model=stack.model_dir.name,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+            extra_body={"ignore_eos": True},
+        )
+
+    try:
+        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+    finally:
+        await api.close()

@@ -1,10 +1,11 @@
 """The unit's compute split moved while requests run: both workers apply every split between
-iterations, no request fails, and every output is the one it gets alone."""
+iterations, no request fails, and every output is the one it gets alone; and the scheduler's
+controller moves it by itself when only one latency misses its target."""
 
 import asyncio
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import nats
 import openai
@@ -17,13 +18,14 @@ from duetserve.proto.compute import (
     compute_applied_subject,
     compute_split_subject,
 )
-from duetserve.runtime.kv_pool import KVPool
-from duetserve.runtime.loader import load_model
-from duetserve.runtime.offline import OfflineEngine
-from duetserve.runtime.sampling import SamplingParams
-from duetserve.runtime.tokenizer import Tokenizer
 from tests.conftest import ModelDirs
-from tests.e2e.conftest import Stack, start_stack, stop_stack
+from tests.e2e.conftest import (
+    Stack,
+    alone_outputs,
+    seeded_completions,
+    start_stack,
+    stop_stack,
+)
 from tests.model_specs import TINY
 
 MAX_TOKENS = 96
@@ -41,21 +43,8 @@ def static_stack(
     assert stop_stack(stack) == 0
 
 
-def _alone(stack: Stack, prompts: list[str]) -> list[str]:
-    tokenizer = Tokenizer.from_dir(stack.model_dir)
-    model = load_model(stack.model_dir)
-    texts = []
-    for i, prompt in enumerate(prompts):
-        engine = OfflineEngine(model, KVPool.allocate(model.config, 64, 16), frozenset())
-        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, seed=i, ignore_eos=True)
-        [out] = engine.generate([tokenizer.encode(prompt)], params)
-        texts.append(tokenizer.decode(out.token_ids))
-    return texts
-
-
-async def _serve_while_splitting(
-    stack: Stack, prompts: list[str]
-) -> tuple[list[openai.types.Completion], list[ComputeShareApplied]]:
+async def _watch_reports(stack: Stack) -> tuple[nats.NATS, list[ComputeShareApplied]]:
+    """A connection collecting every split report of the unit's workers."""
     client = await nats.connect(stack.nats_url)
     reports: list[ComputeShareApplied] = []
 
@@ -63,38 +52,52 @@ async def _serve_while_splitting(
         reports.append(decode(msg.data, ComputeShareApplied))
 
     await client.subscribe(compute_applied_subject("unit0"), cb=on_applied)
-    api = openai.AsyncOpenAI(base_url=stack.base_url, api_key="x", max_retries=0, timeout=120)
-    requests = [
-        asyncio.ensure_future(
-            api.completions.create(
-                model=stack.model_dir.name,
-                prompt=prompt,
-                max_tokens=MAX_TOKENS,
-                temperature=0.9,
-                seed=i,
-                extra_body={"ignore_eos": True},
-            )
-        )
-        for i, prompt in enumerate(prompts)
-    ]
+    return client, reports
+
+
+async def _wait_for(
+    condition: Callable[[], bool], reports: list[ComputeShareApplied], what: str
+) -> None:
+    deadline = time.monotonic() + 20
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: {reports}"
+        await asyncio.sleep(0.05)
+
+
+def _metrics(stack: Stack) -> dict[str, float]:
+    base = stack.base_url.removesuffix("/v1")
+    body = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    return {
+        row.split()[0]: float(row.split()[1])
+        for row in body.splitlines()
+        if row.startswith(("duet_compute_prefill_share ", "duet_compute_split_moves "))
+    }
+
+
+async def _serve_while_splitting(
+    stack: Stack, prompts: list[str]
+) -> tuple[list[openai.types.Completion], list[ComputeShareApplied]]:
+    client, reports = await _watch_reports(stack)
+    load = asyncio.ensure_future(seeded_completions(stack, prompts, MAX_TOKENS, 0.9))
     for sequence, share in enumerate(SPLITS, start=1):
         await asyncio.sleep(0.3)
         split = SetComputeSplit(share, sequence, "test")
         await client.publish(compute_split_subject("unit0"), encode(split))
-    completions = await asyncio.gather(*requests)
-    deadline = time.monotonic() + 10
-    while len({(r.role, r.sequence) for r in reports}) < 2 * len(SPLITS):
-        assert time.monotonic() < deadline, f"split reports missing: {reports}"
-        await asyncio.sleep(0.05)
+    completions = await load
+    expected = 2 * len(SPLITS)
+    await _wait_for(
+        lambda: len({(r.role, r.sequence) for r in reports if r.sequence}) >= expected,
+        reports,
+        "split reports missing",
+    )
     await client.close()
-    await api.close()
     return completions, reports
 
 
 def test_split_moves_under_load_without_a_failed_request(static_stack: Stack) -> None:
     stack = static_stack
     prompts = [f"Tale {i}: in a land far away" for i in range(8)]
-    alone = _alone(stack, prompts)
+    alone = alone_outputs(stack.model_dir, prompts, MAX_TOKENS, 0.9)
     completions, reports = asyncio.run(_serve_while_splitting(stack, prompts))
     assert [c.choices[0].text for c in completions] == alone
     assert all(c.choices[0].finish_reason == "length" for c in completions)
@@ -112,8 +115,6 @@ def test_split_moves_under_load_without_a_failed_request(static_stack: Stack) ->
 
 
 def test_metrics_show_the_split_last_set(static_stack: Stack) -> None:
-    base = static_stack.base_url.removesuffix("/v1")
-
     async def publish() -> None:
         client = await nats.connect(static_stack.nats_url)
         split = SetComputeSplit(0.6, 100, "operator")
@@ -122,13 +123,10 @@ def test_metrics_show_the_split_last_set(static_stack: Stack) -> None:
         await client.close()
 
     asyncio.run(publish())
-    deadline, shown = time.monotonic() + 10, None
-    while shown != pytest.approx(0.6) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 10
+    while _metrics(static_stack)["duet_compute_prefill_share"] != pytest.approx(0.6):
+        assert time.monotonic() < deadline, "the split never showed in /metrics"
         time.sleep(0.1)
-        body = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
-        rows = [r for r in body.splitlines() if r.startswith("duet_compute_prefill_share ")]
-        shown = float(rows[0].split()[1]) if rows else None
-    assert shown == pytest.approx(0.6)
 
 
 @pytest.fixture(scope="module")
@@ -155,42 +153,22 @@ def test_the_controller_moves_compute_to_prefill_when_only_ttft_misses(
     stack = ttft_starved_stack
 
     async def load_and_watch() -> list[ComputeShareApplied]:
-        client = await nats.connect(stack.nats_url)
-        reports: list[ComputeShareApplied] = []
-
-        async def on_applied(msg: nats.aio.msg.Msg) -> None:
-            reports.append(decode(msg.data, ComputeShareApplied))
-
-        await client.subscribe(compute_applied_subject("unit0"), cb=on_applied)
-        api = openai.AsyncOpenAI(base_url=stack.base_url, api_key="x", max_retries=0, timeout=60)
-        for wave in range(2):
-            await asyncio.gather(
-                *(
-                    api.completions.create(
-                        model=stack.model_dir.name, prompt=f"wave {wave} n {i}", max_tokens=8
-                    )
-                    for i in range(6)
-                )
-            )
-        deadline = time.monotonic() + 20
-        while not {"prefill", "decode"} <= {r.role for r in reports if r.sequence > 0}:
-            assert time.monotonic() < deadline, "the controller did not move the split"
-            await asyncio.sleep(0.1)
+        client, reports = await _watch_reports(stack)
+        prompts = [f"wave n {i}" for i in range(6)]
+        for _ in range(2):
+            await seeded_completions(stack, prompts, 8, 0.0)
+        await _wait_for(
+            lambda: {"prefill", "decode"} <= {r.role for r in reports if r.sequence > 0},
+            reports,
+            "the controller did not move the split",
+        )
         await client.close()
-        await api.close()
         return reports
 
-    reports = asyncio.run(load_and_watch())
-    moved = [r for r in reports if r.sequence > 0]
+    moved = [r for r in asyncio.run(load_and_watch()) if r.sequence > 0]
     assert all(r.error is None for r in moved)
     assert all(r.requested > 0.5 for r in moved if r.role == "prefill")
     assert all(r.requested < 0.5 for r in moved if r.role == "decode")
-    base = stack.base_url.removesuffix("/v1")
-    body = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
-    values = {
-        row.split()[0]: float(row.split()[1])
-        for row in body.splitlines()
-        if row.startswith(("duet_compute_prefill_share ", "duet_compute_split_moves "))
-    }
+    values = _metrics(stack)
     assert values["duet_compute_prefill_share"] > 0.5
     assert values["duet_compute_split_moves"] >= 1

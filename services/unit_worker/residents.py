@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+import torch
+
 from duetserve.proto.tokens import FinishReason, TokenChunk
 from duetserve.runtime.batch import ForwardBatch, SequenceChunk
 from duetserve.runtime.sampling import SamplingParams, SequenceSamplingState
@@ -38,11 +40,20 @@ class StepOutcome:
     finished: tuple[Resident, ...]
 
 
+def decode_chunks(residents: list[Resident]) -> list[SequenceChunk]:
+    """Each resident's newest token, at the position after its computed KV."""
+    return [SequenceChunk([r.output[-1]], r.num_computed, r.block_table) for r in residents]
+
+
 def decode_step(host: ModelHost, residents: list[Resident]) -> StepOutcome:
     """Feed each resident's newest token, sample the next, decide who finished."""
-    chunks = [SequenceChunk([r.output[-1]], r.num_computed, r.block_table) for r in residents]
-    batch = ForwardBatch.build(chunks, host.config, host.pool)
+    batch = ForwardBatch.build(decode_chunks(residents), host.config, host.pool)
     logits = host.model.forward(batch, host.pool)  # [B, V]
+    return decode_outcome(host, residents, logits)
+
+
+def decode_outcome(host: ModelHost, residents: list[Resident], logits: torch.Tensor) -> StepOutcome:
+    """Sample each resident's next token from its logits row and decide who finished."""
     sampled = host.sampler.sample(logits, [r.state for r in residents])
     tokens, finished = [], []
     for resident, token in zip(residents, sampled, strict=True):

@@ -1,10 +1,12 @@
-"""The decode step loop and the block bookkeeping around it."""
+"""The decode step loop and the block bookkeeping around it. In unified mode the loop also
+takes prefill batches: each joins the next step, one forward pass for both."""
 
 import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from duetserve.common.nats_bus import Bus, BusTimeout
 from duetserve.common.tracing import traced_as
@@ -13,14 +15,21 @@ from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
 from duetserve.proto.tokens import FinishReason, TokenChunk
 from duetserve.runtime.errors import RuntimeInputError
-from duetserve.services.decode_worker.residents import Resident, decode_step
-from duetserve.services.decode_worker.settings import DecodeSettings
 from duetserve.services.unit_worker.compute import WorkerCompute
 from duetserve.services.unit_worker.model_host import ModelHost
+from duetserve.services.unit_worker.prefill_step import PrefillOutput, mixed_step
+from duetserve.services.unit_worker.residents import Resident, StepOutcome, decode_step
 from duetserve.services.unit_worker.sequences import runtime_state, sampling_params
+from duetserve.services.unit_worker.settings import UnitWorkerSettings
 from duetserve.services.unit_worker.step_log import StepLog
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _PendingPrefill:
+    batch: workers.PrefillBatch
+    output: "asyncio.Future[PrefillOutput]"
 
 
 class DecodeStepper:
@@ -28,7 +37,7 @@ class DecodeStepper:
         self,
         bus: Bus,
         host: ModelHost,
-        settings: DecodeSettings,
+        settings: UnitWorkerSettings,
         holder: str,
         compute: WorkerCompute,
     ) -> None:
@@ -41,7 +50,15 @@ class DecodeStepper:
         self._work = asyncio.Event()
         self._free_blocks: int | None = None
         self._last_needs_blocks: dict[str, float] = {}
+        self._prefills: list[_PendingPrefill] = []
         self.step_log = StepLog(settings.step_log_dir, "decode")
+
+    async def prefill(self, batch: workers.PrefillBatch) -> PrefillOutput:
+        """Unified mode: compute this batch in the next step, beside the decoding requests."""
+        pending = _PendingPrefill(batch, asyncio.get_running_loop().create_future())
+        self._prefills.append(pending)
+        self._work.set()
+        return await pending.output
 
     # --- between steps --------------------------------------------------------------------
 
@@ -107,6 +124,10 @@ class DecodeStepper:
             await self._apply_controls()
             # A snapshot: admissions land in self.residents while _has_room awaits kv_manager.
             active = [r for r in list(self.residents.values()) if await self._has_room(r)]
+            prefill = self._prefills.pop(0) if self._prefills else None
+            if prefill is not None:
+                await self._mixed_step(active, prefill)
+                continue
             if not active:
                 self._work.clear()
                 stalled = bool(self.residents)
@@ -116,6 +137,20 @@ class DecodeStepper:
                 continue
             await self._step(active, started)
 
+    async def _mixed_step(self, active: list[Resident], prefill: "_PendingPrefill") -> None:
+        """A prefill batch and a decode step in one forward pass (unified mode)."""
+        try:
+            output, outcome = await self.compute.run(mixed_step, self.host, prefill.batch, active)
+        except RuntimeInputError as err:  # the prompts were checked: a decoding request's fault
+            await self._fail_all(active, err)
+            self._prefills.insert(0, prefill)  # computed alone at the next step
+            return
+        except BaseException as err:
+            prefill.output.set_exception(err)
+            raise
+        prefill.output.set_result(output)
+        await self._after_step(active, outcome)
+
     async def _step(self, active: list[Resident], started: float) -> None:
         context = sum(r.num_computed + 1 for r in active)
         forward_start = time.perf_counter()
@@ -123,11 +158,19 @@ class DecodeStepper:
             outcome = await self.compute.run(decode_step, self.host, active)
             forward_s = time.perf_counter() - forward_start
         except RuntimeInputError as err:  # a request the model refuses fails alone
-            for resident in active:
-                self.residents.pop(resident.request_id, None)
-                await self._release(resident)
-                await self._end_stream(resident, FinishReason.ERROR, str(err))
+            await self._fail_all(active, err)
             return
+        await self._after_step(active, outcome)
+        self.step_log.record(len(active), context, forward_s, time.perf_counter() - started)
+
+    async def _fail_all(self, active: list[Resident], err: RuntimeInputError) -> None:
+        for resident in active:
+            self.residents.pop(resident.request_id, None)
+            await self._release(resident)
+            await self._end_stream(resident, FinishReason.ERROR, str(err))
+
+    async def _after_step(self, active: list[Resident], outcome: StepOutcome) -> None:
+        """Publish each resident's new token; release and report the finished ones."""
         for resident, chunk in zip(active, outcome.tokens, strict=True):
             with traced_as(resident.traceparent):
                 await self.bus.publish(subjects.tokens(chunk.request_id), encode(chunk))
@@ -145,7 +188,6 @@ class DecodeStepper:
             )
         if finished:
             await self._events(tuple(finished))
-        self.step_log.record(len(active), context, forward_s, time.perf_counter() - started)
 
     async def _has_room(self, resident: Resident) -> bool:
         """Whether the block table has a slot for the token this step writes; takes growth

@@ -1,13 +1,23 @@
-"""One prefill batch through the model: chunks in, first tokens out. Runs off the event loop
-(in a thread; torch releases the GIL), so the worker keeps answering health checks."""
+"""One prefill batch through the model: chunks in, first tokens out; or, in unified mode, one
+forward pass that computes a prefill batch and steps the decoding requests together. Runs off
+the event loop (on the worker's model thread; torch releases the GIL), so the worker keeps
+answering health checks."""
 
 from typing import NamedTuple
+
+import torch
 
 from duetserve.proto.tokens import TokenChunk
 from duetserve.proto.workers import PrefillBatch, PrefillItem, PrefillResult
 from duetserve.runtime.batch import ForwardBatch, SequenceChunk
 from duetserve.runtime.errors import RuntimeInputError
 from duetserve.services.unit_worker.model_host import ModelHost
+from duetserve.services.unit_worker.residents import (
+    Resident,
+    StepOutcome,
+    decode_chunks,
+    decode_outcome,
+)
 from duetserve.services.unit_worker.sequences import (
     finish_of,
     runtime_state,
@@ -24,6 +34,15 @@ class PrefillOutput(NamedTuple):
 
 def run_prefill(host: ModelHost, batch: PrefillBatch) -> PrefillOutput:
     """Validate every item on its own (a bad one fails alone), run the rest as one batch."""
+    output, _ = mixed_step(host, batch, [])
+    return output
+
+
+def mixed_step(
+    host: ModelHost, batch: PrefillBatch, residents: list[Resident]
+) -> tuple[PrefillOutput, StepOutcome]:
+    """One forward pass over the batch's valid prompt chunks and the residents' newest tokens
+    (chunked prefill beside decode, as a unified worker runs them); a bad item fails alone."""
     errors: dict[str, str] = {}
     valid: list[PrefillItem] = []
     for item in batch.items:
@@ -32,9 +51,19 @@ def run_prefill(host: ModelHost, batch: PrefillBatch) -> PrefillOutput:
             valid.append(item)
         else:
             errors[item.request_id] = problem
-    results, tokens = _forward(host, valid) if valid else ({}, [])
+    results: dict[str, PrefillResult] = {}
+    tokens: list[TokenChunk] = []
+    outcome = StepOutcome((), ())
+    if valid or residents:
+        chunks = [_chunk(i) for i in valid] + decode_chunks(residents)
+        forward = ForwardBatch.build(chunks, host.config, host.pool)
+        logits = host.model.forward(forward, host.pool)  # [chunks, V]: each chunk's last token
+        results, tokens = _prefill_outputs(host, valid, logits[: len(valid)])
+        if residents:
+            outcome = decode_outcome(host, residents, logits[len(valid) :])
     results.update({rid: PrefillResult(rid, error=why) for rid, why in errors.items()})
-    return PrefillOutput(tuple(results[i.request_id] for i in batch.items), tuple(tokens))
+    output = PrefillOutput(tuple(results[i.request_id] for i in batch.items), tuple(tokens))
+    return output, outcome
 
 
 def _chunk(item: PrefillItem) -> SequenceChunk:
@@ -51,11 +80,10 @@ def _check(host: ModelHost, item: PrefillItem) -> str | None:
     return None
 
 
-def _forward(
-    host: ModelHost, items: list[PrefillItem]
+def _prefill_outputs(
+    host: ModelHost, items: list[PrefillItem], logits: torch.Tensor
 ) -> tuple[dict[str, PrefillResult], list[TokenChunk]]:
-    batch = ForwardBatch.build([_chunk(i) for i in items], host.config, host.pool)
-    logits = host.model.forward(batch, host.pool)  # [len(items), V]: each chunk's last token
+    """First tokens of the items whose last chunk this was, from their logits rows."""
     results = {i.request_id: PrefillResult(i.request_id) for i in items}
     to_sample = [(row, i.request_id, i.sample) for row, i in enumerate(items) if i.sample]
     if not to_sample:

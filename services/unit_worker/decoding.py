@@ -1,0 +1,82 @@
+"""Decoding on a unit worker: the step loop over the requests resident on it, the subjects the
+scheduler drives it by (admissions, controls) and the heartbeat that keeps its blocks leased.
+
+The decode worker runs this in semi-pd mode; in unified mode the prefill worker runs it too,
+and its prefill batches join the loop's steps (one forward pass computes both)."""
+
+import asyncio
+import logging
+
+from nats.aio.msg import Msg
+
+from duetserve.common.lifecycle import cancel_tasks, critical_task
+from duetserve.common.nats_bus import Bus
+from duetserve.common.unit_client import heartbeat_forever
+from duetserve.proto import workers
+from duetserve.proto.codec import ProtoError, decode, encode
+from duetserve.proto.common import ErrorReply
+from duetserve.services.unit_worker.compute import WorkerCompute
+from duetserve.services.unit_worker.model_host import ModelHost
+from duetserve.services.unit_worker.settings import UnitWorkerSettings
+from duetserve.services.unit_worker.stepper import DecodeStepper
+
+logger = logging.getLogger(__name__)
+QUEUE = "decode_worker"  # one queue group for admissions, whichever process decodes
+
+
+class Decoding:
+    def __init__(
+        self,
+        bus: Bus,
+        host: ModelHost,
+        settings: UnitWorkerSettings,
+        holder: str,
+        compute: WorkerCompute,
+    ) -> None:
+        self.bus, self.settings, self.holder = bus, settings, holder
+        self.stepper = DecodeStepper(bus, host, settings, holder, compute)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        s = self.settings
+        await self.bus.subscribe(workers.decode_admit_subject(s.unit), self.on_admit, queue=QUEUE)
+        await self.bus.subscribe(workers.decode_control_subject(s.unit), self.on_control)
+        self._tasks = [
+            critical_task(self.stepper.run(), "decode-loop"),
+            critical_task(
+                heartbeat_forever(self.bus, s.unit, self.holder, s.heartbeat_interval_s),
+                "decode-heartbeat",
+            ),
+        ]
+
+    async def on_admit(self, msg: Msg) -> None:
+        try:
+            admit = decode(msg.data, workers.DecodeAdmit)
+        except ProtoError as err:
+            await self.bus.reply(msg, encode(ErrorReply(err.code, str(err))))
+            return
+        admitted = await self.stepper.admit(admit.items)
+        await self.bus.reply(msg, encode(admitted))
+
+    async def on_control(self, msg: Msg) -> None:
+        try:
+            control = decode(msg.data, workers.DecodeControl)
+        except ProtoError as err:
+            logger.warning("dropped a malformed control: %s", err)
+            return
+        self.stepper.control(control)
+
+    def healthy(self) -> bool:
+        return all(not t.done() for t in self._tasks)
+
+    async def drain(self) -> None:
+        """Take no new requests; let the resident ones finish."""
+        self.stepper.accepting = False
+        while self.stepper.residents:
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        """Stop the loop and the heartbeat, give back every block still held."""
+        await cancel_tasks(self._tasks)
+        await self.stepper.release_all()
+        self.stepper.step_log.close()

@@ -1,0 +1,67 @@
+"""DUET_MODE=unified: one worker runs prefill chunks and decode steps in the same forward pass;
+same API, same outputs as semi-pd (both equal the runtime run directly)."""
+
+import asyncio
+import urllib.request
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from duetserve.runtime.tokenizer import Tokenizer
+from tests.conftest import ModelDirs
+from tests.e2e.conftest import (
+    Stack,
+    alone_outputs,
+    seeded_completions,
+    start_stack,
+    stop_stack,
+)
+from tests.e2e.test_stack import PROMPTS, offline_greedy
+from tests.model_specs import TINY
+
+
+@pytest.fixture(scope="module")
+def unified_stack(
+    model_dirs: ModelDirs, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    # a small token budget, so long prompts are chunked across steps shared with decodes
+    stack = start_stack(
+        model_dirs.get(TINY),
+        tmp_path_factory.mktemp("var"),
+        DUET_MODE="unified",
+        DUET_MAX_PREFILL_TOKENS="48",
+    )
+    yield stack
+    assert stop_stack(stack) == 0
+
+
+def test_unified_runs_no_decode_worker_and_is_healthy(unified_stack: Stack) -> None:
+    services = unified_stack.service_pids()
+    assert "prefill_worker" in services and "decode_worker" not in services
+    base = unified_stack.base_url.removesuffix("/v1")
+    with urllib.request.urlopen(f"{base}/health", timeout=10) as response:
+        assert response.status == 200
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_unified_greedy_output_equals_the_runtime_run_directly(
+    unified_stack: Stack, prompt: str
+) -> None:
+    api = openai.OpenAI(base_url=unified_stack.base_url, api_key="x", max_retries=0, timeout=60)
+    result = api.completions.create(
+        model=unified_stack.model_dir.name, prompt=prompt, max_tokens=24, temperature=0
+    )
+    assert result.choices[0].text == offline_greedy(unified_stack.model_dir, prompt, 24)
+
+
+def test_unified_mixed_steps_give_every_request_its_alone_output(unified_stack: Stack) -> None:
+    """Long prompts arrive while others decode: their chunks share forward passes with the
+    decodes, and every seeded output is still the one it gets alone."""
+    stack = unified_stack
+    prompts = [f"Chapter {i}. " + "the river ran past the mill " * (3 + 4 * i) for i in range(6)]
+    alone = alone_outputs(stack.model_dir, prompts, 40, 0.8)
+    results = asyncio.run(seeded_completions(stack, prompts, 40, 0.8, stagger_s=0.05))
+    assert [r.choices[0].text for r in results] == alone
+    tokenizer = Tokenizer.from_dir(stack.model_dir)
+    assert max(len(tokenizer.encode(p)) for p in prompts) > 48  # some prompts were chunked

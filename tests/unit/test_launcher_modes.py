@@ -1,0 +1,33 @@
+"""What each DUET_MODE starts, and the threads each process gets."""
+
+import os
+
+import pytest
+from pydantic import ValidationError
+
+from duetserve.services.launcher.launcher import SERVICES, compute_threads, services_for
+from duetserve.services.launcher.settings import LauncherSettings
+
+
+def test_semi_pd_starts_six_services_and_unified_no_decode_worker() -> None:
+    assert services_for("semi-pd") == SERVICES
+    assert "decode_worker" in SERVICES
+    unified = services_for("unified")
+    assert "decode_worker" not in unified and "prefill_worker" in unified
+    assert unified[-1] == "ingress"  # still last: nothing is accepted before the worker is up
+
+
+def test_workers_share_the_cores_in_semi_pd_and_the_one_worker_has_them_all_in_unified() -> None:
+    cores = os.cpu_count() or 2
+    half = str(max(1, cores // 2))
+    assert compute_threads("prefill_worker", {}, "semi-pd") == {"OMP_NUM_THREADS": half}
+    assert compute_threads("decode_worker", {}, "semi-pd") == {"OMP_NUM_THREADS": half}
+    assert compute_threads("prefill_worker", {}, "unified") == {"OMP_NUM_THREADS": str(cores)}
+    assert compute_threads("ingress", {}, "unified") == {"OMP_NUM_THREADS": "1"}
+    assert compute_threads("prefill_worker", {"OMP_NUM_THREADS": "3"}, "unified") == {}
+
+
+def test_a_mode_that_is_not_built_is_refused() -> None:
+    assert LauncherSettings(mode="unified").mode == "unified"
+    with pytest.raises(ValidationError):
+        LauncherSettings(mode="disagg")  # type: ignore[arg-type]
