@@ -10,6 +10,9 @@
         --run RUN.json --out LIVE.json
         fit a measured profile to a live stack: the steps its workers logged
         (DUET_STEP_LOG_DIR) and one run's TTFTs
+    python -m duetserve.loadtest.sim modes --requests 600
+        unified, disagg and semi-pd (best static split, and the partition controller) on an
+        8B Llama on one H100: the highest rate each holds at 90% attainment
     python -m duetserve.loadtest.sim replay RUN.json [RUN.json ...] --profile PROFILE.json
         serve the requests of live runs in the simulator; predicted vs measured p50/p90 of
         TTFT and TPOT
@@ -22,6 +25,7 @@ from duetserve.loadtest.arrivals import poisson
 from duetserve.loadtest.metrics import summarize
 from duetserve.loadtest.report import format_summary, read_run
 from duetserve.loadtest.sim.cost import (
+    KV_BYTES_PER_TOKEN,
     GpuRooflineProfile,
     StepMeasurement,
     fit_cpu_profile,
@@ -31,6 +35,7 @@ from duetserve.loadtest.sim.cost import (
     write_cpu_profile,
 )
 from duetserve.loadtest.sim.engine import run_simulation
+from duetserve.loadtest.sim.modes import Bench, compare_modes, format_results
 from duetserve.loadtest.sim.replay import (
     calibrate,
     compare,
@@ -138,6 +143,17 @@ def calibrate_profile(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def modes(args: argparse.Namespace) -> None:
+    profile = GpuRooflineProfile()
+    config = PlannerConfig()
+    specs = sharegpt_like(args.requests, seed=args.seed)
+    bench = Bench(specs, profile, profile.kv_blocks(config.block_size), args.transfer_s_per_token)
+    for title, factor in (("tight", 7.5), ("loose", 10.0)):
+        slo = bench.single_request_slo(factor)
+        results = compare_modes(bench, slo, lo=args.min_rate)
+        print(format_results(f"{title} ({factor}x unified alone)", slo, results), end="\n\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m duetserve.loadtest.sim",
@@ -183,6 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--max-prefill-tokens", type=int, default=2048)
     tune.set_defaults(handler=calibrate_profile)
+    three = commands.add_parser(
+        "modes", help="unified, disagg and semi-pd (static, controlled) on the H100 profile"
+    )
+    three.add_argument("--requests", type=int, default=600, help="per probe")
+    three.add_argument("--min-rate", type=float, default=1.0)
+    three.add_argument("--seed", type=int, default=0)
+    three.add_argument(
+        "--transfer-s-per-token",
+        type=float,
+        default=KV_BYTES_PER_TOKEN / 25e9,
+        help="disagg's KV copy, seconds per token (default: 25 GB/s between the devices)",
+    )
+    three.set_defaults(handler=modes)
     return parser
 
 

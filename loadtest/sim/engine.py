@@ -21,6 +21,7 @@ from duetserve.loadtest.sim.unit import Mode, Record, Unit, UnitSetup
 from duetserve.loadtest.spec import RequestResult, RequestSpec
 from duetserve.services.scheduler.planner import Planner, PlannerConfig
 from duetserve.services.scheduler.policy.fcfs import FcfsPolicy
+from duetserve.services.scheduler.split_controller import SplitController, SplitControllerConfig
 from duetserve.services.scheduler.state import SeqState
 
 UNFINISHED = "unfinished when the simulation stopped"
@@ -68,6 +69,8 @@ class Simulation:
     wall_s: float  # host time the simulation took
     leaked_blocks: int  # blocks not back in the pools at the end (0 when all finished)
     preemptions: int  # times a request gave up its blocks to be recomputed
+    split_moves: int = 0  # times the partition controllers moved a unit's split
+    final_splits: tuple[float, ...] = ()  # each unit's prefill share at the end
 
 
 def _record(spec: RequestSpec) -> Record:
@@ -92,6 +95,17 @@ def _leaked(units: Sequence[Unit]) -> int:
     return leaked
 
 
+def _tick(queue: EventQueue, unit: Unit, interval_s: float, until_s: float) -> None:
+    """The controller's timer, while requests can still arrive or run."""
+
+    def tick(now: float) -> None:
+        unit.control(now)
+        if now < until_s or unit.records:
+            queue.at(now + interval_s, tick)
+
+    queue.at(interval_s, tick)
+
+
 def run_simulation(
     specs: Sequence[RequestSpec],
     profile: CostModel,
@@ -103,10 +117,13 @@ def run_simulation(
     transfer_s_per_token: float = 0.0,
     until_s: float | None = None,
     dispatch_s: float = 0.0,
+    controller: SplitControllerConfig | None = None,
+    control_interval_s: float = 0.5,
 ) -> Simulation:
     """Serve `specs` on `units` units of `num_blocks` KV blocks each (disagg: that many per
-    worker); each request reaches its unit `dispatch_s` after it is sent. Requests still running
-    at `until_s` fail with UNFINISHED."""
+    worker); each request reaches its unit `dispatch_s` after it is sent. With `controller`
+    (semi-pd), each unit runs the scheduler's partition controller every `control_interval_s`.
+    Requests still running at `until_s` fail with UNFINISHED."""
     config = planner_config or PlannerConfig()
     setup = UnitSetup(mode, share, num_blocks, transfer_s_per_token)
     queue = EventQueue()
@@ -114,6 +131,12 @@ def run_simulation(
     records = [_record(spec) for spec in specs]
     for record in records:
         queue.at(record.seq.arrival + dispatch_s, partial(_route, cluster, record))
+    if controller is not None and mode == "semi-pd":
+        last_arrival = max((r.seq.arrival for r in records), default=0.0)
+        for unit in cluster:
+            unit.controller = SplitController(controller)
+            unit.share = (controller.initial_split, round(1.0 - controller.initial_split, 6))
+            _tick(queue, unit, control_interval_s, last_arrival)
     start = time.perf_counter()
     queue.run(until_s)
     wall = time.perf_counter() - start
@@ -129,6 +152,8 @@ def run_simulation(
         wall_s=wall,
         leaked_blocks=_leaked(cluster),
         preemptions=sum(r.seq.num_preemptions for r in records),
+        split_moves=sum(unit.split_moves for unit in cluster),
+        final_splits=tuple(unit.share[0] for unit in cluster),
     )
 
 

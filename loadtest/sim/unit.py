@@ -1,7 +1,9 @@
 """One simulated unit: the planner's state plus workers whose steps take the cost model's time.
 
 - semi-pd: a prefill and a decode worker run at the same time on their compute shares, over
-  one KV pool (one `UnitView`);
+  one KV pool (one `UnitView`); with a `SplitController`, the scheduler's partition
+  controller moves the shares as it does live (it sees the same TTFTs, TPOTs, arrivals and
+  prefill batch times; a new split applies from each worker's next step);
 - unified: one worker; each step decodes every running sequence and spends what is left of
   the prefill budget (the planner's `decode_tokens`) on prompts;
 - disagg: each worker a full device with its own pool; a finished prompt's KV is copied to the
@@ -17,6 +19,7 @@ from typing import Literal
 from duetserve.loadtest.sim.cost import CostModel, attended_keys
 from duetserve.loadtest.spec import RequestResult
 from duetserve.services.scheduler.planner import Planner, PrefillChunk
+from duetserve.services.scheduler.split_controller import SplitController
 from duetserve.services.scheduler.state import Phase, SeqState, UnitView
 
 Mode = Literal["semi-pd", "unified", "disagg"]
@@ -52,6 +55,9 @@ class Unit:
         if setup.mode == "disagg":
             self.decode_view = UnitView(setup.num_blocks, setup.num_blocks)
         self.records: dict[str, Record] = {}
+        self.share = setup.share  # (prefill, decode), moved by the controller
+        self.controller: SplitController | None = None
+        self.split_moves = 0
         self.prefill_busy = self.decode_busy = False
         self.handoffs: list[SeqState] = []  # disagg: waiting for room in the decode pool
         self.plan_seconds: list[float] = []
@@ -62,6 +68,8 @@ class Unit:
 
     def add(self, record: Record, now: float) -> None:
         self.records[record.seq.request_id] = record
+        if self.controller is not None:
+            self.controller.observe_arrival(record.prompt_tokens)
         self.view.waiting.append(record.seq)
         self.kick(now)
 
@@ -77,6 +85,15 @@ class Unit:
             self._start_transfers(now)
         if not self.prefill_busy:
             self._start_prefill(now)
+
+    def control(self, now: float) -> None:
+        """One tick of the partition controller: a decision when a window closed."""
+        if self.controller is None:
+            return
+        decision = self.controller.maybe_decide(now)
+        if decision is not None and decision.split != self.share[0]:
+            self.share = (decision.split, round(1.0 - decision.split, 6))
+            self.split_moves += 1
 
     # --- planning and blocks ---
 
@@ -139,6 +156,9 @@ class Unit:
         record.result.error = error
         record.result.done_s = None if error else now
         record.result.output_tokens = seq.num_output
+        first = record.result.first_token_s
+        if self.controller is not None and not error and first is not None and seq.num_output > 1:
+            self.controller.observe_tpot((now - first) / (seq.num_output - 1))
 
     def _emit(self, seq: SeqState, now: float) -> bool:
         """One output token at `now`; True when the request is done (and closed)."""
@@ -147,6 +167,8 @@ class Unit:
         result.token_times_s.append(now)
         if result.first_token_s is None:
             result.first_token_s = now
+            if self.controller is not None:
+                self.controller.observe_ttft(now - result.sent_s)
         if seq.num_output >= seq.max_tokens:
             self._close(seq, now)
             return True
@@ -163,8 +185,10 @@ class Unit:
         chunks = self._plan(now, 0)
         if not chunks:
             return
-        share = 1.0 if self.setup.mode == "disagg" else self.setup.share[0]
+        share = 1.0 if self.setup.mode == "disagg" else self.share[0]
         seconds = self.cost.prefill_s(*self._prefill_work(chunks), share)
+        if self.controller is not None:
+            self.controller.observe_prefill_batch(self._prefill_work(chunks)[0], seconds, share)
         if self.setup.mode == "semi-pd" and self.decode_busy:
             seconds *= self.cost.contention("prefill")
         self.prefill_busy = True
@@ -205,7 +229,7 @@ class Unit:
         batch = self._decode_batch(now)
         if not batch:
             return
-        share = 1.0 if self.setup.mode == "disagg" else self.setup.share[1]
+        share = 1.0 if self.setup.mode == "disagg" else self.share[1]
         seconds = self.cost.decode_s(len(batch), self._decode_work(batch), share)
         busy = self.prefill_busy or self.view.waiting or self.view.prefilling
         if self.setup.mode == "semi-pd" and busy:

@@ -170,3 +170,33 @@ def test_replay_serves_a_live_runs_requests_and_compares_percentiles() -> None:
     assert all(abs(c.error) < 1e-9 for c in rows)
     slower = replay(run, CpuProfile(1e-3, 4e-4, 1e-8, 1e-3, 2e-3, 1e-7), num_blocks=512)
     assert compare(run.summary, predicted_summary(slower))[0].error > 0.2
+
+
+def test_the_partition_controller_runs_in_the_simulator_as_live() -> None:
+    """Prompts dear, decodes cheap, a TTFT target out of reach: the controller moves compute
+    to prefill (to its bound at most); with lax targets it holds the split where it started."""
+    from duetserve.services.scheduler.split_controller import SplitControllerConfig
+
+    specs = _random_specs(300, rate=40.0, seed=5)
+    strict = SplitControllerConfig(ttft_slo_s=1e-4, tpot_slo_s=10.0, window_samples=16)
+    sim = run_simulation(specs, SYNTHETIC, num_blocks=4096, controller=strict)
+    assert sim.split_moves >= 1 and sim.final_splits[0] > 0.5
+    assert sim.final_splits[0] <= strict.max_share
+    assert all(r.ok for r in sim.results) and sim.leaked_blocks == 0
+    lax = SplitControllerConfig(ttft_slo_s=100.0, tpot_slo_s=100.0, window_samples=16)
+    held = run_simulation(specs, SYNTHETIC, num_blocks=4096, controller=lax)
+    assert held.split_moves == 0 and held.final_splits == (0.5,)
+
+
+def test_mode_comparison_sets_slos_from_unified_alone_and_finds_rates() -> None:
+    from duetserve.loadtest.sim.modes import Bench, ModeResult, Setting, format_results
+
+    specs = [_spec(i, 0.0, 1500, 10) for i in range(40)]  # one prompt per prefill batch
+    bench = Bench(specs, FixedCost(prefill_step_s=0.1, decode_step_s=0.01), 4096, 0.0)
+    slo = bench.single_request_slo(7.5)
+    assert slo.ttft_ms == pytest.approx(750.0) and slo.tpot_ms == pytest.approx(75.0)
+    unified = bench.max_rate(Setting("unified", "unified"), slo, lo=1.0)
+    assert unified.rate > 0 and unified.converged
+    assert bench.attainment(Setting("unified", "unified"), 1000.0, slo) < 0.9
+    table = format_results("tight", slo, [ModeResult("unified", unified)])
+    assert "| unified |" in table and "1.00x" in table
