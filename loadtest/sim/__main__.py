@@ -144,7 +144,7 @@ def calibrate_profile(args: argparse.Namespace) -> None:
 
 
 def modes(args: argparse.Namespace) -> None:
-    profile = GpuRooflineProfile()
+    profile = GpuRooflineProfile(bandwidth_saturation_share=args.bandwidth_saturation)
     config = PlannerConfig()
     specs = sharegpt_like(args.requests, seed=args.seed)
     bench = Bench(specs, profile, profile.kv_blocks(config.block_size), args.transfer_s_per_token)
@@ -205,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     three.add_argument("--requests", type=int, default=600, help="per probe")
     three.add_argument("--min-rate", type=float, default=1.0)
     three.add_argument("--seed", type=int, default=0)
+    three.add_argument(
+        "--bandwidth-saturation",
+        type=float,
+        default=1.0,
+        help="share of the SMs that reaches full HBM bandwidth (1.0: bandwidth proportional "
+        "to the share)",
+    )
     three.add_argument(
         "--transfer-s-per-token",
         type=float,

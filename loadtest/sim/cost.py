@@ -250,9 +250,13 @@ class GpuRooflineProfile:
 
     Assumptions: large-GEMM efficiency 0.6 of peak (typical MFU of serving prefill); HBM
     streams at 0.8 of its peak; a fixed 0.5 ms per step (launch, sampling, scheduling glue,
-    with CUDA graphs). A share s of the SMs gets s of the FLOPs (linear), and s of the
-    bandwidth too (proportional; in practice a small SM share can draw more than its share
-    of bandwidth, so this is pessimistic for a decode worker on few SMs)."""
+    with CUDA graphs). A share s of the SMs gets s of the FLOPs (linear) and
+    min(1, s / bandwidth_saturation_share) of the HBM bandwidth. With the default 1.0 the
+    bandwidth is proportional to the share, which is pessimistic for a decode worker on few
+    SMs: memory-bound kernels reach most of HBM's bandwidth with a fraction of the SMs (the
+    premise of semi-PD's split); 0.4, for instance, says 40% of the SMs saturate it. When both
+    workers run, their bandwidths are not made to add up to the device's (prefill is
+    compute-bound and draws little of it)."""
 
     peak_flops: float = H100_BF16_FLOPS
     bandwidth: float = H100_HBM_BYTES_PER_S
@@ -260,10 +264,12 @@ class GpuRooflineProfile:
     bandwidth_efficiency: float = 0.8
     step_overhead_s: float = 0.5e-3
     weight_bytes: float = WEIGHT_BYTES
+    bandwidth_saturation_share: float = 1.0
 
     def _step(self, flops: float, bytes_moved: float, share: float) -> float:
         compute = flops / (share * self.peak_flops * self.efficiency)
-        memory = bytes_moved / (share * self.bandwidth * self.bandwidth_efficiency)
+        bandwidth_share = min(1.0, share / self.bandwidth_saturation_share)
+        memory = bytes_moved / (bandwidth_share * self.bandwidth * self.bandwidth_efficiency)
         return max(compute, memory) + self.step_overhead_s
 
     def mixed_s(
