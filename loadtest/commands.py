@@ -75,6 +75,9 @@ async def sweep_command(args: argparse.Namespace) -> int:
     print(report.format_table(columns))
     if sweep.max_rate is not None:
         print(_max_rate_line(sweep.max_rate, args.target_attainment))
+    for point in sweep.curve.points:
+        for reason, count in point.errors.items():
+            print(f"failed at {point.rate:g} req/s: {count} x {reason}")
     _write_sweep(args, metadata, sweep)
     return 0 if any(point.summary.ok for point in sweep.curve.points) else 1
 

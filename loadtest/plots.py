@@ -26,16 +26,24 @@ PERCENTILE_STYLES: tuple[tuple[str, Literal["-", "--"], str], ...] = (
 class SweepPoint:
     rate: float  # requests per second offered
     summary: Summary
+    errors: dict[str, int] = field(default_factory=dict)  # why requests failed: reason -> count
 
     def to_json(self) -> dict[str, object]:
-        return {"rate": self.rate, "summary": self.summary.to_json()}
+        document: dict[str, object] = {"rate": self.rate, "summary": self.summary.to_json()}
+        if self.errors:
+            document["errors"] = dict(self.errors)
+        return document
 
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> Self:
         summary = data["summary"]
         if not isinstance(summary, Mapping):
             raise ValueError("a sweep point's summary must be an object")
-        return cls(float(str(data["rate"])), Summary.from_json(summary))
+        errors = data.get("errors", {})
+        if not isinstance(errors, Mapping):
+            raise ValueError("a sweep point's errors must be an object")
+        counts = {str(reason): int(str(count)) for reason, count in errors.items()}
+        return cls(float(str(data["rate"])), Summary.from_json(summary), counts)
 
 
 @dataclass(frozen=True, slots=True)

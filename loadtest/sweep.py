@@ -7,6 +7,7 @@ driving live runs). Every run is a `measure`: send, wait for the answers, summar
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
@@ -93,6 +94,11 @@ async def measure(
     return Measured(results, max(time.monotonic() - started, 1e-9))
 
 
+def error_counts(results: Sequence[RequestResult]) -> dict[str, int]:
+    """How many requests failed for each reason (a sweep keeps no per-request rows)."""
+    return dict(Counter(r.error for r in results if r.error is not None))
+
+
 async def measure_rate(target: Target, load: OpenLoad, rate: float) -> tuple[Summary, Measured]:
     measured = await measure(target, load.at_rate(rate))
     return summarize(measured.results, measured.duration_s, load.default_slo), measured
@@ -105,7 +111,7 @@ async def sweep_rates(target: Target, load: OpenLoad, rates: Sequence[float]) ->
         if number:
             await asyncio.sleep(load.pause_s)
         summary, measured = await measure_rate(target, load, rate)
-        sweep.curve.points.append(SweepPoint(rate, summary))
+        sweep.curve.points.append(SweepPoint(rate, summary, error_counts(measured.results)))
         sweep.runs[rate] = measured
     return sweep
 
@@ -130,7 +136,7 @@ async def sweep_to_attainment(
             time.sleep(load.pause_s)
         running = asyncio.run_coroutine_threadsafe(measure_rate(target, load, rate), loop)
         summary, measured = running.result()
-        sweep.curve.points.append(SweepPoint(rate, summary))
+        sweep.curve.points.append(SweepPoint(rate, summary, error_counts(measured.results)))
         sweep.runs[rate] = measured
         return summary.slo_attainment
 

@@ -65,3 +65,20 @@ def test_sweep_file_and_plot(tmp_path: Path) -> None:
     png = plot_sweep(curves, tmp_path / "plots" / "sweep.png", target=0.9, title="smoke")
     data = png.read_bytes()
     assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+
+
+def test_a_sweep_point_keeps_why_requests_failed(tmp_path: Path) -> None:
+    from duetserve.loadtest.sweep import error_counts
+
+    rows = results(2)
+    rows[0].error = "cancelled: still running when the run's drain timeout ran out"
+    rows[1].error = rows[0].error
+    rows[2].error = "HTTP 503: draining"
+    counts = error_counts(rows)
+    assert counts == {rows[0].error: 2, "HTTP 503: draining": 1, "HTTP 503": 1}
+    point = SweepPoint(2.0, summarize(rows, 4.0), counts)
+    sweep = Sweep({}, [SweepCurve("duet", [point])])
+    again = read_sweep(write_sweep(tmp_path / "sweep.json", sweep))
+    assert again.curves[0].points[0].errors == counts
+    clean = SweepPoint(1.0, summarize(results(1), 4.0))
+    assert "errors" not in clean.to_json()
