@@ -73,7 +73,10 @@ class SchedulerCore:
             if (rejected := self.records.get(rejection.request_id)) is not None:
                 await self.fail(rejected, rejection.reason)
         admitted = {a.request_id for a in plan.admit if await self._admit(a)}
-        chunks = [c for c in plan.prefill if self._still_prefilling(c.request_id, admitted)]
+        # Planned again: an admission that hit the prefix cache starts past the cached tokens,
+        # and a chunk planned from before it would recompute them and overshoot the prompt.
+        prefill = self.planner.prefill_chunks(self.view, decode_tokens)
+        chunks = [c for c in prefill if self._still_prefilling(c.request_id, admitted)]
         if not chunks:
             return bool(plan.reject)
         await self._run_prefill(chunks)

@@ -71,6 +71,13 @@ class Planner:
         prefill = self._prefill([*unit.prefilling, *admitted], budget)
         return Plan(tuple(admit), tuple(reject), tuple(prefill))
 
+    def prefill_chunks(self, unit: UnitView, decode_tokens: int = 0) -> tuple[PrefillChunk, ...]:
+        """The next batch over the admitted prompts, from what each has computed *now*. The
+        live scheduler asks again after admitting: admission can find a cached prefix, which
+        moves a prompt's start past what `plan` assumed."""
+        budget = self.config.max_prefill_tokens - decode_tokens
+        return tuple(self._prefill(unit.prefilling, budget))
+
     def _admit(
         self, unit: UnitView, now: float
     ) -> tuple[list[Admission], list[Rejection], list[SeqState]]:

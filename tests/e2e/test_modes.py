@@ -65,3 +65,37 @@ def test_unified_mixed_steps_give_every_request_its_alone_output(unified_stack: 
     assert [r.choices[0].text for r in results] == alone
     tokenizer = Tokenizer.from_dir(stack.model_dir)
     assert max(len(tokenizer.encode(p)) for p in prompts) > 48  # some prompts were chunked
+
+
+@pytest.fixture(scope="module")
+def semi_pd_small_budget_stack(
+    model_dirs: ModelDirs, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    stack = start_stack(
+        model_dirs.get(TINY), tmp_path_factory.mktemp("var"), DUET_MAX_PREFILL_TOKENS="48"
+    )
+    yield stack
+    assert stop_stack(stack) == 0
+
+
+@pytest.mark.parametrize("stack_name", ["unified_stack", "semi_pd_small_budget_stack"])
+def test_a_chunked_prompt_seen_before_starts_after_its_cached_prefix(
+    stack_name: str, request: pytest.FixtureRequest
+) -> None:
+    """A prompt longer than the token budget, sent twice: the second finds its prefix in the
+    cache, computes only the rest (one short chunk) and answers the same."""
+    stack: Stack = request.getfixturevalue(stack_name)
+    api = openai.OpenAI(base_url=stack.base_url, api_key="x", max_retries=0, timeout=30)
+    prompt = "A lighthouse keeper counted the ships. " * 12  # well over the 48-token budget
+    answers = [
+        api.completions.create(
+            model=stack.model_dir.name, prompt=prompt, max_tokens=12, temperature=0
+        )
+        for _ in range(2)
+    ]
+    assert answers[1].choices[0].text == answers[0].choices[0].text
+    usage = answers[1].usage
+    assert usage is not None and usage.prompt_tokens > 48
+    details = usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens is not None
+    assert details.cached_tokens >= usage.prompt_tokens - 16

@@ -169,3 +169,20 @@ def _requeue(unit: UnitView, victim: SeqState) -> None:
     victim.phase = Phase.WAITING
     victim.num_preemptions += 1
     unit.waiting.append(victim)
+
+
+def test_chunks_after_admission_start_where_the_cached_prefix_ends() -> None:
+    """`plan` chunks a new prompt from 0; once admission found 2,864 of its 2,874 tokens in
+    the prefix cache, the batch must compute only the last 10 (a chunk from 0 would recompute
+    the cached part and, for a prompt over the budget, overshoot it and never finish)."""
+    p = planner(max_prefill_tokens=2048)
+    long = seq("long", 0.0, 2874)
+    unit = UnitView(free_blocks=1000, total_blocks=1000, waiting=[long])
+    planned = p.plan(unit, 0.0)
+    assert planned.prefill[0].start == 0 and planned.prefill[0].num_tokens == 2048
+    unit.waiting.remove(long)  # what the scheduler does on admission, with the cache's answer
+    long.phase, long.num_cached, long.num_computed = Phase.PREFILLING, 2864, 2864
+    unit.prefilling.append(long)
+    [chunk] = p.prefill_chunks(unit)
+    assert (chunk.start, chunk.num_tokens, chunk.is_last) == (2864, 10, True)
+    assert p.prefill_chunks(unit, decode_tokens=2045) == (("long", 2864, 3, False),)
