@@ -21,7 +21,7 @@ from duetserve.loadtest.plan import (
 from duetserve.loadtest.spec import RequestSpec, SloSpec
 from duetserve.loadtest.sweep import OpenLoad, SweepResult, Target, measure, sweep_rates
 from duetserve.loadtest.sweep import sweep_to_attainment as search_max_rate
-from duetserve.loadtest.text import CountTokens
+from duetserve.loadtest.text import CountTokens, token_counter
 
 DEFAULT_NUM_REQUESTS = 100
 
@@ -147,12 +147,7 @@ def _workload_choice(args: argparse.Namespace) -> WorkloadChoice:
 
 
 def _counter(args: argparse.Namespace) -> CountTokens | None:
-    if not args.tokenizer:
-        return None
-    from duetserve.runtime.tokenizer import Tokenizer  # no torch: cheap to import
-
-    tokenizer = Tokenizer.from_dir(args.tokenizer)
-    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+    return token_counter(args.tokenizer) if args.tokenizer else None
 
 
 async def _target(args: argparse.Namespace) -> Target:

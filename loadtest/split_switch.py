@@ -19,7 +19,6 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import nats
 import numpy as np
@@ -27,7 +26,7 @@ from nats.aio.msg import Msg
 
 from duetserve.loadtest.client import fetch_model, run_requests
 from duetserve.loadtest.spec import RequestResult
-from duetserve.loadtest.text import CountTokens
+from duetserve.loadtest.text import token_counter
 from duetserve.loadtest.workloads import fixed
 from duetserve.proto.codec import decode, encode
 from duetserve.proto.compute import (
@@ -36,7 +35,6 @@ from duetserve.proto.compute import (
     compute_applied_subject,
     compute_split_subject,
 )
-from duetserve.runtime.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +59,9 @@ def lowest_bin_rate(times: np.ndarray, start: float, end: float, bin_s: float) -
     return min(token_rate(times, a, b) for a, b in itertools.pairwise(edges))
 
 
-def _counter(model_dir: str) -> CountTokens:
-    tokenizer = Tokenizer.from_dir(Path(model_dir))
-    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
-
-
 async def measure(args: argparse.Namespace) -> tuple[list[SwitchReport], list[RequestResult]]:
     model = args.model or await fetch_model(args.base_url)
-    count = _counter(args.tokenizer) if args.tokenizer else None
+    count = token_counter(args.tokenizer) if args.tokenizer else None
     total_s = args.hold_s * (len(args.splits) + 1)
     specs = fixed(args.max_requests, args.prompt_tokens, args.output_tokens, 0, count)
     client = await nats.connect(args.nats_url)

@@ -12,10 +12,20 @@ the real tokenizer's counter wherever a function takes `count_tokens`)."""
 import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
 CountTokens = Callable[[str], int]
+
+
+def token_counter(model_dir: str | Path) -> CountTokens:
+    """Prompt tokens as the model directory's tokenizer counts them (no special tokens)."""
+    from duetserve.runtime.tokenizer import Tokenizer  # no torch: cheap to import
+
+    tokenizer = Tokenizer.from_dir(Path(model_dir))
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+
 
 _WORD_LIST = (
     "the of and to in is that for it as with was on be by this are from at or an have not "

@@ -11,7 +11,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -122,7 +122,8 @@ def run_simulation(
 ) -> Simulation:
     """Serve `specs` on `units` units of `num_blocks` KV blocks each (disagg: that many per
     worker); each request reaches its unit `dispatch_s` after it is sent. With `controller`
-    (semi-pd), each unit runs the scheduler's partition controller every `control_interval_s`.
+    (semi-pd), each unit runs the scheduler's partition controller every `control_interval_s`,
+    starting from `share`.
     Requests still running at `until_s` fail with UNFINISHED."""
     config = planner_config or PlannerConfig()
     setup = UnitSetup(mode, share, num_blocks, transfer_s_per_token)
@@ -133,9 +134,9 @@ def run_simulation(
         queue.at(record.seq.arrival + dispatch_s, partial(_route, cluster, record))
     if controller is not None and mode == "semi-pd":
         last_arrival = max((r.seq.arrival for r in records), default=0.0)
+        starting = replace(controller, initial_split=share[0])  # the controller starts at `share`
         for unit in cluster:
-            unit.controller = SplitController(controller)
-            unit.share = (controller.initial_split, round(1.0 - controller.initial_split, 6))
+            unit.controller = SplitController(starting)
             _tick(queue, unit, control_interval_s, last_arrival)
     start = time.perf_counter()
     queue.run(until_s)
