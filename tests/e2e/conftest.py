@@ -29,7 +29,8 @@ class Stack:
     def service_pids(self) -> dict[str, int]:
         """pid of each service process, by service name (the launcher's children)."""
         out = subprocess.run(
-            ["ps", "-o", "pid=,args=", "--ppid", str(self.process.pid)],
+            # -ww: whole command lines (ps cuts them at a width it assumes otherwise)
+            ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(self.process.pid)],
             capture_output=True,
             text=True,
             check=True,
