@@ -10,6 +10,11 @@ from enum import StrEnum
 
 from duetserve.proto.codec import message
 
+# The pools of a unit, as `subjects.kv(unit, verb, pool)` names them. Every mode has the unit
+# pool; disagg mode adds the decode worker's own pool (and its own weight copy).
+UNIT_POOL = ""
+DECODE_POOL = "decode"
+
 
 @message("kv.alloc")
 @dataclass(frozen=True, slots=True)

@@ -115,3 +115,10 @@ class SchedulerStats:
     preemptions: int  # since the scheduler started
     prefill_share: float = 0.0  # the compute split last asked of the unit's workers
     split_moves: int = 0  # times the partition controller moved it since the start
+    # disagg mode: the decode pool's blocks, and the KV copied into it at hand-off since the
+    # start (zero in the modes where decode reads the unit pool in place)
+    decode_free_blocks: int | None = None
+    decode_total_blocks: int | None = None
+    kv_copies: int = 0
+    kv_copied_bytes: int = 0
+    kv_copy_s: float = 0.0

@@ -35,6 +35,11 @@ def tokens(request_id: str) -> str:
     return f"{ROOT}.tokens.{check_token(request_id, 'request id')}"
 
 
-def kv(unit: str, verb: str) -> str:
-    """Request/reply to one unit's kv_manager: alloc, release, retain, heartbeat, storage."""
-    return f"{ROOT}.kv.{check_token(unit, 'unit')}.{check_token(verb, 'verb')}"
+def kv(unit: str, verb: str, pool: str = "") -> str:
+    """Request/reply to one unit's kv_manager: alloc, release, retain, heartbeat, storage.
+    `pool` names a second pool of the unit ("decode" in disagg mode); "" is the unit's pool,
+    the one the scheduler admits into and the prefix cache indexes."""
+    unit_part = check_token(unit, "unit")
+    if pool:
+        unit_part += "." + check_token(pool, "pool")
+    return f"{ROOT}.kv.{unit_part}.{check_token(verb, 'verb')}"

@@ -3,8 +3,10 @@
 Ownership of a request's KV blocks follows the request: kv_manager owners are named
 "<holder>/<request id>". The scheduler allocates prompt blocks as "scheduler/<id>"; at hand-off
 the decode worker retains them as "<its holder>/<id>" before it acknowledges, and the scheduler
-then releases its own references. A holder that stops heart-beating loses every owner under it,
-and kv_manager publishes LeasesExpired so the scheduler retries or fails those requests.
+then releases its own references. (In disagg mode the decode worker instead allocates blocks in
+its own pool, copies the KV into them, and acknowledges with what the copy cost.) A holder that
+stops heart-beating loses every owner under it, and kv_manager publishes LeasesExpired so the
+scheduler retries or fails those requests.
 
 A request preempted by recompute comes back to prefill with its KV computed again from
 prompt + output so far; its sampling state (original prompt, output so far) travels with it so
@@ -101,6 +103,7 @@ class DecodeAdmit:
 class Refusal:
     request_id: str
     reason: str
+    retry: bool = False  # no room now (resident limit, decode pool full): ask again later
 
 
 @message("decode.admitted")
@@ -108,6 +111,11 @@ class Refusal:
 class DecodeAdmitted:
     request_ids: tuple[str, ...]
     refused: tuple[Refusal, ...] = ()
+    # disagg mode: the KV the decode worker copied from the unit pool into its own for these
+    # admissions (always 0 where decode reads the prefill worker's blocks in place)
+    kv_copied_blocks: int = 0
+    kv_copied_bytes: int = 0
+    kv_copy_s: float = 0.0
 
 
 class ControlKind(StrEnum):
@@ -152,3 +160,4 @@ class WorkerEvents:
     source: str  # the publishing instance
     events: tuple[WorkerEvent, ...]
     free_blocks: int | None = None  # kv_manager's count when the publisher last knew it
+    kv_pool: str = ""  # the pool free_blocks counts (kv.UNIT_POOL or kv.DECODE_POOL)

@@ -15,6 +15,14 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# How a unit runs its two phases (DESIGN.md, "Modes"):
+# - semi-pd: a prefill and a decode worker on their compute shares of one device, sharing one
+#   KV pool and one copy of the weights (the default);
+# - unified: one worker runs prefill chunks and decode steps in the same forward pass;
+# - disagg: a prefill and a decode worker, each with its own KV pool and weight copy; a
+#   request's KV is copied from the prefill pool to the decode pool when decode admits it.
+Mode = Literal["semi-pd", "unified", "disagg"]
+
 
 class CommonSettings(BaseSettings):
     """Connection, logging, tracing and lifecycle settings of one service process."""

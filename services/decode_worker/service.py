@@ -5,7 +5,8 @@ its own holder, then steps them without asking anyone: growth blocks come from k
 at a time ahead of need; when kv_manager says no, the request stalls and the scheduler is told,
 which preempts (DecodeControl). Controls and admissions are applied between steps, never during
 one, so the step in flight always sees a consistent batch. (The loop itself is
-unit_worker/decoding.py, which the prefill worker also runs in unified mode.)
+unit_worker/decoding.py, which the prefill worker also runs in unified mode.) In disagg mode it
+decodes on its own pool and weight copy, and copies each admitted request's KV into it.
 """
 
 import asyncio
@@ -14,11 +15,12 @@ import logging
 from duetserve.common.health import serve_health
 from duetserve.common.nats_bus import Bus
 from duetserve.common.unit_client import fetch_storage
+from duetserve.proto import kv
 from duetserve.proto.common import HealthStatus
 from duetserve.services.decode_worker.settings import DecodeSettings
 from duetserve.services.unit_worker.compute import WorkerCompute, follow_splits
 from duetserve.services.unit_worker.decoding import Decoding
-from duetserve.services.unit_worker.model_host import ModelHost, host_model
+from duetserve.services.unit_worker.model_host import MappedPool, ModelHost, host_model, map_pool
 
 logger = logging.getLogger(__name__)
 SERVICE = "decode_worker"
@@ -32,6 +34,7 @@ class DecodeWorkerService:
         self.bus: Bus | None = None
         self.status = HealthStatus.STARTING
         self.host: ModelHost | None = None
+        self.source: MappedPool | None = None  # disagg: the unit pool, KV copied out of it
         self.decoding: Decoding | None = None
         self.compute: WorkerCompute | None = None
 
@@ -44,11 +47,18 @@ class DecodeWorkerService:
         self.bus = bus = await Bus.connect(
             s.nats_url, self.instance, request_timeout_s=s.request_timeout_s
         )
-        description = await fetch_storage(bus, s.unit, self.instance)
+        # disagg: the model runs on this worker's own pool and weight copy, and the unit pool
+        # (the prefill worker's) is mapped only to copy admitted requests' KV out of it.
+        pool = kv.DECODE_POOL if s.mode == "disagg" else kv.UNIT_POOL
+        description = await fetch_storage(bus, s.unit, self.instance, pool)
         self.compute = compute = await asyncio.to_thread(WorkerCompute.open, s, "decode")
         await follow_splits(bus, compute, s, self.instance)
         self.host = await compute.run(host_model, description, s.sampler_seed)
-        self.decoding = Decoding(bus, self.host, s, self.holder, compute)
+        if pool == kv.DECODE_POOL:
+            unit_pool = await fetch_storage(bus, s.unit, self.instance)
+            self.source = await compute.run(map_pool, unit_pool)
+        source = self.source.pool if self.source is not None else None
+        self.decoding = Decoding(bus, self.host, s, self.holder, compute, pool, source)
         await self.decoding.start()
         await serve_health(bus, SERVICE, self.instance, lambda: self.status)
         self.status = HealthStatus.READY
@@ -66,6 +76,8 @@ class DecodeWorkerService:
             await self.decoding.stop()
         if self.host is not None:
             self.host.close()
+        if self.source is not None:
+            self.source.close()
         if self.compute is not None:
             self.compute.close()
         if self.bus is not None:

@@ -97,6 +97,28 @@ class IngressMetrics:
             "Times the partition controller moved the compute split since the scheduler started.",
             registry=self.registry,
         )
+        self.decode_pool_blocks = Gauge(
+            "duet_kv_decode_pool_blocks",
+            "disagg mode: blocks of the decode worker's own KV pool by state (free, total).",
+            ["state"],
+            registry=self.registry,
+        )
+        self.kv_transfers = Gauge(
+            "duet_kv_transfers",
+            "Hand-offs that copied a request's KV into the decode pool (disagg mode; 0 where "
+            "decode reads the unit pool in place), since the scheduler started.",
+            registry=self.registry,
+        )
+        self.kv_transfer_bytes = Gauge(
+            "duet_kv_transfer_bytes",
+            "Bytes of KV copied into the decode pool at hand-offs since the scheduler started.",
+            registry=self.registry,
+        )
+        self.kv_transfer_seconds = Gauge(
+            "duet_kv_transfer_seconds",
+            "Seconds the decode worker spent copying KV at hand-offs since the scheduler started.",
+            registry=self.registry,
+        )
 
     def observe_scheduler(self, stats: SchedulerStats) -> None:
         for phase in ("waiting", "prefilling", "decoding"):
@@ -106,6 +128,12 @@ class IngressMetrics:
         self.preemptions.set(stats.preemptions)
         self.prefill_share.set(stats.prefill_share)
         self.split_moves.set(stats.split_moves)
+        if stats.decode_total_blocks is not None and stats.decode_free_blocks is not None:
+            self.decode_pool_blocks.labels(state="free").set(stats.decode_free_blocks)
+            self.decode_pool_blocks.labels(state="total").set(stats.decode_total_blocks)
+        self.kv_transfers.set(stats.kv_copies)
+        self.kv_transfer_bytes.set(stats.kv_copied_bytes)
+        self.kv_transfer_seconds.set(stats.kv_copy_s)
 
     def observe_request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()

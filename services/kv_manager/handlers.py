@@ -64,7 +64,7 @@ def request_id_of(owner: str) -> str:
 
 
 class KVHandlers:
-    """Serves one unit's allocator and storage description over NATS."""
+    """Serves one of the unit's pools (allocator and storage description) over NATS."""
 
     def __init__(
         self,
@@ -74,6 +74,7 @@ class KVHandlers:
         *,
         unit: str,
         source: str,
+        pool: str = kv.UNIT_POOL,
         clock: Clock = time.monotonic,
     ) -> None:
         self.bus = bus
@@ -81,6 +82,7 @@ class KVHandlers:
         self.description = description
         self.unit = unit
         self.source = source  # this instance, as WorkerEvents.source
+        self.pool = pool  # which of the unit's pools, as WorkerEvents.kv_pool
         self.clock = clock
 
     # ---- request/reply -----------------------------------------------------------------
@@ -182,7 +184,7 @@ class KVHandlers:
                 extra={"holder": holder, "num_free": free},
             )
         events = tuple(_lost_event(release) for release in releases)
-        report = WorkerEvents(source=self.source, events=events, free_blocks=free)
+        report = WorkerEvents(self.source, events, free_blocks=free, kv_pool=self.pool)
         await self.bus.publish(worker_events_subject(self.unit), encode(report))
         return releases
 

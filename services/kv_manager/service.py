@@ -1,5 +1,6 @@
 """The kv_manager service: the unit's storage (KV pool and weights), its block allocator and
-leases, served over NATS.
+leases, served over NATS. In disagg mode it serves two of each, the unit pool and the decode
+worker's pool (`kv(unit, verb, "decode")`), each storage with its own copy of the weights.
 
 Start: load the weights in the run dtype, pack them after the KV pool into one layout, open the
 storage (CUDA IPC when usable, else /dev/shm, and say why), copy the weights in once, zero the
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+from dataclasses import dataclass
 
 from duetserve.common.health import serve_health
 from duetserve.common.nats_bus import Bus
@@ -41,89 +43,151 @@ logger = logging.getLogger(__name__)
 SERVICE = "kv_manager"
 
 
+@dataclass(slots=True)
+class ServedPool:
+    """One KV pool the unit serves: its storage (the pool and a copy of the weights), its
+    allocator, and the handlers of `subjects.kv(unit, verb, name)`."""
+
+    name: str  # kv.UNIT_POOL or kv.DECODE_POOL
+    storage: Storage
+    description: kv.StorageDescription
+    allocator: BlockAllocator
+    handlers: KVHandlers | None = None
+
+
 class KVManagerService:
     def __init__(self, settings: KVManagerSettings) -> None:
         self.settings = settings
         self.instance = settings.instance_name(SERVICE)
         self.status = HealthStatus.STARTING
-        self.storage: Storage | None = None
-        self.description: kv.StorageDescription | None = None
-        self.allocator: BlockAllocator | None = None
-        self.handlers: KVHandlers | None = None
+        self.pools: dict[str, ServedPool] = {}  # the unit pool first
         self.bus: Bus | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
+    # The unit pool's parts (the only pool outside disagg mode).
+    @property
+    def storage(self) -> Storage | None:
+        pool = self.pools.get(kv.UNIT_POOL)
+        return pool.storage if pool is not None else None
+
+    @property
+    def description(self) -> kv.StorageDescription | None:
+        pool = self.pools.get(kv.UNIT_POOL)
+        return pool.description if pool is not None else None
+
+    @property
+    def allocator(self) -> BlockAllocator | None:
+        pool = self.pools.get(kv.UNIT_POOL)
+        return pool.allocator if pool is not None else None
+
+    @property
+    def handlers(self) -> KVHandlers | None:
+        pool = self.pools.get(kv.UNIT_POOL)
+        return pool.handlers if pool is not None else None
+
     async def start(self) -> None:
         s = self.settings
-        self.description = await self._open_storage()
-        self.allocator = BlockAllocator(self.description.num_blocks, s.lease_s)
+        await self._open_pools()
         self.bus = bus = await Bus.connect(
             s.nats_url, self.instance, request_timeout_s=s.request_timeout_s
         )
-        self.handlers = handlers = KVHandlers(
-            bus, self.allocator, self.description, unit=s.unit, source=self.instance
-        )
-        served = {
-            "alloc": handlers.alloc,
-            "retain": handlers.retain,
-            "release": handlers.release,
-            "heartbeat": handlers.heartbeat,
-            "storage": handlers.storage,
-            "stats": handlers.stats,
-            "shared": handlers.shared,
-        }
-        for verb, handler in served.items():
-            await bus.subscribe(subjects.kv(s.unit, verb), handler)
+        for pool in self.pools.values():
+            pool.handlers = handlers = KVHandlers(
+                bus,
+                pool.allocator,
+                pool.description,
+                unit=s.unit,
+                source=self.instance,
+                pool=pool.name,
+            )
+            served = {
+                "alloc": handlers.alloc,
+                "retain": handlers.retain,
+                "release": handlers.release,
+                "heartbeat": handlers.heartbeat,
+                "storage": handlers.storage,
+                "stats": handlers.stats,
+                "shared": handlers.shared,
+            }
+            for verb, handler in served.items():
+                await bus.subscribe(subjects.kv(s.unit, verb, pool.name), handler)
         await serve_health(bus, SERVICE, self.instance, lambda: self.status)
-        self._sweeper = asyncio.create_task(self._sweep_leases(handlers), name="kv-lease-sweep")
+        self._sweeper = asyncio.create_task(self._sweep_leases(), name="kv-lease-sweep")
         await bus.flush()  # ready means the server knows the subscriptions
         self.status = HealthStatus.READY
-        logger.info(
-            "unit %s: %d KV blocks of %d tokens, leases of %gs",
-            s.unit,
-            self.description.num_blocks,
-            s.block_size,
-            s.lease_s,
-        )
+        for pool in self.pools.values():
+            logger.info(
+                "unit %s%s: %d KV blocks of %d tokens, leases of %gs",
+                s.unit,
+                f" ({pool.name} pool)" if pool.name else "",
+                pool.description.num_blocks,
+                s.block_size,
+                s.lease_s,
+            )
 
-    async def _open_storage(self) -> kv.StorageDescription:
-        """Create and fill the unit's storage; its description for workers."""
+    async def _open_pools(self) -> None:
+        """The unit pool, and in disagg mode the decode worker's pool beside it: each its own
+        storage with its own copy of the weights, its own allocator."""
         s = self.settings
         dtype = parse_dtype(s.dtype)
         config = ModelConfig.from_dir(s.model)
-        pool = PoolGeometry(
-            s.pool_blocks(kv_bytes_per_block(config, s.block_size, dtype)), s.block_size, dtype
-        )
-        weights = await asyncio.to_thread(load_stored_weights, s.model, config, dtype)
+        total = s.pool_blocks(kv_bytes_per_block(config, s.block_size, dtype))
+        if s.mode == "disagg":
+            unit_blocks, decode_blocks = s.split_blocks(total)
+            plan = [
+                (kv.UNIT_POOL, unit_blocks, s.region_name()),
+                (kv.DECODE_POOL, decode_blocks, f"{s.region_name()}-{kv.DECODE_POOL}"),
+            ]
+        else:
+            plan = [(kv.UNIT_POOL, total, s.region_name())]
+        for name, num_blocks, region in plan:
+            pool = PoolGeometry(num_blocks, s.block_size, dtype)
+            storage, description = await self._open_storage(config, pool, region)
+            allocator = BlockAllocator(description.num_blocks, s.lease_s)
+            self.pools[name] = ServedPool(name, storage, description, allocator)
+
+    async def _open_storage(
+        self, config: ModelConfig, pool: PoolGeometry, region: str
+    ) -> tuple[Storage, kv.StorageDescription]:
+        """Create and fill one storage; it and its description for workers."""
+        s = self.settings
+        weights = await asyncio.to_thread(load_stored_weights, s.model, config, pool.dtype)
         layout = unit_layout(config, weights, pool)
-        opened = open_storage(layout, s.region_name(), s.storage, s.cuda_device)
-        self.storage = opened.storage  # from here on, stop() closes it whatever happens
-        # open_storage has logged which backend and why ("storage: ..."); this is the size.
-        logger.info(
-            "storage of %.1f MiB: the KV pool and %d weight tensors",
-            layout.nbytes / 2**20,
-            len(weights),
-            extra={"nbytes": layout.nbytes, "kind": opened.storage.handle().KIND},
-        )
-        await asyncio.to_thread(fill_storage, opened.storage.tensors, weights)
+        opened = open_storage(layout, region, s.storage, s.cuda_device)
+        storage = opened.storage
+        try:
+            # open_storage has logged which backend and why ("storage: ..."); this is the size.
+            logger.info(
+                "storage of %.1f MiB: the KV pool and %d weight tensors",
+                layout.nbytes / 2**20,
+                len(weights),
+                extra={"nbytes": layout.nbytes, "kind": storage.handle().KIND},
+            )
+            await asyncio.to_thread(fill_storage, storage.tensors, weights)
+        except BaseException:
+            storage.close()
+            raise
         del weights  # the storage holds the one copy now
         gc.collect()
-        return describe(
-            opened.storage.handle(),
+        description = describe(
+            storage.handle(),
             block_size=pool.block_size,
             num_blocks=pool.num_blocks,
             model_dir=str(s.model.resolve()),
             dtype=s.dtype,
         )
+        return storage, description
 
-    async def _sweep_leases(self, handlers: KVHandlers) -> None:
+    async def _sweep_leases(self) -> None:
         period = self.settings.lease_s / 4
         while True:
             await asyncio.sleep(period)
-            try:
-                await handlers.sweep_leases()
-            except Exception:  # a failed publish must not end the sweeping
-                logger.exception("lease sweep failed")
+            for pool in self.pools.values():
+                assert pool.handlers is not None
+                try:
+                    await pool.handlers.sweep_leases()
+                except Exception:  # a failed publish must not end the sweeping
+                    logger.exception("lease sweep failed")
 
     async def ready(self) -> bool:
         return (
@@ -148,7 +212,7 @@ class KVManagerService:
         if self.bus is not None:
             await self.bus.drain()
             self.bus = None
-        if self.storage is not None:
-            self.storage.close()
-            self.storage = None
-            logger.info("storage closed")
+        for pool in self.pools.values():
+            pool.storage.close()
+            logger.info("storage closed%s", f" ({pool.name} pool)" if pool.name else "")
+        self.pools = {}

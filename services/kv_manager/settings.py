@@ -3,7 +3,10 @@
     DUET_MODEL=/models/tiny DUET_DTYPE=bfloat16 DUET_KV_CACHE_MB=512 \
         python -m duetserve.services.kv_manager
 
-The pool holds `num_blocks` blocks when that is set, else as many as fit in `kv_cache_mb`.
+The pool holds `num_blocks` blocks when that is set, else as many as fit in `kv_cache_mb`. In
+disagg mode that budget is the unit's, split between two pools, each with its own weight copy:
+the unit pool (the prefill worker's, where the prefix cache lives) and the decode worker's pool,
+which gets `decode_pool_share` of the blocks.
 """
 
 import os
@@ -12,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from duetserve.common.settings import CommonSettings
+from duetserve.common.settings import CommonSettings, Mode
 
 
 class KVManagerSettings(CommonSettings):
@@ -26,6 +29,8 @@ class KVManagerSettings(CommonSettings):
     storage: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA IPC if usable, else /dev/shm
     cuda_device: int = Field(0, ge=0)
     region: str | None = None  # the /dev/shm name on the CPU; see region_name
+    mode: Mode = "semi-pd"  # disagg: a second pool and weight copy for the decode worker
+    decode_pool_share: float = Field(0.5, gt=0, lt=1)  # disagg: the decode pool's blocks
 
     def region_name(self) -> str:
         """The configured /dev/shm name, or `duet-<unit>-<pid>` (unique on this machine)."""
@@ -41,3 +46,10 @@ class KVManagerSettings(CommonSettings):
                 f"kv_cache_mb={self.kv_cache_mb:g} holds no block of {bytes_per_block} bytes"
             )
         return blocks
+
+    def split_blocks(self, total: int) -> tuple[int, int]:
+        """disagg: (unit pool, decode pool) blocks out of the unit's `total`, each >= 1."""
+        if total < 2:
+            raise ValueError(f"disagg mode needs two KV pools; {total} block(s) make one")
+        decode = min(max(round(total * self.decode_pool_share), 1), total - 1)
+        return total - decode, decode

@@ -19,7 +19,7 @@ from duetserve.proto.tokens import FinishReason, TokenChunk
 from duetserve.services.scheduler.planner import Admission, Planner, PrefillChunk
 from duetserve.services.scheduler.requests import RequestRecord
 from duetserve.services.scheduler.split_tuner import SplitTuner
-from duetserve.services.scheduler.state import Phase, UnitView
+from duetserve.services.scheduler.state import KvTransfers, Phase, UnitView
 
 logger = logging.getLogger(__name__)
 RETRY_WAITING_S = 0.5
@@ -36,16 +36,40 @@ class SchedulerCore:
         prefill_timeout_s: float,
         tuner: SplitTuner,
         shared_steps: bool = False,
+        decode_pool_blocks: int | None = None,
     ) -> None:
         """`shared_steps`: prefill chunks share each forward pass with the decoding requests
-        (unified mode), so the decodes take their tokens out of the batch's budget."""
+        (unified mode), so the decodes take their tokens out of the batch's budget.
+        `decode_pool_blocks`: disagg mode, where decoding requests live in a pool of their own
+        (see `decode_view`)."""
         self.bus, self.planner, self.unit, self.tuner = bus, planner, unit, tuner
         self.shared_steps = shared_steps
         self.prefill_timeout_s = prefill_timeout_s
         self.records: dict[str, RequestRecord] = {}
         self.view = UnitView(free_blocks=num_blocks, total_blocks=num_blocks)
+        # The pool decoding requests hold blocks in, which preemption frees: the unit pool, or
+        # in disagg mode the decode worker's own (same decoding list, its own counts).
+        self.decode_view = self.view
+        if decode_pool_blocks is not None:
+            self.decode_view = UnitView(
+                decode_pool_blocks, decode_pool_blocks, decoding=self.view.decoding
+            )
         self.wake = asyncio.Event()
         self._batch_id = 0
+        # Prefilled requests the decode worker had no room for yet, handed off again when it
+        # may have some (at the loop's next wake).
+        self.handoffs: list[RequestRecord] = []
+        self.transfers = KvTransfers()
+
+    @property
+    def disagg(self) -> bool:
+        return self.decode_view is not self.view
+
+    def pool_view(self, pool: str) -> UnitView | None:
+        """The view counting the blocks of one of the unit's pools (None: not this mode's)."""
+        if pool == kv.UNIT_POOL:
+            return self.view
+        return self.decode_view if pool == kv.DECODE_POOL and self.disagg else None
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -53,12 +77,19 @@ class SchedulerCore:
         while True:
             # Events wake the loop; requests left waiting (no blocks yet) are retried on a short
             # timer too, so no lost wake-up can strand them.
-            retry_s = RETRY_WAITING_S if self.view.waiting else None
+            retry_s = RETRY_WAITING_S if self.view.waiting or self.handoffs else None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), retry_s)
             self.wake.clear()
+            await self._retry_handoffs()
             while await self._step():
                 pass
+
+    async def _retry_handoffs(self) -> None:
+        handoffs, self.handoffs = self.handoffs, []
+        for record in handoffs:
+            if self.records.get(record.request_id) is record and record.cancelled is None:
+                await self._hand_off(record)
 
     async def _step(self) -> bool:
         """One plan and its prefill batch; False when there is nothing to do right now."""
@@ -68,10 +99,13 @@ class SchedulerCore:
             if record.seq.phase == Phase.PREFILLING:  # no chunk of it is in flight now
                 await self.finish(record)
         decode_tokens = len(self.view.decoding) if self.shared_steps else 0
-        plan = self.planner.plan(self.view, time.monotonic(), decode_tokens)
+        now = time.monotonic()
+        plan = self.planner.plan(self.view, now, decode_tokens)
         for rejection in plan.reject:
             if (rejected := self.records.get(rejection.request_id)) is not None:
                 await self.fail(rejected, rejection.reason)
+        if not plan.admit and self.view.waiting and await self._reclaim_for_waiting(now):
+            return True
         admitted = {a.request_id for a in plan.admit if await self._admit(a)}
         # Planned again: an admission that hit the prefix cache starts past the cached tokens,
         # and a chunk planned from before it would recompute them and overshoot the prompt.
@@ -145,6 +179,32 @@ class SchedulerCore:
             if attempt == 0:
                 await self.evict(count)
         return None
+
+    async def refresh_free(self, pool: str) -> None:
+        """Ask kv_manager how many blocks a pool has free now. The count otherwise comes with
+        replies and worker events, as their senders last knew it: a worker whose allocation
+        was just refused reports a count from before, and preempting on it could free nothing;
+        after the prefix cache evicts, nothing has told us yet."""
+        view = self.pool_view(pool)
+        assert view is not None, pool
+        try:
+            reply = await self.bus.request(
+                subjects.kv(self.unit, "stats", pool), encode(kv.KvStatsQuery())
+            )
+            view.free_blocks = decode(reply.data, kv.KvStats).num_free
+        except (BusTimeout, ProtoError) as err:
+            logger.warning("kv_manager did not say how many blocks are free: %s", err)
+
+    async def _reclaim_for_waiting(self, now: float) -> bool:
+        """The next request to admit lacks blocks that the prefix cache may hold: ask it to
+        give them back. Otherwise a pool filled by cached prefixes, with nothing decoding in
+        it to run short and trigger an eviction, would keep the request waiting forever.
+        True when the cache gave some back (plan again)."""
+        shortfall = self.planner.shortfall(self.view, now)
+        if shortfall <= 0 or await self.evict(shortfall) == 0:
+            return False
+        await self.refresh_free(kv.UNIT_POOL)
+        return True
 
     async def evict(self, count: int) -> int:
         """Ask the prefix cache to give back `count` blocks; how many it dropped (blocks that
@@ -266,9 +326,14 @@ class SchedulerCore:
             await self.fail(record, f"decode worker unavailable: {err}")
             return
         if record.request_id not in admitted.request_ids:
-            reasons = [r.reason for r in admitted.refused if r.request_id == record.request_id]
-            await self.fail(record, f"decode refused: {reasons[0] if reasons else 'no reason'}")
+            refusals = [r for r in admitted.refused if r.request_id == record.request_id]
+            if refusals and refusals[0].retry:  # no room yet: it waits, holding its blocks
+                self.handoffs.append(record)
+                return
+            reason = refusals[0].reason if refusals else "no reason"
+            await self.fail(record, f"decode refused: {reason}")
             return
+        self.transfers.add(admitted)
         await self.release(record.owner)  # the decode worker holds its own references now
         if (
             self.records.get(record.request_id) is not record

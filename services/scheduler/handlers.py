@@ -1,5 +1,6 @@
 """Handlers of the subjects the scheduler serves: submissions, cancels, worker events."""
 
+import dataclasses
 import logging
 import time
 
@@ -7,7 +8,7 @@ from nats.aio.msg import Msg
 
 from duetserve.common.nats_bus import Bus
 from duetserve.common.tracing import current_traceparent
-from duetserve.proto import workers
+from duetserve.proto import kv, workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
 from duetserve.proto.scheduling import (
@@ -86,6 +87,16 @@ class SchedulerHandlers:
             prefill_share=self.core.tuner.prefill_share,
             split_moves=self.core.tuner.moves,
         )
+        if self.core.disagg:
+            transfers = self.core.transfers
+            stats = dataclasses.replace(
+                stats,
+                decode_free_blocks=self.core.decode_view.free_blocks,
+                decode_total_blocks=self.core.decode_view.total_blocks,
+                kv_copies=transfers.copies,
+                kv_copied_bytes=transfers.nbytes,
+                kv_copy_s=transfers.seconds,
+            )
         await self.bus.reply(msg, encode(stats))
 
     async def on_worker_events(self, msg: Msg) -> None:
@@ -95,7 +106,11 @@ class SchedulerHandlers:
             logger.warning("dropped malformed worker events: %s", err)
             return
         if events.free_blocks is not None:
-            self.core.view.free_blocks = events.free_blocks
+            view = self.core.pool_view(events.kv_pool)
+            if view is not None:
+                view.free_blocks = events.free_blocks
+            else:
+                logger.warning("free blocks of an unknown pool %r ignored", events.kv_pool)
         for event in events.events:
             await self._on_event(event)
         self.core.wake.set()
@@ -124,12 +139,14 @@ class SchedulerHandlers:
 
     async def _preempt_for(self, record: RequestRecord, blocks_needed: int) -> None:
         """Reclaim prefix-cache blocks first (cheapest: nothing is recomputed); preempt only
-        if the cache could not give back enough. The decode worker retries on its own."""
-        if await self.core.evict(blocks_needed) >= blocks_needed:
+        if the cache could not give back enough. The decode worker retries on its own. (In
+        disagg mode the cache's blocks are in the unit pool, not decode's: straight to
+        preemption, against decode's pool.)"""
+        core = self.core
+        if not core.disagg and await core.evict(blocks_needed) >= blocks_needed:
             return
-        result = self.core.planner.preempt(
-            self.core.view, record.seq, blocks_needed, time.monotonic()
-        )
+        await core.refresh_free(kv.DECODE_POOL if core.disagg else kv.UNIT_POOL)
+        result = core.planner.preempt(core.decode_view, record.seq, blocks_needed, time.monotonic())
         for failure in result.fail:
             await self.core.fail(self.core.records[failure.request_id], failure.reason)
         if result.victims:

@@ -101,6 +101,18 @@ class Planner:
             running += 1
         return admit, reject, admitted
 
+    def shortfall(self, unit: UnitView, now: float) -> int:
+        """Blocks the next request in admission order lacks to be admitted now (0: none
+        waits, or it fits, or it is held back by the running limit instead)."""
+        if len(unit.prefilling) + len(unit.decoding) >= self.config.max_running:
+            return 0
+        free = unit.free_blocks - self.config.decode_reserve_blocks
+        for seq in self.policy.admission_order(unit.waiting, now):
+            if self.blocks_for(seq.prompt_len) > unit.total_blocks:
+                continue  # rejected, not waiting for room
+            return max(self._new_blocks(seq) - free, 0)
+        return 0
+
     def _new_blocks(self, seq: SeqState) -> int:
         cached_blocks = seq.num_cached // self.config.block_size
         return max(self.blocks_for(seq.prompt_len) - cached_blocks, 0)

@@ -7,7 +7,7 @@ from duetserve.common.health import serve_health
 from duetserve.common.lifecycle import cancel_tasks, critical_task
 from duetserve.common.nats_bus import Bus
 from duetserve.common.unit_client import fetch_storage, heartbeat_forever
-from duetserve.proto import subjects, workers
+from duetserve.proto import kv, subjects, workers
 from duetserve.proto.common import HealthStatus
 from duetserve.services.scheduler.core import SchedulerCore
 from duetserve.services.scheduler.handlers import SchedulerHandlers
@@ -39,6 +39,10 @@ class SchedulerService:
             s.nats_url, self.instance, request_timeout_s=s.request_timeout_s
         )
         storage = await fetch_storage(bus, s.unit, self.instance)
+        decode_pool_blocks = None
+        if s.mode == "disagg":
+            decode_pool = await fetch_storage(bus, s.unit, self.instance, kv.DECODE_POOL)
+            decode_pool_blocks = decode_pool.num_blocks
         config = PlannerConfig(
             block_size=storage.block_size,
             max_prefill_tokens=s.max_prefill_tokens,
@@ -57,6 +61,7 @@ class SchedulerService:
             s.prefill_timeout_s,
             tuner,
             shared_steps=s.mode == "unified",
+            decode_pool_blocks=decode_pool_blocks,
         )
         self.handlers = handlers = SchedulerHandlers(bus, self.core, s.unit)
         await bus.subscribe(subjects.SCHED_SUBMIT, handlers.on_submit)
@@ -74,11 +79,12 @@ class SchedulerService:
         await serve_health(bus, SERVICE, self.instance, lambda: self.status)
         self.status = HealthStatus.READY
         logger.info(
-            "scheduling unit %s (%s): %d blocks of %d tokens, policy %s",
+            "scheduling unit %s (%s): %d blocks of %d tokens%s, policy %s",
             s.unit,
             s.mode,
             storage.num_blocks,
             storage.block_size,
+            f" (decode pool: {decode_pool_blocks})" if decode_pool_blocks is not None else "",
             planner.policy.name,
         )
 

@@ -8,6 +8,8 @@ The simulator drives the same objects from its cost model.
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from duetserve.proto.workers import DecodeAdmitted
+
 
 class Phase(StrEnum):
     WAITING = "waiting"  # no blocks yet
@@ -31,6 +33,23 @@ class SeqState:
     @property
     def num_uncomputed(self) -> int:
         return self.prompt_len - self.num_computed
+
+
+@dataclass(slots=True)
+class KvTransfers:
+    """The KV copied from the unit pool into decode's own at hand-offs (disagg mode)."""
+
+    copies: int = 0  # hand-offs that copied
+    blocks: int = 0
+    nbytes: int = 0
+    seconds: float = 0.0
+
+    def add(self, admitted: DecodeAdmitted) -> None:
+        if admitted.kv_copied_blocks:
+            self.copies += 1
+            self.blocks += admitted.kv_copied_blocks
+            self.nbytes += admitted.kv_copied_bytes
+            self.seconds += admitted.kv_copy_s
 
 
 @dataclass(slots=True)

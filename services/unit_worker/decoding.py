@@ -12,9 +12,10 @@ from nats.aio.msg import Msg
 from duetserve.common.lifecycle import cancel_tasks, critical_task
 from duetserve.common.nats_bus import Bus
 from duetserve.common.unit_client import heartbeat_forever
-from duetserve.proto import workers
+from duetserve.proto import kv, workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
+from duetserve.runtime.kv_pool import KVPool
 from duetserve.services.unit_worker.compute import WorkerCompute
 from duetserve.services.unit_worker.model_host import ModelHost
 from duetserve.services.unit_worker.settings import UnitWorkerSettings
@@ -32,9 +33,12 @@ class Decoding:
         settings: UnitWorkerSettings,
         holder: str,
         compute: WorkerCompute,
+        pool: str = kv.UNIT_POOL,
+        source: KVPool | None = None,
     ) -> None:
-        self.bus, self.settings, self.holder = bus, settings, holder
-        self.stepper = DecodeStepper(bus, host, settings, holder, compute)
+        """`pool` and `source`: see DecodeStepper (disagg mode's own pool and its source)."""
+        self.bus, self.settings, self.holder, self.pool = bus, settings, holder, pool
+        self.stepper = DecodeStepper(bus, host, settings, holder, compute, pool, source)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -44,7 +48,7 @@ class Decoding:
         self._tasks = [
             critical_task(self.stepper.run(), "decode-loop"),
             critical_task(
-                heartbeat_forever(self.bus, s.unit, self.holder, s.heartbeat_interval_s),
+                heartbeat_forever(self.bus, s.unit, self.holder, s.heartbeat_interval_s, self.pool),
                 "decode-heartbeat",
             ),
         ]

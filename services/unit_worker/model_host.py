@@ -36,6 +36,24 @@ class ModelHost:
         self.mapped.close()
 
 
+@dataclass(slots=True)
+class MappedPool:
+    """Another storage's KV pool mapped in this process (disagg: the decode worker reads the
+    unit pool, where prefill wrote the KV it copies in). Its weights are mapped, not used."""
+
+    mapped: MappedStorage
+    pool: KVPool
+
+    def close(self) -> None:
+        self.mapped.close()
+
+
+def map_pool(description: kv.StorageDescription) -> MappedPool:
+    """Map the storage `description` names; keep only its KV pool."""
+    mapped = attach_storage(handle_of(description))
+    return MappedPool(mapped, KVPool(mapped.tensors[KV_POOL]))
+
+
 def host_model(description: kv.StorageDescription, seed: int) -> ModelHost:
     """Map the storage and build the model on it: the weights are kv_manager's one copy."""
     mapped = attach_storage(handle_of(description))

@@ -1,5 +1,6 @@
 """The decode step loop and the block bookkeeping around it. In unified mode the loop also
-takes prefill batches: each joins the next step, one forward pass for both."""
+takes prefill batches: each joins the next step, one forward pass for both. In disagg mode the
+worker's blocks come from its own pool, and admission copies each request's KV into it."""
 
 import asyncio
 import contextlib
@@ -15,7 +16,9 @@ from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
 from duetserve.proto.tokens import FinishReason, TokenChunk
 from duetserve.runtime.errors import RuntimeInputError
+from duetserve.runtime.kv_pool import KVPool
 from duetserve.services.unit_worker.compute import WorkerCompute
+from duetserve.services.unit_worker.kv_transfer import Copied, TransferError, copy_blocks
 from duetserve.services.unit_worker.model_host import ModelHost
 from duetserve.services.unit_worker.prefill_step import PrefillOutput, mixed_step
 from duetserve.services.unit_worker.residents import Resident, StepOutcome, decode_step
@@ -40,10 +43,15 @@ class DecodeStepper:
         settings: UnitWorkerSettings,
         holder: str,
         compute: WorkerCompute,
+        pool: str = kv.UNIT_POOL,
+        source: KVPool | None = None,
     ) -> None:
+        """`pool`: the unit's pool this worker's blocks come from (`host`'s); `source`
+        (disagg mode): the unit pool, which admitted requests' KV is copied out of."""
         self.bus, self.host, self.settings, self.holder = bus, host, settings, holder
         self.compute = compute
         self.unit = settings.unit
+        self.pool, self.source = pool, source
         self.residents: dict[str, Resident] = {}
         self.accepting = True
         self._controls: list[workers.DecodeControl] = []
@@ -65,34 +73,75 @@ class DecodeStepper:
     async def admit(self, items: Sequence[workers.DecodeItem]) -> workers.DecodeAdmitted:
         admitted: list[str] = []
         refused: list[workers.Refusal] = []
+        copies: list[Copied] = []
         for item in items:
-            reason = await self._admit_one(item)
-            if reason is None:
-                admitted.append(item.request_id)
-            else:
-                refused.append(workers.Refusal(item.request_id, reason))
+            outcome = await self._admit_one(item)
+            if isinstance(outcome, workers.Refusal):
+                refused.append(outcome)
+                continue
+            admitted.append(item.request_id)
+            if outcome is not None:
+                copies.append(outcome)
         self._work.set()
-        return workers.DecodeAdmitted(tuple(admitted), tuple(refused))
+        return workers.DecodeAdmitted(
+            tuple(admitted),
+            tuple(refused),
+            kv_copied_blocks=sum(c.blocks for c in copies),
+            kv_copied_bytes=sum(c.nbytes for c in copies),
+            kv_copy_s=sum(c.seconds for c in copies),
+        )
 
-    async def _admit_one(self, item: workers.DecodeItem) -> str | None:
+    async def _admit_one(self, item: workers.DecodeItem) -> workers.Refusal | Copied | None:
+        """Take a request over: its blocks (retained in place, or copied into this worker's
+        own pool in disagg mode), its sampling state. A refusal says why."""
+        request_id = item.request_id
         if not self.accepting:
-            return "the decode worker is draining"
-        if len(self.residents) >= self.settings.max_resident or item.request_id in self.residents:
-            return "the decode worker is full" if len(self.residents) else "duplicate request"
+            return workers.Refusal(request_id, "the decode worker is draining")
+        if request_id in self.residents:
+            return workers.Refusal(request_id, "duplicate request")
+        if len(self.residents) >= self.settings.max_resident:
+            return workers.Refusal(request_id, "the decode worker is full", retry=True)
         try:
             params = sampling_params(item.state.sampling, self.host.config.vocab_size)
         except RuntimeInputError as err:
-            return str(err)
-        owner = f"{self.holder}/{item.request_id}"
+            return workers.Refusal(request_id, str(err))
+        owner = f"{self.holder}/{request_id}"
+        copied: Copied | None = None
         with traced_as(item.traceparent, "decode.admit"):
-            error = await self._kv(kv.RetainBlocks(owner, item.block_table), "retain")
-        if error is not None:
-            return f"could not take over its blocks: {error}"
+            if self.source is None:
+                block_table = list(item.block_table)
+                error = await self._kv(kv.RetainBlocks(owner, item.block_table), "retain")
+                if error is not None:
+                    return workers.Refusal(request_id, f"could not take over its blocks: {error}")
+            else:
+                taken = await self._copy_in(owner, item)
+                if isinstance(taken, workers.Refusal):
+                    return taken
+                block_table, copied = taken
         state = runtime_state(item.state, params)
-        self.residents[item.request_id] = Resident(
-            item.request_id, owner, list(item.block_table), state, traceparent=item.traceparent
+        self.residents[request_id] = Resident(
+            request_id, owner, block_table, state, traceparent=item.traceparent
         )
-        return None
+        return copied
+
+    async def _copy_in(
+        self, owner: str, item: workers.DecodeItem
+    ) -> workers.Refusal | tuple[list[int], Copied]:
+        """disagg: blocks of this worker's pool for the request, its KV copied into them."""
+        assert self.source is not None
+        granted = await self._allocate(owner, len(item.block_table))
+        if not granted:
+            reason = f"no room for {len(item.block_table)} block(s) in the decode pool"
+            return workers.Refusal(item.request_id, reason, retry=True)
+        try:
+            copied = await self.compute.run(
+                copy_blocks, self.source, self.host.pool, item.block_table, granted
+            )
+        except (TransferError, RuntimeError) as err:  # mismatched tables; a device error
+            logger.warning("KV copy of %s failed: %s", item.request_id, err)
+            await self._kv(kv.ReleaseBlocks(owner), "release")
+            return workers.Refusal(item.request_id, f"KV copy failed: {err}")
+        return granted, copied
 
     def control(self, control: workers.DecodeControl) -> None:
         self._controls.append(control)
@@ -225,7 +274,7 @@ class DecodeStepper:
     async def _allocate(self, owner: str, count: int) -> list[int]:
         try:
             reply = await self.bus.request(
-                subjects.kv(self.unit, "alloc"), encode(kv.AllocateBlocks(owner, count))
+                subjects.kv(self.unit, "alloc", self.pool), encode(kv.AllocateBlocks(owner, count))
             )
             answer = decode(reply.data, kv.BlocksGranted, ErrorReply)
         except (BusTimeout, ProtoError) as err:
@@ -239,7 +288,7 @@ class DecodeStepper:
     async def _kv(self, message: kv.RetainBlocks | kv.ReleaseBlocks, verb: str) -> str | None:
         """Send a retain or release; the error message, or None on success."""
         try:
-            reply = await self.bus.request(subjects.kv(self.unit, verb), encode(message))
+            reply = await self.bus.request(subjects.kv(self.unit, verb, self.pool), encode(message))
             answer = decode(reply.data, kv.BlocksGranted, kv.BlocksReleased, ErrorReply)
         except (BusTimeout, ProtoError) as err:
             return str(err)
@@ -261,7 +310,7 @@ class DecodeStepper:
         self.residents.clear()
 
     async def _events(self, events: tuple[workers.WorkerEvent, ...]) -> None:
-        message = workers.WorkerEvents(self.holder, events, self._free_blocks)
+        message = workers.WorkerEvents(self.holder, events, self._free_blocks, self.pool)
         await self.bus.publish(workers.worker_events_subject(self.unit), encode(message))
 
     async def _end_stream(

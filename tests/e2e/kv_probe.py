@@ -7,21 +7,24 @@ from duetserve.proto import kv, subjects
 from duetserve.proto.codec import decode, encode
 
 
-async def kv_stats(nats_url: str, unit: str = "unit0") -> kv.KvStats:
+async def kv_stats(nats_url: str, unit: str = "unit0", pool: str = kv.UNIT_POOL) -> kv.KvStats:
     bus = await Bus.connect(nats_url, "kv-probe")
     try:
-        reply = await bus.request(subjects.kv(unit, "stats"), encode(kv.KvStatsQuery()))
+        reply = await bus.request(subjects.kv(unit, "stats", pool), encode(kv.KvStatsQuery()))
         return decode(reply.data, kv.KvStats)
     finally:
         await bus.close()
 
 
-async def allocated_blocks(nats_url: str, settle_s: float) -> dict[str, int]:
+async def allocated_blocks(
+    nats_url: str, settle_s: float, pool: str = kv.UNIT_POOL
+) -> dict[str, int]:
     """References by holder once everything but the prefix cache has let go (or whatever is
     still held after `settle_s`: a cancelled request releases asynchronously)."""
     held: dict[str, int] = {}
     for _ in range(max(1, int(settle_s / 0.1))):
-        held = {h: n for h, n in (await kv_stats(nats_url)).references_by_holder.items() if n}
+        stats = await kv_stats(nats_url, pool=pool)
+        held = {h: n for h, n in stats.references_by_holder.items() if n}
         if set(held) <= {"cache_index"}:
             break
         await asyncio.sleep(0.1)

@@ -4,6 +4,7 @@ recompute, and every request still completes with exactly the tokens it would ge
 import asyncio
 from collections.abc import Iterator
 
+import openai
 import pytest
 
 from tests.conftest import ModelDirs
@@ -44,3 +45,19 @@ def test_every_request_completes_under_preemption(small_pool_stack: Stack) -> No
     scheduler_log = (stack.var_dir / "logs" / "scheduler.log").read_text()
     decode_log = (stack.var_dir / "logs" / "decode_worker.log").read_text()
     assert "preempt" in scheduler_log + decode_log, "the pool was meant to run out"
+
+
+def test_a_pool_full_of_cached_prefixes_still_admits_new_prompts(small_pool_stack: Stack) -> None:
+    """Distinct long prompts one after another: the prefix cache keeps each one's blocks until
+    the pool is all cache, and nothing decodes long enough to run short and make it evict. The
+    next prompt must still be admitted (the scheduler asks the cache for the blocks it
+    lacks), not wait forever."""
+    stack = small_pool_stack
+    api = openai.OpenAI(base_url=stack.base_url, api_key="x", max_retries=0, timeout=30)
+    prompt_tokens = []
+    for i in range(6):  # each needs over a quarter of the pool
+        prompt = f"Ledger {i}: " + " ".join(f"entry {i}-{j} paid" for j in range(45))
+        result = api.completions.create(model=stack.model_dir.name, prompt=prompt, max_tokens=2)
+        assert result.usage is not None
+        prompt_tokens.append(result.usage.prompt_tokens)
+    assert min(prompt_tokens) > NUM_BLOCKS * 16 // 4, prompt_tokens

@@ -186,6 +186,8 @@ def test_metrics_expose_latency_histograms_and_scheduler_gauges(stack: Stack) ->
     assert 'duet_scheduler_requests{phase="waiting"}' in text
     total = float(text.split('duet_kv_blocks{state="total"}')[1].split()[0])
     assert total > 0
+    # semi-pd: decode reads the prefill worker's blocks in place, nothing is copied
+    assert "\nduet_kv_transfers 0.0\n" in text and "\nduet_kv_transfer_bytes 0.0\n" in text
 
 
 def test_both_workers_map_the_same_pool_and_weights(stack: Stack) -> None:

@@ -21,6 +21,7 @@ from duetserve.proto.common import ErrorReply
 from duetserve.proto.workers import EventKind, WorkerEvents, worker_events_subject
 from duetserve.runtime.config import ModelConfig
 from duetserve.runtime.weights import load_weights
+from duetserve.services.kv_manager.settings import KVManagerSettings
 from tests.conftest import ModelDirs
 from tests.integration.unit_services import (
     ServiceProcess,
@@ -43,6 +44,7 @@ from duetserve.proto.codec import decode
 from duetserve.runtime.config import ModelConfig
 from duetserve.runtime.loader import parse_dtype
 from duetserve.runtime.weights import load_weights
+from duetserve.services.kv_manager.settings import KVManagerSettings
 from duetserve.services.kv_manager.describe import handle_of
 from duetserve.services.kv_manager.storage import attach_storage
 
@@ -186,6 +188,52 @@ async def test_a_silent_holder_loses_its_blocks(
             bus, subjects.kv(unit, "release"), kv.ReleaseBlocks("live/r1"), kv.BlocksReleased
         )
         assert (released.num_freed, released.num_free) == (len(kept.block_ids), 8)
+
+
+async def test_disagg_serves_two_pools_with_their_own_weights_and_allocators(
+    nats_server: NatsServer, bus: Bus, tiny: Path
+) -> None:
+    async with running_kv_manager(
+        nats_server.url, tiny, mode="disagg", num_blocks=8, decode_pool_share=0.75, lease_s=0.3
+    ) as service:
+        unit = service.settings.unit
+        query = kv.StorageQuery("test")
+        unit_pool, decode_pool = [
+            await ask_ok(bus, subjects.kv(unit, "storage", pool), query, kv.StorageDescription)
+            for pool in (kv.UNIT_POOL, kv.DECODE_POOL)
+        ]
+        assert (unit_pool.num_blocks, decode_pool.num_blocks) == (2, 6)  # the unit's 8
+        assert unit_pool.region != decode_pool.region
+        # two copies of the weights: equal values in two different storages
+        ours, decode_own = (service.pools[p].storage.tensors for p in (kv.UNIT_POOL, "decode"))
+        for name in ("embed_tokens", "layers.0.qkv_proj"):
+            assert torch.equal(ours[name], decode_own[name])
+            assert ours[name].data_ptr() != decode_own[name].data_ptr()
+        # two allocators: filling the decode pool leaves the unit pool alone
+        decode_alloc = subjects.kv(unit, "alloc", kv.DECODE_POOL)
+        full = await ask_ok(bus, decode_alloc, kv.AllocateBlocks("w/r1", 6), kv.BlocksGranted)
+        assert full.num_free == 0 and await num_free(bus, unit) == 2
+        refused = await ask(bus, decode_alloc, kv.AllocateBlocks("w/r2", 1), kv.BlocksGranted)
+        assert isinstance(refused, ErrorReply) and refused.code == "out_of_blocks"
+        # a holder that stops beating on the decode pool loses its blocks there, and the
+        # report says which pool its free count is of
+        events: asyncio.Queue[WorkerEvents] = asyncio.Queue()
+
+        async def on_events(msg: Msg) -> None:
+            events.put_nowait(decode(msg.data, WorkerEvents))
+
+        await bus.subscribe(worker_events_subject(unit), on_events)
+        report = await asyncio.wait_for(events.get(), timeout=3.0)
+        assert report.kv_pool == kv.DECODE_POOL and report.free_blocks == 6
+        assert [(e.kind, e.request_id) for e in report.events] == [(EventKind.LEASES_EXPIRED, "r1")]
+
+
+def test_disagg_needs_blocks_for_two_pools() -> None:
+    settings = KVManagerSettings(model=Path("m"), mode="disagg", decode_pool_share=0.99)
+    assert settings.split_blocks(10) == (1, 9)
+    assert settings.split_blocks(2) == (1, 1)
+    with pytest.raises(ValueError, match="two KV pools"):
+        settings.split_blocks(1)
 
 
 async def test_a_lapsed_lease_is_refused_until_renewed(

@@ -27,7 +27,14 @@ def test_workers_share_the_cores_in_semi_pd_and_the_one_worker_has_them_all_in_u
     assert compute_threads("prefill_worker", {"OMP_NUM_THREADS": "3"}, "unified") == {}
 
 
-def test_a_mode_that_is_not_built_is_refused() -> None:
-    assert LauncherSettings(mode="unified").mode == "unified"
+def test_disagg_starts_both_workers_on_half_the_cores_each() -> None:
+    assert services_for("disagg") == SERVICES
+    half = str(max(1, (os.cpu_count() or 2) // 2))
+    for worker in ("prefill_worker", "decode_worker"):
+        assert compute_threads(worker, {}, "disagg") == {"OMP_NUM_THREADS": half}
+
+
+def test_an_unknown_mode_is_refused() -> None:
+    assert LauncherSettings(mode="disagg").mode == "disagg"
     with pytest.raises(ValidationError):
-        LauncherSettings(mode="disagg")  # type: ignore[arg-type]
+        LauncherSettings(mode="colocated")  # type: ignore[arg-type]

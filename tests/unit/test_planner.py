@@ -28,6 +28,23 @@ def test_admits_in_arrival_order_and_never_overtakes_a_blocked_head() -> None:
     assert plan.admit[0].num_new_blocks == 2
 
 
+def test_shortfall_is_what_the_blocked_head_lacks() -> None:
+    """What the scheduler asks the prefix cache to give back when nothing can be admitted."""
+    unit = UnitView(
+        free_blocks=10,
+        total_blocks=100,
+        waiting=[seq("late", 3.0, 16), seq("big", 1.0, 200), seq("huge", 0.5, 2000)],
+    )
+    p = planner()
+    assert p.shortfall(unit, now=4.0) == 13 - 10  # "huge" is rejected, not waiting for room
+    unit.free_blocks = 13
+    assert p.shortfall(unit, now=4.0) == 0
+    unit.free_blocks = 0
+    assert planner(max_running=1).shortfall(unit, now=4.0) == 13
+    unit.decoding.append(seq("running", 0.0, 16))
+    assert planner(max_running=1).shortfall(unit, now=4.0) == 0  # the running limit holds it
+
+
 def test_cached_prefix_blocks_are_not_allocated_again() -> None:
     unit = UnitView(free_blocks=10, total_blocks=10, waiting=[seq("r", 0, 100, num_cached=64)])
     plan = planner().plan(unit, now=1.0)

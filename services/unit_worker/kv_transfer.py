@@ -1,0 +1,68 @@
+"""disagg mode: a request's KV copied from the unit pool (where the prefill worker wrote it) into
+the decode worker's own pool, block by block, when decode admits the request.
+
+Both pools live in memory kv_manager shares (/dev/shm on the CPU, CUDA IPC allocations on one
+device), so the copy is a plain tensor copy between two mappings; on a GPU it is a
+device-to-device copy. Blocks that are consecutive in both tables go in one copy.
+"""
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from duetserve.runtime.kv_pool import KVPool
+
+
+class TransferError(ValueError):
+    """The two pools or the two block tables do not match."""
+
+
+@dataclass(frozen=True, slots=True)
+class Copied:
+    blocks: int
+    nbytes: int
+    seconds: float
+
+
+def block_nbytes(pool: KVPool) -> int:
+    """Bytes of one block across every layer, K and V."""
+    layers, kv, _, block_size, heads, dim = pool.tensor.shape
+    return layers * kv * block_size * heads * dim * pool.tensor.element_size()
+
+
+def runs(source: Sequence[int], target: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(source start, target start, length) of the stretches consecutive in both tables."""
+    out: list[tuple[int, int, int]] = []
+    for s, t in zip(source, target, strict=True):
+        if out and out[-1][0] + out[-1][2] == s and out[-1][1] + out[-1][2] == t:
+            first_s, first_t, length = out[-1]
+            out[-1] = (first_s, first_t, length + 1)
+        else:
+            out.append((s, t, 1))
+    return out
+
+
+def copy_blocks(
+    source: KVPool, target: KVPool, source_ids: Sequence[int], target_ids: Sequence[int]
+) -> Copied:
+    """Copy the KV of `source_ids` in `source` into `target_ids` in `target` (all layers)."""
+    src, dst = source.tensor, target.tensor
+    if src.shape[:2] != dst.shape[:2] or src.shape[3:] != dst.shape[3:] or src.dtype != dst.dtype:
+        raise TransferError(
+            f"pools differ: {tuple(src.shape)} {src.dtype} vs {tuple(dst.shape)} {dst.dtype}"
+        )
+    if len(source_ids) != len(target_ids):
+        raise TransferError(f"{len(source_ids)} source blocks for {len(target_ids)} targets")
+    for ids, pool in ((source_ids, source), (target_ids, target)):
+        if any(not 0 <= i < pool.num_blocks for i in ids):
+            raise TransferError(f"block ids {list(ids)} outside a pool of {pool.num_blocks}")
+    started = time.perf_counter()
+    for s, t, n in runs(source_ids, target_ids):
+        dst[:, :, t : t + n].copy_(src[:, :, s : s + n])
+    if dst.is_cuda:
+        torch.cuda.synchronize(dst.device)
+    return Copied(
+        len(source_ids), len(source_ids) * block_nbytes(source), time.perf_counter() - started
+    )
