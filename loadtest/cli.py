@@ -15,6 +15,7 @@ import aiohttp
 
 from duetserve.loadtest.commands import UsageError, run_command, sweep_command
 from duetserve.loadtest.plan import ARRIVALS, WORKLOADS
+from duetserve.loadtest.workloads import CHAT_TEMPLATE_MARGIN
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 EPILOG = """\
@@ -49,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser(
         "sweep",
         help="runs at several rates",
-        description="The same workload at several Poisson/gamma rates, or a search for the "
-        "highest rate that holds an SLO-attainment target.",
+        description="The same workload at several Poisson/gamma rates, or a search for the\n"
+        "highest rate that holds an SLO-attainment target. Every run draws its own prompts\n"
+        "(from --seed and the run's number), so a prefix cache cannot answer one run from\n"
+        "another; the same sweep sends the same requests every time.",
     )
     for sub in (run, sweep):
         sub.formatter_class = _HelpFormatter
@@ -134,6 +137,14 @@ def _workload_options(parser: argparse.ArgumentParser) -> None:
         help="count prompt tokens with this model directory's tokenizer (default: estimated)",
     )
     group.add_argument(
+        "--max-context",
+        metavar="TOKENS",
+        type=_positive_int,
+        help="the served model's context: drawn prompts are cut so that prompt + answer + "
+        f"{CHAT_TEMPLATE_MARGIN} fit, other workloads are checked (default: "
+        "max_position_embeddings in --tokenizer's config.json; none without --tokenizer)",
+    )
+    group.add_argument(
         "--seed", metavar="N", type=int, default=0, help="seed of the workload and arrivals"
     )
 
@@ -166,7 +177,7 @@ def _run_arrival_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _sweep_arrival_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("arrivals (drawn afresh at every rate)")
+    group = parser.add_argument_group("arrivals (drawn afresh at every rate, as are prompts)")
     group.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
     _burstiness_option(group)
     choice = group.add_mutually_exclusive_group(required=True)
@@ -184,6 +195,12 @@ def _sweep_arrival_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--max-probes", type=_positive_int, default=12, help="search budget")
     group.add_argument("--pause-s", type=float, default=1.0, help="seconds between two runs")
+    group.add_argument(
+        "--same-prompts",
+        action="store_true",
+        help="send the prompts of --seed at every rate (a prefix cache then answers later runs "
+        "from earlier ones) instead of fresh prompts for each run",
+    )
 
 
 def _burstiness_option(group: argparse._ArgumentGroup) -> None:

@@ -2,7 +2,10 @@
 
 import argparse
 import datetime
+import functools
+import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from duetserve.loadtest import report, workloads
@@ -13,7 +16,9 @@ from duetserve.loadtest.plan import (
     WorkloadChoice,
     arrival_times,
     build_workload,
+    check_context,
     default_slo,
+    model_context,
     offered_rate,
     parse_slo_classes,
     with_default_slo,
@@ -34,6 +39,7 @@ async def run_command(args: argparse.Namespace) -> int:
     if args.arrival == "concurrency" and args.concurrency is None:
         raise UsageError("--arrival concurrency needs --concurrency")
     slo = _default_slo(args)
+    _warn_estimated_context(args)
     specs = _guarded(lambda: _run_specs(args, slo))
     target = await _target(args)
     metadata = _metadata(args, target, slo)
@@ -55,10 +61,10 @@ async def sweep_command(args: argparse.Namespace) -> int:
     if args.arrival not in ("poisson", "gamma"):
         raise UsageError("a sweep draws its own arrivals: --arrival poisson or gamma")
     slo = _default_slo(args)
-    specs = _guarded(lambda: with_default_slo(build_workload(_workload_choice(args)), slo))
+    _warn_estimated_context(args)
+    load = _open_load(args, slo)
     target = await _target(args)
     metadata = _metadata(args, target, slo)
-    load = OpenLoad(specs, args.arrival, args.burstiness, args.seed, slo, args.label, args.pause_s)
     if args.rates:
         sweep = await sweep_rates(target, load, args.rates)
     else:
@@ -80,6 +86,28 @@ async def sweep_command(args: argparse.Namespace) -> int:
             print(f"failed at {point.rate:g} req/s: {count} x {reason}")
     _write_sweep(args, metadata, sweep)
     return 0 if any(point.summary.ok for point in sweep.curve.points) else 1
+
+
+def _open_load(args: argparse.Namespace, slo: SloSpec | None) -> OpenLoad:
+    """The sweep's workload, drawn for each probe's seed (`OpenLoad.workload_seed`), and drawn
+    once here so that options that cannot work fail before the first run."""
+    choice = _workload_choice(args)
+
+    @functools.cache
+    def draw(seed: int) -> list[RequestSpec]:
+        return _guarded(lambda: with_default_slo(build_workload(replace(choice, seed=seed)), slo))
+
+    draw(args.seed)
+    return OpenLoad(
+        draw,
+        args.arrival,
+        args.burstiness,
+        args.seed,
+        slo,
+        args.label,
+        args.pause_s,
+        fresh_prompts=not args.same_prompts,
+    )
 
 
 def _plotted_rate(args: argparse.Namespace, specs: list[RequestSpec], throughput: float) -> float:
@@ -128,7 +156,11 @@ def _run_specs(args: argparse.Namespace, slo: SloSpec | None) -> list[RequestSpe
             raise ValueError("--arrival trace needs --trace FILE")
         classes = parse_slo_classes(args.slo_class)
         specs = workloads.replay(from_trace(args.trace), classes, args.seed, _counter(args))
-        return with_default_slo(specs[: args.num_requests], slo)
+        specs = specs[: args.num_requests]
+        context = _max_context(args)
+        if context is not None:
+            check_context(specs, context)
+        return with_default_slo(specs, slo)
     specs = build_workload(_workload_choice(args))
     times = arrival_times(args.arrival, len(specs), args.rate, args.burstiness, args.seed)
     return with_default_slo(workloads.assign_arrivals(specs, times), slo)
@@ -143,11 +175,28 @@ def _workload_choice(args: argparse.Namespace) -> WorkloadChoice:
         output_tokens=args.output_tokens,
         sharegpt_path=Path(args.sharegpt_path) if args.sharegpt_path else None,
         count_tokens=_counter(args),
+        max_context=_max_context(args),
     )
 
 
 def _counter(args: argparse.Namespace) -> CountTokens | None:
     return token_counter(args.tokenizer) if args.tokenizer else None
+
+
+def _max_context(args: argparse.Namespace) -> int | None:
+    """--max-context; else the context in --tokenizer's config.json; else unknown (no cap)."""
+    if args.max_context is not None:
+        return int(args.max_context)
+    return model_context(Path(args.tokenizer)) if args.tokenizer else None
+
+
+def _warn_estimated_context(args: argparse.Namespace) -> None:
+    if args.max_context is not None and not args.tokenizer:
+        print(
+            "warning: --max-context without --tokenizer caps estimated prompt sizes; the "
+            "server's tokenizer may count more",
+            file=sys.stderr,
+        )
 
 
 async def _target(args: argparse.Namespace) -> Target:
@@ -174,5 +223,6 @@ def _metadata(args: argparse.Namespace, target: Target, slo: SloSpec | None) -> 
         "model": target.model,
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "default_slo": slo.to_request() if slo else None,
+        "max_context": _max_context(args),
         "options": options,
     }

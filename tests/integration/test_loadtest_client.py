@@ -106,7 +106,11 @@ async def test_limits_stop_sending_and_cut_off_what_is_left(duet: Stack) -> None
 
 async def test_sweep_gives_one_point_per_rate(duet: Stack) -> None:
     target = Target(duet.base_url, duet.model_dir.name, progress=False)
-    load = OpenLoad(fixed(5, 16, 8, [0.0] * 5), seed=1, default_slo=SLO, pause_s=0.2)
+
+    def draw(seed: int) -> list[RequestSpec]:
+        return workloads.with_slo(workloads.fixed(5, 16, 8, seed=seed), SLO)
+
+    load = OpenLoad(draw, seed=1, default_slo=SLO, pause_s=0.2)
     sweep = await sweep_rates(target, load, [10.0, 5.0])
     assert [point.rate for point in sweep.curve.points] == [5.0, 10.0]
     assert all(point.summary.ok == 5 for point in sweep.curve.points)

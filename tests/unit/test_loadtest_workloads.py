@@ -1,5 +1,6 @@
 """Workload generators: determinism, length ranges, chat structure, and the ShareGPT reader."""
 
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -7,12 +8,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tokenizers
 
+from duetserve.loadtest import plan, workloads
 from duetserve.loadtest import sharegpt as sharegpt_module
-from duetserve.loadtest import workloads
 from duetserve.loadtest.arrivals import TraceEntry
-from duetserve.loadtest.spec import SloSpec
-from duetserve.loadtest.text import TOPICS, estimate_tokens, passage
+from duetserve.loadtest.spec import RequestSpec, SloSpec
+from duetserve.loadtest.text import TOPICS, CountTokens, estimate_tokens, passage
+from duetserve.runtime.generator import assets
+from duetserve.runtime.generator.spec import PRESETS
+
+SMALL = PRESETS["small"]  # models/small: its tokenizer.json is the committed BPE of its size
+MARGIN = workloads.CHAT_TEMPLATE_MARGIN
+
+
+@pytest.fixture(scope="module")
+def small_tokens() -> CountTokens:
+    backend = tokenizers.Tokenizer.from_file(str(assets.tokenizer_json_path(SMALL.vocab_size)))
+    return lambda text: len(backend.encode(text, add_special_tokens=False).ids)
+
+
+def _request_tokens(spec: RequestSpec) -> int:
+    return spec.prompt_tokens + spec.output_tokens
 
 
 def test_same_seed_same_workload() -> None:
@@ -46,6 +63,49 @@ def test_long_and_math_lengths() -> None:
     assert np.median([s.output_tokens for s in math]) > 5 * np.median(
         [s.prompt_tokens for s in math]
     )
+
+
+def test_long_prompt_fits_small_context(small_tokens: CountTokens) -> None:
+    """Uncapped, long_prompt asks for more than `small` holds (the server's 400); capped, every
+    request fits with the margin, and the ones that fitted already are unchanged."""
+    context = SMALL.max_context_len
+    uncapped = workloads.long_prompt(24, seed=0, count_tokens=small_tokens)
+    assert any(_request_tokens(s) > context for s in uncapped)
+    capped = workloads.long_prompt(24, seed=0, count_tokens=small_tokens, max_context=context)
+    for before, after in zip(uncapped, capped, strict=True):
+        assert after.prompt_tokens == small_tokens(str(after.prompt))
+        assert _request_tokens(after) + MARGIN <= context
+        assert after.output_tokens == before.output_tokens
+        if _request_tokens(before) + MARGIN <= context:
+            assert after == before
+        else:
+            assert after.prompt_tokens >= context - MARGIN - after.output_tokens - 32  # near it
+            assert str(after.prompt).endswith(workloads.LONG_TAIL)
+    assert workloads.long_prompt(24, 0, small_tokens, None) == uncapped
+
+
+def test_drawn_lengths_fit_a_small_context() -> None:
+    for make in (workloads.sharegpt_like, workloads.long_prompt, workloads.math_like):
+        specs = make(200, 1, None, 1024)
+        assert all(_request_tokens(s) + MARGIN <= 1024 for s in specs)
+        assert all(s.prompt_tokens == estimate_tokens(str(s.prompt)) for s in specs)
+    math = workloads.math_like(200, 1, max_context=1024)
+    assert max(s.output_tokens for s in math) < 1024 - MARGIN  # answers cut to leave a prompt
+    assert all(str(s.prompt).startswith(workloads.MATH_HEAD) for s in math)
+    with pytest.raises(ValueError, match="no room"):
+        workloads.long_prompt(2, max_context=80)
+
+
+def test_workloads_by_name_under_a_context(tmp_path: Path) -> None:
+    drawn = plan.WorkloadChoice("long-prompt", 30, max_context=2048)
+    assert all(_request_tokens(s) + MARGIN <= 2048 for s in plan.build_workload(drawn))
+    given = plan.WorkloadChoice("fixed", 3, prompt_tokens=2000, output_tokens=128)
+    assert len(plan.build_workload(given)) == 3
+    with pytest.raises(ValueError, match="3 of 3 requests do not fit a context of 2048"):
+        plan.build_workload(dataclasses.replace(given, max_context=2048))
+    (tmp_path / "config.json").write_text(json.dumps(SMALL.hf_config(0, [1], 4)))
+    assert plan.model_context(tmp_path) == SMALL.max_context_len
+    assert plan.model_context(tmp_path / "absent") is None
 
 
 def test_fixed_sizes_and_a_real_counter() -> None:
