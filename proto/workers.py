@@ -91,6 +91,9 @@ class DecodeItem:
     block_table: tuple[int, ...]  # holds the KV of prompt + output[:-1]
     state: SamplingState
     traceparent: str = ""  # the request's trace (W3C)
+    # Handed over by the decode worker it ran on (a worker replacement): the blocks are in the
+    # decode worker's pool already, so they are retained in place, in every mode.
+    from_worker: bool = False
 
 
 @message("decode.admit")

@@ -20,6 +20,7 @@ from duetserve.proto.common import HealthStatus
 from duetserve.services.decode_worker.settings import DecodeSettings
 from duetserve.services.unit_worker.compute import WorkerCompute, follow_splits
 from duetserve.services.unit_worker.decoding import Decoding
+from duetserve.services.unit_worker.handover import announce_ready, follow_handover
 from duetserve.services.unit_worker.model_host import MappedPool, ModelHost, host_model, map_pool
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,16 @@ class DecodeWorkerService:
         source = self.source.pool if self.source is not None else None
         self.decoding = Decoding(bus, self.host, s, self.holder, compute, pool, source)
         await self.decoding.start()
+        await follow_handover(bus, s, self.instance, self._hand_over)
         await serve_health(bus, SERVICE, self.instance, lambda: self.status)
         self.status = HealthStatus.READY
+        await announce_ready(bus, s, self.instance)
+
+    async def _hand_over(self) -> tuple[int, int]:
+        """A replacement serves: it gets every resident request (unit_worker/handover.py)."""
+        assert self.decoding is not None
+        self.status = HealthStatus.DRAINING
+        return await self.decoding.hand_over()
 
     async def ready(self) -> bool:
         return self.decoding is not None and self.decoding.healthy()

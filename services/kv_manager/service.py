@@ -11,7 +11,7 @@ Order: kv_manager is the unit's resident process. It starts first (workers wait 
 `storage` reply) and must stop LAST, after the unit's workers have exited: `stop` closes the
 storage (on the CPU that unlinks the /dev/shm name; on CUDA, freeing memory another process
 still has open is forbidden). `drain` keeps serving, so workers that drain before it can still
-release their blocks.
+release their blocks; it stops the replacement workers it started (replacements.py) first.
 """
 
 import asyncio
@@ -20,16 +20,21 @@ import gc
 import logging
 from dataclasses import dataclass
 
+from nats.aio.msg import Msg
+
 from duetserve.common.health import serve_health
 from duetserve.common.nats_bus import Bus
 from duetserve.proto import kv, subjects
-from duetserve.proto.common import HealthStatus
+from duetserve.proto.codec import ProtoError, decode, encode
+from duetserve.proto.common import ErrorReply, HealthStatus
+from duetserve.proto.compute import ReplaceWorker, replace_worker_subject
 from duetserve.runtime.config import ModelConfig
 from duetserve.runtime.kv_pool import kv_bytes_per_block
 from duetserve.runtime.loader import parse_dtype
 from duetserve.services.kv_manager.allocator import BlockAllocator
 from duetserve.services.kv_manager.describe import describe
 from duetserve.services.kv_manager.handlers import KVHandlers
+from duetserve.services.kv_manager.replacements import Replacements
 from duetserve.services.kv_manager.settings import KVManagerSettings
 from duetserve.services.kv_manager.storage import Storage, open_storage
 from duetserve.services.kv_manager.unit_storage import (
@@ -63,6 +68,7 @@ class KVManagerService:
         self.pools: dict[str, ServedPool] = {}  # the unit pool first
         self.bus: Bus | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self.replacements = Replacements(settings.var_dir / "logs" if settings.var_dir else None)
 
     # The unit pool's parts (the only pool outside disagg mode).
     @property
@@ -111,6 +117,7 @@ class KVManagerService:
             }
             for verb, handler in served.items():
                 await bus.subscribe(subjects.kv(s.unit, verb, pool.name), handler)
+        await bus.subscribe(replace_worker_subject(s.unit), self._on_replace)
         await serve_health(bus, SERVICE, self.instance, lambda: self.status)
         self._sweeper = asyncio.create_task(self._sweep_leases(), name="kv-lease-sweep")
         await bus.flush()  # ready means the server knows the subscriptions
@@ -178,6 +185,24 @@ class KVManagerService:
         )
         return storage, description
 
+    async def _on_replace(self, msg: Msg) -> None:
+        """Start a replacement worker (see proto/compute.py); the reply names its pid."""
+        assert self.bus is not None
+        answer: object
+        try:
+            request = decode(msg.data, ReplaceWorker)
+            if self.status != HealthStatus.READY:
+                answer = ErrorReply("draining", "kv_manager is not serving: no replacement")
+            else:
+                answer = self.replacements.start(request)
+        except ProtoError as err:
+            answer = ErrorReply(err.code, str(err))
+        except OSError as err:
+            logger.exception("could not start a replacement worker")
+            answer = ErrorReply("spawn_failed", f"{type(err).__name__}: {err}")
+        if msg.reply:
+            await self.bus.reply(msg, encode(answer))
+
     async def _sweep_leases(self) -> None:
         period = self.settings.lease_s / 4
         while True:
@@ -200,10 +225,12 @@ class KVManagerService:
         """Report draining but keep serving: the unit's workers stop first and may still
         release their blocks on the way out."""
         self.status = HealthStatus.DRAINING
+        await self.replacements.stop_all()
 
     async def stop(self) -> None:
         """Stop sweeping, leave NATS, then close the storage (safe twice, and after a start
         that failed halfway)."""
+        await self.replacements.stop_all()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

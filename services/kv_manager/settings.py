@@ -31,6 +31,9 @@ class KVManagerSettings(CommonSettings):
     region: str | None = None  # the /dev/shm name on the CPU; see region_name
     mode: Mode = "semi-pd"  # disagg: a second pool and weight copy for the decode worker
     decode_pool_share: float = Field(0.5, gt=0, lt=1)  # disagg: the decode pool's blocks
+    # Where replacement workers it starts log (<var_dir>/logs, as the launcher's services do);
+    # unset: to kv_manager's own output.
+    var_dir: Path | None = None
 
     def region_name(self) -> str:
         """The configured /dev/shm name, or `duet-<unit>-<pid>` (unique on this machine)."""

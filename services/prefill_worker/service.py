@@ -10,6 +10,7 @@ import logging
 import time
 
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from duetserve.common.health import serve_health
 from duetserve.common.nats_bus import Bus
@@ -21,6 +22,7 @@ from duetserve.proto.common import ErrorReply, HealthStatus
 from duetserve.services.prefill_worker.settings import PrefillSettings
 from duetserve.services.unit_worker.compute import WorkerCompute, follow_splits
 from duetserve.services.unit_worker.decoding import Decoding
+from duetserve.services.unit_worker.handover import announce_ready, follow_handover
 from duetserve.services.unit_worker.model_host import ModelHost, host_model
 from duetserve.services.unit_worker.prefill_step import run_prefill
 from duetserve.services.unit_worker.step_log import StepLog, attended_keys
@@ -39,6 +41,8 @@ class PrefillWorkerService:
         self.compute: WorkerCompute | None = None
         self.decoding: Decoding | None = None  # unified mode
         self.tokens_computed = 0
+        self._batches: Subscription | None = None
+        self._in_flight = 0  # batches being computed
         self.step_log = StepLog(settings.step_log_dir, "prefill")
 
     async def start(self) -> None:
@@ -53,9 +57,26 @@ class PrefillWorkerService:
         if s.mode == "unified":
             self.decoding = Decoding(bus, self.host, s, self.instance, compute)
             await self.decoding.start()
-        await bus.subscribe(workers.prefill_batch_subject(s.unit), self.on_batch, queue=SERVICE)
+        self._batches = await bus.subscribe(
+            workers.prefill_batch_subject(s.unit), self.on_batch, queue=SERVICE
+        )
+        await follow_handover(bus, s, self.instance, self._hand_over)
         await serve_health(bus, SERVICE, self.instance, lambda: self.status)
         self.status = HealthStatus.READY
+        await announce_ready(bus, s, self.instance)
+
+    async def _hand_over(self) -> tuple[int, int]:
+        """A replacement serves: it takes the batches from now on; the ones in hand finish
+        here, and in unified mode it gets every decoding request too."""
+        self.status = HealthStatus.DRAINING
+        if self._batches is not None:
+            await self._batches.unsubscribe()
+            self._batches = None
+        while self._in_flight:
+            await asyncio.sleep(0.01)
+        if self.decoding is None:
+            return 0, 0
+        return await self.decoding.hand_over()
 
     async def on_batch(self, msg: Msg) -> None:
         assert self.bus is not None and self.host is not None and self.compute is not None
@@ -65,10 +86,14 @@ class PrefillWorkerService:
             await self.bus.reply(msg, encode(ErrorReply(err.code, str(err))))
             return
         started = time.perf_counter()
-        if self.decoding is not None:
-            output = await self.decoding.stepper.prefill(batch)
-        else:
-            output = await self.compute.run(run_prefill, self.host, batch)
+        self._in_flight += 1
+        try:
+            if self.decoding is not None:
+                output = await self.decoding.stepper.prefill(batch)
+            else:
+                output = await self.compute.run(run_prefill, self.host, batch)
+        finally:
+            self._in_flight -= 1
         forward_s = time.perf_counter() - started
         tokens = sum(len(item.token_ids) for item in batch.items)
         self.tokens_computed += tokens

@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 
 from duetserve.common.nats_bus import Bus
 from duetserve.proto.codec import ProtoError, decode, encode
+from duetserve.proto.common import ErrorReply
 from duetserve.proto.compute import (
     ComputeShareApplied,
     SetComputeSplit,
@@ -26,12 +27,14 @@ from duetserve.runtime.compute_share import (
     AppliedShare,
     ComputeShare,
     ComputeShareError,
+    RestartRequiredError,
     Role,
     ShareOptions,
     open_compute_share,
     probe_machine,
     select_backend,
 )
+from duetserve.services.unit_worker.handover import request_replacement
 from duetserve.services.unit_worker.settings import UnitWorkerSettings, parse_cores
 
 logger = logging.getLogger(__name__)
@@ -43,6 +46,9 @@ class WorkerCompute:
     def __init__(self, share: ComputeShare, role: Role) -> None:
         self.share, self.role = share, role
         self.applied: AppliedShare | None = None
+        # What a replacement must be started with, once the backend said it cannot change
+        # this process's share in place (cuda-mps); None otherwise.
+        self.restart_env: dict[str, str] | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"{role}-model")
 
     @classmethod
@@ -88,6 +94,13 @@ class WorkerCompute:
     async def report_own(self, source: str, own: float, sequence: int) -> ComputeShareApplied:
         try:
             applied = await self.apply_own(own)
+        except RestartRequiredError as err:
+            logger.info("compute share %.3f needs a new process: %s", own, err)
+            self.restart_env = dict(err.env_update)
+            given = self.applied.given if self.applied else 1.0
+            return ComputeShareApplied(
+                source, self.role, self.share.name, sequence, own, given, "", str(err)
+            )
         except ComputeShareError as err:
             logger.warning("compute share %.3f refused: %s", own, err)
             given = self.applied.given if self.applied else 1.0
@@ -115,9 +128,30 @@ async def follow_splits(
     """Apply the configured start-up split, then every split published for the unit, each
     after the model call in hand; every outcome is published for the scheduler."""
 
+    replacing = False
+
     async def apply(split: SetComputeSplit) -> None:
         applied = await compute.report(source, split.prefill_share, split.sequence)
         await bus.publish(compute_applied_subject(settings.unit), encode(applied))
+        if compute.restart_env is not None and split.sequence > 0:
+            await _replace_for(split)
+
+    async def _replace_for(split: SetComputeSplit) -> None:
+        """The backend moves shares by process (cuda-mps): a replacement with the new share
+        takes over from this worker (once: later splits go to the replacement)."""
+        nonlocal replacing
+        if replacing:
+            logger.info("split %d left to the replacement on its way", split.sequence)
+            return
+        replacing = True
+        env = {**(compute.restart_env or {}), "DUET_PREFILL_SHARE": f"{split.prefill_share:g}"}
+        if "OMP_NUM_THREADS" in os.environ:
+            env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
+        reason = f"split {split.sequence}: prefill share {split.prefill_share:g}"
+        answer = await request_replacement(bus, settings.unit, compute.role, source, env, reason)
+        if isinstance(answer, ErrorReply):
+            logger.warning("no replacement for the new split: %s", answer.message)
+            replacing = False
 
     async def on_split(msg: Msg) -> None:
         try:

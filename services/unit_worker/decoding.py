@@ -8,6 +8,7 @@ import asyncio
 import logging
 
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from duetserve.common.lifecycle import cancel_tasks, critical_task
 from duetserve.common.nats_bus import Bus
@@ -23,6 +24,9 @@ from duetserve.services.unit_worker.stepper import DecodeStepper
 
 logger = logging.getLogger(__name__)
 QUEUE = "decode_worker"  # one queue group for admissions, whichever process decodes
+HANDOVER_TIMEOUT_S = 30.0
+HANDOVER_ROUNDS = 5
+HANDOVER_SETTLE_S = 0.1
 
 
 class Decoding:
@@ -40,10 +44,13 @@ class Decoding:
         self.bus, self.settings, self.holder, self.pool = bus, settings, holder, pool
         self.stepper = DecodeStepper(bus, host, settings, holder, compute, pool, source)
         self._tasks: list[asyncio.Task[None]] = []
+        self._admissions: Subscription | None = None
 
     async def start(self) -> None:
         s = self.settings
-        await self.bus.subscribe(workers.decode_admit_subject(s.unit), self.on_admit, queue=QUEUE)
+        self._admissions = await self.bus.subscribe(
+            workers.decode_admit_subject(s.unit), self.on_admit, queue=QUEUE
+        )
         await self.bus.subscribe(workers.decode_control_subject(s.unit), self.on_control)
         self._tasks = [
             critical_task(self.stepper.run(), "decode-loop"),
@@ -69,6 +76,23 @@ class Decoding:
             logger.warning("dropped a malformed control: %s", err)
             return
         self.stepper.control(control)
+
+    async def hand_over(self) -> tuple[int, int]:
+        """A replacement serves now: leave the admissions to it and give it every resident
+        (DecodeStepper.hand_over). An admission already under way when this starts lands
+        after the first round, so rounds repeat until none is left. Returns (handed over,
+        preempted)."""
+        if self._admissions is not None:
+            await self._admissions.unsubscribe()
+            self._admissions = None
+        handed = preempted = 0
+        for _ in range(HANDOVER_ROUNDS):
+            moved, lost = await self.stepper.hand_over(HANDOVER_TIMEOUT_S)
+            handed, preempted = handed + moved, preempted + lost
+            await asyncio.sleep(HANDOVER_SETTLE_S)
+            if not self.stepper.residents:
+                break
+        return handed, preempted
 
     def healthy(self) -> bool:
         return all(not t.done() for t in self._tasks)

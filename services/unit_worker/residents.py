@@ -4,7 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
+from duetserve.proto.scheduling import Sampling
 from duetserve.proto.tokens import FinishReason, TokenChunk
+from duetserve.proto.workers import DecodeItem, SamplingState
 from duetserve.runtime.batch import ForwardBatch, SequenceChunk
 from duetserve.runtime.sampling import SamplingParams, SequenceSamplingState
 from duetserve.services.unit_worker.model_host import ModelHost
@@ -19,6 +21,15 @@ class Resident:
     state: SequenceSamplingState
     stalled_since: float | None = None  # kv_manager had no block for its next token
     traceparent: str = ""  # the request's trace
+    sampling: Sampling | None = None  # as admitted: what a hand-over passes on
+
+    def handover_item(self) -> DecodeItem:
+        """This request as another decode worker admits it: same blocks, output so far."""
+        assert self.sampling is not None, "admitted without its sampling parameters"
+        state = SamplingState(tuple(self.state.prompt_token_ids), tuple(self.output), self.sampling)
+        return DecodeItem(
+            self.request_id, tuple(self.block_table), state, self.traceparent, from_worker=True
+        )
 
     @property
     def params(self) -> SamplingParams:

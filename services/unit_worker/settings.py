@@ -32,6 +32,9 @@ class UnitWorkerSettings(CommonSettings):
     # use.
     unit_cores: str | None = None
     cgroup_period_us: int = Field(100_000, ge=1_000, le=1_000_000)  # cpu-cgroup's CFS period
+    # Set by kv_manager on a replacement worker (unit_worker/handover.py): the instance it
+    # takes over from once it serves.
+    replaces: str | None = None
 
     @field_validator("unit_cores")
     @classmethod

@@ -59,6 +59,8 @@ class DecodeStepper:
         self._free_blocks: int | None = None
         self._last_needs_blocks: dict[str, float] = {}
         self._prefills: list[_PendingPrefill] = []
+        self._frozen = False  # a hand-over: no step starts any more
+        self._idle = asyncio.Event()  # set once the loop has seen _frozen
         self.step_log = StepLog(settings.step_log_dir, "decode")
 
     async def prefill(self, batch: workers.PrefillBatch) -> PrefillOutput:
@@ -108,7 +110,7 @@ class DecodeStepper:
         owner = f"{self.holder}/{request_id}"
         copied: Copied | None = None
         with traced_as(item.traceparent, "decode.admit"):
-            if self.source is None:
+            if self.source is None or item.from_worker:
                 block_table = list(item.block_table)
                 error = await self._kv(kv.RetainBlocks(owner, item.block_table), "retain")
                 if error is not None:
@@ -120,7 +122,12 @@ class DecodeStepper:
                 block_table, copied = taken
         state = runtime_state(item.state, params)
         self.residents[request_id] = Resident(
-            request_id, owner, block_table, state, traceparent=item.traceparent
+            request_id,
+            owner,
+            block_table,
+            state,
+            traceparent=item.traceparent,
+            sampling=item.state.sampling,
         )
         return copied
 
@@ -142,6 +149,45 @@ class DecodeStepper:
             await self._kv(kv.ReleaseBlocks(owner), "release")
             return workers.Refusal(item.request_id, f"KV copy failed: {err}")
         return granted, copied
+
+    async def hand_over(self, timeout_s: float) -> tuple[int, int]:
+        """Give every resident to the replacement worker: let the step in hand finish, start
+        no other, and send them all in one admission (same blocks, output so far). What it
+        took is released here; what it refused goes back to the scheduler as preempted (it is
+        recomputed, with the same output). Returns (handed over, preempted)."""
+        self.accepting = False
+        self._frozen = True
+        self._work.set()
+        await self._idle.wait()
+        await self._apply_controls()  # cancels and preemptions that came in since
+        items = tuple(r.handover_item() for r in self.residents.values())
+        if not items:
+            return 0, 0
+        try:
+            reply = await self.bus.request(
+                workers.decode_admit_subject(self.unit),
+                encode(workers.DecodeAdmit(items)),
+                timeout_s,
+            )
+            taken = set(decode(reply.data, workers.DecodeAdmitted).request_ids)
+        except (BusTimeout, ProtoError) as err:
+            logger.warning("hand-over of %d request(s) failed: %s", len(items), err)
+            taken = set()
+        preempted = []
+        for resident in list(self.residents.values()):
+            self.residents.pop(resident.request_id)
+            await self._release(resident)  # the replacement holds its own references now
+            if resident.request_id not in taken:
+                preempted.append(
+                    workers.WorkerEvent(
+                        workers.EventKind.PREEMPTED,
+                        resident.request_id,
+                        output_token_ids=tuple(resident.output),
+                    )
+                )
+        if preempted:
+            await self._events(tuple(preempted))
+        return len(items) - len(preempted), len(preempted)
 
     def control(self, control: workers.DecodeControl) -> None:
         self._controls.append(control)
@@ -171,6 +217,9 @@ class DecodeStepper:
         while True:
             started = time.perf_counter()
             await self._apply_controls()
+            if self._frozen:
+                self._idle.set()
+                await asyncio.Future()  # until stopped: the residents belong to another worker
             # A snapshot: admissions land in self.residents while _has_room awaits kv_manager.
             active = [r for r in list(self.residents.values()) if await self._has_room(r)]
             prefill = self._prefills.pop(0) if self._prefills else None

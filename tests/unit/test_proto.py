@@ -61,6 +61,19 @@ EXAMPLES: list[object] = [
     scheduling.SchedulerStatsQuery(),
     scheduling.SchedulerStats(3, 1, 12, 40, 512, preemptions=2),
     scheduling.SchedulerStats(0, 0, 2, 500, 512, 0, prefill_share=0.65, split_moves=3),
+    scheduling.SchedulerStats(
+        0,
+        0,
+        2,
+        40,
+        64,
+        0,
+        decode_free_blocks=30,
+        decode_total_blocks=64,
+        kv_copies=5,
+        kv_copied_bytes=1 << 20,
+        kv_copy_s=0.01,
+    ),
     scheduling.CancelRequest("r-1", scheduling.CancelReason.CLIENT_GONE),
     kv.AllocateBlocks("sched-0/r-1", 4),
     kv.BlocksGranted("sched-0/r-1", (3, 9, 1, 0), num_free=100),
@@ -116,7 +129,21 @@ EXAMPLES: list[object] = [
     workers.DecodeAdmit(
         (workers.DecodeItem("r-2", (8, 9), workers.SamplingState((9,), (11,), SAMPLING)),)
     ),
+    workers.DecodeAdmit(
+        (
+            workers.DecodeItem(
+                "r-3", (4,), workers.SamplingState((9,), (11, 12), SAMPLING), from_worker=True
+            ),
+        )
+    ),
     workers.DecodeAdmitted(("r-2",), (workers.Refusal("r-4", "full"),)),
+    workers.DecodeAdmitted(
+        ("r-2",),
+        (workers.Refusal("r-4", "no room", retry=True),),
+        kv_copied_blocks=3,
+        kv_copied_bytes=3 * 393216,
+        kv_copy_s=0.002,
+    ),
     workers.DecodeControl(workers.ControlKind.PREEMPT, ("r-2", "r-5")),
     workers.DecodeControl(
         workers.ControlKind.CANCEL, ("r-7",), tokens.FinishReason.ERROR, "outgrew the pool"
@@ -137,6 +164,12 @@ EXAMPLES: list[object] = [
     compute.ComputeShareApplied(
         "decode-0", "decode", "cpu-affinity", 5, 0.9, 0.5, "", error="too few cores"
     ),
+    compute.ReplaceWorker(
+        "decode", "decode-0", {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "70"}, "split 3"
+    ),
+    compute.ReplacementStarted("decode", "decode-0", 4242),
+    compute.HandOverReady("decode-0", "decode-1"),
+    compute.HandedOver("decode-0", "decode-1", 16, 1, 0.138),
 ]
 
 
