@@ -120,5 +120,6 @@ def split_controller(s: SchedulerSettings) -> SplitController | None:
         min_share=s.split_min_share,
         max_share=s.split_max_share,
         initial_split=min(max(s.prefill_share, s.split_min_share), s.split_max_share),
+        recover_block_windows=s.split_recover_block_windows,
     )
     return SplitController(config, start=asyncio.get_running_loop().time())

@@ -34,3 +34,6 @@ class SchedulerSettings(CommonSettings):
     split_step: float = Field(0.05, gt=0, lt=1)
     split_min_share: float = Field(0.1, gt=0, lt=1)
     split_max_share: float = Field(0.9, gt=0, lt=1)
+    # After both latencies missed at a split the controller moved to, it goes back to where
+    # both held and does not try that move again for this many windows.
+    split_recover_block_windows: int = Field(8, ge=0)

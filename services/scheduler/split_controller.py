@@ -28,7 +28,12 @@ x − λ below `MIN_EFFECTIVE_SHARE` (prefill overloaded: the queue, not the sha
 not fitted, and the model predicts an infinite TTFT there.
 
 Decision rule. "Own" is the side that misses its SLO, "donor" the side that gives up share.
-- Both meet, or both miss: HOLD (no split helps both).
+- Both meet: HOLD, and remember the split as the last where both held.
+- Both miss: HOLD (no split helps both) — unless the controller has moved off the last split
+  where both held: then it goes back there (RECOVER), and the move that left it is blocked
+  for `recover_block_windows` windows. (Measured live on two cores: one noisy TTFT window at a
+  good split moved share to prefill, decode then fell behind too, and "both miss: hold" kept
+  the unit at the bad split for the rest of the run.)
 - Exactly one misses: move share to it, `step` at a time, at most `max_steps` steps and never
   outside [min_share, max_share]; stop at the first split where the own model meets its SLO.
   A step is only taken while the donor model still predicts the donor meets its limit (its
@@ -44,8 +49,8 @@ Hysteresis (so it does not oscillate):
   model to be wrong by more than the margin, or the load to have changed.
 
 Invariants: min_share ≤ split ≤ max_share; a move only ever goes toward the side that missed,
-by at most max_steps × step; it never plans the donor past its limit; the same observations
-give the same decisions.
+by at most max_steps × step, or back to the last split where both held; it never plans the
+donor past its limit; the same observations give the same decisions.
 """
 
 import math
@@ -84,6 +89,7 @@ class SplitControllerConfig:
     history_windows: int = 16  # window points the fits use
     initial_split: float = 0.5
     prefill_s_per_token: float | None = None  # prior; learned from observe_prefill_batch
+    recover_block_windows: int = 8  # after a recovery: windows the failed move stays blocked
 
     def __post_init__(self) -> None:
         if not (self.ttft_slo_s > 0 and self.tpot_slo_s > 0):
@@ -102,6 +108,8 @@ class SplitControllerConfig:
             raise ValueError("step must be in (0, max_share - min_share]")
         if self.max_steps < 1 or self.history_windows < 1 or self.cooldown_windows < 0:
             raise ValueError("need max_steps >= 1, history_windows >= 1, cooldown_windows >= 0")
+        if self.recover_block_windows < 0:
+            raise ValueError("recover_block_windows must be >= 0")
         if not 0 <= self.margin < 1:
             raise ValueError(f"margin must be in [0, 1), got {self.margin}")
         if self.prefill_s_per_token is not None and not self.prefill_s_per_token > 0:
@@ -222,6 +230,9 @@ class SplitController:
         self._history: deque[WindowPoint] = deque(maxlen=config.history_windows)
         self._cooldown_left = 0
         self._last_move: SplitAction | None = None
+        self._last_good: float | None = None  # the split of the last window where both held
+        self._blocked: SplitAction | None = None  # the move a recovery undid ...
+        self._blocked_left = 0  # ... for this many more windows
         self.ttft_model: InverseModel | None = None
         self.tpot_model: InverseModel | None = None
 
@@ -292,6 +303,8 @@ class SplitController:
             )
             self._refit()
             choice = self._choose(measured)
+            if self._blocked_left > 0:
+                self._blocked_left -= 1
         predicted_ttft, predicted_tpot = self.predict(choice.split, measured.prefill_load)
         decision = measured._replace(
             split=choice.split,
@@ -361,11 +374,34 @@ class SplitController:
         ttft_miss = m.ttft_s > self.config.ttft_slo_s
         tpot_miss = m.tpot_s > self.config.tpot_slo_s
         if ttft_miss and tpot_miss:
-            return _Choice(SplitAction.HOLD, self._split, "ttft and tpot both miss")
+            return self._recover()
         if not (ttft_miss or tpot_miss):
+            self._last_good = self._split
             return _Choice(SplitAction.HOLD, self._split, "ttft and tpot meet their SLOs")
         direction = SplitAction.TO_PREFILL if ttft_miss else SplitAction.TO_DECODE
+        if direction is self._blocked and self._blocked_left > 0:
+            own = "ttft" if ttft_miss else "tpot"
+            return _Choice(
+                SplitAction.HOLD,
+                self._split,
+                f"{own} misses; that move made both miss before ({self._blocked_left} more "
+                "window(s) blocked)",
+            )
         return self._move(direction, m)
+
+    def _recover(self) -> _Choice:
+        """Both miss: back to the last split where both held, if we have left it."""
+        good = self._last_good
+        if good is None or good == self._split:
+            return _Choice(SplitAction.HOLD, self._split, "ttft and tpot both miss")
+        direction = SplitAction.TO_PREFILL if good > self._split else SplitAction.TO_DECODE
+        self._blocked = (
+            SplitAction.TO_DECODE if direction is SplitAction.TO_PREFILL else SplitAction.TO_PREFILL
+        )
+        self._blocked_left = self.config.recover_block_windows + 1  # this window counts down
+        return _Choice(
+            direction, good, f"ttft and tpot both miss; back to {good:.2f}, where both held"
+        )
 
     def _move(self, direction: SplitAction, m: SplitDecision) -> _Choice:
         cfg = self.config

@@ -280,6 +280,47 @@ def test_a_reversal_needs_clear_headroom_on_the_donor_side() -> None:
     assert back.split < first.split
 
 
+def test_when_a_move_makes_both_miss_it_goes_back_and_does_not_retry_soon() -> None:
+    """What happened live: one noisy TTFT window at a split where both held moved share to
+    prefill; there decode fell behind too, and holding on "both miss" kept it there."""
+    controller = SplitController(
+        config(
+            ttft_slo_s=1.0,
+            tpot_slo_s=0.05,
+            window_samples=8,
+            cooldown_windows=0,
+            prefill_s_per_token=None,
+            recover_block_windows=3,
+        )
+    )
+
+    def window(now: float, ttft: float, tpot: float) -> SplitDecision:
+        feed(controller, ttft=ttft, tpot=tpot)
+        decision = controller.maybe_decide(now)
+        assert decision is not None
+        return decision
+
+    assert window(1, 0.5, 0.03).action is SplitAction.HOLD  # both hold at 0.5
+    moved = window(2, 1.3, 0.03)  # one TTFT miss
+    assert moved.action is SplitAction.TO_PREFILL and moved.split > 0.5
+    back = window(3, 1.5, 0.09)  # there both miss
+    assert back.action is SplitAction.TO_DECODE and back.split == 0.5
+    assert "back to 0.50, where both held" in back.reason
+    blocked = [window(4 + i, 1.3, 0.03) for i in range(3)]  # TTFT misses alone again
+    assert all(d.action is SplitAction.HOLD and "blocked" in d.reason for d in blocked)
+    assert controller.split == 0.5
+    assert window(7, 1.3, 0.03).action is SplitAction.TO_PREFILL  # the block has run out
+
+
+def test_both_missing_at_the_last_good_split_holds() -> None:
+    controller = SplitController(config(window_samples=8, prefill_s_per_token=None))
+    for now in (1.0, 2.0):
+        feed(controller, ttft=5.0, tpot=0.5)
+        decision = controller.maybe_decide(now)
+        assert decision is not None and decision.action is SplitAction.HOLD
+        assert decision.reason == "ttft and tpot both miss"
+
+
 def test_an_overloaded_window_is_not_fitted_and_prefill_steps_once() -> None:
     controller = SplitController(config(initial_split=0.15))  # exactly the prefill load
     (decision,) = run(controller, Plant(load=0.15), 1)
