@@ -36,7 +36,7 @@ from nats.aio.msg import Msg
 from duetserve.common.health import query_health
 from duetserve.common.nats_bus import Bus
 from duetserve.loadtest.client import fetch_model, run_requests
-from duetserve.loadtest.spec import RequestResult
+from duetserve.loadtest.spec import RequestResult, RequestSpec
 from duetserve.loadtest.text import token_counter
 from duetserve.loadtest.workloads import fixed
 from duetserve.proto.codec import decode, encode
@@ -75,6 +75,23 @@ def lowest_bin_rate(times: np.ndarray, start: float, end: float, bin_s: float) -
     return min(token_rate(times, a, b) for a, b in itertools.pairwise(edges))
 
 
+def start_load(
+    args: argparse.Namespace, model: str, specs: list[RequestSpec], total_s: float
+) -> "asyncio.Task[list[RequestResult]]":
+    """The closed loop of long requests the switches happen under, running from now on."""
+    return asyncio.create_task(
+        run_requests(
+            args.base_url,
+            model,
+            specs,
+            max_concurrency=args.concurrency,
+            duration_limit_s=total_s,
+            drain_timeout_s=120,
+            progress=False,
+        )
+    )
+
+
 async def measure(args: argparse.Namespace) -> tuple[list[SwitchReport], list[RequestResult]]:
     model = args.model or await fetch_model(args.base_url)
     count = token_counter(args.tokenizer) if args.tokenizer else None
@@ -88,17 +105,7 @@ async def measure(args: argparse.Namespace) -> tuple[list[SwitchReport], list[Re
 
     await client.subscribe(compute_applied_subject(args.unit), cb=on_applied)
     started = time.monotonic()
-    load = asyncio.create_task(
-        run_requests(
-            args.base_url,
-            model,
-            specs,
-            max_concurrency=args.concurrency,
-            duration_limit_s=total_s,
-            drain_timeout_s=120,
-            progress=False,
-        )
-    )
+    load = start_load(args, model, specs, total_s)
     published: list[tuple[float, int, float]] = []
     for sequence, split in enumerate(args.splits, start=args.first_sequence):
         await asyncio.sleep(args.hold_s)
@@ -154,17 +161,7 @@ async def measure_replacements(
 
     await bus.subscribe(handover_subject(args.unit), on_handover)
     started = time.monotonic()
-    load = asyncio.create_task(
-        run_requests(
-            args.base_url,
-            model,
-            specs,
-            max_concurrency=args.concurrency,
-            duration_limit_s=total_s,
-            drain_timeout_s=120,
-            progress=False,
-        )
-    )
+    load = start_load(args, model, specs, total_s)
     service = f"{args.replace}_worker"
     requested: list[tuple[float, str]] = []
     for _ in range(args.replacements):
