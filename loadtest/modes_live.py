@@ -43,12 +43,16 @@ from duetserve.loadtest.metrics import e2e_ms, tpot_ms, ttft_ms
 from duetserve.loadtest.spec import RequestResult, RequestSpec
 from duetserve.loadtest.sweep import Target, measure
 from duetserve.loadtest.text import CountTokens, token_counter
-from duetserve.loadtest.workloads import assign_arrivals, long_prompt, sharegpt_like
+from duetserve.loadtest.workloads import (
+    assign_arrivals,
+    long_prompt,
+    over_context,
+    sharegpt_like,
+)
 from duetserve.runtime.config import ModelConfig
 
 TIGHT, LOOSE = 7.5, 10.0
 TARGET = 0.9
-CONTEXT_MARGIN = 64  # tokens a chat template or a tokenizer's count may add
 BASELINE = "unified"
 Workload = Callable[[int, int], list[RequestSpec]]  # (n, seed) -> specs
 
@@ -368,14 +372,15 @@ def within_context(
     count: CountTokens,
     context: int,
 ) -> list[RequestSpec]:
-    """`n` requests of the mix whose prompt and answer fit `context` (with CONTEXT_MARGIN
-    tokens to spare): requests that would not are drawn again, not cut, so the ones sent keep
+    """`n` requests of the mix that fit `context` (`workloads.over_context`'s test): requests
+    that would not are drawn again, not cut, so the ones sent keep
     the mix's shape below the cap. (long-prompt draws prompts up to 4,096 tokens, a `small`
     model's whole context; a server rightly answers those with a 400.)"""
     fits: list[RequestSpec] = []
     for attempt in range(8):
         drawn = draw(2 * n, seed * 8 + attempt, count)
-        fits += [s for s in drawn if s.prompt_tokens + s.output_tokens + CONTEXT_MARGIN <= context]
+        over = {spec.index for spec in over_context(drawn, context)}
+        fits += [spec for spec in drawn if spec.index not in over]
         if len(fits) >= n:
             return [replace(spec, index=i) for i, spec in enumerate(fits[:n])]
     raise ValueError(f"the mix rarely fits a context of {context} tokens")

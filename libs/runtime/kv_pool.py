@@ -39,6 +39,11 @@ class KVPool:
     def dtype(self) -> torch.dtype:
         return self.tensor.dtype
 
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes of one block across every layer, K and V (`kv_bytes_per_block`)."""
+        return self.tensor.nbytes // self.num_blocks
+
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache) of one layer, each [N, bs, Hkv, D]."""
         return self.tensor[index, 0], self.tensor[index, 1]

@@ -31,6 +31,7 @@ from duetserve.proto.compute import ReplaceWorker, replace_worker_subject
 from duetserve.runtime.config import ModelConfig
 from duetserve.runtime.kv_pool import kv_bytes_per_block
 from duetserve.runtime.loader import parse_dtype
+from duetserve.runtime.weights import Weights
 from duetserve.services.kv_manager.allocator import BlockAllocator
 from duetserve.services.kv_manager.describe import describe
 from duetserve.services.kv_manager.handlers import KVHandlers
@@ -147,18 +148,21 @@ class KVManagerService:
             ]
         else:
             plan = [(kv.UNIT_POOL, total, s.region_name())]
+        weights = await asyncio.to_thread(load_stored_weights, s.model, config, dtype)
         for name, num_blocks, region in plan:
             pool = PoolGeometry(num_blocks, s.block_size, dtype)
-            storage, description = await self._open_storage(config, pool, region)
+            storage, description = await self._open_storage(config, weights, pool, region)
             allocator = BlockAllocator(description.num_blocks, s.lease_s)
             self.pools[name] = ServedPool(name, storage, description, allocator)
+        del weights  # the storages hold the copies now
+        gc.collect()
 
     async def _open_storage(
-        self, config: ModelConfig, pool: PoolGeometry, region: str
+        self, config: ModelConfig, weights: Weights, pool: PoolGeometry, region: str
     ) -> tuple[Storage, kv.StorageDescription]:
-        """Create and fill one storage; it and its description for workers."""
+        """Create one storage and copy the weights into it; it and its description for
+        workers."""
         s = self.settings
-        weights = await asyncio.to_thread(load_stored_weights, s.model, config, pool.dtype)
         layout = unit_layout(config, weights, pool)
         opened = open_storage(layout, region, s.storage, s.cuda_device)
         storage = opened.storage
@@ -174,8 +178,6 @@ class KVManagerService:
         except BaseException:
             storage.close()
             raise
-        del weights  # the storage holds the one copy now
-        gc.collect()
         description = describe(
             storage.handle(),
             block_size=pool.block_size,

@@ -60,6 +60,7 @@ class SchedulerCore:
         # may have some (at the loop's next wake).
         self.handoffs: list[RequestRecord] = []
         self.transfers = KvTransfers()
+        self._next_reclaim = 0.0  # monotonic time before which the cache is not asked again
 
     @property
     def disagg(self) -> bool:
@@ -199,9 +200,15 @@ class SchedulerCore:
         """The next request to admit lacks blocks that the prefix cache may hold: ask it to
         give them back. Otherwise a pool filled by cached prefixes, with nothing decoding in
         it to run short and trigger an eviction, would keep the request waiting forever.
-        True when the cache gave some back (plan again)."""
+        True when the cache gave some back (plan again). After the cache had nothing, it is
+        asked again only on the retry timer, not at every wake."""
+        if now < self._next_reclaim:
+            return False
         shortfall = self.planner.shortfall(self.view, now)
-        if shortfall <= 0 or await self.evict(shortfall) == 0:
+        if shortfall <= 0:
+            return False
+        if await self.evict(shortfall) == 0:
+            self._next_reclaim = now + RETRY_WAITING_S
             return False
         await self.refresh_free(kv.UNIT_POOL)
         return True

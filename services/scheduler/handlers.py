@@ -1,6 +1,5 @@
 """Handlers of the subjects the scheduler serves: submissions, cancels, worker events."""
 
-import dataclasses
 import logging
 import time
 
@@ -76,7 +75,8 @@ class SchedulerHandlers:
         except ProtoError as err:
             await self.bus.reply(msg, encode(ErrorReply(err.code, str(err))))
             return
-        view = self.core.view
+        core = self.core
+        view, decode_pool, transfers = core.view, core.decode_view, core.transfers
         stats = SchedulerStats(
             waiting=len(view.waiting),
             prefilling=len(view.prefilling),
@@ -84,19 +84,14 @@ class SchedulerHandlers:
             free_blocks=view.free_blocks,
             total_blocks=view.total_blocks,
             preemptions=self.preemptions,
-            prefill_share=self.core.tuner.prefill_share,
-            split_moves=self.core.tuner.moves,
+            prefill_share=core.tuner.prefill_share,
+            split_moves=core.tuner.moves,
+            decode_free_blocks=decode_pool.free_blocks if core.disagg else None,
+            decode_total_blocks=decode_pool.total_blocks if core.disagg else None,
+            kv_copies=transfers.copies,
+            kv_copied_bytes=transfers.nbytes,
+            kv_copy_s=transfers.seconds,
         )
-        if self.core.disagg:
-            transfers = self.core.transfers
-            stats = dataclasses.replace(
-                stats,
-                decode_free_blocks=self.core.decode_view.free_blocks,
-                decode_total_blocks=self.core.decode_view.total_blocks,
-                kv_copies=transfers.copies,
-                kv_copied_bytes=transfers.nbytes,
-                kv_copy_s=transfers.seconds,
-            )
         await self.bus.reply(msg, encode(stats))
 
     async def on_worker_events(self, msg: Msg) -> None:

@@ -40,14 +40,12 @@ class KvTransfers:
     """The KV copied from the unit pool into decode's own at hand-offs (disagg mode)."""
 
     copies: int = 0  # hand-offs that copied
-    blocks: int = 0
     nbytes: int = 0
     seconds: float = 0.0
 
     def add(self, admitted: DecodeAdmitted) -> None:
         if admitted.kv_copied_blocks:
             self.copies += 1
-            self.blocks += admitted.kv_copied_blocks
             self.nbytes += admitted.kv_copied_bytes
             self.seconds += admitted.kv_copy_s
 

@@ -26,12 +26,6 @@ class Copied:
     seconds: float
 
 
-def block_nbytes(pool: KVPool) -> int:
-    """Bytes of one block across every layer, K and V."""
-    layers, kv, _, block_size, heads, dim = pool.tensor.shape
-    return layers * kv * block_size * heads * dim * pool.tensor.element_size()
-
-
 def runs(source: Sequence[int], target: Sequence[int]) -> list[tuple[int, int, int]]:
     """(source start, target start, length) of the stretches consecutive in both tables."""
     out: list[tuple[int, int, int]] = []
@@ -64,5 +58,5 @@ def copy_blocks(
     if dst.is_cuda:
         torch.cuda.synchronize(dst.device)
     return Copied(
-        len(source_ids), len(source_ids) * block_nbytes(source), time.perf_counter() - started
+        len(source_ids), len(source_ids) * source.block_nbytes, time.perf_counter() - started
     )

@@ -6,7 +6,7 @@ import torch
 
 from duetserve.proto.scheduling import Sampling
 from duetserve.proto.tokens import FinishReason, TokenChunk
-from duetserve.proto.workers import DecodeItem, SamplingState
+from duetserve.proto.workers import DecodeItem, EventKind, SamplingState, WorkerEvent
 from duetserve.runtime.batch import ForwardBatch, SequenceChunk
 from duetserve.runtime.sampling import SamplingParams, SequenceSamplingState
 from duetserve.services.unit_worker.model_host import ModelHost
@@ -19,13 +19,19 @@ class Resident:
     owner: str  # this worker's kv_manager owner for the request's blocks
     block_table: list[int]
     state: SequenceSamplingState
+    sampling: Sampling  # as admitted: what a hand-over passes on
     stalled_since: float | None = None  # kv_manager had no block for its next token
     traceparent: str = ""  # the request's trace
-    sampling: Sampling | None = None  # as admitted: what a hand-over passes on
+
+    def preempted_event(self) -> WorkerEvent:
+        """Stopped here, its blocks given back: the scheduler recomputes it from its output so
+        far (and the output stays what it would have been)."""
+        return WorkerEvent(
+            EventKind.PREEMPTED, self.request_id, output_token_ids=tuple(self.output)
+        )
 
     def handover_item(self) -> DecodeItem:
         """This request as another decode worker admits it: same blocks, output so far."""
-        assert self.sampling is not None, "admitted without its sampling parameters"
         state = SamplingState(tuple(self.state.prompt_token_ids), tuple(self.output), self.sampling)
         return DecodeItem(
             self.request_id, tuple(self.block_table), state, self.traceparent, from_worker=True

@@ -122,12 +122,7 @@ class DecodeStepper:
                 block_table, copied = taken
         state = runtime_state(item.state, params)
         self.residents[request_id] = Resident(
-            request_id,
-            owner,
-            block_table,
-            state,
-            traceparent=item.traceparent,
-            sampling=item.state.sampling,
+            request_id, owner, block_table, state, item.state.sampling, traceparent=item.traceparent
         )
         return copied
 
@@ -178,13 +173,7 @@ class DecodeStepper:
             self.residents.pop(resident.request_id)
             await self._release(resident)  # the replacement holds its own references now
             if resident.request_id not in taken:
-                preempted.append(
-                    workers.WorkerEvent(
-                        workers.EventKind.PREEMPTED,
-                        resident.request_id,
-                        output_token_ids=tuple(resident.output),
-                    )
-                )
+                preempted.append(resident.preempted_event())
         if preempted:
             await self._events(tuple(preempted))
         return len(items) - len(preempted), len(preempted)
@@ -202,12 +191,7 @@ class DecodeStepper:
                     continue
                 await self._release(resident)
                 if control.kind == workers.ControlKind.PREEMPT:
-                    event = workers.WorkerEvent(
-                        workers.EventKind.PREEMPTED,
-                        request_id,
-                        output_token_ids=tuple(resident.output),
-                    )
-                    await self._events((event,))
+                    await self._events((resident.preempted_event(),))
                 else:
                     await self._end_stream(resident, control.finish_reason, control.error)
 

@@ -17,18 +17,18 @@ from duetserve.runtime.loader import parse_dtype
 from tests.conftest import ModelDirs
 from tests.e2e.conftest import (
     Stack,
-    alone_outputs,
-    seeded_completions,
     shm_segments,
     start_stack,
     stop_stack,
 )
 from tests.e2e.kv_probe import allocated_blocks, kv_stats
-from tests.e2e.test_stack import PROMPTS, offline_greedy
+from tests.e2e.test_memory_pressure import assert_stories_complete_as_alone
+from tests.e2e.test_stack import PROMPTS, assert_greedy_matches_the_runtime
 from tests.model_specs import TINY
 
-NUM_BLOCKS = 80  # the unit's: 40 for prefill's pool, 40 (640 token slots) for decode's
-MAX_TOKENS = 200  # eight of these need ~1,700 decode slots at once
+# The unit's blocks: 40 for prefill's pool, 40 (640 token slots) for decode's, a third of what
+# the memory-pressure load (eight requests of 200 tokens) needs at once.
+NUM_BLOCKS = 80
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +68,7 @@ def test_each_worker_maps_its_own_pool_and_weights(disagg_stack: Stack) -> None:
 def test_disagg_greedy_output_equals_the_runtime_run_directly(
     disagg_stack: Stack, prompt: str
 ) -> None:
-    api = openai.OpenAI(base_url=disagg_stack.base_url, api_key="x", max_retries=0, timeout=60)
-    result = api.completions.create(
-        model=disagg_stack.model_dir.name, prompt=prompt, max_tokens=24, temperature=0
-    )
-    assert result.choices[0].text == offline_greedy(disagg_stack.model_dir, prompt, 24)
+    assert_greedy_matches_the_runtime(disagg_stack, prompt)
 
 
 def test_kv_copied_at_each_hand_off_is_counted(disagg_stack: Stack) -> None:
@@ -99,13 +95,7 @@ def test_every_request_completes_when_decode_pool_runs_out(disagg_stack: Stack) 
     decoding requests are preempted, yet every output is the one it gets alone and every
     block of both pools comes back."""
     stack = disagg_stack
-    prompts = [f"Story {i}: once upon a time" for i in range(8)]
-    alone = alone_outputs(stack.model_dir, prompts, MAX_TOKENS, 0.9)
-    results = asyncio.run(seeded_completions(stack, prompts, MAX_TOKENS, 0.9))
-    assert [r.usage.completion_tokens for r in results if r.usage] == [MAX_TOKENS] * 8
-    assert [r.choices[0].text for r in results] == alone
-    held = asyncio.run(allocated_blocks(stack.nats_url, settle_s=5.0))
-    assert set(held) <= {"cache_index"}, held
+    assert_stories_complete_as_alone(stack)
     assert asyncio.run(allocated_blocks(stack.nats_url, 5.0, kv.DECODE_POOL)) == {}
     scheduler_log = (stack.var_dir / "logs" / "scheduler.log").read_text()
     assert "preempt" in scheduler_log, "decode's pool was meant to run out"

@@ -33,8 +33,9 @@ def small_pool_stack(
     assert stop_stack(stack) == 0
 
 
-def test_every_request_completes_under_preemption(small_pool_stack: Stack) -> None:
-    stack = small_pool_stack
+def assert_stories_complete_as_alone(stack: Stack) -> None:
+    """Eight seeded requests of MAX_TOKENS at once: each gets every token, its output is the
+    one it gets alone, and then no block is held but the prefix cache's."""
     prompts = [f"Story {i}: once upon a time" for i in range(8)]
     alone = alone_outputs(stack.model_dir, prompts, MAX_TOKENS, 0.9)
     results = asyncio.run(seeded_completions(stack, prompts, MAX_TOKENS, 0.9))
@@ -42,6 +43,11 @@ def test_every_request_completes_under_preemption(small_pool_stack: Stack) -> No
     assert [r.choices[0].text for r in results] == alone
     held = asyncio.run(allocated_blocks(stack.nats_url, settle_s=5.0))
     assert set(held) <= {"cache_index"}, held
+
+
+def test_every_request_completes_under_preemption(small_pool_stack: Stack) -> None:
+    stack = small_pool_stack
+    assert_stories_complete_as_alone(stack)
     scheduler_log = (stack.var_dir / "logs" / "scheduler.log").read_text()
     decode_log = (stack.var_dir / "logs" / "decode_worker.log").read_text()
     assert "preempt" in scheduler_log + decode_log, "the pool was meant to run out"

@@ -17,7 +17,7 @@ from tests.e2e.conftest import (
     start_stack,
     stop_stack,
 )
-from tests.e2e.test_stack import PROMPTS, offline_greedy
+from tests.e2e.test_stack import PROMPTS, assert_greedy_matches_the_runtime
 from tests.model_specs import TINY
 
 
@@ -48,11 +48,7 @@ def test_unified_runs_no_decode_worker_and_is_healthy(unified_stack: Stack) -> N
 def test_unified_greedy_output_equals_the_runtime_run_directly(
     unified_stack: Stack, prompt: str
 ) -> None:
-    api = openai.OpenAI(base_url=unified_stack.base_url, api_key="x", max_retries=0, timeout=60)
-    result = api.completions.create(
-        model=unified_stack.model_dir.name, prompt=prompt, max_tokens=24, temperature=0
-    )
-    assert result.choices[0].text == offline_greedy(unified_stack.model_dir, prompt, 24)
+    assert_greedy_matches_the_runtime(unified_stack, prompt)
 
 
 def test_unified_mixed_steps_give_every_request_its_alone_output(unified_stack: Stack) -> None:

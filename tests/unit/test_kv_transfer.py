@@ -6,7 +6,6 @@ import torch
 from duetserve.runtime.kv_pool import KVPool
 from duetserve.services.unit_worker.kv_transfer import (
     TransferError,
-    block_nbytes,
     copy_blocks,
     runs,
 )
@@ -39,7 +38,7 @@ def test_copied_blocks_hold_the_source_kv_and_nothing_else_changes() -> None:
         assert torch.equal(target.tensor[:, :, t], source.tensor[:, :, s])
     untouched = [b for b in range(8) if b not in target_ids]
     assert not target.tensor[:, :, untouched].any()
-    assert block_nbytes(source) == BLOCK_BYTES
+    assert source.block_nbytes == BLOCK_BYTES
     assert (copied.blocks, copied.nbytes) == (4, 4 * BLOCK_BYTES)
     assert copied.seconds >= 0
 
