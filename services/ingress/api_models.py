@@ -2,7 +2,8 @@
 a 400 naming it; unknown fields are accepted and ignored, as vLLM does, so benchmark clients
 that send extras keep working."""
 
-from typing import Annotated, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -10,6 +11,52 @@ from duetserve.proto.scheduling import Sampling, Slo, SloKind
 
 MAX_STOP_STRINGS = 8
 MAX_LOGPROBS = 20
+
+
+def _absent(value: Any) -> bool:
+    return value is None
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value == [] or value == {}
+
+
+# Fields that change what a correct answer is, which Duet does not implement yet. Unknown fields
+# are ignored (as vLLM does), but ignoring one of these would answer a different question, so
+# a request that uses one gets a 400 naming it. Each entry says which values are the no-op
+# default that clients send anyway (`response_format: {"type": "text"}`, `best_of: 1`, ...).
+UNSUPPORTED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "response_format": (
+        lambda v: v is None or v == {"type": "text"},
+        'only {"type": "text"} is supported (no JSON mode or JSON schema yet)',
+    ),
+    "tools": (_empty, "tool calling is not supported yet"),
+    "tool_choice": (lambda v: v in (None, "none"), "tool calling is not supported yet"),
+    "functions": (_empty, "function calling is not supported yet"),
+    "function_call": (lambda v: v in (None, "none"), "function calling is not supported yet"),
+    "logit_bias": (_empty, "logit_bias is not supported yet"),
+    "best_of": (lambda v: v in (None, 1), "only best_of=1 is supported"),
+    "prompt_logprobs": (_absent, "prompt logprobs are not supported yet"),
+    "min_p": (lambda v: v in (None, 0, 0.0), "min_p is not supported yet"),
+    "use_beam_search": (lambda v: v in (None, False), "beam search is not supported"),
+    "guided_json": (_absent, "structured outputs are not supported yet"),
+    "guided_regex": (_absent, "structured outputs are not supported yet"),
+    "guided_choice": (_absent, "structured outputs are not supported yet"),
+    "guided_grammar": (_absent, "structured outputs are not supported yet"),
+    "structured_outputs": (_absent, "structured outputs are not supported yet"),
+    "audio": (_absent, "audio output is not supported"),
+    "modalities": (lambda v: v in (None, ["text"]), 'only ["text"] is supported'),
+}
+
+
+def refuse_unsupported(body: Any, fields: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
+    """Raise ValueError("<field>: ...") for the first of `fields` that asks for what Duet
+    cannot do."""
+    if not isinstance(body, dict):
+        return
+    for name, (harmless, why) in fields.items():
+        if name in body and not harmless(body[name]):
+            raise ValueError(f"{name}: {why}")
 
 
 class _Lenient(BaseModel):
@@ -63,10 +110,16 @@ class _SamplingFields(_Lenient):
     min_tokens: Annotated[int, Field(ge=0)] = 0
     duet: DuetExtension | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, body: Any) -> Any:
+        refuse_unsupported(body, UNSUPPORTED_FIELDS)
+        return body
+
     @model_validator(mode="after")
     def _check_common(self) -> "_SamplingFields":
         if self.n != 1:
-            raise ValueError("n: only n=1 is supported")
+            raise ValueError("n: only n=1 is supported (one choice per request)")
         if self.top_k is not None and self.top_k < -1:
             raise ValueError("top_k: must be -1 (off), 0 (off) or a positive integer")
         if len(self.stop_strings) > MAX_STOP_STRINGS:
@@ -116,9 +169,9 @@ class CompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _check_unsupported(self) -> "CompletionRequest":
         if self.echo:
-            raise ValueError("echo: not supported")
+            raise ValueError("echo: echoing the prompt is not supported yet")
         if self.suffix:
-            raise ValueError("suffix: not supported")
+            raise ValueError("suffix: insertion (suffix) is not supported")
         return self
 
     @property
@@ -146,6 +199,12 @@ class ChatMessage(_Lenient):
         return "".join(part.text for part in self.content)
 
 
+# vLLM's chat extension `echo` (the last message's text prepended to the answer).
+CHAT_ONLY_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "echo": (lambda v: v in (None, False), "echoing the last message is not supported yet"),
+}
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -153,6 +212,12 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     add_generation_prompt: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported_chat(cls, body: Any) -> Any:
+        refuse_unsupported(body, CHAT_ONLY_UNSUPPORTED)
+        return body
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> "ChatCompletionRequest":

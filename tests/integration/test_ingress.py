@@ -240,6 +240,44 @@ async def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(
     assert status == 200 and body["choices"][0]["text"]
 
 
+async def test_the_official_client_gets_a_400_for_each_field_that_would_change_the_answer(
+    ingress: IngressService, client: openai.AsyncOpenAI, scheduler: ScriptedScheduler
+) -> None:
+    model, messages = model_id(ingress), [{"role": "user", "content": "Hi"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    chat_cases: list[tuple[str, dict[str, Any]]] = [
+        ("response_format", {"response_format": {"type": "json_object"}}),
+        ("tools", {"tools": [tool]}),
+        ("tool_choice", {"tool_choice": "required"}),
+        ("logit_bias", {"logit_bias": {"5": 100}}),
+        ("n", {"n": 2}),
+        ("top_logprobs", {"logprobs": True, "top_logprobs": 21}),
+    ]
+    submitted = len(scheduler.submits)
+    for param, fields in chat_cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model=model, messages=messages, **fields)
+        error = info.value.body
+        assert isinstance(error, dict) and error["param"] == param, error
+        assert error["message"].startswith(f"{param}: "), error
+    completion_cases: list[tuple[str, dict[str, Any]]] = [
+        ("best_of", {"best_of": 3}),
+        ("echo", {"echo": True}),
+        ("suffix", {"suffix": "end"}),
+        ("logprobs", {"logprobs": 21}),
+        ("logit_bias", {"logit_bias": {"5": -100}}),
+    ]
+    for param, fields in completion_cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.completions.create(model=model, prompt="Hi", **fields)
+        assert isinstance(info.value.body, dict) and info.value.body["param"] == param
+    assert len(scheduler.submits) == submitted  # nothing reached the scheduler
+    plain = await client.chat.completions.create(
+        model=model, messages=messages, response_format={"type": "text"}, logit_bias={}
+    )
+    assert plain.choices[0].message.content == TEXT  # the no-op defaults are served
+
+
 async def test_api_keys_are_required_when_configured(
     start_ingress: StartIngress, scheduler: ScriptedScheduler
 ) -> None:

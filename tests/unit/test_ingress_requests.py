@@ -6,7 +6,11 @@ import pytest
 from pydantic import ValidationError
 
 from duetserve.proto.scheduling import SloKind
-from duetserve.services.ingress.api_models import ChatCompletionRequest, CompletionRequest
+from duetserve.services.ingress.api_models import (
+    MAX_LOGPROBS,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
 from duetserve.services.ingress.errors import ApiError
 
 
@@ -38,6 +42,62 @@ def test_defaults_and_sampling_translation() -> None:
 def test_unknown_fields_are_ignored_like_vllm() -> None:
     req = completion(best_of=None, user="x", some_client_extra={"a": 1})
     assert req.model == "tiny"
+
+
+# Fields that change what a correct answer is: each one, when it asks for something, is a 400
+# that names it; its no-op default (what clients send without being asked) is accepted.
+ANSWER_CHANGING_FIELDS = [
+    ("response_format", {"type": "json_object"}, {"type": "text"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}, None),
+    ("tools", [{"type": "function", "function": {"name": "f"}}], []),
+    ("tool_choice", "required", "none"),
+    ("tool_choice", {"type": "function", "function": {"name": "f"}}, None),
+    ("functions", [{"name": "f"}], None),
+    ("function_call", "auto", "none"),
+    ("logit_bias", {"50256": -100}, {}),
+    ("best_of", 2, 1),
+    ("prompt_logprobs", 1, None),
+    ("min_p", 0.1, 0.0),
+    ("use_beam_search", True, False),
+    ("guided_json", {"type": "object"}, None),
+    ("guided_regex", "[a-z]+", None),
+    ("guided_choice", ["yes", "no"], None),
+    ("guided_grammar", "root ::= 'a'", None),
+    ("structured_outputs", {"json": {}}, None),
+    ("audio", {"voice": "alloy", "format": "wav"}, None),
+    ("modalities", ["text", "audio"], ["text"]),
+]
+
+
+@pytest.mark.parametrize("build", [completion, chat], ids=["completion", "chat"])
+@pytest.mark.parametrize(("field", "asks", "harmless"), ANSWER_CHANGING_FIELDS)
+def test_fields_that_change_the_answer_are_refused_not_ignored(
+    build: Any, field: str, asks: Any, harmless: Any
+) -> None:
+    error = api_error(build, **{field: asks})
+    assert (error.status, error.param) == (400, field)
+    assert error.message.startswith(f"{field}: ")
+    assert error.body()["error"]["type"] == "invalid_request_error"
+    build(**{field: harmless})  # the default value is accepted
+
+
+@pytest.mark.parametrize(
+    ("build", "fields", "param"),
+    [
+        (completion, {"n": 2}, "n"),
+        (chat, {"n": 3}, "n"),
+        (completion, {"echo": True}, "echo"),
+        (chat, {"echo": True}, "echo"),
+        (completion, {"suffix": "tail"}, "suffix"),
+        (completion, {"logprobs": MAX_LOGPROBS + 1}, "logprobs"),
+        (chat, {"logprobs": True, "top_logprobs": MAX_LOGPROBS + 1}, "top_logprobs"),
+    ],
+)
+def test_n_echo_suffix_and_logprobs_beyond_the_supported_are_refused(
+    build: Any, fields: dict[str, Any], param: str
+) -> None:
+    error = api_error(build, **fields)
+    assert error.status == 400 and error.param == param, error.message
 
 
 @pytest.mark.parametrize(
