@@ -12,16 +12,20 @@ import os
 import socket
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# How a unit runs its two phases (DESIGN.md, "Modes"):
+from duetserve.common.serving_config import Dtype, Mode, resolve_auto_fields
+
+# How a unit runs its two phases (DESIGN.md, "Modes"), `Mode`:
 # - semi-pd: a prefill and a decode worker on their compute shares of one device, sharing one
-#   KV pool and one copy of the weights (the default);
+#   KV pool and one copy of the weights;
 # - unified: one worker runs prefill chunks and decode steps in the same forward pass;
 # - disagg: a prefill and a decode worker, each with its own KV pool and weight copy; a
 #   request's KV is copied from the prefill pool to the decode pool when decode admits it.
-Mode = Literal["semi-pd", "unified", "disagg"]
+# `auto` (the default of DUET_MODE and DUET_DTYPE) is the measured best for this device; see
+# common/serving_config.py.
+__all__ = ["CommonSettings", "Dtype", "Mode", "ServingSettings", "default_instance_name"]
 
 
 class CommonSettings(BaseSettings):
@@ -50,6 +54,19 @@ class CommonSettings(BaseSettings):
     def instance_name(self, service: str) -> str:
         """The configured instance name, or `<service>-<hostname>-<pid>`."""
         return self.instance or default_instance_name(service)
+
+
+class ServingSettings(CommonSettings):
+    """Settings of the processes that must agree on how the unit runs: its mode, and the dtype
+    of its weights and KV pool. DUET_MODE / DUET_DTYPE may say `auto`; they are resolved when
+    the settings are parsed, so the fields always hold a concrete value."""
+
+    mode: Mode = "semi-pd"  # DUET_MODE; unset or `auto`: see serving_config.choose
+    dtype: Dtype = "float32"  # DUET_DTYPE; likewise
+    # Why `auto` became what it did (filled in when parsing; None when both were set by hand).
+    auto_choice: str | None = Field(default=None, exclude=True)
+
+    _resolve_auto = model_validator(mode="before")(resolve_auto_fields)
 
 
 def default_instance_name(service: str) -> str:

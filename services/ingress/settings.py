@@ -7,10 +7,10 @@
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from duetserve.common.settings import CommonSettings
+from duetserve.common.settings import ServingSettings
 from duetserve.proto.subjects import check_token
 
 SERVICE_NAME = "ingress"
@@ -24,8 +24,9 @@ DEFAULT_HEALTH_SERVICES = (
 )
 
 
-class IngressSettings(CommonSettings):
-    """The HTTP API's address, the model it serves, API keys, defaults and limits."""
+class IngressSettings(ServingSettings):
+    """The HTTP API's address, the model it serves, API keys, defaults and limits. (`mode`, from
+    ServingSettings, only decides which services /health requires by default.)"""
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)  # 0: any free port (tests)
@@ -60,6 +61,12 @@ class IngressSettings(CommonSettings):
         for name in value:
             check_token(name, "service")
         return value
+
+    @model_validator(mode="after")
+    def _unified_runs_no_decode_worker(self) -> "IngressSettings":
+        if "health_services" not in self.model_fields_set and self.mode == "unified":
+            self.health_services = tuple(s for s in self.health_services if s != "decode_worker")
+        return self
 
     @property
     def model_id(self) -> str:

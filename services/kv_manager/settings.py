@@ -15,13 +15,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from duetserve.common.settings import CommonSettings, Mode
+from duetserve.common.settings import ServingSettings
 
 
-class KVManagerSettings(CommonSettings):
+class KVManagerSettings(ServingSettings):
     unit: str = "unit0"
     model: Path  # DUET_MODEL: the checkpoint directory (config.json, safetensors)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # of the weights and the pool
     block_size: int = Field(16, gt=0)  # tokens per KV block
     kv_cache_mb: float = Field(256.0, gt=0)  # the KV pool's size budget, in MiB
     num_blocks: int | None = Field(None, gt=0)  # overrides kv_cache_mb
@@ -29,7 +28,6 @@ class KVManagerSettings(CommonSettings):
     storage: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA IPC if usable, else /dev/shm
     cuda_device: int = Field(0, ge=0)
     region: str | None = None  # the /dev/shm name on the CPU; see region_name
-    mode: Mode = "semi-pd"  # disagg: a second pool and weight copy for the decode worker
     decode_pool_share: float = Field(0.5, gt=0, lt=1)  # disagg: the decode pool's blocks
     # Where replacement workers it starts log (<var_dir>/logs, as the launcher's services do);
     # unset: to kv_manager's own output.

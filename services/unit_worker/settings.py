@@ -4,17 +4,17 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from duetserve.common.settings import CommonSettings, Mode
+from duetserve.common.settings import ServingSettings
 from duetserve.runtime.compute_share import BackendPreference
 
 
-class UnitWorkerSettings(CommonSettings):
+class UnitWorkerSettings(ServingSettings):
     unit: str = "unit0"
-    # semi-pd: a prefill and a decode worker side by side on their compute shares; unified:
-    # the prefill worker runs both phases in one forward pass per step (chunked prefill) on
-    # the whole device, and no decode worker is started; disagg: as semi-pd, but the decode
-    # worker maps its own pool and weights and copies each admitted request's KV into it.
-    mode: Mode = "semi-pd"
+    # `mode` (ServingSettings): semi-pd: a prefill and a decode worker side by side on their
+    # compute shares; unified: the prefill worker runs both phases in one forward pass per
+    # step (chunked prefill) on the whole device, and no decode worker is started; disagg: as
+    # semi-pd, but the decode worker maps its own pool and weights and copies each admitted
+    # request's KV into it.
     sampler_seed: int = 0  # randomness of unseeded requests
     # Decoding (the decode worker; the prefill worker in unified mode)
     max_resident: int = Field(256, gt=0)  # requests decoding at once

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from duetserve.common.nats_server import free_port
+from duetserve.runtime.gguf_convert import SMOLLM2
 from tests.conftest import ModelDirs
 from tests.model_specs import TINY
 
@@ -25,6 +26,7 @@ class Stack:
     model_dir: Path
     process: subprocess.Popen[str]
     var_dir: Path
+    startup: str = ""  # what the launcher printed until it served
 
     def service_pids(self) -> dict[str, int]:
         """pid of each service process, by service name (the launcher's children)."""
@@ -43,17 +45,24 @@ class Stack:
         return pids
 
 
-def start_stack(model_dir: Path, var_dir: Path, **env: str) -> Stack:
+def start_stack(
+    model_dir: Path | None, var_dir: Path, unset: tuple[str, ...] = (), **env: str
+) -> Stack:
+    """The launcher serving `model_dir` (None: its default model) with `env` added to this
+    environment and the variables in `unset` taken out of it."""
     port = free_port()
-    environment = dict(
-        os.environ,
-        DUET_MODEL=str(model_dir),
-        DUET_PORT=str(port),
-        DUET_NATS_PORT="0",
-        DUET_VAR_DIR=str(var_dir),
-        DUET_KV_CACHE_MB="64",
+    environment = {
+        **os.environ,
+        "DUET_PORT": str(port),
+        "DUET_NATS_PORT": "0",
+        "DUET_VAR_DIR": str(var_dir),
+        "DUET_KV_CACHE_MB": "64",
         **env,
-    )
+    }
+    if model_dir is not None:
+        environment["DUET_MODEL"] = str(model_dir)
+    for name in unset:
+        environment.pop(name, None)
     process = subprocess.Popen(
         [sys.executable, "-m", "duetserve.services.launcher"],
         env=environment,
@@ -61,13 +70,17 @@ def start_stack(model_dir: Path, var_dir: Path, **env: str) -> Stack:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    nats_url, deadline = "", time.monotonic() + 120
+    nats_url, deadline, printed = "", time.monotonic() + 120, []
     assert process.stdout is not None
     for line in process.stdout:
+        printed.append(line)
         if line.startswith("NATS on "):
             nats_url = line.split()[-1]
         if line.startswith("Duet is serving"):
-            return Stack(f"http://127.0.0.1:{port}/v1", nats_url, model_dir, process, var_dir)
+            default = Path(environment.get("DUET_MODELS_DIR", "models")) / SMOLLM2.model_name
+            served = model_dir or default
+            startup = "".join(printed)
+            return Stack(f"http://127.0.0.1:{port}/v1", nats_url, served, process, var_dir, startup)
         if time.monotonic() > deadline:
             break
     process.kill()

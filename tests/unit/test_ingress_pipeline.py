@@ -164,6 +164,10 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setenv("DUET_HEALTH_SERVICES", "bad.name")
     with pytest.raises(ValueError):
         IngressSettings()
+    monkeypatch.delenv("DUET_HEALTH_SERVICES")
+    monkeypatch.setenv("DUET_MODE", "unified")  # one worker: /health needs no decode worker
+    assert "decode_worker" not in IngressSettings().health_services
+    assert "prefill_worker" in IngressSettings().health_services
 
 
 def test_health_body_is_503_unless_every_service_is_ready() -> None:
