@@ -130,7 +130,8 @@ def alone_outputs(
     model = load_model(model_dir)
     texts = []
     for seed, prompt in enumerate(prompts):
-        engine = OfflineEngine(model, KVPool.allocate(model.config, 64, 16), frozenset())
+        blocks = max(64, -(-(len(tokenizer.encode(prompt)) + max_tokens) // 16))
+        engine = OfflineEngine(model, KVPool.allocate(model.config, blocks, 16), frozenset())
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=True
         )
