@@ -20,6 +20,7 @@ import sys
 import sysconfig
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, TracebackType
 
@@ -65,6 +66,7 @@ class NatsServer:
         start_timeout_s: float = 10.0,
         stop_grace_s: float = 5.0,
         binary: Path | None = None,
+        preexec: Callable[[], None] | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.port = port or free_port()
@@ -74,6 +76,7 @@ class NatsServer:
         self.stop_grace_s = stop_grace_s
         self.binary = binary or find_binary()
         self.log_path = self.store_dir / f"nats-server-{self.port}.log"
+        self.preexec = preexec  # e.g. processes.die_with_parent(): run in the child before exec
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -107,6 +110,7 @@ class NatsServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=self.preexec,
             )
         try:
             self._wait_ready()

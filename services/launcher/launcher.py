@@ -1,5 +1,11 @@
 """Start nats-server and the six services as processes, each only when the previous is ready;
-stop them in reverse order on Ctrl-C or SIGTERM (each given its drain, then killed)."""
+stop them on Ctrl-C or SIGTERM in three waves within one deadline (ingress, so nothing new is
+accepted; then the scheduler, workers and cache index together; then kv_manager, which owns
+the memory), killing what is left when the deadline passes.
+
+No child outlives the launcher, whatever stops it: each is spawned with a parent-death signal
+(SIGTERM, so services still drain). A port already taken is a start-up error that names its
+holder; the launcher joins a NATS bus it did not start only when DUET_NATS_URL says so."""
 
 import asyncio
 import logging
@@ -13,13 +19,15 @@ from pathlib import Path
 from duetserve.common.health import query_health
 from duetserve.common.nats_bus import Bus
 from duetserve.common.nats_server import NatsServer
+from duetserve.common.processes import die_with_parent, port_holder, port_is_free
 from duetserve.proto.common import HealthReply, HealthStatus
 from duetserve.services.launcher.settings import LauncherSettings
 
 logger = logging.getLogger(__name__)
 # Start order: storage first, then what needs it; ingress last so nothing is accepted early.
 SERVICES = ("kv_manager", "cache_index", "scheduler", "prefill_worker", "decode_worker", "ingress")
-STOP_GRACE_S = 15.0
+# Stop waves, in order; what a wave leaves running when the deadline passes is killed.
+STOP_WAVES = (("ingress",), ("scheduler", "prefill_worker", "decode_worker", "cache_index"))
 
 
 def services_for(mode: str) -> tuple[str, ...]:
@@ -68,15 +76,37 @@ class Launcher:
 
     async def start(self) -> None:
         var = self.settings.var_dir
-        self.nats = NatsServer(var / "nats", port=self.settings.nats_port).start()
-        bus = await Bus.connect(self.nats.url, "launcher")
+        nats_url = self._start_nats(var)
+        bus = await Bus.connect(nats_url, "launcher")
         try:
-            env = self.environment(self.nats.url)
+            env = self.environment(nats_url)
             for service in services_for(self.settings.mode):
                 self._spawn(service, env, var / "logs")
                 await self._wait_ready(bus, service)
         finally:
             await bus.close()
+
+    def _start_nats(self, var: Path) -> str:
+        """The bus URL: DUET_NATS_URL's when it is set (a bus someone else runs), else that of
+        an embedded nats-server started here, on a port that must be free."""
+        self._check_port(self.settings.port, "the API, DUET_PORT")
+        if "nats_url" in self.settings.model_fields_set:
+            logger.info("joining the NATS bus at %s (DUET_NATS_URL)", self.settings.nats_url)
+            return self.settings.nats_url
+        if self.settings.nats_port:
+            self._check_port(self.settings.nats_port, "NATS, DUET_NATS_PORT")
+        self.nats = NatsServer(
+            var / "nats", port=self.settings.nats_port, preexec=die_with_parent()
+        )
+        return self.nats.start().url
+
+    @staticmethod
+    def _check_port(port: int, what: str) -> None:
+        if port and not port_is_free(port):
+            holder = port_holder(port) or "another process"
+            raise RuntimeError(
+                f"port {port} ({what}) is taken by {holder}; stop it, or choose another port"
+            )
 
     def _spawn(self, service: str, env: dict[str, str], logs: Path) -> None:
         env = {**env, **compute_threads(service, env, self.settings.mode)}
@@ -89,7 +119,12 @@ class Launcher:
         # Own process group: the terminal's Ctrl-C reaches only the launcher, which then stops
         # the services in order instead of all at once.
         self.processes[service] = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         logger.info("started %s (pid %d), log %s", service, self.processes[service].pid, log.name)
 
@@ -108,17 +143,29 @@ class Launcher:
         raise RuntimeError(f"{service} not ready within {self.settings.ready_timeout_s:g}s")
 
     def stop(self) -> None:
-        """Reverse order; each service drains on SIGTERM, and is killed after the grace."""
-        for service in reversed(list(self.processes)):
-            process = self.processes.pop(service)
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(STOP_GRACE_S)
-                except subprocess.TimeoutExpired:
-                    logger.warning("%s did not stop in %gs; killing it", service, STOP_GRACE_S)
-                    process.kill()
-                    process.wait()
+        """Stop every service within `stop_timeout_s` in all (see the module doc), then NATS.
+        Safe twice."""
+        deadline = time.monotonic() + self.settings.stop_timeout_s
+        last = tuple(s for s in self.processes if not any(s in wave for wave in STOP_WAVES))
+        for number, wave in enumerate((*STOP_WAVES, last)):
+            # Each wave may wait until its share of the time left is spent; the last, until
+            # the deadline.
+            share = (number + 1) / (len(STOP_WAVES) + 1)
+            wave_deadline = deadline - (1 - share) * self.settings.stop_timeout_s
+            self._stop_wave([s for s in wave if s in self.processes], wave_deadline)
         if self.nats is not None:
             self.nats.stop()
             self.nats = None
+
+    def _stop_wave(self, services: list[str], deadline: float) -> None:
+        running = {s: self.processes.pop(s) for s in services}
+        for process in running.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for service, process in running.items():
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in time; killing it", service)
+                process.kill()
+                process.wait()

@@ -1,0 +1,104 @@
+"""Child processes that never outlive their parent, and who holds a TCP port.
+
+`die_with_parent()` is a `preexec_fn` for `subprocess.Popen`: in the child, between fork and
+exec, it asks Linux for SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG), whatever kills
+the parent (SIGKILL, the OOM killer, a supervisor's grace running out), and exits at once if
+the parent is already gone. The signal is SIGTERM so a service still drains as on a normal
+stop. Linux sends it when the *thread* that forked the child exits: spawn from a thread that
+lives as long as the process (the launcher spawns from its main thread).
+
+`port_holder(port)` names the process listening on a local TCP port, read from /proc, for an
+error that says more than "address in use".
+"""
+
+import ctypes
+import os
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def _prctl() -> Callable[..., int] | None:
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+        return prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _prctl()  # looked up in the parent: the child only calls it
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A preexec_fn: the child gets `sig` when the process that spawned it dies."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if _PRCTL is not None:
+            _PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a listening socket could bind host:port now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def port_holder(port: int, proc_root: Path = Path("/proc")) -> str | None:
+    """`pid N (command line)` of a process listening on TCP `port`, when /proc says so."""
+    inodes = _listening_inodes(port, proc_root)
+    if not inodes:
+        return None
+    for fd_dir in proc_root.glob("[0-9]*/fd"):
+        if any(f"socket:[{inode}]" in _links(fd_dir) for inode in inodes):
+            pid = fd_dir.parent.name
+            return f"pid {pid} ({_command_line(fd_dir.parent)})"
+    return None
+
+
+def _links(fd_dir: Path) -> set[str]:
+    """What a process's open file descriptors point at (those that can be read)."""
+    links: set[str] = set()
+    try:
+        fds = list(fd_dir.iterdir())
+    except OSError:  # gone, or not ours to read
+        return links
+    for fd in fds:
+        try:
+            links.add(os.readlink(fd))
+        except OSError:  # closed meanwhile
+            continue
+    return links
+
+
+def _listening_inodes(port: int, proc_root: Path) -> set[str]:
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            rows = (proc_root / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(inode)
+    return inodes
+
+
+def _command_line(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return "?"
