@@ -12,8 +12,10 @@ STOP_STRING) and returns the last piece with finish_reason "stop".
 """
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client import Gauge
@@ -38,7 +40,15 @@ _CLIENT_ERROR_CODES = frozenset({"context_length_exceeded", "prompt_too_long"})
 
 
 class GenerationFailed(Exception):
-    """The scheduler or a worker reported an ERROR chunk; the message says why."""
+    """The scheduler or a worker reported an ERROR chunk (or ingress ended the generation);
+    the message says why, and `code` is OpenAI's error code where there is one."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+SHUTTING_DOWN = "shutting_down"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +93,7 @@ class Generation:
         self._arrival = arrival
         self._first_token_at: float | None = None
         self._submitted = False
+        self._failure_code: str | None = None  # why ingress itself ended it, if it did
 
     @property
     def usage(self) -> Usage:
@@ -129,8 +140,10 @@ class Generation:
         chunk = await self._stream.next()
         self._note_first(chunk)
         if chunk.finish_reason == FinishReason.ERROR:
-            self.finished = True
-            raise GenerationFailed(chunk.error or "generation failed")
+            # Ended by ingress itself (shut_down): still running at the scheduler, so close()
+            # must cancel it; ended by the scheduler or a worker: nothing left to cancel.
+            self.finished = self._failure_code is None
+            raise GenerationFailed(chunk.error or "generation failed", self._failure_code)
         piece = self._output.add(chunk)
         if piece.finish_reason is not None:
             self.finished = True
@@ -154,6 +167,12 @@ class Generation:
             completion_tokens=self._output.num_tokens,
         )
         self._context.metrics.observe_generation(timing)
+
+    def shut_down(self) -> None:
+        """End the generation now with a `shutting_down` error (the drain's deadline came);
+        `close()` then cancels it at the scheduler, as for a client that went away."""
+        self._failure_code = SHUTTING_DOWN
+        self._stream.interrupt("The server is shutting down; the request did not finish.")
 
     async def close(self) -> None:
         """Cancel a submitted request that did not finish, then unsubscribe. Safe twice."""
@@ -195,6 +214,7 @@ class Admission:
         self.accepting = True
         self._gauge = gauge
         self._in_flight = 0
+        self._generations: set[Generation] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -207,9 +227,7 @@ class Admission:
     def __enter__(self) -> None:
         """Count one request until the block ends; a 503 once draining has begun."""
         if not self.accepting:
-            raise ApiError(
-                503, "The server is shutting down.", "server_error", code="shutting_down"
-            )
+            raise ApiError(503, "The server is shutting down.", "server_error", code=SHUTTING_DOWN)
         self._in_flight += 1
         self._gauge.inc()
         self._idle.clear()
@@ -222,6 +240,21 @@ class Admission:
 
     def stop_accepting(self) -> None:
         self.accepting = False
+
+    @contextlib.contextmanager
+    def running(self, generation: "Generation") -> Iterator[None]:
+        """While the block runs, `shut_down_all` reaches `generation`."""
+        self._generations.add(generation)
+        try:
+            yield
+        finally:
+            self._generations.discard(generation)
+
+    def shut_down_all(self) -> int:
+        """End every running generation with `shutting_down`; how many there were."""
+        for generation in self._generations:
+            generation.shut_down()
+        return len(self._generations)
 
     async def wait_idle(self) -> None:
         await self._idle.wait()

@@ -29,6 +29,7 @@ from duetserve.services.ingress.api_models import ChatCompletionRequest, Complet
 from duetserve.services.ingress.errors import ApiError, not_found_model
 from duetserve.services.ingress.formats import ChatFormat, CompletionFormat, ResponseFormat
 from duetserve.services.ingress.generation import (
+    SHUTTING_DOWN,
     Admission,
     Arrival,
     Generation,
@@ -165,10 +166,11 @@ class Handlers:
         generation = Generation(self._context, request_id, tenant, prompt, arrival)
         head = responses.ResponseHead(request_id, self.model_id, int(time.time()))
         try:
-            await generation.start()
-            if req.stream:
-                return await self._stream(request, generation, head, fmt, req.include_usage)
-            return await self._collect(generation, head, fmt)
+            with self._admission.running(generation):
+                await generation.start()
+                if req.stream:
+                    return await self._stream(request, generation, head, fmt, req.include_usage)
+                return await self._collect(generation, head, fmt)
         finally:
             # Shielded: a client that went away cancelled this handler, and the cancel must
             # still reach the scheduler.
@@ -244,6 +246,8 @@ class Handlers:
 
 
 def generation_error(err: GenerationFailed) -> ApiError:
+    if err.code == SHUTTING_DOWN:
+        return ApiError(503, str(err), "server_error", code=SHUTTING_DOWN)
     return ApiError(500, str(err), "server_error")
 
 

@@ -9,6 +9,7 @@ stop:  close the HTTP server (what is still running is cancelled, which cancels 
 Imports no torch: ingress never runs a model.
 """
 
+import asyncio
 import logging
 
 from aiohttp import web
@@ -31,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 # Part of the stop timeout that aiohttp gives running handlers before it cancels them.
 _HTTP_SHUTDOWN_SHARE = 0.5
+# The share of drain_timeout_s that running requests get to finish before they are ended.
+_DRAIN_PATIENCE_SHARE = 0.8
 
 
 class IngressService:
@@ -105,10 +108,19 @@ class IngressService:
         return self.status == HealthStatus.READY
 
     async def drain(self) -> None:
+        """Refuse new requests; let running ones finish until most of the drain time is
+        spent, then end the rest with a `shutting_down` error (never a hang, never a cut
+        connection) and wait for their answers to be written."""
         self.status = HealthStatus.DRAINING
         self.admission.stop_accepting()
         logger.info("draining", extra={"in_flight": self.admission.in_flight})
-        await self.admission.wait_idle()
+        patience = self.settings.drain_timeout_s * _DRAIN_PATIENCE_SHARE
+        try:
+            await asyncio.wait_for(self.admission.wait_idle(), patience)
+        except TimeoutError:
+            ended = self.admission.shut_down_all()
+            logger.warning("drain deadline: %d request(s) ended as shutting_down", ended)
+            await self.admission.wait_idle()
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None

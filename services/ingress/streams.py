@@ -78,6 +78,11 @@ class TokenStream:
             self._ready = self._orderer.push(await self._arrived.get())
         return self._ready.pop(0)
 
+    def interrupt(self, error: str) -> None:
+        """End the stream here, without the bus: the next chunk is an ERROR saying `error`."""
+        ending = TokenChunk(self.request_id, 0, (), finish_reason=FinishReason.ERROR, error=error)
+        self._arrived.put_nowait(ending)
+
     async def _on_message(self, msg: Msg) -> None:
         try:
             chunk = codec.decode(msg.data, TokenChunk)

@@ -26,8 +26,15 @@ from duetserve.services.launcher.settings import LauncherSettings
 logger = logging.getLogger(__name__)
 # Start order: storage first, then what needs it; ingress last so nothing is accepted early.
 SERVICES = ("kv_manager", "cache_index", "scheduler", "prefill_worker", "decode_worker", "ingress")
-# Stop waves, in order; what a wave leaves running when the deadline passes is killed.
-STOP_WAVES = (("ingress",), ("scheduler", "prefill_worker", "decode_worker", "cache_index"))
+# Stop waves, in order, each with the share of the stop timeout it may use (kv_manager, last,
+# gets what is left); what a wave leaves running when its time is up is killed.
+STOP_WAVES = (
+    (("ingress",), 0.5),
+    (("scheduler", "prefill_worker", "decode_worker", "cache_index"), 0.3),
+)
+# Of its wave's time, what ingress may spend waiting for running requests before it ends them
+# with a `shutting_down` error (its DUET_DRAIN_TIMEOUT_S, unless that is set).
+INGRESS_DRAIN_SHARE = 0.8
 
 
 def services_for(mode: str) -> tuple[str, ...]:
@@ -113,6 +120,10 @@ class Launcher:
         if service == "ingress" and "DUET_HEALTH_SERVICES" not in env:
             required = [s for s in services_for(self.settings.mode) if s != "ingress"]
             env["DUET_HEALTH_SERVICES"] = ",".join(required)
+        if service == "ingress" and "DUET_DRAIN_TIMEOUT_S" not in env:
+            (_, share), *_ = STOP_WAVES
+            drain = self.settings.stop_timeout_s * share * INGRESS_DRAIN_SHARE
+            env["DUET_DRAIN_TIMEOUT_S"] = f"{drain:g}"
         logs.mkdir(parents=True, exist_ok=True)
         log = (logs / f"{service}.log").open("ab")
         command = [sys.executable, "-m", f"duetserve.services.{service}"]
@@ -145,14 +156,13 @@ class Launcher:
     def stop(self) -> None:
         """Stop every service within `stop_timeout_s` in all (see the module doc), then NATS.
         Safe twice."""
-        deadline = time.monotonic() + self.settings.stop_timeout_s
-        last = tuple(s for s in self.processes if not any(s in wave for wave in STOP_WAVES))
-        for number, wave in enumerate((*STOP_WAVES, last)):
-            # Each wave may wait until its share of the time left is spent; the last, until
-            # the deadline.
-            share = (number + 1) / (len(STOP_WAVES) + 1)
-            wave_deadline = deadline - (1 - share) * self.settings.stop_timeout_s
-            self._stop_wave([s for s in wave if s in self.processes], wave_deadline)
+        started, total = time.monotonic(), self.settings.stop_timeout_s
+        waves = [*STOP_WAVES, (tuple(self.processes), 1.0)]  # the rest, until the deadline
+        spent = 0.0
+        for services, share in waves:
+            spent = min(1.0, spent + share)
+            running = [s for s in services if s in self.processes]
+            self._stop_wave(running, started + spent * total)
         if self.nats is not None:
             self.nats.stop()
             self.nats = None

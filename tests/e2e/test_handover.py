@@ -6,7 +6,6 @@ changes its output, and every block comes back."""
 import asyncio
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -24,6 +23,7 @@ from tests.e2e.conftest import (
 )
 from tests.e2e.kv_probe import allocated_blocks, kv_stats
 from tests.model_specs import TINY
+from tests.processes import alive
 
 PROMPTS = [f"Voyage {i}: the ship left the harbour at dawn" for i in range(4)]
 # Long enough that a round decodes for several seconds (a replacement starts in about one).
@@ -37,15 +37,6 @@ def handover_stack(
     stack = start_stack(model_dirs.get(TINY), tmp_path_factory.mktemp("var"))
     yield stack
     assert_stops_cleanly(stack)  # kv_manager stops the replacement it started
-
-
-def _alive(pid: int) -> bool:
-    """Running (an exited child its parent has not reaped yet is a zombie: not alive)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 async def _decode_instance(bus: Bus) -> str:
@@ -78,7 +69,7 @@ async def _replace_under_load(stack: Stack, old_pid: int) -> tuple[list[str], in
 
         async def stream() -> None:
             deadline = time.monotonic() + 120
-            while _alive(old_pid) and time.monotonic() < deadline:
+            while alive(old_pid) and time.monotonic() < deadline:
                 results = await seeded_completions(stack, PROMPTS, MAX_TOKENS, 0.8)
                 outputs.extend(r.choices[0].text for r in results)
 
@@ -90,7 +81,7 @@ async def _replace_under_load(stack: Stack, old_pid: int) -> tuple[list[str], in
         started = await request_replacement(bus, "unit0", "decode", old, {}, "e2e test")
         assert not hasattr(started, "code"), started
         await asyncio.gather(first, second)
-        assert not _alive(old_pid), "the old decode worker never handed over"
+        assert not alive(old_pid), "the old decode worker never handed over"
         assert await _decode_instance(bus) != old  # the replacement answers for decode now
         return outputs, started.pid  # type: ignore[union-attr]
     finally:
@@ -105,7 +96,7 @@ def test_the_decode_worker_is_replaced_under_load_without_a_pause(handover_stack
     assert outputs and len(outputs) % len(PROMPTS) == 0
     rounds = [outputs[i : i + len(PROMPTS)] for i in range(0, len(outputs), len(PROMPTS))]
     assert all(r == alone for r in rounds)  # none failed, restarted or changed
-    assert _alive(new_pid)
+    assert alive(new_pid)
     log = (stack.var_dir / "logs" / "decode_worker.log").read_text()
     handed = [line for line in log.splitlines() if "handed over to" in line]
     assert len(handed) == 1 and '"exit_code": 0' in log, handed

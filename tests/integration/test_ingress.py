@@ -4,6 +4,7 @@ accepts each request and plays back a script of TokenChunks for it)."""
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -443,6 +444,44 @@ async def test_drain_refuses_new_requests_and_waits_for_running_ones(
     assert not drain.done()
     assert (await running).choices[0].text == TEXT
     await asyncio.wait_for(drain, 3.0)
+
+
+async def test_requests_still_running_at_the_drain_deadline_end_as_shutting_down(
+    start_ingress: StartIngress, scheduler: ScriptedScheduler
+) -> None:
+    ingress = await start_ingress(drain_timeout_s=1.0)
+    scheduler.script = replace(scheduler.script, finish=None)  # tokens, then never an end
+    base = f"http://127.0.0.1:{ingress.port}/v1"
+    client = openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0, timeout=10)
+    model = model_id(ingress)
+    whole = asyncio.create_task(client.completions.create(model=model, prompt="Hi"))
+
+    async def streamed() -> list[str]:
+        events = []
+        async with aiohttp.ClientSession() as http:
+            body = {"model": model, "prompt": "Hi", "stream": True}
+            async with http.post(f"{base}/completions", json=body) as response:
+                async for line in response.content:
+                    events.append(line.decode().strip())
+        return [e for e in events if e]
+
+    stream = asyncio.create_task(streamed())
+    await _until(lambda: ingress.admission.in_flight == 2)
+    started = time.monotonic()
+    await asyncio.wait_for(ingress.drain(), 3.0)  # returns: nothing waits for ever
+    assert 0.7 < time.monotonic() - started < 2.0  # patience (0.8 of the drain time), then ended
+    with pytest.raises(openai.InternalServerError) as info:
+        await whole
+    assert info.value.status_code == 503
+    assert isinstance(info.value.body, dict) and info.value.body["code"] == "shutting_down"
+    events = await stream
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "shutting_down" and "shutting down" in error["message"]
+    assert any('"text"' in e for e in events[:-2])  # it had streamed tokens before the end
+    cancelled = {(await scheduler.cancels.get()).request_id for _ in range(2)}
+    assert cancelled == {s.request_id for s in scheduler.submits[-2:]}  # freed at the scheduler
+    await client.close()
 
 
 async def test_one_request_is_one_trace_from_http_to_the_scheduler(

@@ -5,10 +5,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 from duetserve.common.processes import port_holder, port_is_free
+from tests.processes import alive, wait_gone
 
 
 def test_a_listening_port_is_taken_and_its_holder_named() -> None:
@@ -33,24 +32,13 @@ time.sleep(60)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
 def test_a_child_spawned_with_die_with_parent_dies_when_its_parent_is_killed() -> None:
     parent = subprocess.Popen(
         [sys.executable, "-c", GRANDPARENT], stdout=subprocess.PIPE, text=True
     )
     assert parent.stdout is not None
     child = int(parent.stdout.readline())
-    assert _alive(child)
+    assert alive(child)
     parent.send_signal(signal.SIGKILL)
     parent.wait()
-    deadline = time.monotonic() + 10
-    while _alive(child) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(child), "the child outlived its killed parent"
+    assert not wait_gone([child], timeout_s=10), "the child outlived its killed parent"
