@@ -110,7 +110,7 @@ def test_the_launcher_passes_the_resolved_configuration_to_every_service(
 
 def test_the_committed_table_names_the_configuration_docs_report_for_this_cpu() -> None:
     table = measured_table()
-    assert {r.device for r in table} == {"cpu"} and len(table) >= 2
+    assert len([r for r in table if r.device == "cpu"]) >= 2
     picked = choose("auto", "auto", "cpu")
     docs = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
     assert f"`auto` on cpu picks {picked.mode}, {picked.dtype}" in docs
