@@ -112,17 +112,23 @@ class Generation:
             public_prefix_tokens=self.prompt.public_prefix_tokens,
         )
         timeout = self._context.submit_timeout_s
+        # From here the request may reach the scheduler: close() cancels it unless it finished
+        # (a client gone during the submit, a reply that timed out but arrived after all).
+        self._submitted = True
         try:
             reply = await self._context.bus.request(
                 subjects.SCHED_SUBMIT, codec.encode(submit), timeout=timeout
             )
         except BusNoResponders:
+            self._submitted = False
             raise scheduler_unavailable("no scheduler is running") from None
         except BusTimeout:
-            self._submitted = True  # it may have arrived after all: close() cancels it
             raise scheduler_unavailable(f"no answer within {timeout:g}s") from None
-        self._check_accepted(reply.data)
-        self._submitted = True
+        try:
+            self._check_accepted(reply.data)
+        except ApiError:
+            self._submitted = False  # refused: nothing runs there
+            raise
 
     def _check_accepted(self, data: bytes) -> None:
         try:

@@ -2,6 +2,7 @@
 
 import logging
 import time
+from collections import OrderedDict
 
 from nats.aio.msg import Msg
 
@@ -24,11 +25,18 @@ from duetserve.services.scheduler.state import Phase
 logger = logging.getLogger(__name__)
 
 
+# Cancels of requests the scheduler does not know, kept this long: a cancel can overtake its
+# submit (they arrive on two subscriptions, in no set order), and the submit is then refused.
+EARLY_CANCEL_TTL_S = 60.0
+EARLY_CANCELS_KEPT = 4096
+
+
 class SchedulerHandlers:
     def __init__(self, bus: Bus, core: SchedulerCore, unit: str) -> None:
         self.bus, self.core, self.unit = bus, core, unit
         self.accepting = True
         self.preemptions = 0
+        self._early_cancels: OrderedDict[str, float] = OrderedDict()  # request id -> when
 
     async def on_submit(self, msg: Msg) -> None:
         try:
@@ -38,6 +46,10 @@ class SchedulerHandlers:
             return
         if not self.accepting:
             await self.bus.reply(msg, encode(ErrorReply("draining", "the scheduler is draining")))
+            return
+        if self._cancelled_early(submit.request_id):
+            error = ErrorReply("cancelled", f"request {submit.request_id} was cancelled already")
+            await self.bus.reply(msg, encode(error))
             return
         if submit.request_id in self.core.records:
             error = ErrorReply("duplicate_request", f"request {submit.request_id} already exists")
@@ -58,8 +70,9 @@ class SchedulerHandlers:
             logger.warning("dropped a malformed cancel: %s", err)
             return
         record = self.core.records.get(cancel.request_id)
-        if record is None:
-            return  # already finished
+        if record is None:  # already finished, or its submit is still on its way
+            self._remember_early_cancel(cancel.request_id)
+            return
         record.cancelled = cancel.reason.value
         phase = record.seq.phase
         if phase == Phase.WAITING:
@@ -68,6 +81,20 @@ class SchedulerHandlers:
             await self.core.cancel_decoding(record)
         else:  # PREFILLING: it ends once no chunk of it is in flight (SchedulerCore._step)
             self.core.wake.set()
+
+    def _remember_early_cancel(self, request_id: str) -> None:
+        now = time.monotonic()
+        self._early_cancels[request_id] = now
+        self._early_cancels.move_to_end(request_id)
+        while self._early_cancels and (
+            len(self._early_cancels) > EARLY_CANCELS_KEPT
+            or next(iter(self._early_cancels.values())) < now - EARLY_CANCEL_TTL_S
+        ):
+            self._early_cancels.popitem(last=False)
+
+    def _cancelled_early(self, request_id: str) -> bool:
+        when = self._early_cancels.pop(request_id, None)
+        return when is not None and when >= time.monotonic() - EARLY_CANCEL_TTL_S
 
     async def on_stats(self, msg: Msg) -> None:
         try:

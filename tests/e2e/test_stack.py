@@ -202,3 +202,36 @@ def test_both_workers_map_the_same_pool_and_weights(stack: Stack) -> None:
     pids = stack.service_pids()
     segments = [shm_segments(pids[n]) for n in ("kv_manager", "prefill_worker", "decode_worker")]
     assert segments[0] and segments[0] == segments[1] == segments[2]
+
+
+def test_a_cancel_that_overtakes_its_submit_still_cancels_the_request(stack: Stack) -> None:
+    """Ingress publishes a cancel when its client goes away mid-submit; the scheduler may
+    handle it before the submit itself (two subscriptions, no order between them). The
+    request must not then run for nobody."""
+    from duetserve.common.nats_bus import Bus
+    from duetserve.proto import subjects
+    from duetserve.proto.codec import decode, encode
+    from duetserve.proto.common import ErrorReply
+    from duetserve.proto.scheduling import (
+        CancelReason,
+        CancelRequest,
+        Sampling,
+        SubmitAccepted,
+        SubmitRequest,
+    )
+
+    async def cancel_then_submit() -> SubmitAccepted | ErrorReply:
+        bus = await Bus.connect(stack.nats_url, "overtaking-cancel")
+        try:
+            cancel = CancelRequest("cmpl-overtaken", CancelReason.CLIENT_GONE)
+            await bus.publish(subjects.SCHED_CANCEL, encode(cancel))
+            await bus.flush()
+            await asyncio.sleep(0.2)  # the cancel is handled first
+            submit = SubmitRequest("cmpl-overtaken", "default", (5, 6, 7), Sampling(8), 0.0)
+            reply = await bus.request(subjects.SCHED_SUBMIT, encode(submit), timeout=5)
+            return decode(reply.data, SubmitAccepted, ErrorReply)
+        finally:
+            await bus.close()
+
+    reply = asyncio.run(cancel_then_submit())
+    assert isinstance(reply, ErrorReply) and reply.code == "cancelled", reply

@@ -27,6 +27,7 @@ class Script:
     delay_s: float = 0.0
     logprobs: bool = False
     refuse: ErrorReply | None = None
+    accept_delay_s: float = 0.0  # before answering a submit
 
     def chunks(self, request_id: str) -> list[TokenChunk]:
         groups = [
@@ -77,6 +78,7 @@ class ScriptedScheduler:
         submit = codec.decode(msg.data, SubmitRequest)
         self.submits.append(submit)
         self.traceparents.append((msg.headers or {}).get("traceparent"))
+        await asyncio.sleep(self.script.accept_delay_s)
         if self.script.refuse is not None:
             await self.bus.reply(msg, codec.encode(self.script.refuse))
             return

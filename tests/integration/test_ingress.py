@@ -337,6 +337,20 @@ async def test_client_disconnect_mid_stream_cancels_the_request(
     assert 'duet_ingress_requests_total{endpoint="/v1/completions",status="499"} 2.0' in text
 
 
+async def test_a_client_gone_while_its_submit_is_in_flight_is_cancelled_too(
+    ingress: IngressService, http: aiohttp.ClientSession, scheduler: ScriptedScheduler
+) -> None:
+    scheduler.script = replace(scheduler.script, accept_delay_s=0.6, finish=None)
+    body = {"model": model_id(ingress), "prompt": "Hi"}
+    with pytest.raises(asyncio.TimeoutError):  # gone before the scheduler has answered
+        await http.post(
+            "/v1/completions", data=json.dumps(body), timeout=aiohttp.ClientTimeout(total=0.2)
+        )
+    cancel = await scheduler.next_cancel()
+    assert cancel == CancelRequest(scheduler.submits[-1].request_id, CancelReason.CLIENT_GONE)
+    await _until(lambda: ingress.admission.in_flight == 0)
+
+
 async def _until(condition: Callable[[], bool], timeout: float = 3.0) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
