@@ -106,5 +106,5 @@ class Decoding:
     async def stop(self) -> None:
         """Stop the loop and the heartbeat, give back every block still held."""
         await cancel_tasks(self._tasks)
-        await self.stepper.release_all()
+        await self.stepper.release_all("the decode worker stopped before the request finished")
         self.stepper.step_log.close()

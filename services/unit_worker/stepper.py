@@ -224,7 +224,7 @@ class DecodeStepper:
         try:
             output, outcome = await self.compute.run(mixed_step, self.host, prefill.batch, active)
         except RuntimeInputError as err:  # the prompts were checked: a decoding request's fault
-            await self._fail_all(active, err)
+            await self._fail_all(active, str(err))
             self._prefills.insert(0, prefill)  # computed alone at the next step
             return
         except BaseException as err:
@@ -240,16 +240,24 @@ class DecodeStepper:
             outcome = await self.compute.run(decode_step, self.host, active)
             forward_s = time.perf_counter() - forward_start
         except RuntimeInputError as err:  # a request the model refuses fails alone
-            await self._fail_all(active, err)
+            await self._fail_all(active, str(err))
             return
         await self._after_step(active, outcome)
         self.step_log.record(len(active), context, forward_s, time.perf_counter() - started)
 
-    async def _fail_all(self, active: list[Resident], err: RuntimeInputError) -> None:
+    async def _fail_all(self, active: list[Resident], why: str) -> None:
+        """End each request with an error saying why (its client sees it) and tell the
+        scheduler it failed (so its record goes); give back its blocks."""
+        failed = []
         for resident in active:
             self.residents.pop(resident.request_id, None)
             await self._release(resident)
-            await self._end_stream(resident, FinishReason.ERROR, str(err))
+            await self._end_stream(resident, FinishReason.ERROR, why)
+            failed.append(
+                workers.WorkerEvent(workers.EventKind.FAILED, resident.request_id, reason=why)
+            )
+        if failed:
+            await self._events(tuple(failed))
 
     async def _after_step(self, active: list[Resident], outcome: StepOutcome) -> None:
         """Publish each resident's new token; release and report the finished ones."""
@@ -337,9 +345,13 @@ class DecodeStepper:
         if error is not None:
             logger.warning("releasing %s: %s", resident.owner, error)
 
-    async def release_all(self) -> None:
-        for resident in list(self.residents.values()):
-            await self._release(resident)
+    async def release_all(self, why: str) -> None:
+        """Stop holding anything: every request still here fails with `why` (never left
+        waiting), and its blocks come back. Errors on the way are logged, not raised."""
+        try:
+            await self._fail_all(list(self.residents.values()), why)
+        except Exception:  # the bus may be gone; kv_manager's lease sweep frees the rest
+            logger.exception("could not end %d request(s) at stop", len(self.residents))
         self.residents.clear()
 
     async def _events(self, events: tuple[workers.WorkerEvent, ...]) -> None:
