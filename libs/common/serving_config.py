@@ -5,8 +5,10 @@ goodput that each mode and dtype gave on the same workload, in one run
 (`python -m duetserve.loadtest.autotune`, which also writes the table in docs/benchmarks.md).
 `choose` picks from it deterministically: the row with the highest goodput among those that
 match what the settings fix (a mode or dtype set by hand is kept), ties broken by SLO
-attainment and then by the table's order. A device kind with no row keeps the design's default
-(semi-pd), in bfloat16 on a GPU and float32 on a CPU, until a measurement says otherwise.
+attainment and then by the table's order. A mode set by hand that was never measured gets the
+dtype that measured best on the device in any mode. A device kind with no row keeps the
+design's default (semi-pd), in bfloat16 on a GPU and float32 on a CPU, until a measurement
+says otherwise.
 
 Device kinds: `cpu`, or `cuda` when the NVIDIA kernel driver lists a GPU (read from /proc: no
 CUDA call, so any process, with or without torch, resolves `auto` the same way). Every process
@@ -87,14 +89,19 @@ def choose(
     """The concrete mode and dtype for settings that may say `auto` (see the module doc)."""
     if mode != AUTO and dtype != AUTO:
         return Choice(cast(Mode, mode), cast(Dtype, dtype), "set by DUET_MODE and DUET_DTYPE")
+    table_rows = measured_table() if table is None else table
     rows = [
         row
-        for row in (measured_table() if table is None else table)
+        for row in table_rows
         if row.device == device and mode in (AUTO, row.mode) and dtype in (AUTO, row.dtype)
     ]
     if not rows:
         picked_mode = FALLBACK_MODE if mode == AUTO else cast(Mode, mode)
-        picked_dtype = FALLBACK_DTYPE[device] if dtype == AUTO else cast(Dtype, dtype)
+        picked_dtype = cast(Dtype, dtype)
+        if dtype == AUTO:  # the dtype that measured best on this device in any mode, if any
+            device_rows = [r for r in table_rows if r.device == device]
+            best_any = max(device_rows, key=lambda r: (r.goodput, r.attainment), default=None)
+            picked_dtype = FALLBACK_DTYPE[device] if best_any is None else best_any.dtype
         return Choice(
             picked_mode,
             picked_dtype,

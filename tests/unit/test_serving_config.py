@@ -47,8 +47,8 @@ def test_what_is_set_by_hand_is_kept_and_the_rest_is_the_best_that_matches_it() 
     assert (choose("semi-pd", "auto", "cpu", TABLE).dtype) == "bfloat16"
     kept = choose("disagg", "float16", "cpu", TABLE)
     assert (kept.mode, kept.dtype) == ("disagg", "float16")
-    unmeasured = choose("disagg", "auto", "cpu", TABLE)  # no disagg row: the device's default
-    assert (unmeasured.mode, unmeasured.dtype) == ("disagg", "float32")
+    unmeasured = choose("disagg", "auto", "cpu", TABLE)  # no disagg row: the best dtype
+    assert (unmeasured.mode, unmeasured.dtype) == ("disagg", "bfloat16")
 
 
 def test_a_device_with_no_measurement_keeps_semi_pd() -> None:
