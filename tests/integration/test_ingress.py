@@ -493,7 +493,7 @@ async def test_requests_still_running_at_the_drain_deadline_end_as_shutting_down
     error = json.loads(events[-2].removeprefix("data: "))["error"]
     assert error["code"] == "shutting_down" and "shutting down" in error["message"]
     assert any('"text"' in e for e in events[:-2])  # it had streamed tokens before the end
-    cancelled = {(await scheduler.cancels.get()).request_id for _ in range(2)}
+    cancelled = {(await scheduler.next_cancel()).request_id for _ in range(2)}
     assert cancelled == {s.request_id for s in scheduler.submits[-2:]}  # freed at the scheduler
     await client.close()
 
