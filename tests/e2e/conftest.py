@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,3 +167,32 @@ async def seeded_completions(
         return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
     finally:
         await api.close()
+
+
+def during_long_requests(stack: Stack, count: int, fault: Callable[[], None]) -> list[Any]:
+    """`count` seeded requests of 1,800 tokens (EOS ignored), `fault()` once they are decoding
+    (2 s in), then every request's outcome: its completion or the exception that ended it.
+    Fails if any of them is still waiting a minute later."""
+    import openai
+
+    api = openai.AsyncOpenAI(base_url=stack.base_url, api_key="x", max_retries=0, timeout=120)
+
+    async def one(seed: int) -> Any:
+        return await api.completions.create(
+            model=stack.model_dir.name,
+            prompt=f"Voyage {seed}: the ship left the harbour",
+            max_tokens=1800,
+            seed=seed,
+            extra_body={"ignore_eos": True},
+        )
+
+    async def run() -> list[Any]:
+        requests = asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
+        await asyncio.sleep(2.0)
+        fault()
+        try:
+            return list(await asyncio.wait_for(requests, timeout=60))
+        finally:
+            await api.close()
+
+    return asyncio.run(run())

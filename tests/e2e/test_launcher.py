@@ -2,7 +2,6 @@
 a port already taken is a start-up error that names its holder, and nothing joins a bus it
 did not start."""
 
-import asyncio
 import os
 import signal
 import socket
@@ -16,7 +15,7 @@ import pytest
 
 from duetserve.common.nats_server import free_port
 from tests.conftest import ModelDirs
-from tests.e2e.conftest import start_stack
+from tests.e2e.conftest import during_long_requests, start_stack
 from tests.model_specs import TINY
 from tests.processes import wait_gone
 
@@ -46,28 +45,8 @@ def test_a_stop_under_load_is_bounded_and_every_request_ends(
     model_dirs: ModelDirs, tmp_path: Path
 ) -> None:
     stack = start_stack(model_dirs.get(TINY), tmp_path, DUET_STOP_TIMEOUT_S="6")
-    api = openai.AsyncOpenAI(base_url=stack.base_url, api_key="x", max_retries=0, timeout=120)
-
-    async def one(seed: int) -> object:
-        return await api.completions.create(
-            model=stack.model_dir.name,
-            prompt=f"Story {seed}: once upon a time",
-            max_tokens=1800,
-            seed=seed,
-            extra_body={"ignore_eos": True},
-        )
-
-    async def load_then_stop() -> list[object]:
-        requests = asyncio.gather(*(one(i) for i in range(4)), return_exceptions=True)
-        await asyncio.sleep(2.0)  # decoding now
-        stack.process.send_signal(signal.SIGTERM)
-        try:
-            return list(await asyncio.wait_for(requests, timeout=60))  # none hangs
-        finally:
-            await api.close()
-
     started = time.monotonic()
-    ended = asyncio.run(load_then_stop())
+    ended = during_long_requests(stack, 4, lambda: stack.process.send_signal(signal.SIGTERM))
     assert stack.process.wait(timeout=30) == 0
     assert time.monotonic() - started < 2.0 + 6 + 5  # the stop deadline, with slack
     assert len(ended) == 4

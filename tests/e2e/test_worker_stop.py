@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.conftest import ModelDirs
-from tests.e2e.conftest import Stack, start_stack, stop_stack
+from tests.e2e.conftest import Stack, during_long_requests, start_stack, stop_stack
 from tests.e2e.kv_probe import allocated_blocks
 from tests.model_specs import TINY
 from tests.processes import wait_gone
@@ -31,27 +31,8 @@ def short_drain_stack(
 def test_requests_on_a_stopped_decode_worker_fail_with_a_reason(short_drain_stack: Stack) -> None:
     stack = short_drain_stack
     decode_pid = stack.service_pids()["decode_worker"]
-    api = openai.AsyncOpenAI(base_url=stack.base_url, api_key="x", max_retries=0, timeout=60)
-
-    async def one(seed: int) -> object:
-        return await api.completions.create(
-            model=stack.model_dir.name,
-            prompt=f"Voyage {seed}: the ship left the harbour",
-            max_tokens=1800,
-            seed=seed,
-            extra_body={"ignore_eos": True},
-        )
-
-    async def stop_decode_under_load() -> list[object]:
-        requests = asyncio.gather(*(one(i) for i in range(3)), return_exceptions=True)
-        await asyncio.sleep(2.0)  # decoding now
-        os.kill(decode_pid, signal.SIGTERM)  # drains for 1 s, then stops with residents
-        try:
-            return list(await asyncio.wait_for(requests, timeout=60))  # never left waiting
-        finally:
-            await api.close()
-
-    ended = asyncio.run(stop_decode_under_load())
+    # SIGTERM: it drains for 1 s, then stops with its residents
+    ended = during_long_requests(stack, 3, lambda: os.kill(decode_pid, signal.SIGTERM))
     assert not wait_gone([decode_pid], timeout_s=30)
     for result in ended:
         assert isinstance(result, openai.InternalServerError), repr(result)
