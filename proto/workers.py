@@ -1,7 +1,7 @@
 """Scheduler <-> the workers of one unit: prefill batches, hand-off to decode, preemption.
 
 Ownership of a request's KV blocks follows the request: kv_manager owners are named
-"<holder>/<request id>". The scheduler allocates prompt blocks as "scheduler/<id>"; at hand-off
+"<holder>/<request id>". The scheduler allocates prompt blocks as "<its instance>/<id>"; at hand-off
 the decode worker retains them as "<its holder>/<id>" before it acknowledges, and the scheduler
 then releases its own references. (In disagg mode the decode worker instead allocates blocks in
 its own pool, copies the KV into them, and acknowledges with what the copy cost.) A holder that

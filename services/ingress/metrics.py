@@ -5,12 +5,16 @@ Latencies are measured as clients see them: TTFT from the request's arrival to i
 output token, TPOT as vLLM defines it, (E2E - TTFT) / (output tokens - 1).
 """
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from duetserve.proto.scheduling import SchedulerStats
+from duetserve.proto.supervision import SupervisorReport
 
 __all__ = ["CONTENT_TYPE_LATEST", "IngressMetrics", "RequestTiming"]
 
@@ -29,9 +33,31 @@ class RequestTiming:
     completion_tokens: int
 
 
+class RestartCounts(Collector):
+    """duet_service_restarts_total: restarts of each service by its supervisor, as the
+    launcher's last SupervisorReport counted them (absent when no launcher reports: under an
+    orchestrator, which counts restarts itself)."""
+
+    def __init__(self) -> None:
+        self.report: SupervisorReport | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "duet_service_restarts",
+            "Times the launcher restarted a service (or nats-server) after it crashed.",
+            labels=["service"],
+        )
+        if self.report is not None:
+            for service, count in sorted(self.report.restarts.items()):
+                family.add_metric([service], count)
+        yield family
+
+
 class IngressMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.restarts = RestartCounts()
+        self.registry.register(self.restarts)
         self.ttft = Histogram(
             "duet_ingress_ttft_seconds",
             "Time to first token, from arrival at ingress.",

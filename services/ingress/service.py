@@ -13,11 +13,14 @@ import asyncio
 import logging
 
 from aiohttp import web
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from duetserve.common.health import serve_health
 from duetserve.common.nats_bus import Bus
+from duetserve.proto import codec
 from duetserve.proto.common import HealthReply, HealthStatus
+from duetserve.proto.supervision import LAUNCHER_REPORT, SupervisorReport
 from duetserve.runtime.config import ModelConfig
 from duetserve.runtime.tokenizer import Tokenizer
 from duetserve.services.ingress.generation import Admission, GenerationContext
@@ -65,6 +68,7 @@ class IngressService:
         self._health_subscription = await serve_health(
             self._bus, SERVICE_NAME, self.instance, lambda: self.status
         )
+        await self._bus.subscribe(LAUNCHER_REPORT, self._on_launcher_report)
         limits = ModelLimits(
             context_len=config.max_context_len,
             vocab_size=min(config.vocab_size, tokenizer.vocab_size),
@@ -80,6 +84,12 @@ class IngressService:
             "serving",
             extra={"model": settings.model_id, "host": settings.host, "port": self.port},
         )
+
+    async def _on_launcher_report(self, msg: Msg) -> None:
+        try:
+            self.metrics.restarts.report = codec.decode(msg.data, SupervisorReport)
+        except codec.ProtoError as err:
+            logger.warning("dropped a malformed launcher report", extra={"error": str(err)})
 
     def _health_check(self) -> HealthCheck:
         def own() -> HealthReply:

@@ -30,11 +30,20 @@ async def serve(launcher: Launcher) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await launcher.start()
-    assert launcher.nats is not None
-    print(f"NATS on {launcher.nats.url}", flush=True)
-    print(f"Duet is serving on http://127.0.0.1:{launcher.settings.port}/v1", flush=True)
-    await stop.wait()
+    try:
+        await launcher.start()
+        nats_url = launcher.nats.url if launcher.nats is not None else launcher.settings.nats_url
+        print(f"NATS on {nats_url}", flush=True)
+        print(f"Duet is serving on http://127.0.0.1:{launcher.settings.port}/v1", flush=True)
+        supervising = asyncio.create_task(launcher.supervise(), name="supervise")
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({supervising, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (supervising, stopping):
+            task.cancel()
+        if supervising.done() and not supervising.cancelled() and supervising.exception():
+            raise RuntimeError(f"supervision failed: {supervising.exception()!r}")
+    finally:
+        await launcher.close()
 
 
 def main() -> int:

@@ -1,27 +1,35 @@
 """Start nats-server and the six services as processes, each only when the previous is ready;
-stop them on Ctrl-C or SIGTERM in three waves within one deadline (ingress, so nothing new is
-accepted; then the scheduler, workers and cache index together; then kv_manager, which owns
-the memory), killing what is left when the deadline passes.
+supervise them while they serve (a service that crashes is restarted with backoff, and
+kv_manager's crash restarts the unit with it: supervision.py); stop them on Ctrl-C or SIGTERM
+in three waves within one deadline (ingress, so nothing new is accepted; then the scheduler,
+workers and cache index together; then kv_manager, which owns the memory), killing what is left
+when the deadline passes.
 
 No child outlives the launcher, whatever stops it: each is spawned with a parent-death signal
 (SIGTERM, so services still drain). A port already taken is a start-up error that names its
 holder; the launcher joins a NATS bus it did not start only when DUET_NATS_URL says so."""
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from duetserve.common.health import query_health
 from duetserve.common.nats_bus import Bus
 from duetserve.common.nats_server import NatsServer
 from duetserve.common.processes import die_with_parent, port_holder, port_is_free
+from duetserve.common.settings import default_instance_name
+from duetserve.proto.codec import encode
 from duetserve.proto.common import HealthReply, HealthStatus
+from duetserve.proto.supervision import LAUNCHER_REPORT, SupervisorReport
 from duetserve.services.launcher.settings import LauncherSettings
+from duetserve.services.launcher.supervision import Backoff, crashed, restart_group
 
 logger = logging.getLogger(__name__)
 # Start order: storage first, then what needs it; ingress last so nothing is accepted early.
@@ -35,6 +43,11 @@ STOP_WAVES = (
 # Of its wave's time, what ingress may spend waiting for running requests before it ends them
 # with a `shutting_down` error (its DUET_DRAIN_TIMEOUT_S, unless that is set).
 INGRESS_DRAIN_SHARE = 0.8
+NATS = "nats-server"  # its name among the restart counts
+SUPERVISE_EVERY_S = 0.2
+REPORT_EVERY_S = 2.0
+# How long a service stopped because kv_manager crashed gets to exit before it is killed.
+UNIT_STOP_GRACE_S = 2.0
 
 
 def services_for(mode: str) -> tuple[str, ...]:
@@ -68,6 +81,15 @@ class Launcher:
         self.model_dir = model_dir
         self.nats: NatsServer | None = None
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.started_at: dict[str, float] = {}  # monotonic, of each service's current process
+        self.restarts: Counter[str] = Counter()
+        self.instance = default_instance_name("launcher")
+        self.bus: Bus | None = None
+        self._env: dict[str, str] = {}
+        self._backoff = Backoff()
+        self._exited: set[str] = set()  # ended with 0 on their own: not restarted
+        self._owed: set[str] = set()  # crashed (or stopped with kv_manager): to start again
+        self._owed_at = 0.0  # monotonic time from which they may start (their backoff)
 
     def environment(self, nats_url: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -84,14 +106,108 @@ class Launcher:
     async def start(self) -> None:
         var = self.settings.var_dir
         nats_url = self._start_nats(var)
-        bus = await Bus.connect(nats_url, "launcher")
-        try:
-            env = self.environment(nats_url)
-            for service in services_for(self.settings.mode):
-                self._spawn(service, env, var / "logs")
-                await self._wait_ready(bus, service)
-        finally:
+        self.bus = await Bus.connect(nats_url, self.instance)
+        self._env = self.environment(nats_url)
+        for service in services_for(self.settings.mode):
+            self._spawn(service)
+            await self._wait_ready(service)
+
+    async def close(self) -> None:
+        """Leave the bus (before `stop`, from the loop that started the launcher)."""
+        bus, self.bus = self.bus, None
+        if bus is not None:
             await bus.close()
+
+    # --- supervision (supervision.py says what is restarted and when) -----------------------
+
+    async def supervise(self) -> None:
+        """Until cancelled: restart what crashes, and report the restart counts."""
+        next_report = 0.0
+        while True:
+            self._check_nats()
+            for service, process in list(self.processes.items()):
+                code = process.poll()
+                if code is None or service in self._exited or service in self._owed:
+                    continue
+                if not crashed(code):
+                    logger.info("%s exited with 0 on its own; not restarting it", service)
+                    self._exited.add(service)
+                    continue
+                await self._on_crash(service, code)
+                next_report = 0.0  # at once: a restart is news
+            if self._owed and time.monotonic() >= self._owed_at:
+                await self._start_owed()
+            if time.monotonic() >= next_report:
+                await self._report()
+                next_report = time.monotonic() + REPORT_EVERY_S
+            await asyncio.sleep(SUPERVISE_EVERY_S)
+
+    def _check_nats(self) -> None:
+        """The embedded nats-server, started again on its port if it died; the services
+        reconnect to it on their own."""
+        if self.nats is None or self.nats.is_running:
+            return
+        logger.error("nats-server died; starting it again on port %d", self.nats.port)
+        self.restarts[NATS] += 1
+        self.nats.start()
+
+    async def _on_crash(self, service: str, code: int) -> None:
+        """`service` crashed: it (and for kv_manager, the unit, stopped now) is owed a start
+        once its backoff has passed."""
+        ran_s = time.monotonic() - self.started_at.get(service, time.monotonic())
+        delay = self._backoff.delay(service, ran_s)
+        group = restart_group(service, tuple(self.processes))
+        also = [s for s in group if s != service]
+        logger.error(
+            "%s exited with %s after %.1fs; restarting it in %.1fs%s",
+            service,
+            f"signal {-code}" if code < 0 else f"code {code}",
+            ran_s,
+            delay,
+            f", and with it {', '.join(also)}" if also else "",
+        )
+        self._owed.update(group)
+        self._owed_at = max(self._owed_at, time.monotonic() + delay)
+        await asyncio.to_thread(self._stop_now, also)
+        if service == "kv_manager":
+            remove_stale_segments(self.processes[service].pid, self._env.get("DUET_REGION"))
+
+    async def _start_owed(self) -> None:
+        """Start what is owed: kv_manager first when it is, then the rest together (they need
+        only kv_manager). A crash while they start leaves the rest owed for the next round."""
+        owed = [s for s in self.processes if s in self._owed]
+        root = [s for s in owed if s == "kv_manager"]
+        for wave in (root, [s for s in owed if s not in root]):
+            for name in wave:
+                self._owed.discard(name)
+                self._spawn(name)
+                self.restarts[name] += 1
+            for name in wave:
+                if not await self._wait_ready(name, abort_on_crash=True):
+                    return
+        logger.info("%s serving again", ", ".join(owed))
+
+    def _stop_now(self, services: list[str]) -> None:
+        """SIGTERM, then SIGKILL after a short grace (kv_manager is gone: nothing to drain)."""
+        for service in services:
+            if self.processes[service].poll() is None:
+                self.processes[service].send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + UNIT_STOP_GRACE_S
+        for service in services:
+            process = self.processes[service]
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    async def _report(self) -> None:
+        if self.bus is None or not self.bus.is_connected:
+            return
+        pids = {s: p.pid for s, p in self.processes.items() if p.poll() is None}
+        report = SupervisorReport(self.instance, dict(self.restarts), pids)
+        with contextlib.suppress(Exception):  # a report is lost, the next one comes
+            await self.bus.publish(LAUNCHER_REPORT, encode(report))
 
     def _start_nats(self, var: Path) -> str:
         """The bus URL: DUET_NATS_URL's when it is set (a bus someone else runs), else that of
@@ -115,7 +231,8 @@ class Launcher:
                 f"port {port} ({what}) is taken by {holder}; stop it, or choose another port"
             )
 
-    def _spawn(self, service: str, env: dict[str, str], logs: Path) -> None:
+    def _spawn(self, service: str) -> None:
+        env, logs = self._env, self.settings.var_dir / "logs"
         env = {**env, **compute_threads(service, env, self.settings.mode)}
         if service == "ingress" and "DUET_HEALTH_SERVICES" not in env:
             required = [s for s in services_for(self.settings.mode) if s != "ingress"]
@@ -137,21 +254,39 @@ class Launcher:
             start_new_session=True,
             preexec_fn=die_with_parent(),
         )
+        self.started_at[service] = time.monotonic()
+        self._exited.discard(service)
         logger.info("started %s (pid %d), log %s", service, self.processes[service].pid, log.name)
 
-    async def _wait_ready(self, bus: Bus, service: str) -> None:
+    async def _wait_ready(self, service: str, abort_on_crash: bool = False) -> bool:
+        """Wait until `service` reports ready. At start-up a service that exits or never gets
+        ready is an error; while supervising (`abort_on_crash`) the wait ends, False, as soon
+        as any service has crashed (the supervisor handles it), or after the ready timeout."""
+        assert self.bus is not None
         deadline = time.monotonic() + self.settings.ready_timeout_s
         while time.monotonic() < deadline:
+            if abort_on_crash and self._any_crashed():
+                return False
             process = self.processes[service]
             if process.poll() is not None:
                 raise RuntimeError(
                     f"{service} exited with {process.returncode}; see .var/logs/{service}.log"
                 )
-            reply = (await query_health(bus, [service], timeout=0.5))[service]
+            reply = (await query_health(self.bus, [service], timeout=0.5))[service]
             if isinstance(reply, HealthReply) and reply.status == HealthStatus.READY:
-                return
+                return True
             await asyncio.sleep(0.2)
+        if abort_on_crash:
+            logger.error("%s not ready within %gs", service, self.settings.ready_timeout_s)
+            return False
         raise RuntimeError(f"{service} not ready within {self.settings.ready_timeout_s:g}s")
+
+    def _any_crashed(self) -> bool:
+        """Whether a service crashed that supervision has not taken up yet."""
+        return any(
+            (code := p.poll()) is not None and crashed(code) and s not in self._owed
+            for s, p in self.processes.items()
+        )
 
     def stop(self) -> None:
         """Stop every service within `stop_timeout_s` in all (see the module doc), then NATS.
@@ -179,3 +314,18 @@ class Launcher:
                 logger.warning("%s did not stop in time; killing it", service)
                 process.kill()
                 process.wait()
+
+
+def remove_stale_segments(pid: int, region: str | None, shm: Path = Path("/dev/shm")) -> None:
+    """Unlink the /dev/shm segments a kv_manager that crashed left behind (a clean stop unlinks
+    them itself): those named after its pid (`duet-<unit>-<pid>`, and `-decode` beside it in
+    disagg mode), or after DUET_REGION when that names them. The memory is freed once the last
+    process that mapped it is gone."""
+    if region is not None:
+        paths = [shm / region, shm / f"{region}-decode"]
+    else:
+        paths = [p for p in shm.glob("duet-*") if str(pid) in p.name.split("-")]
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
+            logger.info("removed %s, left by kv_manager (pid %d)", path, pid)

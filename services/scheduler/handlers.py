@@ -32,8 +32,9 @@ EARLY_CANCELS_KEPT = 4096
 
 
 class SchedulerHandlers:
-    def __init__(self, bus: Bus, core: SchedulerCore, unit: str) -> None:
-        self.bus, self.core, self.unit = bus, core, unit
+    def __init__(self, bus: Bus, core: SchedulerCore, unit: str, holder: str) -> None:
+        """`holder`: the kv_manager holder this scheduler takes blocks as (its instance)."""
+        self.bus, self.core, self.unit, self.holder = bus, core, unit, holder
         self.accepting = True
         self.preemptions = 0
         self._early_cancels: OrderedDict[str, float] = OrderedDict()  # request id -> when
@@ -55,7 +56,7 @@ class SchedulerHandlers:
             error = ErrorReply("duplicate_request", f"request {submit.request_id} already exists")
             await self.bus.reply(msg, encode(error))
             return
-        record = RequestRecord.new(submit, time.monotonic())
+        record = RequestRecord.new(submit, time.monotonic(), self.holder)
         record.traceparent = current_traceparent()  # the handler runs in the submit's trace
         self.core.records[submit.request_id] = record
         self.core.view.waiting.append(record.seq)

@@ -6,8 +6,6 @@ from duetserve.proto.scheduling import SubmitRequest
 from duetserve.proto.workers import SamplingState
 from duetserve.services.scheduler.state import Phase, SeqState
 
-SCHEDULER_HOLDER = "scheduler"
-
 
 @dataclass(slots=True)
 class RequestRecord:
@@ -18,6 +16,9 @@ class RequestRecord:
     cancelled: str | None = None  # reason, once a cancel arrived
     traceparent: str = ""  # the request's trace, for work done on it outside its messages
     first_token_at: float | None = None  # monotonic time prefill produced the first token
+    # The kv_manager holder the scheduler takes blocks as: its instance name, so that a
+    # restarted scheduler never renews (and so never frees) the leases of the one before it.
+    holder: str = "scheduler"
 
     @property
     def request_id(self) -> str:
@@ -26,7 +27,7 @@ class RequestRecord:
     @property
     def owner(self) -> str:
         """The kv_manager owner of this request's blocks while the scheduler holds them."""
-        return f"{SCHEDULER_HOLDER}/{self.request_id}"
+        return f"{self.holder}/{self.request_id}"
 
     @property
     def kv_token_ids(self) -> tuple[int, ...]:
@@ -53,7 +54,7 @@ class RequestRecord:
         seq.num_preemptions += 1
 
     @classmethod
-    def new(cls, submit: SubmitRequest, arrival: float) -> "RequestRecord":
+    def new(cls, submit: SubmitRequest, arrival: float, holder: str) -> "RequestRecord":
         seq = SeqState(
             request_id=submit.request_id,
             arrival=arrival,
@@ -61,4 +62,4 @@ class RequestRecord:
             max_tokens=submit.sampling.max_tokens,
             phase=Phase.WAITING,
         )
-        return cls(submit, seq)
+        return cls(submit, seq, holder=holder)

@@ -13,7 +13,6 @@ from duetserve.services.scheduler.core import SchedulerCore
 from duetserve.services.scheduler.handlers import SchedulerHandlers
 from duetserve.services.scheduler.planner import Planner, PlannerConfig
 from duetserve.services.scheduler.policy.fcfs import FcfsPolicy
-from duetserve.services.scheduler.requests import SCHEDULER_HOLDER
 from duetserve.services.scheduler.settings import SchedulerSettings
 from duetserve.services.scheduler.split_controller import SplitController, SplitControllerConfig
 from duetserve.services.scheduler.split_tuner import SplitTuner
@@ -63,7 +62,7 @@ class SchedulerService:
             shared_steps=s.mode == "unified",
             decode_pool_blocks=decode_pool_blocks,
         )
-        self.handlers = handlers = SchedulerHandlers(bus, self.core, s.unit)
+        self.handlers = handlers = SchedulerHandlers(bus, self.core, s.unit, self.instance)
         await bus.subscribe(subjects.SCHED_SUBMIT, handlers.on_submit)
         await bus.subscribe(subjects.SCHED_CANCEL, handlers.on_cancel)
         await bus.subscribe(subjects.SCHED_STATS, handlers.on_stats)
@@ -72,7 +71,7 @@ class SchedulerService:
             critical_task(self.core.run(), "scheduler-loop"),
             critical_task(tuner.run(), "split-controller"),
             critical_task(
-                heartbeat_forever(bus, s.unit, SCHEDULER_HOLDER, s.heartbeat_interval_s),
+                heartbeat_forever(bus, s.unit, self.instance, s.heartbeat_interval_s),
                 "scheduler-heartbeat",
             ),
         ]

@@ -13,6 +13,7 @@ from duetserve.proto import (
     kv,
     scheduling,
     subjects,
+    supervision,
     tokens,
     workers,
 )
@@ -83,6 +84,7 @@ EXAMPLES: list[object] = [
     kv.Heartbeat("decode-0"),
     kv.StorageQuery("prefill-0"),
     kv.KvStatsQuery(),
+    supervision.SupervisorReport("launcher-1", {"decode_worker": 2}, {"kv_manager": 41}),
     kv.SharedBlocksQuery("cache_index", (3, 4, 5)),
     kv.SharedBlocks((4,)),
     kv.KvStats(10, 64, {"cache_index": 40, "decode-0": 14}),

@@ -1,0 +1,155 @@
+"""The launcher supervises: a service (or nats-server) that is killed starts again, the restart
+is counted at /metrics, and the stack serves again. kv_manager's death restarts the unit with
+it. Each fault is caused (SIGKILL), on one stack in turn."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+
+from tests.e2e.conftest import Stack
+from tests.e2e.kv_probe import kv_stats
+from tests.processes import alive, wait_gone
+
+RECOVERY_S = 60.0  # a bound for the test, not the target: the target is measured and printed
+
+
+def nats_pid(stack: Stack) -> int:
+    out = subprocess.run(
+        ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(stack.process.pid)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    [pid] = [int(row.split()[0]) for row in out.splitlines() if "nats-server" in row]
+    return pid
+
+
+def complete(stack: Stack, timeout_s: float = 10.0) -> str:
+    api = openai.OpenAI(base_url=stack.base_url, api_key="x", max_retries=0, timeout=timeout_s)
+    answer = api.completions.create(model=stack.model_dir.name, prompt="Hello", max_tokens=4)
+    return answer.choices[0].text
+
+
+def serves_again_within(stack: Stack, bound_s: float) -> float:
+    """Seconds from now until a completion succeeds (failing the test past `bound_s`)."""
+    started = time.monotonic()
+    last: Exception | None = None
+    while time.monotonic() - started < bound_s:
+        try:
+            complete(stack, timeout_s=5.0)
+            return time.monotonic() - started
+        except (openai.APIError, openai.APIConnectionError) as err:
+            last = err
+            time.sleep(0.2)
+    raise AssertionError(f"not serving {bound_s:g}s after the fault: {last!r}")
+
+
+def restarts(stack: Stack) -> dict[str, float]:
+    """duet_service_restarts_total by service, from ingress's /metrics."""
+    url = stack.base_url.removesuffix("/v1") + "/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("duet_service_restarts_total{"):
+            labels, value = line.rsplit(" ", 1)
+            counts[labels.split('"')[1]] = float(value)
+    return counts
+
+
+def wait_restarted(stack: Stack, service: str, old_pid: int) -> int:
+    deadline = time.monotonic() + RECOVERY_S
+    while time.monotonic() < deadline:
+        pid = stack.service_pids().get(service)
+        if pid is not None and pid != old_pid:
+            return pid
+        time.sleep(0.1)
+    raise AssertionError(f"{service} was not started again")
+
+
+def counted(stack: Stack, service: str, at_least: float) -> dict[str, float]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        counts = restarts(stack)
+        if counts.get(service, 0) >= at_least:
+            return counts
+        time.sleep(0.2)
+    raise AssertionError(f"restart of {service} not counted: {restarts(stack)}")
+
+
+def test_a_killed_decode_worker_is_started_again_and_counted(stack: Stack) -> None:
+    complete(stack)
+    before = restarts(stack).get("decode_worker", 0)
+    old = stack.service_pids()["decode_worker"]
+    os.kill(old, signal.SIGKILL)
+    wait_restarted(stack, "decode_worker", old)
+    print(f"decode worker: serving again {serves_again_within(stack, RECOVERY_S):.1f}s later")
+    counted(stack, "decode_worker", before + 1)
+
+
+def test_a_killed_scheduler_is_started_again_and_the_blocks_it_held_come_back(
+    stack: Stack,
+) -> None:
+    """The scheduler holds a request's blocks while its prompt is prefilled. Killed then, its
+    successor must not inherit (and keep renewing) that lease: the blocks come back once it
+    lapses."""
+    pids = stack.service_pids()
+    total = asyncio.run(kv_stats(stack.nats_url)).num_total
+    os.kill(pids["prefill_worker"], signal.SIGSTOP)  # the request stays in prefill
+    api = openai.OpenAI(base_url=stack.base_url, api_key="x", max_retries=0, timeout=4)
+    try:
+        try:
+            api.completions.create(model=stack.model_dir.name, prompt="Hi " * 200, max_tokens=4)
+        except openai.APITimeoutError:
+            pass  # it never got past prefill
+        stats = asyncio.run(kv_stats(stack.nats_url))
+        held = {h: n for h, n in stats.references_by_holder.items() if h.startswith("scheduler")}
+        assert sum(held.values()) > 0, stats  # the prompt's blocks, held by the scheduler
+        os.kill(pids["scheduler"], signal.SIGKILL)
+    finally:
+        os.kill(pids["prefill_worker"], signal.SIGCONT)
+    wait_restarted(stack, "scheduler", pids["scheduler"])
+    print(f"scheduler: serving again {serves_again_within(stack, RECOVERY_S):.1f}s later")
+    deadline = time.monotonic() + 15  # kv_manager's lease (5 s) and its sweep
+    while time.monotonic() < deadline:
+        stats = asyncio.run(kv_stats(stack.nats_url))
+        if not any(h in held and n for h, n in stats.references_by_holder.items()):
+            break
+        time.sleep(0.2)
+    assert not any(h in held and n for h, n in stats.references_by_holder.items()), stats
+    cached = stats.references_by_holder.get("cache_index", 0)
+    assert stats.num_free + cached >= total - 1, stats  # only the cache's own blocks held
+    counted(stack, "scheduler", 1)
+
+
+def test_a_killed_nats_server_is_started_again_and_the_stack_serves_within_10s(
+    stack: Stack,
+) -> None:
+    old = nats_pid(stack)
+    os.kill(old, signal.SIGKILL)
+    took = serves_again_within(stack, RECOVERY_S)
+    print(f"nats-server: serving again {took:.1f}s later")
+    assert took <= 10.0
+    assert nats_pid(stack) != old
+    counted(stack, "nats-server", 1)
+
+
+def test_a_killed_kv_manager_restarts_the_unit_and_leaves_no_segment(stack: Stack) -> None:
+    pids = stack.service_pids()
+    segments = [p for p in Path("/dev/shm").glob("duet-*") if str(pids["kv_manager"]) in p.name]
+    assert segments
+    os.kill(pids["kv_manager"], signal.SIGKILL)
+    took = serves_again_within(stack, RECOVERY_S)
+    print(f"kv_manager: the unit serves again {took:.1f}s later")
+    now = stack.service_pids()
+    for service in ("kv_manager", "cache_index", "scheduler", "prefill_worker", "decode_worker"):
+        assert now[service] != pids[service], service  # the unit started again
+        assert not alive(pids[service]) or not wait_gone([pids[service]], 10), service
+    assert now["ingress"] == pids["ingress"]  # the API stayed up
+    assert not any(p.exists() for p in segments)
+    counted(stack, "kv_manager", 1)
