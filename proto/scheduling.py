@@ -122,3 +122,20 @@ class SchedulerStats:
     kv_copies: int = 0
     kv_copied_bytes: int = 0
     kv_copy_s: float = 0.0
+
+
+@message("sched.status.query")
+@dataclass(frozen=True, slots=True)
+class RequestStatusQuery:
+    """Ingress asks about requests it has heard nothing of for a while (their streams are
+    quiet): a request the scheduler no longer knows was lost (a scheduler that restarted) and
+    its client must not wait for ever."""
+
+    request_ids: tuple[str, ...]
+
+
+@message("sched.status")
+@dataclass(frozen=True, slots=True)
+class RequestStatus:
+    scheduler: str  # the instance that answered
+    known: tuple[str, ...]  # those of the query it still runs, in any phase

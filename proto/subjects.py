@@ -11,6 +11,8 @@ SCHED_SUBMIT = f"{ROOT}.sched.submit"
 SCHED_CANCEL = f"{ROOT}.sched.cancel"
 # Anyone -> scheduler (request/reply): requests by phase, for metrics.
 SCHED_STATS = f"{ROOT}.sched.stats"
+# Ingress -> scheduler (request/reply): which of these requests does it still run?
+SCHED_STATUS = f"{ROOT}.sched.status"
 # Anyone -> cache_index (request/reply).
 CACHE_MATCH = f"{ROOT}.cache.match"
 CACHE_INSERT = f"{ROOT}.cache.insert"

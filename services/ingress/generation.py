@@ -49,6 +49,7 @@ class GenerationFailed(Exception):
 
 
 SHUTTING_DOWN = "shutting_down"
+REQUEST_LOST = "request_lost"  # the scheduler no longer runs it, or cannot be reached
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,7 @@ class Generation:
         self._first_token_at: float | None = None
         self._submitted = False
         self._failure_code: str | None = None  # why ingress itself ended it, if it did
+        self.unknown_strikes = 0  # status queries in a row that the scheduler did not know it
 
     @property
     def usage(self) -> Usage:
@@ -180,6 +182,22 @@ class Generation:
         self._failure_code = SHUTTING_DOWN
         self._stream.interrupt("The server is shutting down; the request did not finish.")
 
+    @property
+    def waiting(self) -> bool:
+        """Submitted, not finished, not ended by ingress: output is still owed to it."""
+        return self._submitted and not self.finished and self._failure_code is None
+
+    @property
+    def last_heard(self) -> float:
+        """Monotonic time of its last token chunk (or of its submit)."""
+        return self._stream.last_heard
+
+    def lose(self, why: str) -> None:
+        """End the generation now with a `request_lost` error: nothing runs it any more (see
+        watch.py). `close()` still sends a cancel, in case it does after all."""
+        self._failure_code = REQUEST_LOST
+        self._stream.interrupt(why)
+
     async def close(self) -> None:
         """Cancel a submitted request that did not finish, then unsubscribe. Safe twice."""
         if self._submitted and not self.finished:
@@ -227,6 +245,11 @@ class Admission:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def generations(self) -> list["Generation"]:
+        """The generations running now."""
+        return list(self._generations)
 
     # A class-based context manager, not @contextlib.contextmanager: that one sets
     # __traceback__ on the exception leaving the block, which the frozen ApiError refuses.

@@ -29,6 +29,7 @@ from duetserve.services.ingress.api_models import ChatCompletionRequest, Complet
 from duetserve.services.ingress.errors import ApiError, not_found_model
 from duetserve.services.ingress.formats import ChatFormat, CompletionFormat, ResponseFormat
 from duetserve.services.ingress.generation import (
+    REQUEST_LOST,
     SHUTTING_DOWN,
     Admission,
     Arrival,
@@ -246,8 +247,8 @@ class Handlers:
 
 
 def generation_error(err: GenerationFailed) -> ApiError:
-    if err.code == SHUTTING_DOWN:
-        return ApiError(503, str(err), "server_error", code=SHUTTING_DOWN)
+    if err.code in (SHUTTING_DOWN, REQUEST_LOST):
+        return ApiError(503, str(err), "server_error", code=err.code)
     return ApiError(500, str(err), "server_error")
 
 

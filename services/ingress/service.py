@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from duetserve.common.health import serve_health
+from duetserve.common.lifecycle import cancel_tasks, critical_task
 from duetserve.common.nats_bus import Bus
 from duetserve.proto import codec
 from duetserve.proto.common import HealthReply, HealthStatus
@@ -30,6 +31,7 @@ from duetserve.services.ingress.middlewares import middlewares
 from duetserve.services.ingress.prompts import ModelLimits, default_slo
 from duetserve.services.ingress.settings import SERVICE_NAME, IngressSettings
 from duetserve.services.ingress.tenants import TenantResolver
+from duetserve.services.ingress.watch import StreamWatch
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class IngressService:
         self._bus: Bus | None = None
         self._health_subscription: Subscription | None = None
         self._runner: web.AppRunner | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -78,6 +81,13 @@ class IngressService:
         handlers = Handlers(
             settings.model_id, limits, context, tenants, self.admission, self._health_check()
         )
+        watch = StreamWatch(
+            self._bus,
+            lambda: self.admission.generations,
+            quiet_s=settings.stream_quiet_s,
+            unreachable_s=settings.stream_unreachable_s,
+        )
+        self._watch = critical_task(watch.run(), "stream-watch")
         await self._serve_http(handlers)
         self.status = HealthStatus.READY
         logger.info(
@@ -133,6 +143,9 @@ class IngressService:
             await self.admission.wait_idle()
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            await cancel_tasks([self._watch])
+            self._watch = None
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()

@@ -43,6 +43,10 @@ class IngressSettings(ServingSettings):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     # How long the scheduler has to accept or refuse a request (generation itself is unbounded).
     submit_timeout_s: float = Field(default=5.0, gt=0)
+    # A stream quiet this long is asked after at the scheduler (watch.py); one whose
+    # scheduler cannot be reached for stream_unreachable_s ends as lost.
+    stream_quiet_s: float = Field(default=2.0, gt=0)
+    stream_unreachable_s: float = Field(default=30.0, gt=0)
     # DUET_HEALTH_SERVICES="scheduler,kv_manager": what /health requires to be ready.
     health_services: Annotated[tuple[str, ...], NoDecode] = DEFAULT_HEALTH_SERVICES
     health_timeout_s: float = Field(default=1.0, gt=0)

@@ -10,6 +10,7 @@ no more tokens to wait for.
 import asyncio
 import contextlib
 import logging
+import time
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -60,6 +61,7 @@ class TokenStream:
         self._arrived: asyncio.Queue[TokenChunk] = asyncio.Queue()
         self._ready: list[TokenChunk] = []
         self._subscription: Subscription | None = None
+        self.last_heard = time.monotonic()  # when a chunk last arrived (or the stream opened)
 
     async def open(self) -> None:
         subject = subjects.tokens(self.request_id)
@@ -98,4 +100,5 @@ class TokenStream:
                 extra={"request_id": self.request_id, "chunk_request_id": chunk.request_id},
             )
             return
+        self.last_heard = time.monotonic()
         self._arrived.put_nowait(chunk)

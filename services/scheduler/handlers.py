@@ -13,6 +13,8 @@ from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
 from duetserve.proto.scheduling import (
     CancelRequest,
+    RequestStatus,
+    RequestStatusQuery,
     SchedulerStats,
     SchedulerStatsQuery,
     SubmitAccepted,
@@ -33,7 +35,8 @@ EARLY_CANCELS_KEPT = 4096
 
 class SchedulerHandlers:
     def __init__(self, bus: Bus, core: SchedulerCore, unit: str, holder: str) -> None:
-        """`holder`: the kv_manager holder this scheduler takes blocks as (its instance)."""
+        """`holder`: the kv_manager holder this scheduler takes blocks as, and the instance
+        name it answers status queries with."""
         self.bus, self.core, self.unit, self.holder = bus, core, unit, holder
         self.accepting = True
         self.preemptions = 0
@@ -96,6 +99,16 @@ class SchedulerHandlers:
     def _cancelled_early(self, request_id: str) -> bool:
         when = self._early_cancels.pop(request_id, None)
         return when is not None and when >= time.monotonic() - EARLY_CANCEL_TTL_S
+
+    async def on_status(self, msg: Msg) -> None:
+        """Which of the queried requests this scheduler still runs (ingress's stream watch)."""
+        try:
+            query = decode(msg.data, RequestStatusQuery)
+        except ProtoError as err:
+            await self.bus.reply(msg, encode(ErrorReply(err.code, str(err))))
+            return
+        known = tuple(r for r in query.request_ids if r in self.core.records)
+        await self.bus.reply(msg, encode(RequestStatus(self.holder, known)))
 
     async def on_stats(self, msg: Msg) -> None:
         try:

@@ -66,6 +66,7 @@ class SchedulerService:
         await bus.subscribe(subjects.SCHED_SUBMIT, handlers.on_submit)
         await bus.subscribe(subjects.SCHED_CANCEL, handlers.on_cancel)
         await bus.subscribe(subjects.SCHED_STATS, handlers.on_stats)
+        await bus.subscribe(subjects.SCHED_STATUS, handlers.on_status)
         await bus.subscribe(workers.worker_events_subject(s.unit), handlers.on_worker_events)
         self._tasks = [
             critical_task(self.core.run(), "scheduler-loop"),

@@ -3,6 +3,7 @@ is counted at /metrics, and the stack serves again. kv_manager's death restarts 
 it. Each fault is caused (SIGKILL), on one stack in turn."""
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import openai
+import pytest
 
 from tests.e2e.conftest import Stack
 from tests.e2e.kv_probe import kv_stats
@@ -92,27 +94,35 @@ def test_a_killed_decode_worker_is_started_again_and_counted(stack: Stack) -> No
     counted(stack, "decode_worker", before + 1)
 
 
-def test_a_killed_scheduler_is_started_again_and_the_blocks_it_held_come_back(
+def test_a_killed_scheduler_is_started_again_its_requests_end_and_its_blocks_come_back(
     stack: Stack,
 ) -> None:
-    """The scheduler holds a request's blocks while its prompt is prefilled. Killed then, its
-    successor must not inherit (and keep renewing) that lease: the blocks come back once it
-    lapses."""
+    """The scheduler holds a request's blocks while its prompt is prefilled. Killed then:
+    - the request it held ends with a 503 `request_lost` (before: the client waited for ever);
+    - its successor does not inherit (and keep renewing) its lease: the blocks come back
+      once the lease lapses."""
     pids = stack.service_pids()
     total = asyncio.run(kv_stats(stack.nats_url)).num_total
+    api = openai.OpenAI(base_url=stack.base_url, api_key="x", max_retries=0, timeout=60)
     os.kill(pids["prefill_worker"], signal.SIGSTOP)  # the request stays in prefill
-    api = openai.OpenAI(base_url=stack.base_url, api_key="x", max_retries=0, timeout=4)
-    try:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
         try:
-            api.completions.create(model=stack.model_dir.name, prompt="Hi " * 200, max_tokens=4)
-        except openai.APITimeoutError:
-            pass  # it never got past prefill
-        stats = asyncio.run(kv_stats(stack.nats_url))
-        held = {h: n for h, n in stats.references_by_holder.items() if h.startswith("scheduler")}
-        assert sum(held.values()) > 0, stats  # the prompt's blocks, held by the scheduler
-        os.kill(pids["scheduler"], signal.SIGKILL)
-    finally:
-        os.kill(pids["prefill_worker"], signal.SIGCONT)
+            request = pool.submit(
+                api.completions.create,
+                model=stack.model_dir.name,
+                prompt="Hi " * 200,
+                max_tokens=4,
+            )
+            held = held_by_scheduler(stack)
+            os.kill(pids["scheduler"], signal.SIGKILL)
+            killed = time.monotonic()
+        finally:
+            os.kill(pids["prefill_worker"], signal.SIGCONT)
+        with pytest.raises(openai.APIStatusError) as ended:
+            request.result(timeout=60)
+    print(f"scheduler: its request ended {time.monotonic() - killed:.1f}s after the kill")
+    assert ended.value.status_code == 503, ended.value
+    assert ended.value.body["code"] == "request_lost", ended.value.body  # type: ignore[index]
     wait_restarted(stack, "scheduler", pids["scheduler"])
     print(f"scheduler: serving again {serves_again_within(stack, RECOVERY_S):.1f}s later")
     deadline = time.monotonic() + 15  # kv_manager's lease (5 s) and its sweep
@@ -125,6 +135,18 @@ def test_a_killed_scheduler_is_started_again_and_the_blocks_it_held_come_back(
     cached = stats.references_by_holder.get("cache_index", 0)
     assert stats.num_free + cached >= total - 1, stats  # only the cache's own blocks held
     counted(stack, "scheduler", 1)
+
+
+def held_by_scheduler(stack: Stack) -> dict[str, int]:
+    """Block references held by the scheduler, once it holds some (a prompt admitted)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = asyncio.run(kv_stats(stack.nats_url))
+        held = {h: n for h, n in stats.references_by_holder.items() if h.startswith("scheduler")}
+        if sum(held.values()) > 0:
+            return held
+        time.sleep(0.05)
+    raise AssertionError(f"the scheduler never held the prompt's blocks: {stats}")
 
 
 def test_a_killed_nats_server_is_started_again_and_the_stack_serves_within_10s(

@@ -1,6 +1,7 @@
 """A stand-in for the scheduler in ingress tests: a real NATS subscriber on SCHED_SUBMIT that
 accepts (or refuses) each request, plays back a script of TokenChunks on the request's token
-subject, and records the submits and the CancelRequests it receives."""
+subject, answers status queries (as `knows` says), and records the submits, the status queries
+and the CancelRequests it receives."""
 
 import asyncio
 from dataclasses import dataclass
@@ -10,7 +11,13 @@ from nats.aio.msg import Msg
 from duetserve.common.nats_bus import Bus
 from duetserve.proto import codec, subjects
 from duetserve.proto.common import ErrorReply
-from duetserve.proto.scheduling import CancelRequest, SubmitAccepted, SubmitRequest
+from duetserve.proto.scheduling import (
+    CancelRequest,
+    RequestStatus,
+    RequestStatusQuery,
+    SubmitAccepted,
+    SubmitRequest,
+)
 from duetserve.proto.tokens import FinishReason, TokenChunk, TokenLogprob, TopLogprob
 
 
@@ -67,12 +74,26 @@ class ScriptedScheduler:
         self.submits: list[SubmitRequest] = []
         self.traceparents: list[str | None] = []
         self.cancels: asyncio.Queue[CancelRequest] = asyncio.Queue()
+        self.status_queries: list[RequestStatusQuery] = []
+        # Status answers: True, every request it accepted and was not cancelled is known;
+        # False, none is (a scheduler that restarted); None, no answer at all.
+        self.knows: bool | None = True
         self._players: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self.bus.subscribe(subjects.SCHED_SUBMIT, self._on_submit)
         await self.bus.subscribe(subjects.SCHED_CANCEL, self._on_cancel)
+        await self.bus.subscribe(subjects.SCHED_STATUS, self._on_status)
         await self.bus.flush()
+
+    async def _on_status(self, msg: Msg) -> None:
+        query = codec.decode(msg.data, RequestStatusQuery)
+        self.status_queries.append(query)
+        if self.knows is None:
+            return
+        accepted = {s.request_id for s in self.submits}
+        known = tuple(r for r in query.request_ids if r in accepted) if self.knows else ()
+        await self.bus.reply(msg, codec.encode(RequestStatus("scripted", known)))
 
     async def _on_submit(self, msg: Msg) -> None:
         submit = codec.decode(msg.data, SubmitRequest)

@@ -513,3 +513,55 @@ async def test_one_request_is_one_trace_from_http_to_the_scheduler(
     traceparent = scheduler.traceparents[-1]
     assert traceparent is not None
     assert traceparent.split("-")[1] == format_trace_id(span.context.trace_id)
+
+
+async def test_a_request_the_scheduler_no_longer_knows_ends_as_lost(
+    start_ingress: StartIngress, scheduler: ScriptedScheduler
+) -> None:
+    """A scheduler that restarted knows nothing of the requests its predecessor accepted: their
+    clients get a 503 `request_lost` (and a cancel goes out, in case), never a wait for ever."""
+    ingress = await start_ingress(stream_quiet_s=0.2)
+    scheduler.script = replace(scheduler.script, token_ids=scheduler.script.token_ids[:2])
+    scheduler.script = replace(scheduler.script, finish=None)  # two tokens, then silence
+    scheduler.knows = False
+    base = f"http://127.0.0.1:{ingress.port}/v1"
+    async with openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0, timeout=10) as api:
+        started = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as info:
+            await api.completions.create(model=model_id(ingress), prompt="Hi")
+    assert time.monotonic() - started < 3.0
+    assert info.value.status_code == 503
+    assert isinstance(info.value.body, dict) and info.value.body["code"] == "request_lost"
+    assert "does not know it" in info.value.body["message"]
+    assert (await scheduler.next_cancel()).request_id == scheduler.submits[-1].request_id
+
+
+async def test_a_quiet_request_the_scheduler_still_runs_waits_on(
+    start_ingress: StartIngress, scheduler: ScriptedScheduler
+) -> None:
+    ingress = await start_ingress(stream_quiet_s=0.2)
+    scheduler.script = replace(scheduler.script, finish=None)
+    base = f"http://127.0.0.1:{ingress.port}/v1"
+    async with openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0, timeout=10) as api:
+        request = asyncio.create_task(api.completions.create(model=model_id(ingress), prompt="Hi"))
+        await asyncio.sleep(1.5)  # several rounds of the watch
+        assert not request.done()
+        assert len(scheduler.status_queries) >= 3  # it was asked after, and is still waited on
+        request.cancel()
+    assert (await scheduler.next_cancel()).request_id == scheduler.submits[-1].request_id
+
+
+async def test_a_request_whose_scheduler_never_answers_ends_as_lost(
+    start_ingress: StartIngress, scheduler: ScriptedScheduler
+) -> None:
+    ingress = await start_ingress(stream_quiet_s=0.2, stream_unreachable_s=1.0)
+    scheduler.script = replace(scheduler.script, finish=None)
+    scheduler.knows = None
+    base = f"http://127.0.0.1:{ingress.port}/v1"
+    async with openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0, timeout=10) as api:
+        started = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as info:
+            await api.completions.create(model=model_id(ingress), prompt="Hi")
+    assert 1.0 < time.monotonic() - started < 4.0
+    assert isinstance(info.value.body, dict) and info.value.body["code"] == "request_lost"
+    assert "no scheduler has answered" in info.value.body["message"]

@@ -1,0 +1,101 @@
+"""Every accepted request ends: the watch over quiet streams.
+
+A request's tokens come from processes that may die, restart or lose NATS while it runs. A
+stream that hears nothing for `quiet_s` is asked after: one RequestStatusQuery to the
+scheduler names every quiet request of this ingress at once (so a quiet server costs nothing
+and a busy one a message per period).
+
+- The scheduler still runs it (waiting in its queue, prefilling, decoding): it waits on. The
+  scheduler fails what it runs with a reason of its own (a worker's lapsed lease, a prefill
+  that timed out).
+- The scheduler does not know it, twice in a row (a chunk on its way when the scheduler
+  forgot a finished request gets one period to arrive): it was lost, to a scheduler that
+  restarted. It ends with a 503 `request_lost`.
+- No scheduler answers for `unreachable_s`: those quiet since then end with a 503
+  `request_lost` too, saying so.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from duetserve.common.nats_bus import Bus, BusTimeout
+from duetserve.proto import codec, subjects
+from duetserve.proto.common import ErrorReply
+from duetserve.proto.scheduling import RequestStatus, RequestStatusQuery
+from duetserve.services.ingress.generation import Generation
+
+logger = logging.getLogger(__name__)
+UNKNOWN_STRIKES = 2  # "not known" answers in a row that make a request lost
+
+
+class StreamWatch:
+    def __init__(
+        self,
+        bus: Bus,
+        generations: Callable[[], list[Generation]],
+        *,
+        quiet_s: float,
+        unreachable_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`generations`: the running ones (Admission.generations)."""
+        self.bus, self.generations, self.clock = bus, generations, clock
+        self.quiet_s, self.unreachable_s = quiet_s, unreachable_s
+        self.period_s = quiet_s / 2
+        self._unanswered_since: float | None = None
+        self.lost = 0  # requests ended as lost since the start
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.period_s)
+            try:
+                await self.check()
+            except Exception:  # the watch must outlive any one bad round
+                logger.exception("stream watch round failed")
+
+    async def check(self) -> None:
+        """One round: ask after the quiet streams, end those that were lost."""
+        now = self.clock()
+        quiet = [g for g in self.generations() if g.waiting and now - g.last_heard >= self.quiet_s]
+        if not quiet:
+            self._unanswered_since = None
+            return
+        status = await self._ask([g.request_id for g in quiet])
+        if status is None:
+            since = self._unanswered_since = self._unanswered_since or now
+            if now - since < self.unreachable_s:
+                return
+            why = f"no scheduler has answered for {now - since:.0f}s"
+            for generation in quiet:
+                if now - generation.last_heard >= self.unreachable_s:
+                    self._lose(generation, why)
+            return
+        self._unanswered_since = None
+        known = set(status.known)
+        for generation in quiet:
+            if generation.request_id in known:
+                generation.unknown_strikes = 0
+                continue
+            generation.unknown_strikes += 1
+            if generation.unknown_strikes >= UNKNOWN_STRIKES:
+                self._lose(generation, f"the scheduler ({status.scheduler}) does not know it")
+
+    async def _ask(self, request_ids: list[str]) -> RequestStatus | None:
+        query = codec.encode(RequestStatusQuery(tuple(request_ids)))
+        try:
+            reply = await self.bus.request(subjects.SCHED_STATUS, query, timeout=self.period_s)
+            answer = codec.decode(reply.data, RequestStatus, ErrorReply)
+        except (BusTimeout, codec.ProtoError) as err:
+            logger.warning("no status of %d quiet request(s): %s", len(request_ids), err)
+            return None
+        if isinstance(answer, ErrorReply):
+            logger.warning("status query refused: %s", answer.message)
+            return None
+        return answer
+
+    def _lose(self, generation: Generation, why: str) -> None:
+        logger.error("request lost: %s", why, extra={"request_id": generation.request_id})
+        self.lost += 1
+        generation.lose(f"The request was lost and will not finish: {why}.")
