@@ -76,6 +76,8 @@ EXAMPLES: list[object] = [
         kv_copy_s=0.01,
     ),
     scheduling.CancelRequest("r-1", scheduling.CancelReason.CLIENT_GONE),
+    scheduling.RequestStatusQuery(("r-1", "r-2")),
+    scheduling.RequestStatus("scheduler-host-7", ("r-2",)),
     kv.AllocateBlocks("sched-0/r-1", 4),
     kv.BlocksGranted("sched-0/r-1", (3, 9, 1, 0), num_free=100),
     kv.RetainBlocks("sched-0/r-2", (3, 9)),
