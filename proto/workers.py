@@ -157,6 +157,15 @@ class WorkerEvent:
     num_output_tokens: int = 0  # FINISHED: tokens the request generated in all
 
 
+@dataclass(frozen=True, slots=True)
+class ResidentSize:
+    """How far a decoding request has grown on its worker."""
+
+    request_id: str
+    num_output: int  # tokens generated so far
+    num_blocks: int  # blocks its table holds (growth taken ahead of need included)
+
+
 @message("worker.events")
 @dataclass(frozen=True, slots=True)
 class WorkerEvents:
@@ -164,3 +173,6 @@ class WorkerEvents:
     events: tuple[WorkerEvent, ...]
     free_blocks: int | None = None  # kv_manager's count when the publisher last knew it
     kv_pool: str = ""  # the pool free_blocks counts (kv.UNIT_POOL or kv.DECODE_POOL)
+    # Every resident of the decode worker as it is now, sent with NEEDS_BLOCKS: preemption
+    # then counts what each victim really holds, not what it held when it was handed over.
+    residents: tuple[ResidentSize, ...] = ()

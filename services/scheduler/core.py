@@ -299,6 +299,7 @@ class SchedulerCore:
             record.first_token_at = now = time.monotonic()
             self.tuner.on_first_token(now - record.seq.arrival)
         record.output_token_ids.append(result.token.token_id)
+        record.seq.num_output = len(record.output_token_ids)
         await self._insert_prefix(record)
         if result.finished:
             await self.finish(record)

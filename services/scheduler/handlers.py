@@ -22,7 +22,7 @@ from duetserve.proto.scheduling import (
 )
 from duetserve.services.scheduler.core import SchedulerCore
 from duetserve.services.scheduler.requests import RequestRecord
-from duetserve.services.scheduler.state import Phase
+from duetserve.services.scheduler.state import Phase, grow
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ class SchedulerHandlers:
                 view.free_blocks = events.free_blocks
             else:
                 logger.warning("free blocks of an unknown pool %r ignored", events.kv_pool)
+        grow(self.core.decode_view.decoding, events.residents)
         for event in events.events:
             await self._on_event(event)
         self.core.wake.set()

@@ -1,6 +1,7 @@
 """Everything the scheduler keeps about one request, beside the planner's numbers."""
 
-from dataclasses import dataclass, field
+import secrets
+from dataclasses import dataclass, field, replace
 
 from duetserve.proto.scheduling import SubmitRequest
 from duetserve.proto.workers import SamplingState
@@ -55,6 +56,12 @@ class RequestRecord:
 
     @classmethod
     def new(cls, submit: SubmitRequest, arrival: float, holder: str) -> "RequestRecord":
+        """The record of a request just submitted. A request without a seed gets one here,
+        drawn by the server: its sampling is then a function of (seed, position) wherever it
+        runs, so a preempted or migrated request continues exactly as it would have."""
+        if submit.sampling.seed is None:
+            seeded = replace(submit.sampling, seed=secrets.randbits(63))
+            submit = replace(submit, sampling=seeded)
         seq = SeqState(
             request_id=submit.request_id,
             arrival=arrival,

@@ -8,7 +8,7 @@ The simulator drives the same objects from its cost model.
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from duetserve.proto.workers import DecodeAdmitted
+from duetserve.proto.workers import DecodeAdmitted, ResidentSize
 
 
 class Phase(StrEnum):
@@ -59,3 +59,14 @@ class UnitView:
     waiting: list[SeqState] = field(default_factory=list)
     prefilling: list[SeqState] = field(default_factory=list)
     decoding: list[SeqState] = field(default_factory=list)
+
+
+def grow(decoding: list[SeqState], sizes: tuple[ResidentSize, ...]) -> None:
+    """What the decode worker says its residents have grown to: their output so far and the
+    blocks they hold (the simulator counts the same growth token by token)."""
+    by_id = {size.request_id: size for size in sizes}
+    for seq in decoding:
+        size = by_id.get(seq.request_id)
+        if size is not None:
+            seq.num_output = size.num_output
+            seq.num_blocks = size.num_blocks

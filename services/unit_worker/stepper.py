@@ -308,7 +308,11 @@ class DecodeStepper:
         event = workers.WorkerEvent(
             workers.EventKind.NEEDS_BLOCKS, resident.request_id, blocks_needed=needed
         )
-        await self._events((event,))
+        sizes = tuple(
+            workers.ResidentSize(r.request_id, len(r.output), len(r.block_table))
+            for r in self.residents.values()
+        )
+        await self._events((event,), sizes)
 
     # --- kv_manager and the scheduler -----------------------------------------------------
 
@@ -354,8 +358,12 @@ class DecodeStepper:
             logger.exception("could not end %d request(s) at stop", len(self.residents))
         self.residents.clear()
 
-    async def _events(self, events: tuple[workers.WorkerEvent, ...]) -> None:
-        message = workers.WorkerEvents(self.holder, events, self._free_blocks, self.pool)
+    async def _events(
+        self,
+        events: tuple[workers.WorkerEvent, ...],
+        sizes: tuple[workers.ResidentSize, ...] = (),
+    ) -> None:
+        message = workers.WorkerEvents(self.holder, events, self._free_blocks, self.pool, sizes)
         await self.bus.publish(workers.worker_events_subject(self.unit), encode(message))
 
     async def _end_stream(

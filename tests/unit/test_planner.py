@@ -6,7 +6,8 @@ import pytest
 
 from duetserve.services.scheduler.planner import Planner, PlannerConfig
 from duetserve.services.scheduler.policy.fcfs import FcfsPolicy
-from duetserve.services.scheduler.state import Phase, SeqState, UnitView
+from duetserve.proto.workers import ResidentSize
+from duetserve.services.scheduler.state import Phase, SeqState, UnitView, grow
 
 
 def planner(**overrides: int) -> Planner:
@@ -89,6 +90,19 @@ def test_preemption_takes_the_newest_first_and_may_take_the_requester() -> None:
     assert p.preempt(unit, old, 1, now=3.0).victims == ("new",)
     assert p.preempt(unit, old, 6, now=3.0).victims == ("new", "mid")
     assert p.preempt(unit, new, 1, now=3.0).victims == ("new",)  # the newest yields itself
+
+
+def test_preemption_counts_what_decoding_requests_have_grown_to() -> None:
+    """Handed over with 4 prompt blocks each, they grew to 8 on the decode worker. Counted as
+    they were handed over, two victims would be taken for 6 blocks where one frees 8."""
+    old = seq("old", 0, 64, num_blocks=4, num_output=1, phase=Phase.DECODING)
+    new = seq("new", 1, 64, num_blocks=4, num_output=1, phase=Phase.DECODING)
+    unit = UnitView(free_blocks=0, total_blocks=16, decoding=[old, new])
+    p = planner()
+    assert p.preempt(unit, old, 6, now=2.0).victims == ("new", "old")  # stale: 4 < 6
+    grow(unit.decoding, (ResidentSize("old", 70, 8), ResidentSize("new", 70, 8)))
+    assert (new.num_output, new.num_blocks) == (70, 8)
+    assert p.preempt(unit, old, 6, now=2.0).victims == ("new",)
 
 
 def test_a_lone_sequence_that_fits_an_empty_pool_yields_and_waits() -> None:

@@ -160,6 +160,7 @@ EXAMPLES: list[object] = [
             workers.WorkerEvent(workers.EventKind.PREEMPTED, "r-6", output_token_ids=(1, 2)),
         ),
         free_blocks=0,
+        residents=(workers.ResidentSize("r-5", 40, 4),),
     ),
     compute.SetComputeSplit(0.35, 4, "TTFT misses"),
     compute.ComputeShareApplied(
