@@ -50,11 +50,18 @@ class BusNoResponders(BusTimeout):
 class Bus:
     """A NATS connection: publish, request, subscribe, reply, drain, close."""
 
-    def __init__(self, nc: Client, request_timeout_s: float, tracer: Tracer | None) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        request_timeout_s: float,
+        tracer: Tracer | None,
+        events: "_ConnectionEvents | None" = None,
+    ) -> None:
         self.nc = nc
         self.request_timeout_s = request_timeout_s
         self._tracer = tracer
         self._js: JetStreamContext | None = None
+        self._events = events
 
     @classmethod
     async def connect(
@@ -85,7 +92,7 @@ class Bus:
             closed_cb=events.on_closed,
         )
         logger.info("connected to NATS", extra={"url": url, "connection": name})
-        return cls(nc, request_timeout_s, tracer)
+        return cls(nc, request_timeout_s, tracer, events)
 
     @property
     def js(self) -> JetStreamContext:
@@ -97,6 +104,12 @@ class Bus:
     @property
     def is_connected(self) -> bool:
         return self.nc.is_connected
+
+    @property
+    def reconnects(self) -> int:
+        """Times the connection came back after it dropped (each a window in which messages
+        to and from this process may have been lost)."""
+        return self._events.reconnects if self._events is not None else 0
 
     async def publish(
         self, subject: str, payload: bytes, headers: Mapping[str, str] | None = None
@@ -201,6 +214,7 @@ class _ConnectionEvents:
         self.nc = nc
         self.name = name
         self.errors_since_connected = 0
+        self.reconnects = 0
 
     async def on_error(self, exc: Exception) -> None:
         level = logging.WARNING if self.errors_since_connected == 0 else logging.DEBUG
@@ -212,6 +226,7 @@ class _ConnectionEvents:
 
     async def on_reconnected(self) -> None:
         self.errors_since_connected = 0
+        self.reconnects += 1
         url = self.nc.connected_url.geturl() if self.nc.connected_url else None
         logger.info("reconnected to NATS", extra={"connection": self.name, "url": url})
 

@@ -143,6 +143,13 @@ class BlockAllocator:
         self._lease_deadline[holder] = deadline
         return deadline
 
+    def extend_all(self, now: float) -> None:
+        """Every lease runs to at least now + lease_s: kv_manager was cut off from the holders
+        (a NATS outage), so their silence says nothing of them, and each gets a full lease to
+        beat again."""
+        for holder, deadline in self._lease_deadline.items():
+            self._lease_deadline[holder] = max(deadline, now + self.lease_s)
+
     def expire(self, now: float) -> list[OwnerRelease]:
         """Release every holder whose lease has passed (deadline <= now), holders in name
         order; returns who each owner was and what it held."""

@@ -206,9 +206,23 @@ class KVManagerService:
             await self.bus.reply(msg, encode(answer))
 
     async def _sweep_leases(self) -> None:
+        """Every lease_s / 4, release the holders whose lease lapsed. Only while connected to
+        NATS: cut off, kv_manager hears no heartbeat from anyone, and expiring every holder at
+        once would free blocks their workers still write. Back on the bus, every holder gets
+        a full lease from then to beat again."""
+        assert self.bus is not None
         period = self.settings.lease_s / 4
+        seen = self.bus.reconnects
         while True:
             await asyncio.sleep(period)
+            if not self.bus.is_connected:
+                continue
+            if self.bus.reconnects != seen:
+                seen = self.bus.reconnects
+                logger.warning("back on NATS: every lease runs a full %gs from now", period * 4)
+                for pool in self.pools.values():
+                    assert pool.handlers is not None
+                    pool.allocator.extend_all(pool.handlers.clock())
             for pool in self.pools.values():
                 assert pool.handlers is not None
                 try:

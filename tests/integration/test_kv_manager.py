@@ -2,6 +2,7 @@
 round trips and refusals, lease expiry with its event, and malformed requests."""
 
 import asyncio
+import contextlib
 import logging
 import subprocess
 import sys
@@ -312,4 +313,43 @@ async def test_runs_as_a_process_and_cleans_up(
 async def _beat(bus: Bus, unit: str, holder: str, every_s: float) -> None:
     while True:
         await bus.publish(subjects.kv(unit, "heartbeat"), encode(kv.Heartbeat(holder)))
+        await asyncio.sleep(every_s)
+
+
+async def test_a_nats_outage_longer_than_the_lease_expires_nobody(
+    tiny: Path, tmp_path: Path
+) -> None:
+    """nats-server dies for three leases: kv_manager hears no heartbeat, and no holder ever
+    beat in vain. It must not expire them all, and once back each gets a full lease."""
+    with NatsServer(tmp_path / "nats") as server:
+        async with running_kv_manager(server.url, tiny, lease_s=0.5) as service:
+            unit = service.settings.unit
+            holder = await Bus.connect(server.url, "holder", request_timeout_s=1.0)
+            beating = asyncio.create_task(_beat_forgiving(holder, unit, "live", every_s=0.1))
+            try:
+                alloc = subjects.kv(unit, "alloc")
+                granted = await ask_ok(
+                    holder, alloc, kv.AllocateBlocks("live/r1", 3), kv.BlocksGranted
+                )
+                server.stop()
+                await asyncio.sleep(1.5)  # three leases without a heartbeat reaching it
+                server.start()  # same port: both connections come back on their own
+                deadline = time.monotonic() + 10
+                while not (service.bus and service.bus.reconnects and holder.reconnects):
+                    assert time.monotonic() < deadline, "not reconnected"
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(1.0)  # two more leases, with heartbeats
+                assert service.allocator is not None
+                assert service.allocator.held_by("live/r1") == list(granted.block_ids)
+                assert service.allocator.num_free == 8 - 3
+            finally:
+                beating.cancel()
+                await holder.close()
+
+
+async def _beat_forgiving(bus: Bus, unit: str, holder: str, every_s: float) -> None:
+    """Heartbeats as a service sends them: a beat that cannot go out is skipped."""
+    while True:
+        with contextlib.suppress(Exception):
+            await bus.publish(subjects.kv(unit, "heartbeat"), encode(kv.Heartbeat(holder)))
         await asyncio.sleep(every_s)

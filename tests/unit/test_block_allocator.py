@@ -332,3 +332,15 @@ def test_random_operations_match_a_model() -> None:
             assert set(alloc.held_by(owner)) == blocks
     rare = {k: v for k, v in outcomes.items() if v < 20}
     assert len(outcomes) == 13 and not rare, outcomes  # every path, refusals included, was taken
+
+
+def test_extending_every_lease_gives_each_a_full_lease_and_never_shortens_one() -> None:
+    allocator = BlockAllocator(4, lease_s=5.0)
+    allocator.allocate("a/r", 1, now=0.0)  # lease to 5
+    allocator.allocate("b/r", 1, now=0.0)
+    allocator.renew("b", now=20.0)  # lease to 25
+    allocator.extend_all(now=10.0)  # back from an outage at 10
+    assert allocator.lease_deadline("a") == 15.0
+    assert allocator.lease_deadline("b") == 25.0
+    assert allocator.expire(now=14.9) == []
+    allocator.check_invariants()

@@ -4,9 +4,9 @@ import random
 
 import pytest
 
+from duetserve.proto.workers import ResidentSize
 from duetserve.services.scheduler.planner import Planner, PlannerConfig
 from duetserve.services.scheduler.policy.fcfs import FcfsPolicy
-from duetserve.proto.workers import ResidentSize
 from duetserve.services.scheduler.state import Phase, SeqState, UnitView, grow
 
 
