@@ -64,9 +64,25 @@ class BlocksReleased:
 @message("kv.heartbeat")
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """Renews the lease of every owner under `holder`."""
+    """Renews the lease of every owner under `holder`. Sent as a request, it is answered with
+    LeaseRenewed, or an ErrorReply `fenced` once the holder's lease has lapsed: its blocks are
+    someone else's now, and it must stop writing them and start over as a new holder.
+
+    A holder that writes into the pool (a worker) says so, with its process: kv_manager stops
+    such a process (SIGKILL) before it frees the blocks of its lapsed lease, so no block is
+    reused while a stale owner may still write it."""
 
     holder: str
+    writes: bool = False
+    pid: int = 0
+    host: str = ""
+
+
+@message("kv.heartbeat.ok")
+@dataclass(frozen=True, slots=True)
+class LeaseRenewed:
+    holder: str
+    lease_s: float  # the lease now runs at least this long from when the heartbeat was sent
 
 
 class StorageKind(StrEnum):
@@ -130,6 +146,9 @@ class KvStats:
     num_free: int
     num_total: int
     references_by_holder: dict[str, int]
+    # Blocks found written while free when handed out again (only counted with DUET_KV_POISON;
+    # anything but 0 means a stale owner wrote into memory it no longer held).
+    stale_writes: int = 0
 
 
 @message("kv.shared.query")

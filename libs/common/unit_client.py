@@ -1,12 +1,17 @@
 """What every service asks of its unit's kv_manager before and while it works: the storage
-description (waiting for kv_manager to come up) and the heartbeat that keeps its leases."""
+description (waiting for kv_manager to come up) and the lease that keeps its blocks."""
 
 import asyncio
 import logging
+import math
+import os
+import socket
+import time
 
 from duetserve.common.nats_bus import Bus, BusTimeout
 from duetserve.proto import kv, subjects
 from duetserve.proto.codec import ProtoError, decode, encode
+from duetserve.proto.common import ErrorReply
 
 logger = logging.getLogger(__name__)
 _RETRY_S = 0.2
@@ -29,16 +34,75 @@ async def fetch_storage(
             await asyncio.sleep(_RETRY_S)
 
 
-async def heartbeat_forever(
-    bus: Bus, unit: str, holder: str, interval_s: float, pool: str = kv.UNIT_POOL
-) -> None:
-    """Renew `holder`'s lease on one of the unit's pools every `interval_s`; a failed publish
-    (a dropped connection) is logged and the next beat still goes."""
-    beat = encode(kv.Heartbeat(holder))
-    subject = subjects.kv(unit, "heartbeat", pool)
-    while True:
-        try:
-            await bus.publish(subject, beat)
-        except Exception:
-            logger.exception("heartbeat not sent", extra={"holder": holder})
-        await asyncio.sleep(interval_s)
+class LeaseLost(Exception):
+    """kv_manager fenced the holder off: its lease lapsed and its blocks were released."""
+
+
+class Lease:
+    """A holder's lease on one of the unit's pools, kept by heartbeats sent as requests.
+
+    The lease is known valid until the send time of the last acknowledged heartbeat plus the
+    lease kv_manager grants: kv_manager's own deadline is later (it counts from receipt), so a
+    holder that writes only while `remaining()` is positive never writes a block kv_manager
+    may have given away. A writer waits (`wait_valid`) before each step; a lease that cannot be
+    renewed (a NATS outage) therefore stalls the writer instead of letting it write blind.
+
+    `keep()` beats until cancelled and raises LeaseLost once kv_manager answers `fenced`: the
+    process must stop using its blocks, and its supervisor starts a new holder.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        unit: str,
+        holder: str,
+        interval_s: float,
+        pool: str = kv.UNIT_POOL,
+        *,
+        writes: bool = False,
+    ) -> None:
+        self.bus, self.holder, self.interval_s = bus, holder, interval_s
+        self.subject = subjects.kv(unit, "heartbeat", pool)
+        self.beat = encode(kv.Heartbeat(holder, writes, os.getpid(), socket.gethostname()))
+        self.valid_until = -math.inf  # monotonic
+        self.lease_s = math.inf  # as kv_manager granted it (inf until the first answer)
+        self._renewed = asyncio.Event()
+
+    def remaining(self) -> float:
+        """Seconds the lease is surely valid from now (negative once it may have lapsed)."""
+        return self.valid_until - time.monotonic()
+
+    async def wait_valid(self, share: float = 0.5) -> None:
+        """Return once the lease has at least `share` of a whole lease left: enough for a
+        step to finish inside it."""
+        while self.remaining() < share * self.lease_s:
+            self._renewed.clear()
+            try:
+                await asyncio.wait_for(self._renewed.wait(), self.interval_s)
+            except TimeoutError:
+                continue
+
+    async def keep(self) -> None:
+        """Heartbeat every `interval_s` until cancelled; LeaseLost when fenced off."""
+        level = logging.WARNING
+        while True:
+            sent = time.monotonic()
+            try:
+                reply = await self.bus.request(self.subject, self.beat, timeout=self.interval_s)
+                answer = decode(reply.data, kv.LeaseRenewed, ErrorReply)
+            except (BusTimeout, ProtoError) as err:
+                logger.log(level, "heartbeat of %s unanswered: %s", self.holder, err)
+                level = logging.DEBUG  # until one is answered again
+            except Exception:  # the connection is gone for now; the next beat still goes
+                logger.exception("heartbeat of %s not sent", self.holder)
+            else:
+                if isinstance(answer, ErrorReply):
+                    if answer.code == "fenced":
+                        raise LeaseLost(f"{self.holder}: {answer.message}")
+                    logger.warning("heartbeat of %s refused: %s", self.holder, answer.message)
+                else:
+                    self.lease_s = answer.lease_s
+                    self.valid_until = sent + answer.lease_s
+                    self._renewed.set()
+                    level = logging.WARNING
+            await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - sent)))

@@ -76,13 +76,18 @@ class CacheHandlers:
         ):
             return
         async with self.lock:
+            self.forget_all(f"lease of {self.holder} expired")
+
+    def forget_all(self, why: str) -> None:
+        """kv_manager dropped the index's references: every block it names may be free or
+        reused by now. Call under `lock`."""
+        if self.radix.num_blocks:
             logger.error(
-                "kv_manager dropped the index's references (lease of %s expired): "
-                "forgetting %d indexed blocks",
-                self.holder,
+                "kv_manager dropped the index's references (%s): forgetting %d indexed blocks",
+                why,
                 self.radix.num_blocks,
             )
-            self.radix = RadixIndex(self.radix.block_size)
+        self.radix = RadixIndex(self.radix.block_size)
 
     # ---- what each does ----------------------------------------------------------------
 

@@ -2,12 +2,13 @@
 over NATS (CACHE_MATCH, CACHE_INSERT, CACHE_EVICT).
 
 Start: wait for the unit's kv_manager (its `storage` reply gives the block size), drop any
-references a previous incarnation of this holder left behind, then serve and heart-beat so that
+references a previous holder of the same name left behind, then serve and heart-beat so that
 kv_manager keeps the index's references alive. Stop releases them.
 
-Holder: every reference the index takes is held by one owner, `settings.holder` (no request
-part). kv_manager expires it like any other holder if the heartbeats stop; the handlers then
-clear the index (see handlers.py).
+Holder: every reference the index takes is held by one owner (no request part): the instance
+name unless `settings.holder` says otherwise. kv_manager expires it like any other holder if
+the heartbeats stop, and fences the name off; the index then forgets everything it named
+(handlers.py) and carries on as a new holder, `<holder>.<n>`.
 """
 
 import asyncio
@@ -18,7 +19,7 @@ from nats.aio.subscription import Subscription
 
 from duetserve.common.health import serve_health
 from duetserve.common.nats_bus import Bus
-from duetserve.common.unit_client import fetch_storage, heartbeat_forever
+from duetserve.common.unit_client import Lease, LeaseLost, fetch_storage
 from duetserve.proto import subjects
 from duetserve.proto.common import HealthStatus
 from duetserve.proto.workers import worker_events_subject
@@ -41,6 +42,7 @@ class CacheIndexService:
         self.handlers: CacheHandlers | None = None
         self._subscriptions: list[Subscription] = []
         self._heartbeat: asyncio.Task[None] | None = None
+        self.holder = settings.holder or self.instance
 
     async def start(self) -> None:
         s = self.settings
@@ -49,11 +51,9 @@ class CacheIndexService:
         )
         block_size = (await fetch_storage(bus, s.unit, self.instance)).block_size
         self.kv = KVClient(bus, s.unit)
-        await self._release_all("left by a previous incarnation")
-        self._heartbeat = asyncio.create_task(
-            heartbeat_forever(bus, s.unit, s.holder, s.heartbeat_interval_s), name="cache-heartbeat"
-        )
-        self.handlers = handlers = CacheHandlers(bus, RadixIndex(block_size), self.kv, s.holder)
+        await self._release_all("left by a previous holder of that name")
+        self.handlers = handlers = CacheHandlers(bus, RadixIndex(block_size), self.kv, self.holder)
+        self._heartbeat = asyncio.create_task(self._keep_lease(), name="cache-lease")
         served = {
             subjects.CACHE_MATCH: handlers.match,
             subjects.CACHE_INSERT: handlers.insert,
@@ -69,12 +69,29 @@ class CacheIndexService:
         )
         await bus.flush()  # ready means the server knows the subscriptions
         self.status = HealthStatus.READY
-        logger.info("indexing unit %s in blocks of %d tokens as %s", s.unit, block_size, s.holder)
+        logger.info(
+            "indexing unit %s in blocks of %d tokens as %s", s.unit, block_size, self.holder
+        )
+
+    async def _keep_lease(self) -> None:
+        """Heart-beat as the index's holder; fenced off, start over as a new one, empty."""
+        assert self.bus is not None and self.handlers is not None
+        s = self.settings
+        base = self.holder
+        for incarnation in range(1, 2**31):
+            lease = Lease(self.bus, s.unit, self.holder, s.heartbeat_interval_s)
+            try:
+                await lease.keep()
+            except LeaseLost as err:
+                async with self.handlers.lock:
+                    self.handlers.forget_all(str(err))
+                    self.holder = self.handlers.holder = f"{base}.{incarnation}"
+                logger.warning("carrying on as %s", self.holder)
 
     async def _release_all(self, why: str) -> None:
         assert self.kv is not None
         try:
-            released = await self.kv.release(self.settings.holder)
+            released = await self.kv.release(self.holder)
         except KVCallFailed as err:
             logger.warning("could not release the index's references (%s): %s", why, err)
             return

@@ -14,8 +14,10 @@ Leases belong to holders, not to owners: one heartbeat, `renew(holder, now)`, ke
 under the holder alive. A holder's lease starts (now + lease_s) when it first takes a reference
 without one, and only `renew` extends it. A lease is live while now < deadline. A holder whose
 lease has passed may still release, but takes no new references (`LeaseExpired`) until it renews;
-`expire(now)` releases every reference of every holder whose lease has passed and forgets the
-lease, so that kv_manager can retry or fail those requests with a reason.
+`expire(now)` releases every reference of every holder whose lease has passed and fences the
+holder off: it can never renew, allocate or retain again under that name (`Fenced`), since its
+blocks may be someone else's by now; it starts over as a new holder. kv_manager then retries or
+fails those requests with a reason.
 
 Free list: LIFO. The block freed last is handed out first (its memory is the most likely to be
 in cache), and a fresh allocator hands out 0, 1, 2, ... in order.
@@ -24,13 +26,14 @@ Every refused call raises a typed `AllocatorError` and changes nothing: batches 
 whole before any state is touched.
 """
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from typing import NamedTuple
 
 from duetserve.services.kv_manager.errors import (
     AlreadyHeld,
     DuplicateBlock,
+    Fenced,
     InvalidCount,
     InvalidOwner,
     InvariantViolation,
@@ -41,6 +44,7 @@ from duetserve.services.kv_manager.errors import (
 )
 
 HOLDER_SEPARATOR = "/"
+FENCED_KEPT = 65536  # names of expired holders remembered (the oldest forgotten first)
 
 
 def holder_of(owner: str) -> str:
@@ -69,6 +73,7 @@ class BlockAllocator:
         self._held: dict[str, dict[int, None]] = {}  # owner -> blocks, in order; never empty
         self._owners_of_holder: dict[str, set[str]] = {}  # never empty
         self._lease_deadline: dict[str, float] = {}
+        self._fenced: OrderedDict[str, None] = OrderedDict()
 
     # ---- taking references -------------------------------------------------------------
 
@@ -139,6 +144,8 @@ class BlockAllocator:
         """Heartbeat: the lease of `holder` (an owner name renews its holder) now runs to
         now + lease_s, never earlier than it already did. Returns the deadline."""
         holder = self._check_owner(holder)
+        if holder in self._fenced:
+            raise Fenced(holder)
         deadline = max(now + self.lease_s, self._lease_deadline.get(holder, now))
         self._lease_deadline[holder] = deadline
         return deadline
@@ -153,8 +160,19 @@ class BlockAllocator:
     def expire(self, now: float) -> list[OwnerRelease]:
         """Release every holder whose lease has passed (deadline <= now), holders in name
         order; returns who each owner was and what it held."""
-        lapsed = sorted(h for h, deadline in self._lease_deadline.items() if deadline <= now)
+        lapsed = self.lapsed(now)
+        for holder in lapsed:
+            self._fenced[holder] = None
+            while len(self._fenced) > FENCED_KEPT:
+                self._fenced.popitem(last=False)
         return [release for holder in lapsed for release in self.release_holder(holder)]
+
+    def lapsed(self, now: float) -> list[str]:
+        """The holders `expire(now)` would release, in name order."""
+        return sorted(h for h, deadline in self._lease_deadline.items() if deadline <= now)
+
+    def is_fenced(self, holder: str) -> bool:
+        return holder_of(holder) in self._fenced
 
     def lease_deadline(self, holder: str) -> float | None:
         return self._lease_deadline.get(holder_of(holder))
@@ -220,6 +238,8 @@ class BlockAllocator:
         return holder
 
     def _check_lease(self, holder: str, now: float) -> None:
+        if holder in self._fenced:
+            raise Fenced(holder)
         deadline = self._lease_deadline.get(holder)
         if deadline is not None and deadline <= now:
             raise LeaseExpired(holder, deadline, now)

@@ -56,6 +56,15 @@ class LeaseExpired(AllocatorError):
         self.now = now
 
 
+class Fenced(AllocatorError):
+    """The holder's lease lapsed and its references were released: it may never take or
+    renew one again under that name (it starts over as a new holder)."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(f"the lease of {holder} lapsed and was released; it is fenced off")
+        self.holder = holder
+
+
 class InvariantViolation(AllocatorError):
     """The allocator's bookkeeping is inconsistent (a bug, never an input error)."""
 

@@ -2,9 +2,9 @@
 
 alloc, retain, release and storage are request/reply: each request gets exactly one answer, the
 result or an ErrorReply whose `code` says why (a ProtoError's code for a message that cannot be
-decoded, the allocator's refusal otherwise: out_of_blocks, lease_expired, ...). heartbeat is a
-publish and gets no answer. A request published without a reply subject is dropped unserved,
-so a block is never allocated that nobody hears of.
+decoded, the allocator's refusal otherwise: out_of_blocks, lease_expired, fenced, ...). A
+request published without a reply subject is dropped unserved, so a block is never allocated
+that nobody hears of; only a heartbeat renews all the same (unanswered).
 
 The allocator is not thread-safe and needs no lock: only the event loop touches it, and no
 handler awaits between reading it and changing it.
@@ -27,6 +27,7 @@ from duetserve.services.kv_manager.errors import (
     AllocatorError,
     AlreadyHeld,
     DuplicateBlock,
+    Fenced,
     InvalidCount,
     InvalidOwner,
     LeaseExpired,
@@ -34,6 +35,8 @@ from duetserve.services.kv_manager.errors import (
     OutOfBlocks,
     UnknownBlock,
 )
+from duetserve.services.kv_manager.poison import PoisonCheck
+from duetserve.services.kv_manager.reaper import Writer, stop_writer
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,6 +51,7 @@ ERROR_CODES: dict[type[AllocatorError], str] = {
     DuplicateBlock: "duplicate_block",
     NotHeld: "not_held",
     AlreadyHeld: "already_held",
+    Fenced: "fenced",
 }
 INTERNAL_ERROR = "internal_error"
 
@@ -76,6 +80,7 @@ class KVHandlers:
         source: str,
         pool: str = kv.UNIT_POOL,
         clock: Clock = time.monotonic,
+        poison: PoisonCheck | None = None,
     ) -> None:
         self.bus = bus
         self.allocator = allocator
@@ -84,6 +89,8 @@ class KVHandlers:
         self.source = source  # this instance, as WorkerEvents.source
         self.pool = pool  # which of the unit's pools, as WorkerEvents.kv_pool
         self.clock = clock
+        self.writers: dict[str, Writer] = {}  # holders that write the pool: their processes
+        self.poison = poison  # DUET_KV_POISON: freed blocks poisoned, checked when handed out
 
     # ---- request/reply -----------------------------------------------------------------
 
@@ -111,10 +118,15 @@ class KVHandlers:
 
     def _stats(self, _: kv.KvStatsQuery) -> kv.KvStats:
         allocator = self.allocator
-        return kv.KvStats(allocator.num_free, allocator.num_total, allocator.references_by_holder())
+        stale = self.poison.stale_writes if self.poison is not None else 0
+        return kv.KvStats(
+            allocator.num_free, allocator.num_total, allocator.references_by_holder(), stale
+        )
 
     def _allocate(self, request: kv.AllocateBlocks) -> kv.BlocksGranted:
         block_ids = self.allocator.allocate(request.owner, request.count, self.clock())
+        if self.poison is not None:
+            self.poison.check(block_ids)
         return kv.BlocksGranted(request.owner, tuple(block_ids), self.allocator.num_free)
 
     def _retain(self, request: kv.RetainBlocks) -> kv.BlocksGranted:
@@ -126,6 +138,8 @@ class KVHandlers:
             freed = self.allocator.release(request.owner, request.block_ids)
         else:
             freed = self.allocator.release_owner(request.owner)
+        if self.poison is not None:
+            self.poison.poison(freed, [request.owner])
         return kv.BlocksReleased(request.owner, len(freed), self.allocator.num_free)
 
     def _describe(self, query: kv.StorageQuery) -> kv.StorageDescription:
@@ -158,19 +172,37 @@ class KVHandlers:
     # ---- publish -----------------------------------------------------------------------
 
     async def heartbeat(self, msg: Msg) -> None:
-        """Renew the lease of the beating holder (and so of every owner under it)."""
+        """Renew the lease of the beating holder (and so of every owner under it). Answered
+        (LeaseRenewed, or `fenced`) when sent as a request; a published beat gets no answer."""
+        answer: object
         try:
             beat = decode(msg.data, kv.Heartbeat)
             self.allocator.renew(beat.holder, self.clock())
+            if beat.writes:
+                self.writers[beat.holder] = Writer(beat.pid, beat.host)
+            answer = kv.LeaseRenewed(beat.holder, self.allocator.lease_s)
         except (ProtoError, AllocatorError) as err:
-            logger.warning("heartbeat refused", extra={"error": str(err)})
+            level = logging.DEBUG if isinstance(err, Fenced) else logging.WARNING
+            logger.log(level, "heartbeat refused", extra={"error": str(err)})
+            code = err.code if isinstance(err, ProtoError) else error_code(err)
+            answer = ErrorReply(code, str(err))
+        if msg.reply:
+            await self.bus.reply(msg, encode(answer))
 
     # ---- leases ------------------------------------------------------------------------
 
     async def sweep_leases(self) -> list[OwnerRelease]:
         """Release every holder whose lease has passed, and tell the unit's scheduler (and
         anyone listening on the worker events subject) which owners lost their blocks."""
-        releases = self.allocator.expire(self.clock())
+        now = self.clock()
+        for holder in self.allocator.lapsed(now):
+            writer = self.writers.pop(holder, None)
+            if writer is not None and not await stop_writer(holder, writer):
+                logger.error("freeing the blocks of %s, which may still write them", holder)
+        releases = self.allocator.expire(now)
+        if self.poison is not None:
+            for release in releases:
+                self.poison.poison(release.freed, [release.owner])
         if not releases:
             return releases
         free = self.allocator.num_free

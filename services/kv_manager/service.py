@@ -35,10 +35,12 @@ from duetserve.runtime.weights import Weights
 from duetserve.services.kv_manager.allocator import BlockAllocator
 from duetserve.services.kv_manager.describe import describe
 from duetserve.services.kv_manager.handlers import KVHandlers
+from duetserve.services.kv_manager.poison import PoisonCheck
 from duetserve.services.kv_manager.replacements import Replacements
 from duetserve.services.kv_manager.settings import KVManagerSettings
 from duetserve.services.kv_manager.storage import Storage, open_storage
 from duetserve.services.kv_manager.unit_storage import (
+    KV_POOL,
     PoolGeometry,
     fill_storage,
     load_stored_weights,
@@ -99,6 +101,10 @@ class KVManagerService:
             s.nats_url, self.instance, request_timeout_s=s.request_timeout_s
         )
         for pool in self.pools.values():
+            poison = None
+            if s.kv_poison:
+                poison = PoisonCheck(pool.storage.tensors[KV_POOL])
+                poison.poison(range(pool.description.num_blocks))
             pool.handlers = handlers = KVHandlers(
                 bus,
                 pool.allocator,
@@ -106,6 +112,7 @@ class KVManagerService:
                 unit=s.unit,
                 source=self.instance,
                 pool=pool.name,
+                poison=poison,
             )
             served = {
                 "alloc": handlers.alloc,

@@ -1,6 +1,10 @@
 """The prefill worker: maps the unit's storage, runs the prefill batches the scheduler sends,
 publishes each request's first token on its stream and reports back.
 
+The scheduler owns a prompt's blocks; while a batch writes them the worker holds references of
+its own (`<holder>/batch-<id>`), under its own lease, so that kv_manager never frees a block a
+live batch writes, and stops this process before freeing them if its lease lapses.
+
 In unified mode (DUET_MODE=unified) it is the unit's only worker: it decodes too
 (unit_worker/decoding.py), on the whole device, and each prefill batch joins the next decode
 step as one forward pass (chunked prefill beside decode, the vLLM-style baseline)."""
@@ -13,10 +17,11 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from duetserve.common.health import serve_health
-from duetserve.common.nats_bus import Bus
+from duetserve.common.lifecycle import cancel_tasks, critical_task
+from duetserve.common.nats_bus import Bus, BusTimeout
 from duetserve.common.tracing import traced_as
-from duetserve.common.unit_client import fetch_storage
-from duetserve.proto import subjects, workers
+from duetserve.common.unit_client import Lease, fetch_storage
+from duetserve.proto import kv, subjects, workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply, HealthStatus
 from duetserve.services.prefill_worker.settings import PrefillSettings
@@ -43,6 +48,8 @@ class PrefillWorkerService:
         self.tokens_computed = 0
         self._batches: Subscription | None = None
         self._in_flight = 0  # batches being computed
+        self.lease: Lease | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.step_log = StepLog(settings.step_log_dir, "prefill")
 
     async def start(self) -> None:
@@ -57,6 +64,11 @@ class PrefillWorkerService:
         if s.mode == "unified":
             self.decoding = Decoding(bus, self.host, s, self.instance, compute)
             await self.decoding.start()
+            self.lease = self.decoding.lease
+        else:
+            interval = s.heartbeat_interval_s
+            self.lease = Lease(bus, s.unit, self.instance, interval, writes=True)
+            self._tasks.append(critical_task(self.lease.keep(), "prefill-lease"))
         self._batches = await bus.subscribe(
             workers.prefill_batch_subject(s.unit), self.on_batch, queue=SERVICE
         )
@@ -86,14 +98,24 @@ class PrefillWorkerService:
             await self.bus.reply(msg, encode(ErrorReply(err.code, str(err))))
             return
         started = time.perf_counter()
+        owner = f"{self.instance}/batch-{batch.batch_id}"
+        blocks = tuple(sorted({b for item in batch.items for b in item.block_table}))
+        refused = await self._hold(owner, blocks)
+        if refused is not None:
+            results = tuple(workers.PrefillResult(i.request_id, error=refused) for i in batch.items)
+            await self.bus.reply(msg, encode(workers.PrefillDone(batch.batch_id, results)))
+            return
         self._in_flight += 1
         try:
             if self.decoding is not None:
-                output = await self.decoding.stepper.prefill(batch)
+                output = await self.decoding.stepper.prefill(batch)  # the step checks the lease
             else:
+                assert self.lease is not None
+                await self.lease.wait_valid()  # the batch never writes past the lease
                 output = await self.compute.run(run_prefill, self.host, batch)
         finally:
             self._in_flight -= 1
+            await self._let_go(owner)
         forward_s = time.perf_counter() - started
         tokens = sum(len(item.token_ids) for item in batch.items)
         self.tokens_computed += tokens
@@ -105,8 +127,31 @@ class PrefillWorkerService:
         context = sum(attended_keys(i.num_cached_tokens, len(i.token_ids)) for i in batch.items)
         self.step_log.record(tokens, context, forward_s, time.perf_counter() - started)
 
+    async def _hold(self, owner: str, blocks: tuple[int, ...]) -> str | None:
+        """References of this worker's own on the batch's blocks; why not, if refused (the
+        scheduler's lease lapsed and they were freed: the batch must not write them)."""
+        assert self.bus is not None
+        subject = subjects.kv(self.settings.unit, "retain")
+        try:
+            reply = await self.bus.request(subject, encode(kv.RetainBlocks(owner, blocks)))
+            answer = decode(reply.data, kv.BlocksGranted, ErrorReply)
+        except (BusTimeout, ProtoError) as err:
+            return f"could not hold the batch's blocks: {err}"
+        if isinstance(answer, ErrorReply):
+            return f"could not hold the batch's blocks: {answer.message}"
+        return None
+
+    async def _let_go(self, owner: str) -> None:
+        assert self.bus is not None
+        subject = subjects.kv(self.settings.unit, "release")
+        try:
+            await self.bus.request(subject, encode(kv.ReleaseBlocks(owner)))
+        except (BusTimeout, ProtoError) as err:  # the lease lapses and frees them anyway
+            logger.warning("releasing %s: %s", owner, err)
+
     async def ready(self) -> bool:
-        return self.host is not None and (self.decoding is None or self.decoding.healthy())
+        healthy = self.decoding is None or self.decoding.healthy()
+        return self.host is not None and healthy and all(not t.done() for t in self._tasks)
 
     async def drain(self) -> None:
         self.status = HealthStatus.DRAINING
@@ -118,6 +163,7 @@ class PrefillWorkerService:
     async def stop(self) -> None:
         if self.decoding is not None:
             await self.decoding.stop()
+        await cancel_tasks(self._tasks)
         if self.bus is not None:
             await self.bus.close()
         if self.host is not None:

@@ -6,7 +6,7 @@ import logging
 from duetserve.common.health import serve_health
 from duetserve.common.lifecycle import cancel_tasks, critical_task
 from duetserve.common.nats_bus import Bus
-from duetserve.common.unit_client import fetch_storage, heartbeat_forever
+from duetserve.common.unit_client import Lease, fetch_storage
 from duetserve.proto import kv, subjects, workers
 from duetserve.proto.common import HealthStatus
 from duetserve.services.scheduler.core import SchedulerCore
@@ -71,9 +71,11 @@ class SchedulerService:
         self._tasks = [
             critical_task(self.core.run(), "scheduler-loop"),
             critical_task(tuner.run(), "split-controller"),
+            # Fenced off (its lease lapsed: a scheduler frozen too long), the blocks it held
+            # are gone: it stops, and its supervisor starts a new one, a new holder.
             critical_task(
-                heartbeat_forever(bus, s.unit, self.instance, s.heartbeat_interval_s),
-                "scheduler-heartbeat",
+                Lease(bus, s.unit, self.instance, s.heartbeat_interval_s).keep(),
+                "scheduler-lease",
             ),
         ]
         await serve_health(bus, SERVICE, self.instance, lambda: self.status)

@@ -12,7 +12,7 @@ from nats.aio.subscription import Subscription
 
 from duetserve.common.lifecycle import cancel_tasks, critical_task
 from duetserve.common.nats_bus import Bus
-from duetserve.common.unit_client import heartbeat_forever
+from duetserve.common.unit_client import Lease, LeaseLost
 from duetserve.proto import kv, workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
@@ -40,9 +40,12 @@ class Decoding:
         pool: str = kv.UNIT_POOL,
         source: KVPool | None = None,
     ) -> None:
-        """`pool` and `source`: see DecodeStepper (disagg mode's own pool and its source)."""
+        """`pool` and `source`: see DecodeStepper (disagg mode's own pool and its source).
+        `holder` writes the pool under a lease (`self.lease`) that no step outlives."""
         self.bus, self.settings, self.holder, self.pool = bus, settings, holder, pool
-        self.stepper = DecodeStepper(bus, host, settings, holder, compute, pool, source)
+        interval = settings.heartbeat_interval_s
+        self.lease = Lease(bus, settings.unit, holder, interval, pool, writes=True)
+        self.stepper = DecodeStepper(bus, host, settings, holder, compute, pool, source, self.lease)
         self._tasks: list[asyncio.Task[None]] = []
         self._admissions: Subscription | None = None
 
@@ -54,11 +57,18 @@ class Decoding:
         await self.bus.subscribe(workers.decode_control_subject(s.unit), self.on_control)
         self._tasks = [
             critical_task(self.stepper.run(), "decode-loop"),
-            critical_task(
-                heartbeat_forever(self.bus, s.unit, self.holder, s.heartbeat_interval_s, self.pool),
-                "decode-heartbeat",
-            ),
+            critical_task(self._keep_lease(), "decode-lease"),
         ]
+
+    async def _keep_lease(self) -> None:
+        """Heart-beat; fenced off, drop every resident at once (their blocks are someone
+        else's, and kv_manager has told the scheduler) and stop: the supervisor starts a new
+        worker, a new holder."""
+        try:
+            await self.lease.keep()
+        except LeaseLost as err:
+            self.stepper.forget_all(str(err))
+            raise
 
     async def on_admit(self, msg: Msg) -> None:
         try:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from duetserve.common.nats_bus import Bus, BusTimeout
 from duetserve.common.tracing import traced_as
+from duetserve.common.unit_client import Lease
 from duetserve.proto import kv, subjects, workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
@@ -45,10 +46,13 @@ class DecodeStepper:
         compute: WorkerCompute,
         pool: str = kv.UNIT_POOL,
         source: KVPool | None = None,
+        lease: Lease | None = None,
     ) -> None:
         """`pool`: the unit's pool this worker's blocks come from (`host`'s); `source`
-        (disagg mode): the unit pool, which admitted requests' KV is copied out of."""
+        (disagg mode): the unit pool, which admitted requests' KV is copied out of; `lease`:
+        the holder's lease, which each step waits to have enough of (None: not checked)."""
         self.bus, self.host, self.settings, self.holder = bus, host, settings, holder
+        self.lease = lease
         self.compute = compute
         self.unit = settings.unit
         self.pool, self.source = pool, source
@@ -206,18 +210,24 @@ class DecodeStepper:
                 await asyncio.Future()  # until stopped: the residents belong to another worker
             # A snapshot: admissions land in self.residents while _has_room awaits kv_manager.
             active = [r for r in list(self.residents.values()) if await self._has_room(r)]
-            prefill = self._prefills.pop(0) if self._prefills else None
-            if prefill is not None:
-                await self._mixed_step(active, prefill)
-                continue
-            if not active:
+            if not active and not self._prefills:
                 self._work.clear()
                 stalled = bool(self.residents)
                 with_timeout = self.settings.needs_blocks_repeat_s if stalled else None
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._work.wait(), with_timeout)
                 continue
-            await self._step(active, started)
+            if self.lease is not None:
+                await self.lease.wait_valid()  # a step never writes past the lease
+                if self._frozen:
+                    continue
+                active = [r for r in active if r.request_id in self.residents]
+            prefill = self._prefills.pop(0) if self._prefills else None
+            if prefill is not None:
+                await self._mixed_step(active, prefill)
+                continue
+            if active:
+                await self._step(active, started)
 
     async def _mixed_step(self, active: list[Resident], prefill: "_PendingPrefill") -> None:
         """A prefill batch and a decode step in one forward pass (unified mode)."""
@@ -348,6 +358,18 @@ class DecodeStepper:
         error = await self._kv(kv.ReleaseBlocks(resident.owner), "release")
         if error is not None:
             logger.warning("releasing %s: %s", resident.owner, error)
+
+    def forget_all(self, why: str) -> None:
+        """The lease is lost: every resident's blocks are someone else's now. Stop at once,
+        writing, releasing and answering nothing for them (kv_manager told the scheduler,
+        which fails or retries them); a prefill waiting for a step fails with `why`."""
+        self._frozen = True
+        self.accepting = False
+        self.residents.clear()
+        for pending in self._prefills:
+            pending.output.set_exception(RuntimeError(why))
+        self._prefills.clear()
+        self._work.set()
 
     async def release_all(self, why: str) -> None:
         """Stop holding anything: every request still here fails with `why` (never left

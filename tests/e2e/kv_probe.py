@@ -25,7 +25,7 @@ async def allocated_blocks(
     for _ in range(max(1, int(settle_s / 0.1))):
         stats = await kv_stats(nats_url, pool=pool)
         held = {h: n for h, n in stats.references_by_holder.items() if n}
-        if set(held) <= {"cache_index"}:
+        if all(h.startswith("cache_index") for h in held):
             break
         await asyncio.sleep(0.1)
     return held

@@ -103,4 +103,4 @@ def test_the_decode_worker_is_replaced_under_load_without_a_pause(handover_stack
     given = int(handed[0].split(" request(s) handed over")[0].rsplit(" ", 1)[-1])
     assert given >= 1, handed  # it had residents to give, and gave them
     held = asyncio.run(allocated_blocks(stack.nats_url, settle_s=5.0))
-    assert set(held) <= {"cache_index"}, held
+    assert all(h.startswith("cache_index") for h in held), held

@@ -14,8 +14,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.e2e.conftest import Stack
-from tests.e2e.kv_probe import kv_stats
+from tests.e2e.conftest import Stack, during_long_requests
+from tests.e2e.kv_probe import allocated_blocks, kv_stats
 from tests.processes import alive, wait_gone
 
 RECOVERY_S = 60.0  # a bound for the test, not the target: the target is measured and printed
@@ -132,7 +132,8 @@ def test_a_killed_scheduler_is_started_again_its_requests_end_and_its_blocks_com
             break
         time.sleep(0.2)
     assert not any(h in held and n for h, n in stats.references_by_holder.items()), stats
-    cached = stats.references_by_holder.get("cache_index", 0)
+    held_now = stats.references_by_holder.items()
+    cached = sum(n for h, n in held_now if h.startswith("cache_index"))
     assert stats.num_free + cached >= total - 1, stats  # only the cache's own blocks held
     counted(stack, "scheduler", 1)
 
@@ -147,6 +148,25 @@ def held_by_scheduler(stack: Stack) -> dict[str, int]:
             return held
         time.sleep(0.05)
     raise AssertionError(f"the scheduler never held the prompt's blocks: {stats}")
+
+
+def test_a_decode_worker_frozen_past_its_lease_is_stopped_before_its_blocks_are_reused(
+    stack: Stack,
+) -> None:
+    """SIGSTOP of the decode worker under load: its lease lapses, kv_manager kills it before
+    freeing its blocks (resumed, it would write blocks given away), its requests fail with a
+    reason (none hangs), and the launcher starts a new one."""
+    frozen = stack.service_pids()["decode_worker"]
+    ended = during_long_requests(stack, 3, lambda: os.kill(frozen, signal.SIGSTOP))
+    for result in ended:
+        assert isinstance(result, openai.InternalServerError), repr(result)
+        assert "lease of" in str(result) and "expired" in str(result), result
+    assert not alive(frozen) or not wait_gone([frozen], 10)  # killed, not resumed
+    wait_restarted(stack, "decode_worker", frozen)
+    took = serves_again_within(stack, RECOVERY_S)
+    print(f"frozen decode worker: serving again {took:.1f}s later")
+    held = asyncio.run(allocated_blocks(stack.nats_url, settle_s=10.0))
+    assert all(h.startswith("cache_index") for h in held), held
 
 
 def test_a_killed_nats_server_is_started_again_and_the_stack_serves_within_10s(

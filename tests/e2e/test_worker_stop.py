@@ -38,4 +38,4 @@ def test_requests_on_a_stopped_decode_worker_fail_with_a_reason(short_drain_stac
         assert isinstance(result, openai.InternalServerError), repr(result)
         assert "decode worker stopped" in str(result), result
     held = asyncio.run(allocated_blocks(stack.nats_url, settle_s=5.0))
-    assert set(held) <= {"cache_index"}, held  # every block came back
+    assert all(h.startswith("cache_index") for h in held), held  # every block came back

@@ -186,7 +186,9 @@ async def test_runs_as_a_process_after_waiting_for_kv_manager(
     nats_server: NatsServer, bus: Bus, model_dirs: ModelDirs
 ) -> None:
     name = new_unit()
-    process = ServiceProcess("cache_index", DUET_NATS_URL=nats_server.url, DUET_UNIT=name)
+    process = ServiceProcess(
+        "cache_index", DUET_NATS_URL=nats_server.url, DUET_UNIT=name, DUET_INSTANCE="cache_index"
+    )
     try:
         await process.wait_for_output("waiting for kv_manager")
         async with running_kv_manager(nats_server.url, model_dirs.get(TINY), unit=name) as kvm:

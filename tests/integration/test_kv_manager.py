@@ -4,6 +4,8 @@ round trips and refusals, lease expiry with its event, and malformed requests.""
 import asyncio
 import contextlib
 import logging
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -353,3 +355,72 @@ async def _beat_forgiving(bus: Bus, unit: str, holder: str, every_s: float) -> N
         with contextlib.suppress(Exception):
             await bus.publish(subjects.kv(unit, "heartbeat"), encode(kv.Heartbeat(holder)))
         await asyncio.sleep(every_s)
+
+
+async def test_a_writer_whose_lease_lapsed_is_stopped_before_its_blocks_are_freed_and_fenced(
+    nats_server: NatsServer, bus: Bus, tiny: Path
+) -> None:
+    """A worker frozen past its lease (SIGSTOP here) would resume mid-step and write blocks
+    given away: kv_manager kills it first. Its name is fenced off: a late heartbeat is refused
+    and does not revive the lease."""
+    frozen = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)  # duetserve worker stand-in"]
+    )
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        frozen.send_signal(signal.SIGSTOP)
+        async with running_kv_manager(nats_server.url, tiny, lease_s=0.3) as service:
+            unit = service.settings.unit
+            beat = subjects.kv(unit, "heartbeat")
+            host = socket.gethostname()
+            for holder, process in (("frozen", frozen), ("bystander", bystander)):
+                writer = kv.Heartbeat(holder, writes=True, pid=process.pid, host=host)
+                renewed = await ask_ok(bus, beat, writer, kv.LeaseRenewed)
+                assert renewed.lease_s == 0.3
+                await ask_ok(
+                    bus,
+                    subjects.kv(unit, "alloc"),
+                    kv.AllocateBlocks(f"{holder}/r", 2),
+                    kv.BlocksGranted,
+                )
+            assert service.allocator is not None
+            deadline = time.monotonic() + 5
+            while service.allocator.num_free < 8 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert service.allocator.num_free == 8  # both leases lapsed, every block is back
+            assert frozen.wait(timeout=1) == -signal.SIGKILL  # stopped before its blocks went
+            assert bystander.poll() is None  # not a Duet process: its pid is left alone
+            late = await ask(bus, beat, kv.Heartbeat("frozen"), kv.LeaseRenewed)
+            assert isinstance(late, ErrorReply) and late.code == "fenced"
+            refused = await ask(
+                bus, subjects.kv(unit, "alloc"), kv.AllocateBlocks("frozen/s", 1), kv.BlocksGranted
+            )
+            assert isinstance(refused, ErrorReply) and refused.code == "fenced"
+    finally:
+        for process in (frozen, bystander):
+            process.kill()
+            process.wait()
+
+
+async def test_poisoned_pool_counts_blocks_written_while_free(
+    nats_server: NatsServer, bus: Bus, tiny: Path
+) -> None:
+    """DUET_KV_POISON: a write into a block nobody holds is found when the block is handed out
+    again; writes into held blocks are not."""
+    async with running_kv_manager(nats_server.url, tiny, num_blocks=4, kv_poison=True) as service:
+        unit = service.settings.unit
+        alloc, release = subjects.kv(unit, "alloc"), subjects.kv(unit, "release")
+        stats = subjects.kv(unit, "stats")
+        assert service.storage is not None
+        pool = service.storage.tensors["kv_pool"]  # what a worker maps
+        granted = await ask_ok(bus, alloc, kv.AllocateBlocks("a/r", 4), kv.BlocksGranted)
+        for block in granted.block_ids:
+            pool[:, :, block] = 0.5  # written while held: fine
+        await ask_ok(bus, release, kv.ReleaseBlocks("a/r"), kv.BlocksReleased)
+        pool[0, 1, granted.block_ids[2], 3] = 1.0  # a stale writer, after the release
+        await ask_ok(bus, alloc, kv.AllocateBlocks("b/r", 4), kv.BlocksGranted)
+        counted = await ask_ok(bus, stats, kv.KvStatsQuery(), kv.KvStats)
+        assert counted.stale_writes == 1
+        await ask_ok(bus, release, kv.ReleaseBlocks("b/r"), kv.BlocksReleased)
+        await ask_ok(bus, alloc, kv.AllocateBlocks("c/r", 4), kv.BlocksGranted)
+        assert (await ask_ok(bus, stats, kv.KvStatsQuery(), kv.KvStats)).stale_writes == 1

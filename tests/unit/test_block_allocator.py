@@ -11,6 +11,7 @@ from duetserve.services.kv_manager.allocator import BlockAllocator, OwnerRelease
 from duetserve.services.kv_manager.errors import (
     AlreadyHeld,
     DuplicateBlock,
+    Fenced,
     InvalidCount,
     InvalidOwner,
     LeaseExpired,
@@ -185,6 +186,8 @@ class Model:
         self.num_blocks = num_blocks
         self.refs: dict[str, set[int]] = {}
         self.deadline: dict[str, float] = {}
+        self.fenced: set[str] = set()
+        self.incarnation = [0, 0, 0]  # of holders w0, w1, w2: the next one after a fence
 
     def allocated(self) -> set[int]:
         return set().union(*self.refs.values())
@@ -208,7 +211,19 @@ class Model:
             del self.refs[owner]
         for holder in lapsed:
             del self.deadline[holder]
+        self.fenced |= lapsed
+        for holder in lapsed:
+            number = int(holder[1 : holder.index(".")])
+            self.incarnation[number] += 1
         return lapsed
+
+    def owner(self, rng: random.Random) -> str:
+        """Mostly a live holder's owner; now and then one of a fenced incarnation."""
+        number = rng.randrange(3)
+        incarnation = self.incarnation[number]
+        if incarnation and rng.random() < 0.1:
+            incarnation = rng.randrange(incarnation)
+        return f"w{number}.{incarnation}/r{rng.randrange(4)}"
 
 
 Step = Callable[[BlockAllocator, Model, random.Random, str, float], str]
@@ -218,6 +233,10 @@ def step_allocate(
     alloc: BlockAllocator, model: Model, rng: random.Random, owner: str, now: float
 ) -> str:
     count = rng.randrange(6)
+    if holder_of(owner) in model.fenced:
+        with pytest.raises(Fenced):
+            alloc.allocate(owner, count, now)
+        return "allocate: fenced"
     if model.lapsed(owner, now):
         with pytest.raises(LeaseExpired):
             alloc.allocate(owner, count, now)
@@ -239,7 +258,9 @@ def step_retain(
     pool = allocated if allocated and rng.random() < 0.7 else list(range(model.num_blocks))
     blocks = rng.sample(pool, min(len(pool), rng.randrange(1, 4)))
     expected: type[Exception] | None = None
-    if model.lapsed(owner, now):
+    if holder_of(owner) in model.fenced:
+        expected = Fenced
+    elif model.lapsed(owner, now):
         expected = LeaseExpired
     elif not set(blocks) <= model.allocated():
         expected = UnknownBlock
@@ -285,6 +306,10 @@ def step_renew(
     alloc: BlockAllocator, model: Model, rng: random.Random, owner: str, now: float
 ) -> str:
     holder = holder_of(owner)
+    if holder in model.fenced:
+        with pytest.raises(Fenced):
+            alloc.renew(holder, now)
+        return "renew: fenced"
     assert alloc.renew(holder, now) == max(model.deadline.get(holder, now), now + LEASE)
     model.deadline[holder] = max(model.deadline.get(holder, now), now + LEASE)
     return "renew"
@@ -321,7 +346,7 @@ def test_random_operations_match_a_model() -> None:
     now = 0.0
     for _ in range(4000):
         now += rng.choice([0.0, 0.0, 0.5, 1.0, 3.0])
-        owner = f"w{rng.randrange(3)}/r{rng.randrange(4)}"
+        owner = model.owner(rng)
         outcomes[rng.choice(STEPS)(alloc, model, rng, owner, now)] += 1
         alloc.check_invariants()
         assert alloc.num_free == 24 - len(model.allocated())
@@ -331,7 +356,7 @@ def test_random_operations_match_a_model() -> None:
         for owner, blocks in model.refs.items():
             assert set(alloc.held_by(owner)) == blocks
     rare = {k: v for k, v in outcomes.items() if v < 20}
-    assert len(outcomes) == 13 and not rare, outcomes  # every path, refusals included, was taken
+    assert len(outcomes) == 16 and not rare, outcomes  # every path, refusals included, was taken
 
 
 def test_extending_every_lease_gives_each_a_full_lease_and_never_shortens_one() -> None:
@@ -344,3 +369,19 @@ def test_extending_every_lease_gives_each_a_full_lease_and_never_shortens_one() 
     assert allocator.lease_deadline("b") == 25.0
     assert allocator.expire(now=14.9) == []
     allocator.check_invariants()
+
+
+def test_a_holder_whose_lease_lapsed_is_fenced_off_for_good() -> None:
+    """Its blocks may be someone else's by now: a late heartbeat must not revive it (it would
+    go on writing blocks given away), nor may it take new ones under that name."""
+    alloc = BlockAllocator(4, lease_s=1.0)
+    alloc.allocate("decode-7/r", 2, now=0.0)
+    assert [r.owner for r in alloc.expire(now=1.0)] == ["decode-7/r"]
+    assert alloc.is_fenced("decode-7") and alloc.is_fenced("decode-7/r")
+    with pytest.raises(Fenced):
+        alloc.renew("decode-7", now=1.1)
+    with pytest.raises(Fenced):
+        alloc.allocate("decode-7/s", 1, now=1.1)
+    assert alloc.release_owner("decode-7/r") == []  # releasing stays harmless
+    assert len(alloc.allocate("decode-8/r", 4, now=1.1)) == 4  # its successor, a new holder
+    alloc.check_invariants()

@@ -84,6 +84,8 @@ EXAMPLES: list[object] = [
     kv.ReleaseBlocks("sched-0/r-1"),
     kv.BlocksReleased("sched-0/r-1", num_freed=2, num_free=102),
     kv.Heartbeat("decode-0"),
+    kv.Heartbeat("decode-0", writes=True, pid=4242, host="node-1"),
+    kv.LeaseRenewed("decode-0", 5.0),
     kv.StorageQuery("prefill-0"),
     kv.KvStatsQuery(),
     supervision.SupervisorReport("launcher-1", {"decode_worker": 2}, {"kv_manager": 41}),
