@@ -42,7 +42,7 @@ def assert_stories_complete_as_alone(stack: Stack) -> None:
     assert [r.usage.completion_tokens for r in results if r.usage] == [MAX_TOKENS] * 8
     assert [r.choices[0].text for r in results] == alone
     held = asyncio.run(allocated_blocks(stack.nats_url, settle_s=5.0))
-    assert set(held) <= {"cache_index"}, held
+    assert all(h.startswith("cache_index") for h in held), held
 
 
 def test_every_request_completes_under_preemption(small_pool_stack: Stack) -> None:
