@@ -53,6 +53,7 @@ PROMPTS = (
     "A letter from a clockmaker to her apprentice",
 )
 LEASE_S = 5.0  # kv_manager's default lease: a freeze must outlast it
+RETRY_AFTER_S = 0.5  # a client's pause after a failed request
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,7 @@ class Fault:
     what: str
     # (pids of the stack's processes by name) -> strikes; returns when the fault has struck
     strike: Callable[[dict[str, int]], None]
+    target: str = ""  # the process it strikes (absent in some modes: the fault is skipped)
 
 
 def _kill(target: str) -> Callable[[dict[str, int]], None]:
@@ -81,21 +83,33 @@ def _freeze(target: str, for_s: float) -> Callable[[dict[str, int]], None]:
 
 
 FAULTS = (
-    Fault("kill-decode-worker", "SIGKILL of the decode worker", _kill("decode_worker")),
-    Fault("kill-prefill-worker", "SIGKILL of the prefill worker", _kill("prefill_worker")),
-    Fault("kill-scheduler", "SIGKILL of the scheduler", _kill("scheduler")),
-    Fault("kill-kv-manager", "SIGKILL of kv_manager", _kill("kv_manager")),
-    Fault("kill-cache-index", "SIGKILL of the cache index", _kill("cache_index")),
-    Fault("kill-nats-server", "SIGKILL of nats-server", _kill("nats-server")),
+    Fault(
+        "kill-decode-worker",
+        "SIGKILL of the decode worker",
+        _kill("decode_worker"),
+        "decode_worker",
+    ),
+    Fault(
+        "kill-prefill-worker",
+        "SIGKILL of the prefill worker",
+        _kill("prefill_worker"),
+        "prefill_worker",
+    ),
+    Fault("kill-scheduler", "SIGKILL of the scheduler", _kill("scheduler"), "scheduler"),
+    Fault("kill-kv-manager", "SIGKILL of kv_manager", _kill("kv_manager"), "kv_manager"),
+    Fault("kill-cache-index", "SIGKILL of the cache index", _kill("cache_index"), "cache_index"),
+    Fault("kill-nats-server", "SIGKILL of nats-server", _kill("nats-server"), "nats-server"),
     Fault(
         "stop-decode-worker",
         f"SIGSTOP of the decode worker for {2 * LEASE_S:g} s (past its lease), then SIGCONT",
         _freeze("decode_worker", 2 * LEASE_S),
+        "decode_worker",
     ),
     Fault(
         "stop-prefill-worker",
         f"SIGSTOP of the prefill worker for {2 * LEASE_S:g} s (past its lease), then SIGCONT",
         _freeze("prefill_worker", 2 * LEASE_S),
+        "prefill_worker",
     ),
     Fault("kill-launcher", "SIGKILL of the launcher", lambda pids: None),  # done by the runner
 )
@@ -268,16 +282,21 @@ class LoadRunner:
 
         async def client(http: aiohttp.ClientSession) -> None:
             while time.monotonic() < stop_at:
-                outcomes.append(await self.one(http, next(counter) % keys))
+                outcome = await self.one(http, next(counter) % keys)
+                outcomes.append(outcome)
+                if outcome.status != "completed":
+                    await asyncio.sleep(RETRY_AFTER_S)  # as a client would, not in a hot loop
 
         async with aiohttp.ClientSession() as http:
             clients = [asyncio.create_task(client(http)) for _ in range(load.clients)]
-            await asyncio.sleep(load.fault_at_s)
-            pids = self.stack.pids()
-            struck = time.monotonic()
-            await asyncio.to_thread(fault.strike, pids)
-            serves_again = await self.probe(http, struck, stop_at + load.hang_s)
-            await asyncio.gather(*clients)
+            try:
+                await asyncio.sleep(load.fault_at_s)
+                pids = self.stack.pids()
+                struck = time.monotonic()
+                await asyncio.to_thread(fault.strike, pids)
+                serves_again = await self.probe(http, struck, stop_at + load.hang_s)
+            finally:
+                await asyncio.gather(*clients)
         return outcomes, struck, serves_again
 
     async def probe(self, http: aiohttp.ClientSession, since: float, until: float) -> float | None:
@@ -361,9 +380,15 @@ def summarize(
 
 
 def run_suite(
-    faults: Sequence[str], load: Load, var_dir: Path, model: Path | None, log: Callable[[str], None]
+    faults: Sequence[str],
+    load: Load,
+    var_dir: Path,
+    model: Path | None,
+    log: Callable[[str], None],
+    env: dict[str, str] | None = None,
 ) -> list[FaultResult]:
-    stack = RunningStack(var_dir, model, {})
+    """Every fault of `faults` in turn on one stack (started with `env` added)."""
+    stack = RunningStack(var_dir, model, env or {})
     results: list[FaultResult] = []
     try:
         model_id = _model_id(stack.base_url)
@@ -372,6 +397,9 @@ def run_suite(
         references = asyncio.run(runner.references(keys))
         log(f"reference answers of {keys} requests recorded")
         for fault in (f for f in FAULTS if f.name in faults):
+            if fault.target and fault.target not in stack.pids():
+                log(f"{fault.name}: skipped, no {fault.target} runs in this mode")
+                continue
             if fault.name == "kill-launcher":
                 results.append(kill_launcher(stack, fault))
             else:
@@ -429,6 +457,7 @@ def _line(r: FaultResult) -> str:
         f"({r.in_flight_completed} of those in flight), failed {r.failed}, hung {r.hung}; "
         f"outputs equal {r.equal_to_reference}/{r.completed}; leaked {r.leaked_blocks}, "
         f"stale writes {r.stale_writes}; serving again after {again}"
+        + "".join(f"\n    {n}x {why}" for why, n in r.reasons.items())
     )
 
 
@@ -464,7 +493,7 @@ def markdown(results: list[FaultResult], load: Load, command: str, model: str) -
             f"    {command}",
             "",
             f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()}; "
-            f"model {model}; {load.clients} clients sending seeded completions of "
+            f"served: {model}; {load.clients} clients sending seeded completions of "
             f"{load.max_tokens} tokens (EOS ignored) back to back for {load.duration_s:g} s, "
             f"the fault {load.fault_at_s:g} s in. What each column means is in the module's "
             "docstring; `hung` must be 0.",
@@ -479,12 +508,25 @@ def markdown(results: list[FaultResult], load: Load, command: str, model: str) -
     )
 
 
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m duetserve.loadtest.faults", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--faults", default=",".join(FAULT_NAMES), help="comma-separated")
     parser.add_argument("--model", type=Path, default=None, help="default: the launcher's")
+    parser.add_argument(
+        "--mode", default="semi-pd", help="DUET_MODE (semi-pd, the default, runs every process)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="DUET_DTYPE; float32 by default: its answers do not depend on how requests were "
+        "batched, so each can be compared with its undisturbed answer",
+    )
     parser.add_argument("--clients", type=int, default=Load.clients)
     parser.add_argument("--max-tokens", type=int, default=Load.max_tokens)
     parser.add_argument("--duration", type=float, default=Load.duration_s)
@@ -498,7 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown fault(s) {sorted(unknown)}; known: {', '.join(FAULT_NAMES)}")
     load = Load(args.clients, args.max_tokens, args.duration, args.fault_at)
-    results = run_suite(faults, load, args.var_dir, args.model, lambda s: print(s, flush=True))
+    env = {"DUET_MODE": args.mode, "DUET_DTYPE": args.dtype}
+    results = run_suite(faults, load, args.var_dir, args.model, _print, env)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         body = {
@@ -509,7 +552,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.write is not None:
         command = "python -m duetserve.loadtest.faults " + " ".join(argv or sys.argv[1:])
         model = args.model.name if args.model else "SmolLM2-135M-Instruct (the default)"
-        args.write.write_text(markdown(results, load, command.strip(), model))
+        served = f"{model}, {args.mode}, {args.dtype}"
+        args.write.write_text(markdown(results, load, command.strip(), served))
     bad = [r for r in results if r.hung or r.leaked_blocks or r.stale_writes or r.orphans]
     return 1 if bad else 0
 

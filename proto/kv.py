@@ -38,10 +38,14 @@ class BlocksGranted:
 @message("kv.retain")
 @dataclass(frozen=True, slots=True)
 class RetainBlocks:
-    """One more reference to blocks already allocated (prefix sharing)."""
+    """One more reference to blocks already allocated (prefix sharing). With `held_by`, only
+    if each block is still held by one of those owners: a worker about to write blocks it was
+    given for a request refuses to write them if they were freed and handed to someone else
+    meanwhile (allocated, but no longer that request's)."""
 
     owner: str
     block_ids: tuple[int, ...]
+    held_by: tuple[str, ...] = ()
 
 
 @message("kv.release")

@@ -37,6 +37,22 @@ def decode_control_subject(unit: str) -> str:
     return f"{ROOT}.decode.{check_token(unit, 'unit')}.control"
 
 
+BATCH_PREFIX = "batch-"
+
+
+def batch_owner(holder: str, batch_id: int) -> str:
+    """The kv_manager owner of the references a prefill worker holds on a batch's blocks while
+    it computes the batch: kv_manager names it in LeasesExpired (as `batch-<id>`) if the worker's
+    lease lapses, and the scheduler then knows that batch will never be answered."""
+    return f"{holder}/{BATCH_PREFIX}{batch_id}"
+
+
+def batch_of(request_id: str) -> int | None:
+    """The batch id of a `batch-<id>` owner's request part (None: a request's)."""
+    number = request_id.removeprefix(BATCH_PREFIX)
+    return int(number) if number != request_id and number.isdigit() else None
+
+
 def worker_events_subject(unit: str) -> str:
     """Publish: the unit's workers and kv_manager -> scheduler."""
     return f"{ROOT}.sched.{check_token(unit, 'unit')}.events"
@@ -61,6 +77,7 @@ class PrefillItem:
     block_table: tuple[int, ...]
     sample: SamplingState | None = None  # set on the chunk that completes the prompt
     traceparent: str = ""  # the request's trace (W3C), since a batch serves many requests
+    owner: str = ""  # the kv_manager owner of block_table (the scheduler's, for the request)
 
 
 @message("prefill.batch")

@@ -130,6 +130,11 @@ class KVHandlers:
         return kv.BlocksGranted(request.owner, tuple(block_ids), self.allocator.num_free)
 
     def _retain(self, request: kv.RetainBlocks) -> kv.BlocksGranted:
+        if request.held_by:
+            wanted = set(request.held_by)
+            for block in request.block_ids:
+                if not wanted.intersection(self.allocator.owners_of(block)):
+                    raise NotHeld(f"block {block} is no longer held by {sorted(wanted)}")
         self.allocator.retain(request.owner, request.block_ids, self.clock())
         return kv.BlocksGranted(request.owner, request.block_ids, self.allocator.num_free)
 

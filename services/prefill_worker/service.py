@@ -98,13 +98,25 @@ class PrefillWorkerService:
             await self.bus.reply(msg, encode(ErrorReply(err.code, str(err))))
             return
         started = time.perf_counter()
-        owner = f"{self.instance}/batch-{batch.batch_id}"
+        owner = workers.batch_owner(self.instance, batch.batch_id)
         blocks = tuple(sorted({b for item in batch.items for b in item.block_table}))
-        refused = await self._hold(owner, blocks)
+        owners = tuple(sorted({item.owner for item in batch.items if item.owner}))
+        refused = await self._hold(owner, blocks, owners)
         if refused is not None:
             results = tuple(workers.PrefillResult(i.request_id, error=refused) for i in batch.items)
             await self.bus.reply(msg, encode(workers.PrefillDone(batch.batch_id, results)))
             return
+        try:  # the references are held until the answer is out (see _answer)
+            await self._answer(msg, batch, started)
+        finally:
+            await self._let_go(owner)
+
+    async def _answer(self, msg: Msg, batch: workers.PrefillBatch, started: float) -> None:
+        """Compute the batch, publish each first token, answer the scheduler. The batch's
+        references outlive all of it: a worker killed before its answer is out still holds
+        them, so its lease lapses with the batch named in it, and the scheduler stops waiting
+        for an answer that will never come (SchedulerCore.abort_prefill)."""
+        assert self.bus is not None and self.host is not None and self.compute is not None
         self._in_flight += 1
         try:
             if self.decoding is not None:
@@ -115,7 +127,6 @@ class PrefillWorkerService:
                 output = await self.compute.run(run_prefill, self.host, batch)
         finally:
             self._in_flight -= 1
-            await self._let_go(owner)
         forward_s = time.perf_counter() - started
         tokens = sum(len(item.token_ids) for item in batch.items)
         self.tokens_computed += tokens
@@ -127,13 +138,17 @@ class PrefillWorkerService:
         context = sum(attended_keys(i.num_cached_tokens, len(i.token_ids)) for i in batch.items)
         self.step_log.record(tokens, context, forward_s, time.perf_counter() - started)
 
-    async def _hold(self, owner: str, blocks: tuple[int, ...]) -> str | None:
-        """References of this worker's own on the batch's blocks; why not, if refused (the
-        scheduler's lease lapsed and they were freed: the batch must not write them)."""
+    async def _hold(
+        self, owner: str, blocks: tuple[int, ...], held_by: tuple[str, ...]
+    ) -> str | None:
+        """References of this worker's own on the batch's blocks, only if the requests still
+        hold them; why not, if refused (the scheduler gave up on the batch, or its lease
+        lapsed, and the blocks were freed: the batch must not write them)."""
         assert self.bus is not None
         subject = subjects.kv(self.settings.unit, "retain")
+        retain = kv.RetainBlocks(owner, blocks, held_by)
         try:
-            reply = await self.bus.request(subject, encode(kv.RetainBlocks(owner, blocks)))
+            reply = await self.bus.request(subject, encode(retain))
             answer = decode(reply.data, kv.BlocksGranted, ErrorReply)
         except (BusTimeout, ProtoError) as err:
             return f"could not hold the batch's blocks: {err}"

@@ -24,6 +24,13 @@ from duetserve.services.scheduler.state import KvTransfers, Phase, UnitView
 logger = logging.getLogger(__name__)
 RETRY_WAITING_S = 0.5
 RELEASE_ATTEMPTS = 3
+# A prefill batch unanswered this many times longer than batches have taken per token (at
+# least PREFILL_WAIT_FLOOR_S, at most prefill_timeout_s) is given up and its requests prefilled
+# again: its answer was lost, or its worker died before it could say so. A request given up on
+# PREFILL_ATTEMPTS times fails.
+PREFILL_WAIT_FACTOR = 8.0
+PREFILL_WAIT_FLOOR_S = 10.0
+PREFILL_ATTEMPTS = 3
 
 
 class SchedulerCore:
@@ -61,6 +68,10 @@ class SchedulerCore:
         self.handoffs: list[RequestRecord] = []
         self.transfers = KvTransfers()
         self._next_reclaim = 0.0  # monotonic time before which the cache is not asked again
+        # Set (with a reason) when the batch in flight will never be answered: its prefill
+        # worker lost its lease (dead, or frozen and stopped by kv_manager).
+        self._prefill_lost: asyncio.Future[str] | None = None
+        self._prefill_s_per_token: float | None = None  # the slowest recent batch's
 
     @property
     def disagg(self) -> bool:
@@ -247,14 +258,31 @@ class SchedulerCore:
         items = tuple(self._prefill_item(c) for c in chunks)
         batch = workers.PrefillBatch(self._batch_id, items)
         started = time.monotonic()
+        tokens = sum(c.num_tokens for c in chunks)
+        wait_s = self._prefill_wait_s(tokens)
+        request = asyncio.ensure_future(
+            self.bus.request(workers.prefill_batch_subject(self.unit), encode(batch), wait_s)
+        )
+        lost = self._prefill_lost = asyncio.get_running_loop().create_future()
         try:
-            reply = await self.bus.request(
-                workers.prefill_batch_subject(self.unit), encode(batch), self.prefill_timeout_s
-            )
+            await asyncio.wait({request, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._prefill_lost = None
+            if not request.done():  # lost, or the loop itself is being cancelled
+                request.cancel()
+        if request.cancelled():
+            await self._prefill_again(chunks, lost.result())
+            return
+        try:
+            reply = request.result()
             done = decode(reply.data, workers.PrefillDone)
-            tokens = sum(c.num_tokens for c in chunks)
-            self.tuner.on_prefill_batch(tokens, time.monotonic() - started)
-        except (BusTimeout, ProtoError) as err:
+            took = time.monotonic() - started
+            self.tuner.on_prefill_batch(tokens, took)
+            self._observe_prefill(tokens, took)
+        except BusTimeout as err:
+            await self._prefill_again(chunks, str(err))
+            return
+        except ProtoError as err:
             for chunk in chunks:
                 if (record := self.records.get(chunk.request_id)) is not None:
                     await self.fail(record, f"prefill failed: {err}")
@@ -264,6 +292,47 @@ class SchedulerCore:
             if (record := self.records.get(chunk.request_id)) is not None:
                 with traced_as(record.traceparent, "scheduler.prefilled"):
                     await self._after_chunk(record, chunk, results)
+
+    def _prefill_wait_s(self, tokens: int) -> float:
+        if self._prefill_s_per_token is None:
+            return self.prefill_timeout_s  # nothing measured yet (the first batch warms up)
+        expected = PREFILL_WAIT_FACTOR * tokens * self._prefill_s_per_token
+        return min(self.prefill_timeout_s, max(PREFILL_WAIT_FLOOR_S, expected))
+
+    def _observe_prefill(self, tokens: int, seconds: float) -> None:
+        """Seconds per token of the slowest recent batch (a slow one counts at once, and is
+        forgotten slowly)."""
+        rate = seconds / max(tokens, 1)
+        known = self._prefill_s_per_token
+        self._prefill_s_per_token = rate if known is None else max(rate, 0.9 * known + 0.1 * rate)
+
+    def abort_prefill(self, batch_id: int, reason: str) -> None:
+        """The prefill worker of batch `batch_id` lost its lease: if that batch is the one in
+        flight, stop waiting for it (SchedulerCore._run_prefill)."""
+        lost = self._prefill_lost
+        if batch_id == self._batch_id and lost is not None and not lost.done():
+            lost.set_result(reason)
+
+    async def _prefill_again(self, chunks: list[PrefillChunk], reason: str) -> None:
+        """The batch will not be answered (its worker is gone, or its answer was lost): nothing
+        of these prompts reached a client, so each goes back to waiting, its blocks given back,
+        and is prefilled again from the start. The blocks are safe to give back: a worker that
+        still writes them holds references of its own (taken only while the request held
+        them), so they are not freed before it is done."""
+        logger.warning("prefill batch lost (%s): prefilling %d again", reason, len(chunks))
+        for chunk in chunks:
+            record = self.records.get(chunk.request_id)
+            if record is None or record.seq.phase != Phase.PREFILLING:
+                continue
+            record.prefill_attempts += 1
+            if record.prefill_attempts >= PREFILL_ATTEMPTS:
+                await self.fail(record, f"prefill failed {PREFILL_ATTEMPTS} times: {reason}")
+                continue
+            self.unlist(record)
+            await self.release(record.owner)
+            record.requeue_after_preemption(tuple(record.output_token_ids))
+            self.view.waiting.append(record.seq)
+        self.wake.set()
 
     def _prefill_item(self, chunk: PrefillChunk) -> workers.PrefillItem:
         record = self.records[chunk.request_id]
@@ -275,6 +344,7 @@ class SchedulerCore:
             block_table=tuple(record.block_table),
             sample=record.sampling_state() if chunk.is_last else None,
             traceparent=record.traceparent,
+            owner=record.owner,
         )
 
     async def _after_chunk(

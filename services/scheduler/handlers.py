@@ -153,6 +153,10 @@ class SchedulerHandlers:
         self.core.wake.set()
 
     async def _on_event(self, event: workers.WorkerEvent) -> None:
+        batch = workers.batch_of(event.request_id)
+        if event.kind == workers.EventKind.LEASES_EXPIRED and batch is not None:
+            self.core.abort_prefill(batch, event.reason)  # its worker will never answer
+            return
         record = self.core.records.get(event.request_id)
         if record is None:
             return

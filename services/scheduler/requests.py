@@ -20,6 +20,7 @@ class RequestRecord:
     # The kv_manager holder the scheduler takes blocks as: its instance name, so that a
     # restarted scheduler never renews (and so never frees) the leases of the one before it.
     holder: str = "scheduler"
+    prefill_attempts: int = 0  # batches of it given up on (SchedulerCore._prefill_again)
 
     @property
     def request_id(self) -> str:
