@@ -139,3 +139,13 @@ class RequestStatusQuery:
 class RequestStatus:
     scheduler: str  # the instance that answered
     known: tuple[str, ...]  # those of the query it still runs, in any phase
+
+
+@message("sched.resume")
+@dataclass(frozen=True, slots=True)
+class ResumeRequest:
+    """The answer to a migrating notice (TokenChunk.migrating): the output the client has had
+    of the request, from which it continues on another worker."""
+
+    request_id: str
+    output_token_ids: tuple[int, ...]

@@ -13,6 +13,8 @@ SCHED_CANCEL = f"{ROOT}.sched.cancel"
 SCHED_STATS = f"{ROOT}.sched.stats"
 # Ingress -> scheduler (request/reply): which of these requests does it still run?
 SCHED_STATUS = f"{ROOT}.sched.status"
+# Ingress -> scheduler (publish): continue a migrating request from the output its client has.
+SCHED_RESUME = f"{ROOT}.sched.resume"
 # Anyone -> cache_index (request/reply).
 CACHE_MATCH = f"{ROOT}.cache.match"
 CACHE_INSERT = f"{ROOT}.cache.insert"

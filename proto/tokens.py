@@ -40,10 +40,16 @@ class TokenChunk:
     finish_reason: FinishReason | None = None
     error: str | None = None
     cached_tokens: int | None = None
+    # The worker producing this stream was lost (no tokens, no finish): the subscriber answers
+    # with a ResumeRequest naming the output it has, and the request goes on elsewhere from
+    # there, its sampling unchanged (seeded), so the stream continues as if nothing happened.
+    migrating: bool = False
 
     def __post_init__(self) -> None:
         if self.index < 0:
             raise ValueError("index must be >= 0")
+        if self.migrating and (self.token_ids or self.finish_reason is not None):
+            raise ValueError("a migrating notice carries no tokens and no finish")
         if self.logprobs and len(self.logprobs) != len(self.token_ids):
             raise ValueError("logprobs, when present, must have one entry per token")
         if (self.error is not None) != (self.finish_reason == FinishReason.ERROR):

@@ -23,7 +23,13 @@ from prometheus_client import Gauge
 from duetserve.common.nats_bus import Bus, BusNoResponders, BusTimeout
 from duetserve.proto import codec, subjects
 from duetserve.proto.common import ErrorReply
-from duetserve.proto.scheduling import CancelReason, CancelRequest, SubmitAccepted, SubmitRequest
+from duetserve.proto.scheduling import (
+    CancelReason,
+    CancelRequest,
+    ResumeRequest,
+    SubmitAccepted,
+    SubmitRequest,
+)
 from duetserve.proto.tokens import FinishReason, TokenChunk
 from duetserve.runtime.tokenizer import Tokenizer
 from duetserve.services.ingress.errors import ApiError
@@ -96,6 +102,8 @@ class Generation:
         self._submitted = False
         self._failure_code: str | None = None  # why ingress itself ended it, if it did
         self.unknown_strikes = 0  # status queries in a row that the scheduler did not know it
+        self._token_ids: list[int] = []  # the output handed out so far, in order
+        self.migrations = 0  # times its worker was lost and it went on elsewhere
 
     @property
     def usage(self) -> Usage:
@@ -146,7 +154,11 @@ class Generation:
     async def next_piece(self) -> Piece:
         """The next piece of output; GenerationFailed on an ERROR chunk."""
         chunk = await self._stream.next()
+        while chunk.migrating:
+            await self._resume()
+            chunk = await self._stream.next()
         self._note_first(chunk)
+        self._token_ids.extend(chunk.token_ids)
         if chunk.finish_reason == FinishReason.ERROR:
             # Ended by ingress itself (shut_down): still running at the scheduler, so close()
             # must cancel it; ended by the scheduler or a worker: nothing left to cancel.
@@ -159,6 +171,19 @@ class Generation:
             if piece.stopped_by_string:
                 await self._cancel(CancelReason.STOP_STRING)
         return piece
+
+    async def _resume(self) -> None:
+        """Its worker was lost: tell the scheduler what the client has, to go on from there."""
+        self.migrations += 1
+        resume = ResumeRequest(self.request_id, tuple(self._token_ids))
+        logger.warning(
+            "worker lost; resuming",
+            extra={"request_id": self.request_id, "from_token": len(self._token_ids)},
+        )
+        try:
+            await self._context.bus.publish(subjects.SCHED_RESUME, codec.encode(resume))
+        except Exception:  # the stream watch ends it if the scheduler never hears
+            logger.warning("could not resume", extra={"request_id": self.request_id})
 
     def _note_first(self, chunk: TokenChunk) -> None:
         if chunk.cached_tokens is not None and chunk.index == 0:

@@ -33,7 +33,7 @@ class ChunkOrderer:
 
     def push(self, chunk: TokenChunk) -> list[TokenChunk]:
         """The chunks `chunk` makes deliverable: none, itself, or a buffered run after it."""
-        if chunk.finish_reason == FinishReason.ERROR:
+        if chunk.finish_reason == FinishReason.ERROR or chunk.migrating:
             return [chunk]
         if chunk.index < self.next_index:
             logger.warning(

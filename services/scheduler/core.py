@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 
-from duetserve.common.nats_bus import Bus, BusTimeout
+from duetserve.common.nats_bus import Bus, BusNoResponders, BusTimeout
 from duetserve.common.tracing import traced_as
 from duetserve.proto import cache, kv, subjects, workers
 from duetserve.proto.codec import ProtoError, decode, encode
@@ -31,6 +31,12 @@ RELEASE_ATTEMPTS = 3
 PREFILL_WAIT_FACTOR = 8.0
 PREFILL_WAIT_FLOOR_S = 10.0
 PREFILL_ATTEMPTS = 3
+# A migrating request whose client has not said how far it got by then is forgotten (its
+# ingress is gone too).
+RESUME_WAIT_S = 30.0
+# How long a prefilled request waits, holding its blocks, for a decode worker to exist (one
+# that crashed is being started again) before it fails.
+HANDOFF_WAIT_S = 60.0
 
 
 class SchedulerCore:
@@ -89,11 +95,14 @@ class SchedulerCore:
         while True:
             # Events wake the loop; requests left waiting (no blocks yet) are retried on a short
             # timer too, so no lost wake-up can strand them.
-            retry_s = RETRY_WAITING_S if self.view.waiting or self.handoffs else None
+            waits = self.view.waiting or self.handoffs
+            migrating = any(r.migrating_since is not None for r in self.records.values())
+            retry_s = RETRY_WAITING_S if waits or migrating else None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), retry_s)
             self.wake.clear()
             await self._retry_handoffs()
+            self._forget_unresumed(time.monotonic())
             while await self._step():
                 pass
 
@@ -400,9 +409,18 @@ class SchedulerCore:
                 workers.decode_admit_subject(self.unit), encode(workers.DecodeAdmit((item,)))
             )
             admitted = decode(reply.data, workers.DecodeAdmitted)
+        except BusNoResponders as err:  # none runs now: a crashed one is starting again
+            now = time.monotonic()
+            record.handoff_since = record.handoff_since or now
+            if now - record.handoff_since < HANDOFF_WAIT_S:
+                self.handoffs.append(record)
+            else:
+                await self.fail(record, f"decode worker unavailable: {err}")
+            return
         except (BusTimeout, ProtoError) as err:
             await self.fail(record, f"decode worker unavailable: {err}")
             return
+        record.handoff_since = None
         if record.request_id not in admitted.request_ids:
             refusals = [r for r in admitted.refused if r.request_id == record.request_id]
             if refusals and refusals[0].retry:  # no room yet: it waits, holding its blocks
@@ -423,6 +441,43 @@ class SchedulerCore:
         self.view.decoding.append(record.seq)
         if record.cancelled is not None:  # the cancel arrived while the hand-off was under way
             await self.cancel_decoding(record)
+
+    # --- migration ------------------------------------------------------------------------
+
+    async def migrate(self, record: RequestRecord, reason: str) -> None:
+        """Its decode worker was lost with the tokens it produced: only the client knows how
+        far it got. Ask (a migrating notice on its stream); ingress answers with a
+        ResumeRequest, and `resume` sends it on from there."""
+        logger.warning("request %s migrates: %s", record.request_id, reason)
+        self.unlist(record)
+        record.seq.phase = Phase.WAITING  # in no list until it resumes
+        record.migrating_since = time.monotonic()
+        index = len(record.output_token_ids)
+        notice = TokenChunk(record.request_id, index, (), migrating=True)
+        await self.bus.publish(subjects.tokens(record.request_id), encode(notice))
+        self.wake.set()  # the retry timer looks for requests that never resume
+
+    async def resume(self, record: RequestRecord, output_token_ids: tuple[int, ...]) -> None:
+        """Go on from the output the client has: recomputed from prompt + that output, with
+        the same sampling state (seeded), so the rest is what it would have been."""
+        record.migrating_since = None
+        if len(output_token_ids) >= record.submit.sampling.max_tokens:
+            last = TokenChunk(
+                record.request_id, len(output_token_ids), (), finish_reason=FinishReason.LENGTH
+            )
+            await self.bus.publish(subjects.tokens(record.request_id), encode(last))
+            self.forget(record)
+            return
+        record.requeue_after_preemption(output_token_ids)
+        self.view.waiting.append(record.seq)
+        self.wake.set()
+
+    def _forget_unresumed(self, now: float) -> None:
+        for record in list(self.records.values()):
+            since = record.migrating_since
+            if since is not None and now - since > RESUME_WAIT_S:
+                logger.warning("request %s never resumed: forgotten", record.request_id)
+                self.forget(record)
 
     async def cancel_decoding(self, record: RequestRecord) -> None:
         """Stop a request on the decode worker, which releases its blocks and ends its stream

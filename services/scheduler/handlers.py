@@ -15,6 +15,7 @@ from duetserve.proto.scheduling import (
     CancelRequest,
     RequestStatus,
     RequestStatusQuery,
+    ResumeRequest,
     SchedulerStats,
     SchedulerStatsQuery,
     SubmitAccepted,
@@ -110,6 +111,19 @@ class SchedulerHandlers:
         known = tuple(r for r in query.request_ids if r in self.core.records)
         await self.bus.reply(msg, encode(RequestStatus(self.holder, known)))
 
+    async def on_resume(self, msg: Msg) -> None:
+        """A migrating request's client says how far it got: it goes on from there."""
+        try:
+            resume = decode(msg.data, ResumeRequest)
+        except ProtoError as err:
+            logger.warning("dropped a malformed resume: %s", err)
+            return
+        record = self.core.records.get(resume.request_id)
+        if record is None or record.migrating_since is None:
+            logger.info("resume of %s, which is not migrating: ignored", resume.request_id)
+            return
+        await self.core.resume(record, resume.output_token_ids)
+
     async def on_stats(self, msg: Msg) -> None:
         try:
             decode(msg.data, SchedulerStatsQuery)
@@ -201,11 +215,10 @@ class SchedulerHandlers:
 
     async def _lost(self, record: RequestRecord, reason: str) -> None:
         """A holder of this request's blocks stopped heart-beating. Before decode nothing was
-        streamed past what the scheduler knows, so the request starts again; in decode the
-        tokens so far are unknown here, so it fails with the reason."""
+        streamed past what the scheduler knows, so the request starts again; in decode only its
+        client knows the tokens so far, so it migrates (SchedulerCore.migrate)."""
         if record.seq.phase == Phase.DECODING:
-            self.core.forget(record)
-            await self.core.publish_error(record, f"decode worker lost: {reason}")
+            await self.core.migrate(record, reason)
             return
         if record.seq in self.core.view.prefilling:
             self.core.view.prefilling.remove(record.seq)

@@ -21,6 +21,8 @@ class RequestRecord:
     # restarted scheduler never renews (and so never frees) the leases of the one before it.
     holder: str = "scheduler"
     prefill_attempts: int = 0  # batches of it given up on (SchedulerCore._prefill_again)
+    migrating_since: float | None = None  # monotonic: its decode worker was lost (migrate)
+    handoff_since: float | None = None  # monotonic: first found no decode worker to take it
 
     @property
     def request_id(self) -> str:

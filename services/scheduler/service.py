@@ -67,6 +67,7 @@ class SchedulerService:
         await bus.subscribe(subjects.SCHED_CANCEL, handlers.on_cancel)
         await bus.subscribe(subjects.SCHED_STATS, handlers.on_stats)
         await bus.subscribe(subjects.SCHED_STATUS, handlers.on_status)
+        await bus.subscribe(subjects.SCHED_RESUME, handlers.on_resume)
         await bus.subscribe(workers.worker_events_subject(s.unit), handlers.on_worker_events)
         self._tasks = [
             critical_task(self.core.run(), "scheduler-loop"),

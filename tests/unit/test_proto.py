@@ -41,6 +41,7 @@ EXAMPLES: list[object] = [
         finish_reason=tokens.FinishReason.LENGTH,
     ),
     tokens.TokenChunk("r-1", 3, (), finish_reason=tokens.FinishReason.ERROR, error="worker lost"),
+    tokens.TokenChunk("r-1", 3, (), migrating=True),
     scheduling.SubmitRequest(
         request_id="r-1",
         tenant="tenant-a",
@@ -78,6 +79,7 @@ EXAMPLES: list[object] = [
     scheduling.CancelRequest("r-1", scheduling.CancelReason.CLIENT_GONE),
     scheduling.RequestStatusQuery(("r-1", "r-2")),
     scheduling.RequestStatus("scheduler-host-7", ("r-2",)),
+    scheduling.ResumeRequest("r-2", (5, 6, 7)),
     kv.AllocateBlocks("sched-0/r-1", 4),
     kv.BlocksGranted("sched-0/r-1", (3, 9, 1, 0), num_free=100),
     kv.RetainBlocks("sched-0/r-2", (3, 9)),
