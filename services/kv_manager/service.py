@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from nats.aio.msg import Msg
 
 from duetserve.common.health import serve_health
+from duetserve.common.lifecycle import cancel_tasks, critical_task
 from duetserve.common.nats_bus import Bus
+from duetserve.common.unit_role import UnitRole
 from duetserve.proto import kv, subjects
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply, HealthStatus
@@ -71,6 +73,8 @@ class KVManagerService:
         self.pools: dict[str, ServedPool] = {}  # the unit pool first
         self.bus: Bus | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self.role: UnitRole | None = None
+        self._role_keeper: asyncio.Task[None] | None = None
         self.replacements = Replacements(settings.var_dir / "logs" if settings.var_dir else None)
 
     # The unit pool's parts (the only pool outside disagg mode).
@@ -100,6 +104,10 @@ class KVManagerService:
         self.bus = bus = await Bus.connect(
             s.nats_url, self.instance, request_timeout_s=s.request_timeout_s
         )
+        # One kv_manager per unit: a second would hand out the same blocks again.
+        self.role = UnitRole(bus, s.unit, SERVICE, self.instance)
+        await self.role.claim(wait_s=self.role.ttl_s + 2)
+        self._role_keeper = critical_task(self.role.keep(), "kv-manager-role")
         for pool in self.pools.values():
             poison = None
             if s.kv_poison:
@@ -259,6 +267,12 @@ class KVManagerService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
+        if self._role_keeper is not None:
+            await cancel_tasks([self._role_keeper])
+            self._role_keeper = None
+        if self.role is not None:
+            await self.role.release()
+            self.role = None
         if self.bus is not None:
             await self.bus.drain()
             self.bus = None

@@ -7,6 +7,7 @@ from duetserve.common.health import serve_health
 from duetserve.common.lifecycle import cancel_tasks, critical_task
 from duetserve.common.nats_bus import Bus
 from duetserve.common.unit_client import Lease, fetch_storage
+from duetserve.common.unit_role import UnitRole
 from duetserve.proto import kv, subjects, workers
 from duetserve.proto.common import HealthStatus
 from duetserve.services.scheduler.core import SchedulerCore
@@ -31,12 +32,16 @@ class SchedulerService:
         self.handlers: SchedulerHandlers | None = None
         self.tuner: SplitTuner | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.role: UnitRole | None = None
 
     async def start(self) -> None:
         s = self.settings
         self.bus = bus = await Bus.connect(
             s.nats_url, self.instance, request_timeout_s=s.request_timeout_s
         )
+        # One scheduler per unit: a second would admit the same requests again.
+        self.role = UnitRole(bus, s.unit, SERVICE, self.instance)
+        await self.role.claim(wait_s=self.role.ttl_s + 2)
         storage = await fetch_storage(bus, s.unit, self.instance)
         decode_pool_blocks = None
         if s.mode == "disagg":
@@ -78,6 +83,7 @@ class SchedulerService:
                 Lease(bus, s.unit, self.instance, s.heartbeat_interval_s).keep(),
                 "scheduler-lease",
             ),
+            critical_task(self.role.keep(), "scheduler-role"),
         ]
         await serve_health(bus, SERVICE, self.instance, lambda: self.status)
         self.status = HealthStatus.READY
@@ -104,6 +110,8 @@ class SchedulerService:
 
     async def stop(self) -> None:
         await cancel_tasks(self._tasks)
+        if self.role is not None:
+            await self.role.release()
         if self.bus is not None:
             await self.bus.close()
 

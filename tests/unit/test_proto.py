@@ -15,6 +15,7 @@ from duetserve.proto import (
     subjects,
     supervision,
     tokens,
+    units,
     workers,
 )
 from duetserve.proto.codec import (
@@ -88,6 +89,7 @@ EXAMPLES: list[object] = [
     kv.Heartbeat("decode-0"),
     kv.Heartbeat("decode-0", writes=True, pid=4242, host="node-1"),
     kv.LeaseRenewed("decode-0", 5.0),
+    units.RoleHolder("kv_manager-host-41", 41, "host", started=123456),
     kv.StorageQuery("prefill-0"),
     kv.KvStatsQuery(),
     supervision.SupervisorReport("launcher-1", {"decode_worker": 2}, {"kv_manager": 41}),
