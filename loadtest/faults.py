@@ -42,6 +42,7 @@ import aiohttp
 
 from duetserve.common.nats_bus import Bus
 from duetserve.common.nats_server import free_port
+from duetserve.common.processes import launcher_children
 from duetserve.proto import kv, subjects
 from duetserve.proto.codec import decode, encode
 
@@ -203,20 +204,7 @@ class RunningStack:
 
     def pids(self) -> dict[str, int]:
         """The launcher's children by name: the services and nats-server."""
-        out = subprocess.run(
-            ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(self.process.pid)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        pids = {}
-        for row in out.splitlines():
-            pid, _, args = row.strip().partition(" ")
-            if "duetserve.services." in args:
-                pids[args.split("duetserve.services.")[1].split()[0]] = int(pid)
-            elif "nats-server" in args:
-                pids["nats-server"] = int(pid)
-        return pids
+        return launcher_children(self.process.pid)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -9,6 +9,8 @@ lives as long as the process (the launcher spawns from its main thread).
 
 `port_holder(port)` names the process listening on a local TCP port, read from /proc, for an
 error that says more than "address in use".
+
+`launcher_children(pid)` names what a launcher runs: its services and its nats-server.
 """
 
 import ctypes
@@ -102,3 +104,26 @@ def _command_line(proc: Path) -> str:
         return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
     except OSError:
         return "?"
+
+
+def launcher_children(pid: int, proc_root: Path = Path("/proc")) -> dict[str, int]:
+    """The live children of process `pid` by name: a Duet service by its service name
+    (`python -m duetserve.services.<name>`), nats-server as "nats-server"."""
+    children: dict[str, int] = {}
+    for stat in proc_root.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) != pid or fields[0] == "Z":
+            continue
+        words = [w.decode(errors="replace") for w in command]
+        services = [
+            w.removeprefix("duetserve.services.") for w in words if "duetserve.services." in w
+        ]
+        if services:
+            children[services[0]] = int(stat.parent.name)
+        elif any(Path(w).name == "nats-server" for w in words):
+            children["nats-server"] = int(stat.parent.name)
+    return children

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from duetserve.common.nats_server import free_port
+from duetserve.common.processes import launcher_children
 from duetserve.runtime.gguf_convert import SMOLLM2
 from tests.conftest import ModelDirs
 from tests.model_specs import TINY
@@ -30,19 +31,8 @@ class Stack:
 
     def service_pids(self) -> dict[str, int]:
         """pid of each service process, by service name (the launcher's children)."""
-        out = subprocess.run(
-            # -ww: whole command lines (ps cuts them at a width it assumes otherwise)
-            ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(self.process.pid)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        pids = {}
-        for row in out.splitlines():
-            pid, _, args = row.strip().partition(" ")
-            if "duetserve.services." in args:
-                pids[args.split("duetserve.services.")[1].split()[0]] = int(pid)
-        return pids
+        children = launcher_children(self.process.pid)
+        return {name: pid for name, pid in children.items() if name != "nats-server"}
 
 
 def start_stack(

@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import os
 import signal
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from duetserve.common.processes import launcher_children
 from tests.e2e.conftest import Stack, alone_outputs, during_long_requests
 from tests.e2e.kv_probe import allocated_blocks, kv_stats
 from tests.processes import alive, wait_gone
@@ -24,14 +24,7 @@ LONG_PROMPTS = [f"Voyage {seed}: the ship left the harbour" for seed in range(3)
 
 
 def nats_pid(stack: Stack) -> int:
-    out = subprocess.run(
-        ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(stack.process.pid)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    [pid] = [int(row.split()[0]) for row in out.splitlines() if "nats-server" in row]
-    return pid
+    return launcher_children(stack.process.pid)["nats-server"]
 
 
 def complete(stack: Stack, timeout_s: float = 10.0) -> str:

@@ -5,8 +5,9 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
-from duetserve.common.processes import port_holder, port_is_free
+from duetserve.common.processes import launcher_children, port_holder, port_is_free
 from tests.processes import alive, wait_gone
 
 
@@ -42,3 +43,18 @@ def test_a_child_spawned_with_die_with_parent_dies_when_its_parent_is_killed() -
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     assert not wait_gone([child], timeout_s=10), "the child outlived its killed parent"
+
+
+def test_a_launchers_children_are_named_by_service() -> None:
+    service = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)", "-m", "duetserve.services.probe"]
+    )
+    try:
+        deadline = time.monotonic() + 5
+        while "probe" not in launcher_children(os.getpid()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert launcher_children(os.getpid())["probe"] == service.pid
+    finally:
+        service.kill()
+        service.wait()
+    assert "probe" not in launcher_children(os.getpid())  # reaped: gone
