@@ -69,11 +69,16 @@ class SubmitRequest:
     arrival_time: float  # unix seconds at ingress
     slo: Slo | None = None  # None: the server's default SLO
     public_prefix_tokens: int = 0  # leading tokens that may be shared across tenants
+    # Resubmitted (its scheduler lost it): the output its client already has. It continues from
+    # there; with the same seed, the rest is what it would have been.
+    output_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check_token(self.request_id, "request id")
         if not self.prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
+        if len(self.output_token_ids) >= self.sampling.max_tokens:
+            raise ValueError("output_token_ids must be fewer than max_tokens")
         if not 0 <= self.public_prefix_tokens <= len(self.prompt_token_ids):
             raise ValueError("public_prefix_tokens must be within the prompt")
 

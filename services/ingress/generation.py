@@ -13,7 +13,9 @@ STOP_STRING) and returns the last piece with finish_reason "stop".
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -104,6 +106,19 @@ class Generation:
         self.unknown_strikes = 0  # status queries in a row that the scheduler did not know it
         self._token_ids: list[int] = []  # the output handed out so far, in order
         self.migrations = 0  # times its worker was lost and it went on elsewhere
+        self.resubmits = 0  # times its scheduler lost it and it was submitted again
+        sampling = prompt.sampling
+        if sampling.seed is None:  # drawn here, so a resubmission continues identically
+            sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
+        self._submit = SubmitRequest(
+            request_id=request_id,
+            tenant=tenant,
+            prompt_token_ids=prompt.prompt_ids,
+            sampling=sampling,
+            arrival_time=arrival.time,
+            slo=prompt.slo,
+            public_prefix_tokens=prompt.public_prefix_tokens,
+        )
 
     @property
     def usage(self) -> Usage:
@@ -112,15 +127,7 @@ class Generation:
     async def start(self) -> None:
         """Subscribe to the token subject, then submit; an ApiError if the scheduler refuses."""
         await self._stream.open()
-        submit = SubmitRequest(
-            request_id=self.request_id,
-            tenant=self.tenant,
-            prompt_token_ids=self.prompt.prompt_ids,
-            sampling=self.prompt.sampling,
-            arrival_time=self._arrival.time,
-            slo=self.prompt.slo,
-            public_prefix_tokens=self.prompt.public_prefix_tokens,
-        )
+        submit = self._submit
         timeout = self._context.submit_timeout_s
         # From here the request may reach the scheduler: close() cancels it unless it finished
         # (a client gone during the submit, a reply that timed out but arrived after all).
@@ -216,6 +223,26 @@ class Generation:
     def last_heard(self) -> float:
         """Monotonic time of its last token chunk (or of its submit)."""
         return self._stream.last_heard
+
+    async def resubmit(self) -> str | None:
+        """Submit it again, to go on from the output its client has (its scheduler lost it:
+        restarted, or its last tokens were lost on the bus after it finished). None once
+        accepted; else why not."""
+        done = len(self._token_ids)
+        if done >= self._submit.sampling.max_tokens:  # only the last chunk was lost
+            self._stream.end_here(done, FinishReason.LENGTH)
+            return None
+        submit = dataclasses.replace(self._submit, output_token_ids=tuple(self._token_ids))
+        try:
+            reply = await self._context.bus.request(
+                subjects.SCHED_SUBMIT, codec.encode(submit), timeout=self._context.submit_timeout_s
+            )
+            self._check_accepted(reply.data)
+        except (BusTimeout, ApiError) as err:
+            return str(err)
+        self.resubmits += 1
+        logger.warning("resubmitted", extra={"request_id": self.request_id, "from_token": done})
+        return None
 
     def lose(self, why: str) -> None:
         """End the generation now with a `request_lost` error: nothing runs it any more (see

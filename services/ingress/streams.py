@@ -80,6 +80,10 @@ class TokenStream:
             self._ready = self._orderer.push(await self._arrived.get())
         return self._ready.pop(0)
 
+    def end_here(self, index: int, reason: FinishReason) -> None:
+        """End the stream at `index` without the bus (its last chunk was lost)."""
+        self._arrived.put_nowait(TokenChunk(self.request_id, index, (), finish_reason=reason))
+
     def interrupt(self, error: str) -> None:
         """End the stream here, without the bus: the next chunk is an ERROR saying `error`."""
         ending = TokenChunk(self.request_id, 0, (), finish_reason=FinishReason.ERROR, error=error)

@@ -9,8 +9,10 @@ and a busy one a message per period).
   scheduler fails what it runs with a reason of its own (a worker's lapsed lease, a prefill
   that timed out).
 - The scheduler does not know it, twice in a row (a chunk on its way when the scheduler
-  forgot a finished request gets one period to arrive): it was lost, to a scheduler that
-  restarted. It ends with a 503 `request_lost`.
+  forgot a finished request gets one period to arrive): the scheduler restarted, or the
+  request's last tokens were lost on the bus after it finished. It is submitted again, to go
+  on from the output its client has (its seed, drawn at ingress, makes the rest identical); a
+  request resubmitted MAX_RESUBMITS times, or refused, ends with a 503 `request_lost`.
 - No scheduler answers for `unreachable_s`: those quiet since then end with a 503
   `request_lost` too, saying so.
 """
@@ -28,6 +30,7 @@ from duetserve.services.ingress.generation import Generation
 
 logger = logging.getLogger(__name__)
 UNKNOWN_STRIKES = 2  # "not known" answers in a row that make a request lost
+MAX_RESUBMITS = 3
 
 
 class StreamWatch:
@@ -79,8 +82,16 @@ class StreamWatch:
                 generation.unknown_strikes = 0
                 continue
             generation.unknown_strikes += 1
-            if generation.unknown_strikes >= UNKNOWN_STRIKES:
-                self._lose(generation, f"the scheduler ({status.scheduler}) does not know it")
+            if generation.unknown_strikes < UNKNOWN_STRIKES:
+                continue
+            generation.unknown_strikes = 0
+            why = f"the scheduler ({status.scheduler}) does not know it"
+            if generation.resubmits >= MAX_RESUBMITS:
+                self._lose(generation, f"{why}, resubmitted {MAX_RESUBMITS} times already")
+                continue
+            refused = await generation.resubmit()
+            if refused is not None:
+                self._lose(generation, f"{why}, and it could not be resubmitted: {refused}")
 
     async def _ask(self, request_ids: list[str]) -> RequestStatus | None:
         query = codec.encode(RequestStatusQuery(tuple(request_ids)))

@@ -34,9 +34,10 @@ PREFILL_ATTEMPTS = 3
 # A migrating request whose client has not said how far it got by then is forgotten (its
 # ingress is gone too).
 RESUME_WAIT_S = 30.0
-# How long a prefilled request waits, holding its blocks, for a decode worker to exist (one
-# that crashed is being started again) before it fails.
-HANDOFF_WAIT_S = 60.0
+# How long a request waits for a worker to exist (one that crashed is being started again):
+# a prefill worker to take its prompt, a decode worker to take it over (holding its blocks
+# meanwhile); then it fails.
+NO_WORKER_WAIT_S = 60.0
 
 
 class SchedulerCore:
@@ -288,6 +289,10 @@ class SchedulerCore:
             took = time.monotonic() - started
             self.tuner.on_prefill_batch(tokens, took)
             self._observe_prefill(tokens, took)
+        except BusNoResponders as err:  # none runs now: a crashed one is starting again
+            await self._prefill_again(chunks, str(err), counted=False)
+            await asyncio.sleep(RETRY_WAITING_S)  # not a hot loop while it starts
+            return
         except BusTimeout as err:
             await self._prefill_again(chunks, str(err))
             return
@@ -322,7 +327,9 @@ class SchedulerCore:
         if batch_id == self._batch_id and lost is not None and not lost.done():
             lost.set_result(reason)
 
-    async def _prefill_again(self, chunks: list[PrefillChunk], reason: str) -> None:
+    async def _prefill_again(
+        self, chunks: list[PrefillChunk], reason: str, counted: bool = True
+    ) -> None:
         """The batch will not be answered (its worker is gone, or its answer was lost): nothing
         of these prompts reached a client, so each goes back to waiting, its blocks given back,
         and is prefilled again from the start. The blocks are safe to give back: a worker that
@@ -333,9 +340,12 @@ class SchedulerCore:
             record = self.records.get(chunk.request_id)
             if record is None or record.seq.phase != Phase.PREFILLING:
                 continue
-            record.prefill_attempts += 1
-            if record.prefill_attempts >= PREFILL_ATTEMPTS:
-                await self.fail(record, f"prefill failed {PREFILL_ATTEMPTS} times: {reason}")
+            record.prefill_attempts += counted
+            now = time.monotonic()
+            record.no_worker_since = None if counted else (record.no_worker_since or now)
+            waited = now - (record.no_worker_since or now)
+            if record.prefill_attempts >= PREFILL_ATTEMPTS or waited > NO_WORKER_WAIT_S:
+                await self.fail(record, f"prefill failed: {reason}")
                 continue
             self.unlist(record)
             await self.release(record.owner)
@@ -411,8 +421,8 @@ class SchedulerCore:
             admitted = decode(reply.data, workers.DecodeAdmitted)
         except BusNoResponders as err:  # none runs now: a crashed one is starting again
             now = time.monotonic()
-            record.handoff_since = record.handoff_since or now
-            if now - record.handoff_since < HANDOFF_WAIT_S:
+            record.no_worker_since = record.no_worker_since or now
+            if now - record.no_worker_since < NO_WORKER_WAIT_S:
                 self.handoffs.append(record)
             else:
                 await self.fail(record, f"decode worker unavailable: {err}")
@@ -420,7 +430,7 @@ class SchedulerCore:
         except (BusTimeout, ProtoError) as err:
             await self.fail(record, f"decode worker unavailable: {err}")
             return
-        record.handoff_since = None
+        record.no_worker_since = None
         if record.request_id not in admitted.request_ids:
             refusals = [r for r in admitted.refused if r.request_id == record.request_id]
             if refusals and refusals[0].retry:  # no room yet: it waits, holding its blocks

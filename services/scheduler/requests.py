@@ -22,7 +22,7 @@ class RequestRecord:
     holder: str = "scheduler"
     prefill_attempts: int = 0  # batches of it given up on (SchedulerCore._prefill_again)
     migrating_since: float | None = None  # monotonic: its decode worker was lost (migrate)
-    handoff_since: float | None = None  # monotonic: first found no decode worker to take it
+    no_worker_since: float | None = None  # monotonic: first found no worker to take it
 
     @property
     def request_id(self) -> str:
@@ -65,11 +65,13 @@ class RequestRecord:
         if submit.sampling.seed is None:
             seeded = replace(submit.sampling, seed=secrets.randbits(63))
             submit = replace(submit, sampling=seeded)
+        output = submit.output_token_ids  # resubmitted: it goes on from there
         seq = SeqState(
             request_id=submit.request_id,
             arrival=arrival,
-            prompt_len=len(submit.prompt_token_ids),
+            prompt_len=len(submit.prompt_token_ids) + len(output),
             max_tokens=submit.sampling.max_tokens,
+            num_output=len(output),
             phase=Phase.WAITING,
         )
-        return cls(submit, seq, holder=holder)
+        return cls(submit, seq, output_token_ids=list(output), holder=holder)

@@ -515,11 +515,13 @@ async def test_one_request_is_one_trace_from_http_to_the_scheduler(
     assert traceparent.split("-")[1] == format_trace_id(span.context.trace_id)
 
 
-async def test_a_request_the_scheduler_no_longer_knows_ends_as_lost(
+async def test_a_request_the_scheduler_no_longer_knows_is_resubmitted_then_ends_as_lost(
     start_ingress: StartIngress, scheduler: ScriptedScheduler
 ) -> None:
-    """A scheduler that restarted knows nothing of the requests its predecessor accepted: their
-    clients get a 503 `request_lost` (and a cancel goes out, in case), never a wait for ever."""
+    """A scheduler that restarted knows nothing of the requests its predecessor accepted. Each
+    is submitted again, from the output its client has and with the seed ingress drew; one
+    that stays unknown after 3 resubmissions ends with a 503 `request_lost` (and a cancel goes
+    out, in case), never a wait for ever."""
     ingress = await start_ingress(stream_quiet_s=0.2)
     scheduler.script = replace(scheduler.script, token_ids=scheduler.script.token_ids[:2])
     scheduler.script = replace(scheduler.script, finish=None)  # two tokens, then silence
@@ -529,11 +531,16 @@ async def test_a_request_the_scheduler_no_longer_knows_ends_as_lost(
         started = time.monotonic()
         with pytest.raises(openai.InternalServerError) as info:
             await api.completions.create(model=model_id(ingress), prompt="Hi")
-    assert time.monotonic() - started < 3.0
+    assert time.monotonic() - started < 6.0
     assert info.value.status_code == 503
     assert isinstance(info.value.body, dict) and info.value.body["code"] == "request_lost"
-    assert "does not know it" in info.value.body["message"]
-    assert (await scheduler.next_cancel()).request_id == scheduler.submits[-1].request_id
+    assert "does not know it, resubmitted 3 times" in info.value.body["message"]
+    first, *again = scheduler.submits[-4:]
+    assert first.output_token_ids == () and first.sampling.seed is not None
+    assert [s.request_id for s in again] == [first.request_id] * 3
+    assert all(s.output_token_ids == scheduler.script.token_ids for s in again)
+    assert all(s.sampling == first.sampling for s in again)  # the same seed: the same draws
+    assert (await scheduler.next_cancel()).request_id == first.request_id
 
 
 async def test_a_quiet_request_the_scheduler_still_runs_waits_on(
