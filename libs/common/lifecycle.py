@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import uvloop
 
 from duetserve.common.logs import setup_logging
+from duetserve.common.processes import die_with
 from duetserve.common.settings import CommonSettings
 from duetserve.common.tracing import setup_tracing, shutdown_tracing
 
@@ -58,6 +59,8 @@ class Service(Protocol):
 
 def run_service(service: Service, settings: CommonSettings, name: str) -> int:
     """Run `service` under uvloop from start to stop; returns the process exit code."""
+    if settings.parent_pid is not None:
+        die_with(settings.parent_pid)  # never outlive the process that started this one
     setup_logging(name, settings.log_level, settings.log_format)
     setup_tracing(name, settings)
     try:

@@ -7,6 +7,9 @@ the parent is already gone. The signal is SIGTERM so a service still drains as o
 stop. Linux sends it when the *thread* that forked the child exits: spawn from a thread that
 lives as long as the process (the launcher spawns from its main thread).
 
+`die_with(parent)` asks the same from inside a process already running (DUET_PARENT_PID, for a
+parent that cannot use a preexec_fn: kv_manager, which runs threads).
+
 `port_holder(port)` names the process listening on a local TCP port, read from /proc, for an
 error that says more than "address in use".
 
@@ -45,6 +48,16 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
             os._exit(1)
 
     return preexec
+
+
+def die_with(parent: int, sig: int = signal.SIGTERM) -> None:
+    """The same, asked by a process already running (a process that cannot pass a preexec_fn:
+    one spawned from a multi-threaded parent): `sig` when `parent`, its parent, dies. Exits at
+    once if it is gone already."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:

@@ -50,6 +50,9 @@ class CommonSettings(BaseSettings):
     stop_timeout_s: float = Field(default=10.0, gt=0)
     # Default timeout of a NATS request when the caller gives none.
     request_timeout_s: float = Field(default=5.0, gt=0)
+    # Set by a parent that spawned this process (kv_manager, for a replacement worker): the
+    # process ends when that parent does (processes.die_with).
+    parent_pid: int | None = Field(default=None, gt=0)
 
     def instance_name(self, service: str) -> str:
         """The configured instance name, or `<service>-<hostname>-<pid>`."""

@@ -33,6 +33,9 @@ class Replacements:
 
     def start(self, request: ReplaceWorker) -> ReplacementStarted:
         env = {**os.environ, **request.env, "DUET_REPLACES": request.replaces}
+        # It ends with kv_manager, whatever ends kv_manager (a preexec_fn is not safe here:
+        # kv_manager runs threads), as the launcher's children end with the launcher.
+        env["DUET_PARENT_PID"] = str(os.getpid())
         env.pop("DUET_INSTANCE", None)  # the replacement names itself
         command = [sys.executable, "-m", f"duetserve.services.{request.role}_worker"]
         with contextlib.ExitStack() as stack:

@@ -58,3 +58,27 @@ def test_a_launchers_children_are_named_by_service() -> None:
         service.kill()
         service.wait()
     assert "probe" not in launcher_children(os.getpid())  # reaped: gone
+
+
+def test_a_process_that_asks_to_die_with_its_parent_does_even_if_the_parent_is_killed() -> None:
+    """kv_manager's replacement workers: DUET_PARENT_PID makes run_service call die_with."""
+    child_code = (
+        "import os, time; from duetserve.common.processes import die_with; "
+        "die_with(os.getppid()); print(os.getpid(), flush=True); time.sleep(30)"
+    )
+    parent_code = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', {child_code!r}]); time.sleep(30)"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert alive(child)
+        parent.kill()
+        parent.wait()
+        assert not wait_gone([child], timeout_s=5)
+    finally:
+        parent.kill()
