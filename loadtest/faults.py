@@ -42,7 +42,7 @@ import aiohttp
 
 from duetserve.common.nats_bus import Bus
 from duetserve.common.nats_server import free_port
-from duetserve.common.processes import launcher_children
+from duetserve.common.processes import launcher_children, running
 from duetserve.proto import kv, subjects
 from duetserve.proto.codec import decode, encode
 
@@ -412,17 +412,9 @@ def kill_launcher(stack: RunningStack, fault: Fault) -> FaultResult:
     deadline = time.monotonic() + 10
     left = dict(pids)
     while left and time.monotonic() < deadline:
-        left = {name: pid for name, pid in left.items() if _alive(pid)}
+        left = {name: pid for name, pid in left.items() if running(pid)}
         time.sleep(0.1)
     return FaultResult(fault.name, fault.what, orphans=sorted(left))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def _model_id(base_url: str) -> str:

@@ -80,6 +80,7 @@ class Heartbeat:
     writes: bool = False
     pid: int = 0
     host: str = ""
+    started: int = 0  # the process's start (clock ticks after boot): tells a reused pid
 
 
 @message("kv.heartbeat.ok")

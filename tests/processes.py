@@ -1,16 +1,13 @@
 """Whether a process still runs, as the tests that stop and kill processes ask it."""
 
 import time
-from pathlib import Path
+
+from duetserve.common.processes import running
 
 
 def alive(pid: int) -> bool:
     """Running (an exited child its parent has not reaped yet is a zombie: not alive)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
+    return running(pid)
 
 
 def wait_gone(pids: list[int], timeout_s: float) -> list[int]:

@@ -14,6 +14,8 @@ parent that cannot use a preexec_fn: kv_manager, which runs threads).
 error that says more than "address in use".
 
 `launcher_children(pid)` names what a launcher runs: its services and its nats-server.
+`process_stat(pid)` and `running(pid, started)` read /proc/<pid>/stat: whether a process still
+runs, and is the one that started at `started` (not another that reused its pid).
 """
 
 import ctypes
@@ -22,6 +24,7 @@ import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 PR_SET_PDEATHSIG = 1
 
@@ -119,24 +122,48 @@ def _command_line(proc: Path) -> str:
         return "?"
 
 
+class ProcessStat(NamedTuple):
+    state: str  # R, S, T (stopped), Z (a zombie: dead, not reaped yet), ...
+    ppid: int
+    started: int  # clock ticks after boot: with the pid, names one process for good
+
+
+def process_stat(pid: int, proc_root: Path = Path("/proc")) -> ProcessStat | None:
+    """What /proc/<pid>/stat says of a process (None: there is none)."""
+    try:
+        fields = (proc_root / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        return ProcessStat(fields[0], int(fields[1]), int(fields[19]))
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def running(pid: int, started: int = 0, proc_root: Path = Path("/proc")) -> bool:
+    """Whether `pid` runs (or is stopped), not a zombie, and when `started` is given, is the
+    process that started then (not a later one that reused the pid)."""
+    stat = process_stat(pid, proc_root)
+    if stat is None or stat.state == "Z":
+        return False
+    return started == 0 or stat.started == started
+
+
 def launcher_children(pid: int, proc_root: Path = Path("/proc")) -> dict[str, int]:
     """The live children of process `pid` by name: a Duet service by its service name
     (`python -m duetserve.services.<name>`), nats-server as "nats-server"."""
     children: dict[str, int] = {}
-    for stat in proc_root.glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            command = (stat.parent / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError):
+    for process in proc_root.glob("[0-9]*"):
+        stat = process_stat(int(process.name), proc_root)
+        if stat is None or stat.ppid != pid or stat.state == "Z":
             continue
-        if int(fields[1]) != pid or fields[0] == "Z":
+        try:
+            command = (process / "cmdline").read_bytes().split(b"\0")
+        except OSError:
             continue
         words = [w.decode(errors="replace") for w in command]
         services = [
             w.removeprefix("duetserve.services.") for w in words if "duetserve.services." in w
         ]
         if services:
-            children[services[0]] = int(stat.parent.name)
+            children[services[0]] = int(process.name)
         elif any(Path(w).name == "nats-server" for w in words):
-            children["nats-server"] = int(stat.parent.name)
+            children["nats-server"] = int(process.name)
     return children

@@ -9,6 +9,7 @@ import socket
 import time
 
 from duetserve.common.nats_bus import Bus, BusTimeout
+from duetserve.common.processes import process_stat
 from duetserve.proto import kv, subjects
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
@@ -63,7 +64,10 @@ class Lease:
     ) -> None:
         self.bus, self.holder, self.interval_s = bus, holder, interval_s
         self.subject = subjects.kv(unit, "heartbeat", pool)
-        self.beat = encode(kv.Heartbeat(holder, writes, os.getpid(), socket.gethostname()))
+        stat = process_stat(os.getpid())
+        started = stat.started if stat is not None else 0
+        host = socket.gethostname()
+        self.beat = encode(kv.Heartbeat(holder, writes, os.getpid(), host, started))
         self.valid_until = -math.inf  # monotonic
         self.lease_s = math.inf  # as kv_manager granted it (inf until the first answer)
         self._renewed = asyncio.Event()

@@ -20,13 +20,13 @@ import logging
 import os
 import socket
 import time
-from pathlib import Path
 
 import nats.js.errors
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from duetserve.common.nats_bus import Bus
+from duetserve.common.processes import process_stat, running
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.units import UNITS_BUCKET, RoleHolder, role_key
 
@@ -49,7 +49,8 @@ class UnitRole:
         self.bus, self.unit, self.role, self.ttl_s = bus, unit, role, ttl_s
         self.key = role_key(unit, role)
         pid = os.getpid()
-        self.me = RoleHolder(instance, pid, socket.gethostname(), process_start(pid) or 0)
+        stat = process_stat(pid)
+        self.me = RoleHolder(instance, pid, socket.gethostname(), stat.started if stat else 0)
         self._kv: KeyValue | None = None
         self._revision = 0
 
@@ -135,16 +136,4 @@ class UnitRole:
         started at another time (the pid was reused)."""
         if holder.host != self.me.host or holder.pid <= 0:
             return False
-        try:
-            fields = Path(f"/proc/{holder.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return True
-        return fields[0] == "Z" or (holder.started != 0 and int(fields[19]) != holder.started)
-
-
-def process_start(pid: int) -> int | None:
-    """When the process started, in clock ticks after boot (/proc/<pid>/stat, field 22)."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
+        return not running(holder.pid, holder.started)

@@ -184,7 +184,7 @@ class KVHandlers:
             beat = decode(msg.data, kv.Heartbeat)
             self.allocator.renew(beat.holder, self.clock())
             if beat.writes:
-                self.writers[beat.holder] = Writer(beat.pid, beat.host)
+                self.writers[beat.holder] = Writer(beat.pid, beat.host, beat.started)
             answer = kv.LeaseRenewed(beat.holder, self.allocator.lease_s)
         except (ProtoError, AllocatorError) as err:
             level = logging.DEBUG if isinstance(err, Fenced) else logging.WARNING

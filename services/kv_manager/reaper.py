@@ -7,9 +7,10 @@ checking. So kv_manager, which serves the pool on this machine, stops such a pro
 (SIGKILL) and waits until it is gone before the blocks it held go back on the free list. Its
 supervisor starts a new one, a new holder.
 
-Only a process on this host, whose command line is a Duet service, is stopped: a pid that
-names another process (reused, or of another host or pid namespace) is left alone, and the
-log says the blocks were freed without that guarantee.
+Only the process that beat is stopped: on this host, a Duet command line, and started when
+its heartbeats said (a pid reused since names another process, which is left alone). One that
+cannot be stopped from here (another host or pid namespace) is logged: its blocks are freed
+without that guarantee.
 """
 
 import asyncio
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from duetserve.common.processes import running
+
 logger = logging.getLogger(__name__)
 GONE_TIMEOUT_S = 2.0
 
@@ -28,6 +31,7 @@ GONE_TIMEOUT_S = 2.0
 class Writer(NamedTuple):
     pid: int
     host: str
+    started: int = 0  # clock ticks after boot (0: not said)
 
 
 def this_host() -> str:
@@ -40,7 +44,8 @@ async def stop_writer(holder: str, writer: Writer, proc: Path = Path("/proc")) -
     if writer.host != this_host():
         logger.warning("%s runs on %s: cannot stop it from here", holder, writer.host)
         return False
-    if not _is_duet_process(proc / str(writer.pid)):
+    ours = running(writer.pid, writer.started, proc) and _is_duet_process(proc / str(writer.pid))
+    if not ours:
         return True  # gone (or its pid names another process now): nothing of it writes
     try:
         os.kill(writer.pid, signal.SIGKILL)
@@ -51,7 +56,7 @@ async def stop_writer(holder: str, writer: Writer, proc: Path = Path("/proc")) -
         return False
     deadline = time.monotonic() + GONE_TIMEOUT_S
     while time.monotonic() < deadline:
-        if not _alive(proc / str(writer.pid)):
+        if not running(writer.pid, writer.started, proc):
             logger.warning("stopped %s (pid %d): its lease lapsed", holder, writer.pid)
             return True
         await asyncio.sleep(0.01)
@@ -64,12 +69,3 @@ def _is_duet_process(process: Path) -> bool:
         return b"duetserve" in (process / "cmdline").read_bytes()
     except OSError:
         return False
-
-
-def _alive(process: Path) -> bool:
-    """Running or stopped; a zombie (dead, not yet reaped by its parent) writes nothing."""
-    try:
-        state = (process / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"

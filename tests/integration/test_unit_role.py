@@ -4,7 +4,6 @@ nats-server with JetStream."""
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -51,7 +50,7 @@ async def test_the_role_of_a_process_that_died_here_is_taken_over_at_once(bus: B
     await role.release()
 
 
-async def test_a_live_holder_elsewhere_is_not_taken_over(bus: Bus, tmp_path: Path) -> None:
+async def test_a_live_holder_elsewhere_is_not_taken_over(bus: Bus) -> None:
     unit = new_unit()
     kv = await _bucket(bus)
     await kv.create(role_key(unit, "scheduler"), encode(RoleHolder("far", 1, "another-host")))

@@ -6,8 +6,16 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from duetserve.common.processes import launcher_children, port_holder, port_is_free
+from duetserve.common.processes import (
+    launcher_children,
+    port_holder,
+    port_is_free,
+    process_stat,
+    running,
+)
+from duetserve.services.kv_manager.reaper import Writer, stop_writer
 from tests.processes import alive, wait_gone
 
 
@@ -82,3 +90,36 @@ def test_a_process_that_asks_to_die_with_its_parent_does_even_if_the_parent_is_k
         assert not wait_gone([child], timeout_s=5)
     finally:
         parent.kill()
+
+
+def test_running_tells_a_process_from_a_later_one_that_reused_its_pid() -> None:
+    me = process_stat(os.getpid())
+    assert me is not None and me.ppid == os.getppid() and me.state in "RS"
+    assert running(os.getpid()) and running(os.getpid(), me.started)
+    assert not running(os.getpid(), me.started + 1)  # another process under this pid
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert process_stat(gone.pid) is None and not running(gone.pid)
+
+
+async def test_the_reaper_stops_only_the_process_that_beat() -> None:
+    """kv_manager kills a lapsed writer by pid: a pid since reused by another Duet process
+    (another start time) must be left alone."""
+    code = "import time; time.sleep(30)  # duetserve worker stand-in"
+    writer = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 5
+        while b"duetserve" not in Path(f"/proc/{writer.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        stat = process_stat(writer.pid)
+        assert stat is not None
+        host = socket.gethostname()
+        reused = Writer(writer.pid, host, stat.started + 1)
+        assert await stop_writer("decode-1", reused)  # not ours: nothing of it writes
+        assert writer.poll() is None
+        assert await stop_writer("decode-1", Writer(writer.pid, host, stat.started))
+        assert writer.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        writer.kill()
+        writer.wait()
