@@ -2,7 +2,8 @@
 
 A request arrives already tokenized (ingress owns text) with its sampling parameters, its SLO
 (DESIGN.md "Requests, tenants and SLOs") and its cache hints. The scheduler answers
-SubmitAccepted or an ErrorReply; tokens then flow on subjects.tokens(request_id).
+SubmitAccepted or an ErrorReply; tokens then flow on the stream the request names
+(proto/tokens.py).
 """
 
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class SubmitRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: Sampling
     arrival_time: float  # unix seconds at ingress
+    stream: str  # the token stream of the ingress that holds the client (subjects.tokens)
     slo: Slo | None = None  # None: the server's default SLO
     public_prefix_tokens: int = 0  # leading tokens that may be shared across tenants
     # Resubmitted (its scheduler lost it): the output its client already has. It continues from
@@ -75,6 +77,7 @@ class SubmitRequest:
 
     def __post_init__(self) -> None:
         check_token(self.request_id, "request id")
+        check_token(self.stream, "stream")
         if not self.prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
         if len(self.output_token_ids) >= self.sampling.max_tokens:

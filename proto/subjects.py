@@ -33,10 +33,22 @@ def health(service: str) -> str:
     return f"{ROOT}.health.{check_token(service, 'service')}"
 
 
-def tokens(request_id: str) -> str:
-    """Publish: the token stream of one request (first token from prefill, the rest from
-    decode); ingress subscribes before it submits."""
-    return f"{ROOT}.tokens.{check_token(request_id, 'request id')}"
+def tokens(stream: str) -> str:
+    """Publish: the token stream of one ingress, every request it holds a client for. Producers
+    (workers, the scheduler) send TokenBatches here, one per step per ingress; see
+    proto/tokens.py."""
+    return f"{ROOT}.tokens.{check_token(stream, 'stream')}"
+
+
+# Ingress -> every producer of tokens (publish): send again what a stream lacks (ReplayQuery).
+TOKENS_REPLAY = f"{ROOT}.replay.tokens"
+
+
+def stream_name(instance: str, suffix: str) -> str:
+    """The token stream of an ingress instance: its name made subject-safe, and a suffix that
+    makes it unique to one run of the process."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", instance)[:96]
+    return check_token(f"{safe}-{suffix}", "stream")
 
 
 def kv(unit: str, verb: str, pool: str = "") -> str:

@@ -66,6 +66,7 @@ class SamplingState:
     prompt_token_ids: tuple[int, ...]
     output_token_ids: tuple[int, ...]
     sampling: Sampling
+    stream: str  # where its tokens go: the stream of the ingress holding its client
     cached_tokens: int = 0  # prompt tokens that came from the prefix cache (reported once)
 
 

@@ -1,11 +1,11 @@
-"""One generation over the bus: subscribe to its tokens, submit it, read its pieces, cancel it.
+"""One generation over the bus: open its token stream, submit it, read its pieces, cancel it.
 
     generation = Generation(context, request_id, tenant, prepared, Arrival.now())
     try:
-        await generation.start()          # subscribes FIRST, then submits (ApiError if refused)
+        await generation.start()          # submits (ApiError if refused)
         piece = await generation.next_piece()   # ... until piece.finish_reason
     finally:
-        await generation.close()          # unfinished: CancelRequest(CLIENT_GONE); unsubscribe
+        await generation.close()          # unfinished: CancelRequest(CLIENT_GONE); stream closed
 
 A stop string ends the output at ingress: next_piece tells the scheduler (CancelRequest with
 STOP_STRING) and returns the last piece with finish_reason "stop".
@@ -39,7 +39,7 @@ from duetserve.services.ingress.metrics import IngressMetrics, RequestTiming
 from duetserve.services.ingress.output import OutputAssembler, Piece
 from duetserve.services.ingress.prompts import PreparedPrompt
 from duetserve.services.ingress.responses import Usage
-from duetserve.services.ingress.streams import TokenStream
+from duetserve.services.ingress.streams import StreamRouter, TokenStream
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class GenerationContext:
     """What every generation of one ingress shares."""
 
     bus: Bus
+    router: StreamRouter  # the ingress's token streams
     tokenizer: Tokenizer
     metrics: IngressMetrics
     submit_timeout_s: float
@@ -97,7 +98,7 @@ class Generation:
         self.cached_tokens = 0
         self.finished = False
         self._context = context
-        self._stream = TokenStream(context.bus, request_id)
+        self._stream = context.router.open(request_id)  # before the submit: no chunk is missed
         self._output = OutputAssembler(context.tokenizer, prompt.prompt_ids, prompt.stops)
         self._arrival = arrival
         self._first_token_at: float | None = None
@@ -116,6 +117,7 @@ class Generation:
             prompt_token_ids=prompt.prompt_ids,
             sampling=sampling,
             arrival_time=arrival.time,
+            stream=context.router.stream,
             slo=prompt.slo,
             public_prefix_tokens=prompt.public_prefix_tokens,
         )
@@ -125,8 +127,7 @@ class Generation:
         return Usage(len(self.prompt.prompt_ids), self._output.num_tokens, self.cached_tokens)
 
     async def start(self) -> None:
-        """Subscribe to the token subject, then submit; an ApiError if the scheduler refuses."""
-        await self._stream.open()
+        """Submit; an ApiError if the scheduler refuses."""
         submit = self._submit
         timeout = self._context.submit_timeout_s
         # From here the request may reach the scheduler: close() cancels it unless it finished
@@ -220,6 +221,10 @@ class Generation:
         return self._submitted and not self.finished and self._failure_code is None
 
     @property
+    def stream(self) -> TokenStream:
+        return self._stream
+
+    @property
     def last_heard(self) -> float:
         """Monotonic time of its last token chunk (or of its submit)."""
         return self._stream.last_heard
@@ -251,11 +256,11 @@ class Generation:
         self._stream.interrupt(why)
 
     async def close(self) -> None:
-        """Cancel a submitted request that did not finish, then unsubscribe. Safe twice."""
+        """Cancel a submitted request that did not finish, then close its stream. Safe twice."""
         if self._submitted and not self.finished:
             self.finished = True
             await self._cancel(CancelReason.CLIENT_GONE)
-        await self._stream.close()
+        self._context.router.close(self.request_id)
 
     async def _cancel(self, reason: CancelReason) -> None:
         cancel = codec.encode(CancelRequest(self.request_id, reason))

@@ -93,6 +93,13 @@ class IngressMetrics:
             ["kind"],
             registry=self.registry,
         )
+        self.token_replays = Counter(
+            "duet_ingress_token_replays",
+            "Token streams asked for again, by cause: a hole in a stream's indexes (gap), a "
+            "producer's batch number skipped (lost_batch), a stream quiet too long (quiet).",
+            ["cause"],
+            registry=self.registry,
+        )
 
         self.scheduler = Gauge(
             "duet_scheduler_requests",

@@ -11,6 +11,7 @@ Imports no torch: ingress never runs a model.
 
 import asyncio
 import logging
+import secrets
 
 from aiohttp import web
 from nats.aio.msg import Msg
@@ -19,7 +20,7 @@ from nats.aio.subscription import Subscription
 from duetserve.common.health import serve_health
 from duetserve.common.lifecycle import cancel_tasks, critical_task
 from duetserve.common.nats_bus import Bus
-from duetserve.proto import codec
+from duetserve.proto import codec, subjects
 from duetserve.proto.common import HealthReply, HealthStatus
 from duetserve.proto.supervision import LAUNCHER_REPORT, SupervisorReport
 from duetserve.runtime.config import ModelConfig
@@ -30,6 +31,7 @@ from duetserve.services.ingress.metrics import IngressMetrics
 from duetserve.services.ingress.middlewares import middlewares
 from duetserve.services.ingress.prompts import ModelLimits, default_slo
 from duetserve.services.ingress.settings import SERVICE_NAME, IngressSettings
+from duetserve.services.ingress.streams import StreamRouter
 from duetserve.services.ingress.tenants import TenantResolver
 from duetserve.services.ingress.watch import StreamWatch
 
@@ -52,6 +54,7 @@ class IngressService:
         self._health_subscription: Subscription | None = None
         self._runner: web.AppRunner | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._router: StreamRouter | None = None
 
     @property
     def port(self) -> int:
@@ -77,13 +80,20 @@ class IngressService:
             vocab_size=min(config.vocab_size, tokenizer.vocab_size),
             default_slo=default_slo(settings.default_ttft_ms, settings.default_tpot_ms),
         )
-        context = GenerationContext(self._bus, tokenizer, self.metrics, settings.submit_timeout_s)
+        # One subscription for the tokens of every request this ingress serves.
+        stream = subjects.stream_name(self.instance, secrets.token_hex(4))
+        self._router = router = StreamRouter(self._bus, stream, self.metrics.token_replays)
+        await router.start()
+        context = GenerationContext(
+            self._bus, router, tokenizer, self.metrics, settings.submit_timeout_s
+        )
         handlers = Handlers(
             settings.model_id, limits, context, tenants, self.admission, self._health_check()
         )
         watch = StreamWatch(
             self._bus,
             lambda: self.admission.generations,
+            router,
             quiet_s=settings.stream_quiet_s,
             unreachable_s=settings.stream_unreachable_s,
         )
@@ -146,6 +156,8 @@ class IngressService:
         if self._watch is not None:
             await cancel_tasks([self._watch])
             self._watch = None
+        if self._router is not None:
+            await self._router.stop()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()

@@ -1,20 +1,25 @@
 """Every accepted request ends: the watch over quiet streams.
 
 A request's tokens come from processes that may die, restart or lose NATS while it runs. A
-stream that hears nothing for `quiet_s` is asked after: one RequestStatusQuery to the
-scheduler names every quiet request of this ingress at once (so a quiet server costs nothing
-and a busy one a message per period).
+stream that hears nothing for `quiet_s` is asked after, in two ways at once, each one message
+naming every quiet request of this ingress (so a quiet server costs nothing and a busy one two
+messages per period):
 
-- The scheduler still runs it (waiting in its queue, prefilling, decoding): it waits on. The
-  scheduler fails what it runs with a reason of its own (a worker's lapsed lease, a prefill
-  that timed out).
-- The scheduler does not know it, twice in a row (a chunk on its way when the scheduler
-  forgot a finished request gets one period to arrive): the scheduler restarted, or the
-  request's last tokens were lost on the bus after it finished. It is submitted again, to go
-  on from the output its client has (its seed, drawn at ingress, makes the rest identical); a
-  request resubmitted MAX_RESUBMITS times, or refused, ends with a 503 `request_lost`.
-- No scheduler answers for `unreachable_s`: those quiet since then end with a 503
-  `request_lost` too, saying so.
+- the producers are asked to send again what the stream lacks (a ReplayQuery): a last chunk
+  lost on the bus comes back this way, and the stream ends as it would have;
+- the scheduler is asked whether it still runs the request (a RequestStatusQuery):
+
+  - It still runs it (waiting in its queue, prefilling, decoding): it waits on.
+    The scheduler fails what it runs with a reason of its own (a worker's lapsed lease, a
+    prefill that timed out).
+  - It does not know it, twice in a row (a replay, or a chunk on its way when the scheduler
+    forgot a finished request, gets one period to arrive): the scheduler restarted, or the
+    request's last tokens were lost and no producer holds them any more. It is submitted
+    again, to go on from the output its client has (its seed, drawn at ingress, makes the
+    rest identical); a request resubmitted MAX_RESUBMITS times, or refused, ends with a 503
+    `request_lost`.
+  - No scheduler answers for `unreachable_s`: those quiet since then end with a 503
+    `request_lost` too, saying so.
 """
 
 import asyncio
@@ -27,6 +32,7 @@ from duetserve.proto import codec, subjects
 from duetserve.proto.common import ErrorReply
 from duetserve.proto.scheduling import RequestStatus, RequestStatusQuery
 from duetserve.services.ingress.generation import Generation
+from duetserve.services.ingress.streams import StreamRouter
 
 logger = logging.getLogger(__name__)
 UNKNOWN_STRIKES = 2  # "not known" answers in a row that make a request lost
@@ -38,13 +44,14 @@ class StreamWatch:
         self,
         bus: Bus,
         generations: Callable[[], list[Generation]],
+        router: StreamRouter,
         *,
         quiet_s: float,
         unreachable_s: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`generations`: the running ones (Admission.generations)."""
-        self.bus, self.generations, self.clock = bus, generations, clock
+        self.bus, self.generations, self.router, self.clock = bus, generations, router, clock
         self.quiet_s, self.unreachable_s = quiet_s, unreachable_s
         self.period_s = quiet_s / 2
         self._unanswered_since: float | None = None
@@ -65,6 +72,7 @@ class StreamWatch:
         if not quiet:
             self._unanswered_since = None
             return
+        await self.router.replay([g.stream for g in quiet], "quiet")
         status = await self._ask([g.request_id for g in quiet])
         if status is None:
             since = self._unanswered_since = self._unanswered_since or now

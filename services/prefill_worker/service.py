@@ -19,6 +19,7 @@ from nats.aio.subscription import Subscription
 from duetserve.common.health import serve_health
 from duetserve.common.lifecycle import cancel_tasks, critical_task
 from duetserve.common.nats_bus import Bus, BusTimeout
+from duetserve.common.token_outbox import TokenOutbox
 from duetserve.common.tracing import traced_as
 from duetserve.common.unit_client import Lease, fetch_storage
 from duetserve.proto import kv, subjects, workers
@@ -29,7 +30,7 @@ from duetserve.services.unit_worker.compute import WorkerCompute, follow_splits
 from duetserve.services.unit_worker.decoding import Decoding
 from duetserve.services.unit_worker.handover import announce_ready, follow_handover
 from duetserve.services.unit_worker.model_host import ModelHost, host_model
-from duetserve.services.unit_worker.prefill_step import run_prefill
+from duetserve.services.unit_worker.prefill_step import run_prefill, streams_of
 from duetserve.services.unit_worker.step_log import StepLog, attended_keys
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class PrefillWorkerService:
         self._batches: Subscription | None = None
         self._in_flight = 0  # batches being computed
         self.lease: Lease | None = None
+        self.outbox: TokenOutbox | None = None  # first tokens (unified mode: the step sends them)
         self._tasks: list[asyncio.Task[None]] = []
         self.step_log = StepLog(settings.step_log_dir, "prefill")
 
@@ -66,6 +68,8 @@ class PrefillWorkerService:
             await self.decoding.start()
             self.lease = self.decoding.lease
         else:
+            self.outbox = TokenOutbox(bus, self.instance)
+            await self.outbox.start()
             interval = s.heartbeat_interval_s
             self.lease = Lease(bus, s.unit, self.instance, interval, writes=True)
             self._tasks.append(critical_task(self.lease.keep(), "prefill-lease"))
@@ -120,7 +124,8 @@ class PrefillWorkerService:
         self._in_flight += 1
         try:
             if self.decoding is not None:
-                output = await self.decoding.stepper.prefill(batch)  # the step checks the lease
+                # the step checks the lease, and sends the first tokens with its own
+                output = await self.decoding.stepper.prefill(batch)
             else:
                 assert self.lease is not None
                 await self.lease.wait_valid()  # the batch never writes past the lease
@@ -130,10 +135,13 @@ class PrefillWorkerService:
         forward_s = time.perf_counter() - started
         tokens = sum(len(item.token_ids) for item in batch.items)
         self.tokens_computed += tokens
-        traces = {item.request_id: item.traceparent for item in batch.items}
-        for chunk in output.tokens:  # the first token reaches the client before the hand-off
-            with traced_as(traces.get(chunk.request_id, ""), "prefill.first_token"):
-                await self.bus.publish(subjects.tokens(chunk.request_id), encode(chunk))
+        if self.outbox is not None:  # the first tokens reach the clients before the hand-off
+            streams = streams_of(batch)
+            traces = {item.request_id: item.traceparent for item in batch.items}
+            for chunk in output.tokens:
+                with traced_as(traces[chunk.request_id], "prefill.first_token"):
+                    self.outbox.add(streams[chunk.request_id], chunk)
+            await self.outbox.flush()
         await self.bus.reply(msg, encode(workers.PrefillDone(batch.batch_id, output.results)))
         context = sum(attended_keys(i.num_cached_tokens, len(i.token_ids)) for i in batch.items)
         self.step_log.record(tokens, context, forward_s, time.perf_counter() - started)

@@ -11,6 +11,7 @@ import logging
 import time
 
 from duetserve.common.nats_bus import Bus, BusNoResponders, BusTimeout
+from duetserve.common.token_outbox import TokenOutbox
 from duetserve.common.tracing import traced_as
 from duetserve.proto import cache, kv, subjects, workers
 from duetserve.proto.codec import ProtoError, decode, encode
@@ -49,6 +50,7 @@ class SchedulerCore:
         num_blocks: int,
         prefill_timeout_s: float,
         tuner: SplitTuner,
+        outbox: TokenOutbox,
         shared_steps: bool = False,
         decode_pool_blocks: int | None = None,
     ) -> None:
@@ -57,6 +59,7 @@ class SchedulerCore:
         `decode_pool_blocks`: disagg mode, where decoding requests live in a pool of their own
         (see `decode_view`)."""
         self.bus, self.planner, self.unit, self.tuner = bus, planner, unit, tuner
+        self.outbox = outbox  # errors and migrating notices, on the requests' streams
         self.shared_steps = shared_steps
         self.prefill_timeout_s = prefill_timeout_s
         self.records: dict[str, RequestRecord] = {}
@@ -464,7 +467,7 @@ class SchedulerCore:
         record.migrating_since = time.monotonic()
         index = len(record.output_token_ids)
         notice = TokenChunk(record.request_id, index, (), migrating=True)
-        await self.bus.publish(subjects.tokens(record.request_id), encode(notice))
+        await self.outbox.send(record.submit.stream, notice)
         self.wake.set()  # the retry timer looks for requests that never resume
 
     async def resume(self, record: RequestRecord, output_token_ids: tuple[int, ...]) -> None:
@@ -475,7 +478,7 @@ class SchedulerCore:
             last = TokenChunk(
                 record.request_id, len(output_token_ids), (), finish_reason=FinishReason.LENGTH
             )
-            await self.bus.publish(subjects.tokens(record.request_id), encode(last))
+            await self.outbox.send(record.submit.stream, last)
             self.forget(record)
             return
         record.requeue_after_preemption(output_token_ids)
@@ -538,4 +541,4 @@ class SchedulerCore:
             finish_reason=FinishReason.ERROR,
             error=reason,
         )
-        await self.bus.publish(subjects.tokens(record.request_id), encode(chunk))
+        await self.outbox.send(record.submit.stream, chunk)

@@ -44,6 +44,7 @@ class RequestRecord:
             prompt_token_ids=self.submit.prompt_token_ids,
             output_token_ids=tuple(self.output_token_ids),
             sampling=self.submit.sampling,
+            stream=self.submit.stream,
             cached_tokens=self.seq.num_cached,
         )
 

@@ -6,6 +6,7 @@ import logging
 from duetserve.common.health import serve_health
 from duetserve.common.lifecycle import cancel_tasks, critical_task
 from duetserve.common.nats_bus import Bus
+from duetserve.common.token_outbox import TokenOutbox
 from duetserve.common.unit_client import Lease, fetch_storage
 from duetserve.common.unit_role import UnitRole
 from duetserve.proto import kv, subjects, workers
@@ -55,6 +56,8 @@ class SchedulerService:
             decode_reserve_blocks=s.decode_reserve_blocks,
         )
         planner = Planner(config, FcfsPolicy())
+        outbox = TokenOutbox(bus, self.instance)
+        await outbox.start()
         self.tuner = tuner = SplitTuner(bus, s.unit, split_controller(s), s.prefill_share)
         await tuner.start()
         self.core = SchedulerCore(
@@ -64,6 +67,7 @@ class SchedulerService:
             storage.num_blocks,
             s.prefill_timeout_s,
             tuner,
+            outbox,
             shared_steps=s.mode == "unified",
             decode_pool_blocks=decode_pool_blocks,
         )

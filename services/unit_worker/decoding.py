@@ -12,6 +12,7 @@ from nats.aio.subscription import Subscription
 
 from duetserve.common.lifecycle import cancel_tasks, critical_task
 from duetserve.common.nats_bus import Bus
+from duetserve.common.token_outbox import TokenOutbox
 from duetserve.common.unit_client import Lease, LeaseLost
 from duetserve.proto import kv, workers
 from duetserve.proto.codec import ProtoError, decode, encode
@@ -45,12 +46,17 @@ class Decoding:
         self.bus, self.settings, self.holder, self.pool = bus, settings, holder, pool
         interval = settings.heartbeat_interval_s
         self.lease = Lease(bus, settings.unit, holder, interval, pool, writes=True)
-        self.stepper = DecodeStepper(bus, host, settings, holder, compute, pool, source, self.lease)
+        # The tokens of every step, and in unified mode every first token too.
+        self.outbox = TokenOutbox(bus, holder)
+        self.stepper = DecodeStepper(
+            bus, host, settings, holder, compute, self.outbox, pool, source, self.lease
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._admissions: Subscription | None = None
 
     async def start(self) -> None:
         s = self.settings
+        await self.outbox.start()
         self._admissions = await self.bus.subscribe(
             workers.decode_admit_subject(s.unit), self.on_admit, queue=QUEUE
         )

@@ -32,6 +32,11 @@ class PrefillOutput(NamedTuple):
     tokens: tuple[TokenChunk, ...]  # first tokens, to publish on each request's stream
 
 
+def streams_of(batch: PrefillBatch) -> dict[str, str]:
+    """The stream of each request whose first token the batch samples."""
+    return {i.request_id: i.sample.stream for i in batch.items if i.sample is not None}
+
+
 def run_prefill(host: ModelHost, batch: PrefillBatch) -> PrefillOutput:
     """Validate every item on its own (a bad one fails alone), run the rest as one batch."""
     output, _ = mixed_step(host, batch, [])

@@ -20,6 +20,7 @@ class Resident:
     block_table: list[int]
     state: SequenceSamplingState
     sampling: Sampling  # as admitted: what a hand-over passes on
+    stream: str  # where its tokens go (SamplingState.stream)
     stalled_since: float | None = None  # kv_manager had no block for its next token
     traceparent: str = ""  # the request's trace
 
@@ -32,7 +33,9 @@ class Resident:
 
     def handover_item(self) -> DecodeItem:
         """This request as another decode worker admits it: same blocks, output so far."""
-        state = SamplingState(tuple(self.state.prompt_token_ids), tuple(self.output), self.sampling)
+        state = SamplingState(
+            tuple(self.state.prompt_token_ids), tuple(self.output), self.sampling, self.stream
+        )
         return DecodeItem(
             self.request_id, tuple(self.block_table), state, self.traceparent, from_worker=True
         )

@@ -9,7 +9,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from duetserve.common.nats_bus import Bus, BusTimeout
+import nats.errors
+
+from duetserve.common.nats_bus import Bus, BusError, BusTimeout
+from duetserve.common.token_outbox import TokenOutbox
 from duetserve.common.tracing import traced_as
 from duetserve.common.unit_client import Lease
 from duetserve.proto import kv, subjects, workers
@@ -21,7 +24,7 @@ from duetserve.runtime.kv_pool import KVPool
 from duetserve.services.unit_worker.compute import WorkerCompute
 from duetserve.services.unit_worker.kv_transfer import Copied, TransferError, copy_blocks
 from duetserve.services.unit_worker.model_host import ModelHost
-from duetserve.services.unit_worker.prefill_step import PrefillOutput, mixed_step
+from duetserve.services.unit_worker.prefill_step import PrefillOutput, mixed_step, streams_of
 from duetserve.services.unit_worker.residents import Resident, StepOutcome, decode_step
 from duetserve.services.unit_worker.sequences import runtime_state, sampling_params
 from duetserve.services.unit_worker.settings import UnitWorkerSettings
@@ -44,14 +47,17 @@ class DecodeStepper:
         settings: UnitWorkerSettings,
         holder: str,
         compute: WorkerCompute,
+        outbox: TokenOutbox,
         pool: str = kv.UNIT_POOL,
         source: KVPool | None = None,
         lease: Lease | None = None,
     ) -> None:
-        """`pool`: the unit's pool this worker's blocks come from (`host`'s); `source`
-        (disagg mode): the unit pool, which admitted requests' KV is copied out of; `lease`:
-        the holder's lease, which each step waits to have enough of (None: not checked)."""
+        """`outbox`: where each step's tokens go, one batch per stream; `pool`: the unit's
+        pool this worker's blocks come from (`host`'s); `source` (disagg mode): the unit pool,
+        which admitted requests' KV is copied out of; `lease`: the holder's lease, which each
+        step waits to have enough of (None: not checked)."""
         self.bus, self.host, self.settings, self.holder = bus, host, settings, holder
+        self.outbox = outbox
         self.lease = lease
         self.compute = compute
         self.unit = settings.unit
@@ -126,9 +132,27 @@ class DecodeStepper:
                 block_table, copied = taken
         state = runtime_state(item.state, params)
         self.residents[request_id] = Resident(
-            request_id, owner, block_table, state, item.state.sampling, traceparent=item.traceparent
+            request_id,
+            owner,
+            block_table,
+            state,
+            item.state.sampling,
+            item.state.stream,
+            traceparent=item.traceparent,
         )
+        self._remember_output(request_id, item.state)
         return copied
+
+    def _remember_output(self, request_id: str, state: workers.SamplingState) -> None:
+        """Keep the output the request comes with for replay: if a chunk of it was lost on its
+        way (from a prefill worker, or the worker this one replaces), this worker can send it
+        again. Not where logprobs were asked for: the state does not carry them."""
+        output = state.output_token_ids
+        if not output or state.sampling.logprobs is not None:
+            return
+        cached = state.cached_tokens or None
+        chunk = TokenChunk(request_id, 0, output, cached_tokens=cached)
+        self.outbox.remember(state.stream, chunk)
 
     async def _copy_in(
         self, owner: str, item: workers.DecodeItem
@@ -241,6 +265,11 @@ class DecodeStepper:
             prefill.output.set_exception(err)
             raise
         prefill.output.set_result(output)
+        streams = streams_of(prefill.batch)
+        traces = {item.request_id: item.traceparent for item in prefill.batch.items}
+        for chunk in output.tokens:  # first tokens share the step's batches
+            with traced_as(traces[chunk.request_id], "prefill.first_token"):
+                self.outbox.add(streams[chunk.request_id], chunk)
         await self._after_step(active, outcome)
 
     async def _step(self, active: list[Resident], started: float) -> None:
@@ -270,10 +299,10 @@ class DecodeStepper:
             await self._events(tuple(failed))
 
     async def _after_step(self, active: list[Resident], outcome: StepOutcome) -> None:
-        """Publish each resident's new token; release and report the finished ones."""
+        """Publish the new tokens (one batch per stream); release and report the finished."""
         for resident, chunk in zip(active, outcome.tokens, strict=True):
-            with traced_as(resident.traceparent):
-                await self.bus.publish(subjects.tokens(chunk.request_id), encode(chunk))
+            self.outbox.add(resident.stream, chunk)
+        await self.outbox.flush()
         finished = []
         for resident in outcome.finished:
             self.residents.pop(resident.request_id, None)
@@ -386,7 +415,10 @@ class DecodeStepper:
         sizes: tuple[workers.ResidentSize, ...] = (),
     ) -> None:
         message = workers.WorkerEvents(self.holder, events, self._free_blocks, self.pool, sizes)
-        await self.bus.publish(workers.worker_events_subject(self.unit), encode(message))
+        try:
+            await self.bus.publish(workers.worker_events_subject(self.unit), encode(message))
+        except (nats.errors.Error, BusError, OSError) as err:  # NATS away, its buffer full
+            logger.warning("could not report %d event(s): %r", len(events), err)
 
     async def _end_stream(
         self, resident: Resident, reason: FinishReason, error: str | None
@@ -394,4 +426,4 @@ class DecodeStepper:
         chunk = TokenChunk(
             resident.request_id, len(resident.output), (), finish_reason=reason, error=error
         )
-        await self.bus.publish(subjects.tokens(resident.request_id), encode(chunk))
+        await self.outbox.send(resident.stream, chunk)

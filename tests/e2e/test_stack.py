@@ -227,7 +227,9 @@ def test_a_cancel_that_overtakes_its_submit_still_cancels_the_request(stack: Sta
             await bus.publish(subjects.SCHED_CANCEL, encode(cancel))
             await bus.flush()
             await asyncio.sleep(0.2)  # the cancel is handled first
-            submit = SubmitRequest("cmpl-overtaken", "default", (5, 6, 7), Sampling(8), 0.0)
+            submit = SubmitRequest(
+                "cmpl-overtaken", "default", (5, 6, 7), Sampling(8), 0.0, "test-stream"
+            )
             reply = await bus.request(subjects.SCHED_SUBMIT, encode(submit), timeout=5)
             return decode(reply.data, SubmitAccepted, ErrorReply)
         finally:

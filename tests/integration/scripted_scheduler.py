@@ -1,7 +1,8 @@
 """A stand-in for the scheduler in ingress tests: a real NATS subscriber on SCHED_SUBMIT that
 accepts (or refuses) each request, plays back a script of TokenChunks on the request's token
-subject, answers status queries (as `knows` says), and records the submits, the status queries
-and the CancelRequests it receives."""
+stream (through a real TokenOutbox, one batch per chunk, some of them lost if the script says
+so), answers status queries (as `knows` says) and replay queries (the outbox), and records the
+submits, the status queries and the CancelRequests it receives."""
 
 import asyncio
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from nats.aio.msg import Msg
 
 from duetserve.common.nats_bus import Bus
+from duetserve.common.token_outbox import TokenOutbox
 from duetserve.proto import codec, subjects
 from duetserve.proto.common import ErrorReply
 from duetserve.proto.scheduling import (
@@ -18,7 +20,7 @@ from duetserve.proto.scheduling import (
     SubmitAccepted,
     SubmitRequest,
 )
-from duetserve.proto.tokens import FinishReason, TokenChunk, TokenLogprob, TopLogprob
+from duetserve.proto.tokens import FinishReason, TokenBatch, TokenChunk, TokenLogprob, TopLogprob
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Script:
     logprobs: bool = False
     refuse: ErrorReply | None = None
     accept_delay_s: float = 0.0  # before answering a submit
+    lose: frozenset[int] = frozenset()  # chunks (by play order) whose batch is lost on its way
 
     def chunks(self, request_id: str) -> list[TokenChunk]:
         groups = [
@@ -67,6 +70,22 @@ def _logprob(token_id: int) -> TokenLogprob:
     return TokenLogprob(token_id, -0.5, (TopLogprob(token_id, -0.5), TopLogprob(7, -1.5)))
 
 
+class LossyOutbox(TokenOutbox):
+    """A TokenOutbox whose chosen batches never reach NATS, as if published while NATS was
+    away: kept for replay, their numbers used, nothing sent."""
+
+    def __init__(self, bus: Bus, instance: str) -> None:
+        super().__init__(bus, instance)
+        self.drop_next = False
+
+    async def _publish(self, stream: str, batch: TokenBatch) -> None:
+        if self.drop_next and batch.seq:
+            self.drop_next = False
+            self.publish_failures += 1
+            return
+        await super()._publish(stream, batch)
+
+
 class ScriptedScheduler:
     def __init__(self, bus: Bus, script: Script) -> None:
         self.bus = bus
@@ -79,8 +98,10 @@ class ScriptedScheduler:
         # False, none is (a scheduler that restarted); None, no answer at all.
         self.knows: bool | None = True
         self._players: set[asyncio.Task[None]] = set()
+        self.outbox = LossyOutbox(bus, "scripted-scheduler")
 
     async def start(self) -> None:
+        await self.outbox.start()
         await self.bus.subscribe(subjects.SCHED_SUBMIT, self._on_submit)
         await self.bus.subscribe(subjects.SCHED_CANCEL, self._on_cancel)
         await self.bus.subscribe(subjects.SCHED_STATUS, self._on_status)
@@ -104,16 +125,16 @@ class ScriptedScheduler:
             await self.bus.reply(msg, codec.encode(self.script.refuse))
             return
         await self.bus.reply(msg, codec.encode(SubmitAccepted(submit.request_id)))
-        player = asyncio.create_task(self._play(submit.request_id))
+        player = asyncio.create_task(self._play(submit.request_id, submit.stream))
         self._players.add(player)
         player.add_done_callback(self._players.discard)
 
-    async def _play(self, request_id: str) -> None:
-        subject = subjects.tokens(request_id)
-        await self.bus.publish(subject, b"\x93not a chunk")  # logged and dropped by ingress
-        for chunk in self.script.chunks(request_id):
+    async def _play(self, request_id: str, stream: str) -> None:
+        await self.bus.publish(subjects.tokens(stream), b"\x93not a batch")  # logged, dropped
+        for number, chunk in enumerate(self.script.chunks(request_id)):
             await asyncio.sleep(self.script.delay_s)
-            await self.bus.publish(subject, codec.encode(chunk))
+            self.outbox.drop_next = number in self.script.lose
+            await self.outbox.send(stream, chunk)
 
     async def _on_cancel(self, msg: Msg) -> None:
         self.cancels.put_nowait(codec.decode(msg.data, CancelRequest))

@@ -572,3 +572,44 @@ async def test_a_request_whose_scheduler_never_answers_ends_as_lost(
     assert 1.0 < time.monotonic() - started < 4.0
     assert isinstance(info.value.body, dict) and info.value.body["code"] == "request_lost"
     assert "no scheduler has answered" in info.value.body["message"]
+
+
+async def test_a_batch_lost_mid_stream_is_asked_for_again(
+    start_ingress: StartIngress, scheduler: ScriptedScheduler
+) -> None:
+    """Core NATS delivers at most once: a token batch lost on its way leaves a hole. The next
+    batch's number (and the hole in the indexes) give it away, ingress asks the producers
+    again, and the stream goes on with nothing missing, long before the quiet-stream watch
+    (30 s here) would have looked."""
+    ingress = await start_ingress(stream_quiet_s=30.0)
+    scheduler.script = replace(scheduler.script, out_of_order=False, lose=frozenset({2, 5}))
+    base = f"http://127.0.0.1:{ingress.port}/v1"
+    async with openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0, timeout=10) as api:
+        completion = await asyncio.wait_for(
+            api.completions.create(model=model_id(ingress), prompt="Hi"), 5.0
+        )
+    assert completion.choices[0].text == TEXT
+    assert scheduler.outbox.publish_failures == 2  # both were lost, and both came back
+    assert scheduler.outbox.replays_answered >= 1
+    assert len(scheduler.submits) == 1  # not resubmitted: replayed
+
+
+async def test_a_lost_last_batch_comes_back_when_the_stream_is_found_quiet(
+    start_ingress: StartIngress, scheduler: ScriptedScheduler
+) -> None:
+    """The batch with a stream's end is lost and nothing follows it: no hole shows. The watch
+    finds the stream quiet and asks the producers again; the stream ends as it would have,
+    without resubmitting the request."""
+    ingress = await start_ingress(stream_quiet_s=0.3)
+    last = len(scheduler.script.chunks("r")) - 1
+    scheduler.script = replace(scheduler.script, out_of_order=False, lose=frozenset({last}))
+    base = f"http://127.0.0.1:{ingress.port}/v1"
+    async with openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0, timeout=10) as api:
+        completion = await asyncio.wait_for(
+            api.completions.create(model=model_id(ingress), prompt="Hi"), 5.0
+        )
+    assert completion.choices[0].text == TEXT
+    assert completion.choices[0].finish_reason == "length"
+    assert len(scheduler.submits) == 1
+    metrics = ingress.metrics.render().decode()
+    assert 'duet_ingress_token_replays_total{cause="quiet"} 1.0' in metrics

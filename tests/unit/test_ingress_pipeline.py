@@ -50,6 +50,20 @@ def test_chunks_come_out_in_index_order_without_repeats() -> None:
     assert orderer.next_index == 4
 
 
+def test_a_replayed_chunk_gives_only_what_the_stream_lacks() -> None:
+    """A replay may cover tokens the stream had (a decode worker sends the output it was
+    handed as one chunk): the part past next_index is handed out, the rest dropped."""
+    orderer = ChunkOrderer("r")
+    assert orderer.push(chunk(0, (5, 6))) == [chunk(0, (5, 6))]
+    assert orderer.push(chunk(3, (8,))) == []
+    assert orderer.has_gap  # index 2 is missing
+    assert orderer.push(chunk(0, (5, 6, 7))) == [chunk(2, (7,)), chunk(3, (8,))]
+    assert not orderer.has_gap
+    assert orderer.push(chunk(3, (8,), FinishReason.STOP)) == [chunk(4, (), FinishReason.STOP)]
+    assert orderer.push(chunk(4, (), FinishReason.STOP)) == []  # ended: a second end is dropped
+    assert orderer.next_index == 4
+
+
 def test_an_error_chunk_ends_the_stream_at_once() -> None:
     orderer = ChunkOrderer("r")
     assert orderer.push(chunk(5, (1,))) == []

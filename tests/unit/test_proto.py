@@ -43,12 +43,22 @@ EXAMPLES: list[object] = [
     ),
     tokens.TokenChunk("r-1", 3, (), finish_reason=tokens.FinishReason.ERROR, error="worker lost"),
     tokens.TokenChunk("r-1", 3, (), migrating=True),
+    tokens.TokenBatch(
+        "decode_worker-host-7-0a1b",
+        12,
+        (tokens.TokenChunk("r-1", 4, (8,)), tokens.TokenChunk("r-2", 0, (3,), cached_tokens=16)),
+    ),
+    tokens.TokenBatch("scheduler-host-3-ffee", 0, ()),
+    tokens.ReplayQuery(
+        "ingress-host-1-ab12", (tokens.ReplayFrom("r-1", 4), tokens.ReplayFrom("r-2", 0))
+    ),
     scheduling.SubmitRequest(
         request_id="r-1",
         tenant="tenant-a",
         prompt_token_ids=(1, 2, 3, 4),
         sampling=SAMPLING,
         arrival_time=1732400000.25,
+        stream="ingress-host-1-ab12",
         slo=scheduling.Slo(scheduling.SloKind.LATENCY, ttft_ms=500, tpot_ms=50),
         public_prefix_tokens=2,
     ),
@@ -58,6 +68,7 @@ EXAMPLES: list[object] = [
         prompt_token_ids=(1,),
         sampling=scheduling.Sampling(max_tokens=1),
         arrival_time=0.0,
+        stream="ingress-2",
         slo=scheduling.Slo(scheduling.SloKind.COMPOUND, deadline_ms=2e4, group="plan-17"),
     ),
     scheduling.SubmitAccepted("r-1"),
@@ -124,7 +135,7 @@ EXAMPLES: list[object] = [
                 (9,),
                 0,
                 (8,),
-                workers.SamplingState((9,), (), SAMPLING, cached_tokens=0),
+                workers.SamplingState((9,), (), SAMPLING, "ingress-1", cached_tokens=0),
             ),
         ),
     ),
@@ -137,12 +148,19 @@ EXAMPLES: list[object] = [
         ),
     ),
     workers.DecodeAdmit(
-        (workers.DecodeItem("r-2", (8, 9), workers.SamplingState((9,), (11,), SAMPLING)),)
+        (
+            workers.DecodeItem(
+                "r-2", (8, 9), workers.SamplingState((9,), (11,), SAMPLING, "ingress-1")
+            ),
+        )
     ),
     workers.DecodeAdmit(
         (
             workers.DecodeItem(
-                "r-3", (4,), workers.SamplingState((9,), (11, 12), SAMPLING), from_worker=True
+                "r-3",
+                (4,),
+                workers.SamplingState((9,), (11, 12), SAMPLING, "i-2"),
+                from_worker=True,
             ),
         )
     ),
@@ -240,6 +258,7 @@ def test_nested_validation_names_the_path() -> None:
         "prompt_token_ids": [1],
         "sampling": {"max_tokens": 4},
         "arrival_time": 0,
+        "stream": "ingress-1",
         "slo": {"kind": "latency", "ttft_ms": 100},
     }
     with pytest.raises(InvalidMessageError, match="needs tpot_ms"):
@@ -257,7 +276,10 @@ def test_unexpected_type_is_refused() -> None:
 
 
 def test_subjects_refuse_unsafe_tokens() -> None:
-    assert subjects.tokens("r-1") == "duet.tokens.r-1"
+    assert subjects.tokens("ingress-1") == "duet.tokens.ingress-1"
+    assert (
+        subjects.stream_name("ingress-my.host.example-12", "ab") == "ingress-my_host_example-12-ab"
+    )
     assert subjects.kv("unit0", "alloc") == "duet.kv.unit0.alloc"
     for bad in ("a.b", "a b", "*", ">", ""):
         with pytest.raises(ValueError):

@@ -5,7 +5,7 @@ from dataclasses import replace
 from duetserve.proto.scheduling import Sampling, SubmitRequest
 from duetserve.services.scheduler.requests import RequestRecord
 
-SUBMIT = SubmitRequest("r-1", "tenant", (1, 2, 3), Sampling(max_tokens=8), arrival_time=0.0)
+SUBMIT = SubmitRequest("r-1", "tenant", (1, 2, 3), Sampling(max_tokens=8), 0.0, "ingress-1")
 
 
 def test_a_request_without_a_seed_gets_one_at_admission_and_keeps_the_clients() -> None:
