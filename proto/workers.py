@@ -53,6 +53,9 @@ def batch_of(request_id: str) -> int | None:
     return int(number) if number != request_id and number.isdigit() else None
 
 
+ROLL_CALL_S = 2.0  # how often a decode worker lists its residents (WorkerEvents.roll_call)
+
+
 def worker_events_subject(unit: str) -> str:
     """Publish: the unit's workers and kv_manager -> scheduler."""
     return f"{ROOT}.sched.{check_token(unit, 'unit')}.events"
@@ -112,6 +115,11 @@ class DecodeItem:
     # Handed over by the decode worker it ran on (a worker replacement): the blocks are in the
     # decode worker's pool already, so they are retained in place, in every mode.
     from_worker: bool = False
+    # The kv_manager owner that holds block_table for the request (the scheduler's): the
+    # worker takes the blocks only while it still does. An admission that arrives after the
+    # scheduler gave up on it (its hand-off timed out) is refused, never writes blocks that
+    # were freed and handed to another request meanwhile.
+    owner: str = ""
 
 
 @message("decode.admit")
@@ -194,3 +202,7 @@ class WorkerEvents:
     # Every resident of the decode worker as it is now, sent with NEEDS_BLOCKS: preemption
     # then counts what each victim really holds, not what it held when it was handed over.
     residents: tuple[ResidentSize, ...] = ()
+    # `residents` is the roll call: every request resident on `source` now (sent every
+    # ROLL_CALL_S, and with NEEDS_BLOCKS). A request the scheduler has decoding that no decode
+    # worker has listed for a while ended there, and the event saying so was lost.
+    roll_call: bool = False

@@ -39,6 +39,10 @@ RESUME_WAIT_S = 30.0
 # a prefill worker to take its prompt, a decode worker to take it over (holding its blocks
 # meanwhile); then it fails.
 NO_WORKER_WAIT_S = 60.0
+# A roll call counts for this long; one that lists a request counts for it that long.
+ROLL_CALL_FRESH_S = 3 * workers.ROLL_CALL_S
+# A decoding request in no roll call for this long has ended on its worker unheard.
+ROLL_CALL_MISSING_S = 2 * workers.ROLL_CALL_S
 
 
 class SchedulerCore:
@@ -76,6 +80,7 @@ class SchedulerCore:
         # Prefilled requests the decode worker had no room for yet, handed off again when it
         # may have some (at the loop's next wake).
         self.handoffs: list[RequestRecord] = []
+        self._roll_calls: dict[str, tuple[float, set[str]]] = {}  # source -> (when, residents)
         self.transfers = KvTransfers()
         self._next_reclaim = 0.0  # monotonic time before which the cache is not asked again
         # Set (with a reason) when the batch in flight will never be answered: its prefill
@@ -111,10 +116,11 @@ class SchedulerCore:
                 pass
 
     async def _retry_handoffs(self) -> None:
+        """Hand off what waits for the decode worker (just prefilled, or refused for now)."""
         handoffs, self.handoffs = self.handoffs, []
-        for record in handoffs:
-            if self.records.get(record.request_id) is record and record.cancelled is None:
-                await self._hand_off(record)
+        live = [r for r in handoffs if self.records.get(r.request_id) is r and r.cancelled is None]
+        if live:
+            await self._hand_off(live)
 
     async def _step(self) -> bool:
         """One plan and its prefill batch; False when there is nothing to do right now."""
@@ -309,6 +315,7 @@ class SchedulerCore:
             if (record := self.records.get(chunk.request_id)) is not None:
                 with traced_as(record.traceparent, "scheduler.prefilled"):
                     await self._after_chunk(record, chunk, results)
+        await self._retry_handoffs()
 
     def _prefill_wait_s(self, tokens: int) -> float:
         if self._prefill_s_per_token is None:
@@ -396,7 +403,7 @@ class SchedulerCore:
         if result.finished:
             await self.finish(record)
         else:
-            await self._hand_off(record)
+            self.handoffs.append(record)  # the batch's are handed off together
 
     async def _insert_prefix(self, record: RequestRecord) -> None:
         insert = cache.PrefixInsert(
@@ -410,39 +417,60 @@ class SchedulerCore:
         except BusTimeout as err:
             logger.warning("prefix cache did not index %s: %s", record.request_id, err)
 
-    async def _hand_off(self, record: RequestRecord) -> None:
-        item = workers.DecodeItem(
-            record.request_id,
-            tuple(record.block_table),
-            record.sampling_state(),
-            record.traceparent,
+    async def _hand_off(self, records: list[RequestRecord]) -> None:
+        """Give prefilled requests to the decode worker, all in one admission. With no worker
+        to take them now (none runs: a crashed one is starting again; none answers: a frozen
+        one, whose lease is lapsing), they keep their blocks and are offered again until
+        NO_WORKER_WAIT_S has passed. A worker that answers late takes a request only while
+        the scheduler still holds its blocks (DecodeItem.owner), and takes an offer of one it
+        has already as accepted, so asking again is safe."""
+        items = tuple(
+            workers.DecodeItem(
+                r.request_id,
+                tuple(r.block_table),
+                r.sampling_state(),
+                r.traceparent,
+                owner=r.owner,
+            )
+            for r in records
         )
         try:
             reply = await self.bus.request(
-                workers.decode_admit_subject(self.unit), encode(workers.DecodeAdmit((item,)))
+                workers.decode_admit_subject(self.unit), encode(workers.DecodeAdmit(items))
             )
             admitted = decode(reply.data, workers.DecodeAdmitted)
-        except BusNoResponders as err:  # none runs now: a crashed one is starting again
+        except BusTimeout as err:  # BusNoResponders too
+            logger.warning(
+                "hand-off of %d request(s) not answered, offered again: %s", len(records), err
+            )
             now = time.monotonic()
-            record.no_worker_since = record.no_worker_since or now
-            if now - record.no_worker_since < NO_WORKER_WAIT_S:
-                self.handoffs.append(record)
-            else:
+            for record in records:
+                record.no_worker_since = record.no_worker_since or now
+                if now - record.no_worker_since < NO_WORKER_WAIT_S:
+                    self.handoffs.append(record)
+                else:
+                    await self.fail(record, f"decode worker unavailable: {err}")
+            return
+        except ProtoError as err:
+            for record in records:
                 await self.fail(record, f"decode worker unavailable: {err}")
             return
-        except (BusTimeout, ProtoError) as err:
-            await self.fail(record, f"decode worker unavailable: {err}")
-            return
-        record.no_worker_since = None
-        if record.request_id not in admitted.request_ids:
-            refusals = [r for r in admitted.refused if r.request_id == record.request_id]
-            if refusals and refusals[0].retry:  # no room yet: it waits, holding its blocks
-                self.handoffs.append(record)
-                return
-            reason = refusals[0].reason if refusals else "no reason"
-            await self.fail(record, f"decode refused: {reason}")
-            return
         self.transfers.add(admitted)
+        taken = set(admitted.request_ids)
+        refusals = {r.request_id: r for r in admitted.refused}
+        for record in records:
+            record.no_worker_since = None
+            if record.request_id in taken:
+                await self._handed_off(record)
+                continue
+            refusal = refusals.get(record.request_id)
+            if refusal is not None and refusal.retry:  # no room yet: it waits, holding its blocks
+                self.handoffs.append(record)
+                continue
+            reason = refusal.reason if refusal is not None else "no reason"
+            await self.fail(record, f"decode refused: {reason}")
+
+    async def _handed_off(self, record: RequestRecord) -> None:
         await self.release(record.owner)  # the decode worker holds its own references now
         if (
             self.records.get(record.request_id) is not record
@@ -451,11 +479,33 @@ class SchedulerCore:
             return  # while we waited it finished, was cancelled or preempted on the decode worker
         self.view.prefilling.remove(record.seq)
         record.seq.phase = Phase.DECODING
+        record.decoding_since, record.unlisted_since = time.monotonic(), None
         self.view.decoding.append(record.seq)
         if record.cancelled is not None:  # the cancel arrived while the hand-off was under way
             await self.cancel_decoding(record)
 
     # --- migration ------------------------------------------------------------------------
+
+    async def roll_call(self, source: str, resident: set[str]) -> None:
+        """A decode worker listed its residents. A request decoding here that no worker has
+        listed for ROLL_CALL_MISSING_S ended on its worker (finished, preempted, failed) with
+        the event saying so lost on the bus: it migrates, and its client, who knows how far
+        it got, has it go on from there (or, if it had finished, no longer listens, and the
+        record is forgotten when no resume comes)."""
+        now = time.monotonic()
+        self._roll_calls[source] = (now, resident)
+        fresh = {s: c for s, c in self._roll_calls.items() if now - c[0] <= ROLL_CALL_FRESH_S}
+        self._roll_calls = fresh
+        listed = set().union(*(ids for _, ids in fresh.values()))
+        for record in list(self.records.values()):
+            if record.seq.phase != Phase.DECODING or record.decoding_since is None:
+                continue
+            if record.request_id in listed or now - record.decoding_since < ROLL_CALL_FRESH_S:
+                record.unlisted_since = None
+                continue
+            record.unlisted_since = record.unlisted_since or now
+            if now - record.unlisted_since >= ROLL_CALL_MISSING_S:
+                await self.migrate(record, "no decode worker has it any more")
 
     async def migrate(self, record: RequestRecord, reason: str) -> None:
         """Its decode worker was lost with the tokens it produced: only the client knows how

@@ -162,6 +162,8 @@ class SchedulerHandlers:
             else:
                 logger.warning("free blocks of an unknown pool %r ignored", events.kv_pool)
         grow(self.core.decode_view.decoding, events.residents)
+        if events.roll_call:
+            await self.core.roll_call(events.source, {r.request_id for r in events.residents})
         for event in events.events:
             await self._on_event(event)
         self.core.wake.set()

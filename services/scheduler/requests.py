@@ -23,6 +23,8 @@ class RequestRecord:
     prefill_attempts: int = 0  # batches of it given up on (SchedulerCore._prefill_again)
     migrating_since: float | None = None  # monotonic: its decode worker was lost (migrate)
     no_worker_since: float | None = None  # monotonic: first found no worker to take it
+    decoding_since: float | None = None  # monotonic: handed off to a decode worker
+    unlisted_since: float | None = None  # monotonic: decoding, yet in no worker's roll call
 
     @property
     def request_id(self) -> str:

@@ -64,6 +64,7 @@ class Decoding:
         self._tasks = [
             critical_task(self.stepper.run(), "decode-loop"),
             critical_task(self._keep_lease(), "decode-lease"),
+            critical_task(self._roll_calls(), "decode-roll-call"),
         ]
 
     async def _keep_lease(self) -> None:
@@ -75,6 +76,11 @@ class Decoding:
         except LeaseLost as err:
             self.stepper.forget_all(str(err))
             raise
+
+    async def _roll_calls(self) -> None:
+        while True:
+            await asyncio.sleep(workers.ROLL_CALL_S)
+            await self.stepper.roll_call()
 
     async def on_admit(self, msg: Msg) -> None:
         try:

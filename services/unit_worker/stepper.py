@@ -107,10 +107,10 @@ class DecodeStepper:
         """Take a request over: its blocks (retained in place, or copied into this worker's
         own pool in disagg mode), its sampling state. A refusal says why."""
         request_id = item.request_id
+        if request_id in self.residents:  # offered again (the first offer's answer was late)
+            return None
         if not self.accepting:
             return workers.Refusal(request_id, "the decode worker is draining")
-        if request_id in self.residents:
-            return workers.Refusal(request_id, "duplicate request")
         if len(self.residents) >= self.settings.max_resident:
             return workers.Refusal(request_id, "the decode worker is full", retry=True)
         try:
@@ -122,7 +122,9 @@ class DecodeStepper:
         with traced_as(item.traceparent, "decode.admit"):
             if self.source is None or item.from_worker:
                 block_table = list(item.block_table)
-                error = await self._kv(kv.RetainBlocks(owner, item.block_table), "retain")
+                held_by = (item.owner,) if item.owner else ()
+                retain = kv.RetainBlocks(owner, item.block_table, held_by)
+                error = await self._kv(retain, "retain")
                 if error is not None:
                     return workers.Refusal(request_id, f"could not take over its blocks: {error}")
             else:
@@ -347,11 +349,11 @@ class DecodeStepper:
         event = workers.WorkerEvent(
             workers.EventKind.NEEDS_BLOCKS, resident.request_id, blocks_needed=needed
         )
-        sizes = tuple(
-            workers.ResidentSize(r.request_id, len(r.output), len(r.block_table))
-            for r in self.residents.values()
-        )
-        await self._events((event,), sizes)
+        await self._events((event,), roll_call=True)
+
+    async def roll_call(self) -> None:
+        """List every resident for the scheduler (WorkerEvents.roll_call)."""
+        await self._events((), roll_call=True)
 
     # --- kv_manager and the scheduler -----------------------------------------------------
 
@@ -410,11 +412,18 @@ class DecodeStepper:
         self.residents.clear()
 
     async def _events(
-        self,
-        events: tuple[workers.WorkerEvent, ...],
-        sizes: tuple[workers.ResidentSize, ...] = (),
+        self, events: tuple[workers.WorkerEvent, ...], roll_call: bool = False
     ) -> None:
-        message = workers.WorkerEvents(self.holder, events, self._free_blocks, self.pool, sizes)
+        """Report `events`; with `roll_call`, the size of every resident too."""
+        sizes: tuple[workers.ResidentSize, ...] = ()
+        if roll_call:
+            sizes = tuple(
+                workers.ResidentSize(r.request_id, len(r.output), len(r.block_table))
+                for r in self.residents.values()
+            )
+        message = workers.WorkerEvents(
+            self.holder, events, self._free_blocks, self.pool, sizes, roll_call
+        )
         try:
             await self.bus.publish(workers.worker_events_subject(self.unit), encode(message))
         except (nats.errors.Error, BusError, OSError) as err:  # NATS away, its buffer full

@@ -237,3 +237,38 @@ def test_a_cancel_that_overtakes_its_submit_still_cancels_the_request(stack: Sta
 
     reply = asyncio.run(cancel_then_submit())
     assert isinstance(reply, ErrorReply) and reply.code == "cancelled", reply
+
+
+def test_a_late_admission_never_takes_blocks_its_scheduler_let_go(stack: Stack) -> None:
+    """A hand-off whose answer came too late: the scheduler gave up and released the blocks,
+    which may already be another request's. When the admission finally reaches the decode
+    worker it must refuse it, not take the blocks and write its KV into them."""
+    from duetserve.common.nats_bus import Bus
+    from duetserve.proto import kv, subjects, workers
+    from duetserve.proto.codec import decode, encode
+    from duetserve.proto.scheduling import Sampling
+
+    OTHER = "another-tenant/r-9"
+
+    async def late_admission() -> workers.DecodeAdmitted:
+        bus = await Bus.connect(stack.nats_url, "late-admission")
+        try:  # blocks that now belong to someone else
+            alloc = encode(kv.AllocateBlocks(OTHER, 2))
+            reply = await bus.request(subjects.kv("unit0", "alloc"), alloc)
+            blocks = decode(reply.data, kv.BlocksGranted).block_ids
+            state = workers.SamplingState((5, 6, 7), (8,), Sampling(4), "nobody-listens")
+            item = workers.DecodeItem("cmpl-late", blocks, state, owner="scheduler-old/cmpl-late")
+            admit = encode(workers.DecodeAdmit((item,)))
+            reply = await bus.request(workers.decode_admit_subject("unit0"), admit)
+            answer = decode(reply.data, workers.DecodeAdmitted)
+            await bus.request(subjects.kv("unit0", "release"), encode(kv.ReleaseBlocks(OTHER)))
+            return answer
+        finally:
+            await bus.close()
+
+    answer = asyncio.run(late_admission())
+    assert answer.request_ids == ()
+    [refusal] = answer.refused
+    assert "no longer held by ['scheduler-old/cmpl-late']" in refusal.reason
+    held = asyncio.run(allocated_blocks(stack.nats_url, settle_s=2.0))
+    assert all(h.startswith("cache_index") for h in held), held

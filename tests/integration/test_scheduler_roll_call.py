@@ -1,0 +1,105 @@
+"""A decoding request whose end on its worker was never heard of (the event lost on the bus)
+does not stay at the scheduler for ever: the decode worker's roll calls no longer list it, and
+it migrates. A real scheduler, kv_manager and cache_index on a real nats-server; the workers
+are played by the test, so the lost event is one the worker never sends."""
+
+import asyncio
+from pathlib import Path
+
+from nats.aio.msg import Msg
+
+from duetserve.common.nats_bus import Bus
+from duetserve.common.nats_server import NatsServer
+from duetserve.proto import subjects, workers
+from duetserve.proto.codec import decode, encode
+from duetserve.proto.scheduling import ResumeRequest, Sampling, SubmitAccepted, SubmitRequest
+from duetserve.proto.tokens import TokenBatch, TokenChunk, TokenLogprob
+from duetserve.services.scheduler.service import SchedulerService
+from duetserve.services.scheduler.settings import SchedulerSettings
+from tests.conftest import ModelDirs
+from tests.integration.unit_services import running_cache_index, running_kv_manager
+from tests.model_specs import TINY
+
+STREAM = "roll-call-test"
+FIRST_TOKEN = 42
+
+
+async def test_a_decoding_request_no_worker_lists_any_more_migrates(
+    nats_server: NatsServer, bus: Bus, model_dirs: ModelDirs
+) -> None:
+    model: Path = model_dirs.get(TINY)
+    async with running_kv_manager(nats_server.url, model, num_blocks=32) as kv_manager:
+        unit = kv_manager.settings.unit
+        async with running_cache_index(nats_server.url, unit):
+            settings = SchedulerSettings(
+                nats_url=nats_server.url, unit=unit, mode="semi-pd", split_control="static"
+            )
+            scheduler = SchedulerService(settings)
+            await scheduler.start()
+            try:
+                await _play(bus, unit)
+            finally:
+                await scheduler.stop()
+
+
+async def _play(bus: Bus, unit: str) -> None:
+    batches: asyncio.Queue[workers.PrefillBatch] = asyncio.Queue()
+    admitted: asyncio.Queue[str] = asyncio.Queue()
+    chunks: asyncio.Queue[TokenChunk] = asyncio.Queue()
+
+    async def prefill(msg: Msg) -> None:
+        batch = decode(msg.data, workers.PrefillBatch)
+        batches.put_nowait(batch)
+        token = TokenLogprob(FIRST_TOKEN, 0.0)
+        results = tuple(workers.PrefillResult(i.request_id, token) for i in batch.items)
+        await bus.reply(msg, encode(workers.PrefillDone(batch.batch_id, results)))
+
+    async def admit(msg: Msg) -> None:
+        items = decode(msg.data, workers.DecodeAdmit).items
+        for item in items:
+            admitted.put_nowait(item.request_id)
+        taken = tuple(i.request_id for i in items)
+        await bus.reply(msg, encode(workers.DecodeAdmitted(taken)))
+
+    async def stream(msg: Msg) -> None:
+        for chunk in decode(msg.data, TokenBatch).chunks:
+            chunks.put_nowait(chunk)
+
+    await bus.subscribe(workers.prefill_batch_subject(unit), prefill)
+    await bus.subscribe(workers.decode_admit_subject(unit), admit)
+    await bus.subscribe(subjects.tokens(STREAM), stream)
+    await bus.flush()
+    for request_id in ("r-kept", "r-lost"):
+        submit = SubmitRequest(request_id, "default", (5, 6, 7), Sampling(64), 0.0, STREAM)
+        reply = await bus.request(subjects.SCHED_SUBMIT, encode(submit))
+        assert isinstance(decode(reply.data, SubmitAccepted), SubmitAccepted)
+    handed = {await asyncio.wait_for(admitted.get(), 10) for _ in range(2)}
+    assert handed == {"r-kept", "r-lost"}
+    first_prefills = batches.qsize()
+
+    # The decode worker ended r-lost (finished, preempted): that event never arrives. Its
+    # roll calls list r-kept alone from now on.
+    async def roll_calls() -> None:
+        kept = (workers.ResidentSize("r-kept", 3, 1),)
+        while True:
+            events = workers.WorkerEvents("decode-played", (), residents=kept, roll_call=True)
+            await bus.publish(workers.worker_events_subject(unit), encode(events))
+            await asyncio.sleep(workers.ROLL_CALL_S)
+
+    caller = asyncio.create_task(roll_calls())
+    try:
+        notice = await asyncio.wait_for(chunks.get(), 20)
+        assert notice.request_id == "r-lost" and notice.migrating
+        # Its client has two tokens of it: it goes on from there, prefilled again.
+        output = (FIRST_TOKEN, 43)
+        await bus.publish(subjects.SCHED_RESUME, encode(ResumeRequest("r-lost", output)))
+        while batches.qsize() == first_prefills:
+            await asyncio.sleep(0.05)
+        *_, again = [batches.get_nowait() for _ in range(batches.qsize())]
+        [item] = again.items
+        assert item.request_id == "r-lost"
+        assert item.token_ids[-len(output) :] == output
+        await asyncio.sleep(2 * workers.ROLL_CALL_S)
+        assert chunks.empty()  # r-kept, listed all along, never moved
+    finally:
+        caller.cancel()
