@@ -16,7 +16,11 @@ from then until one is answered. Afterwards every request is one of:
 
 "In flight" are those sent before the fault and still running when it struck. Leaked blocks
 are block references still held (by anything but the prefix cache) once the load has ended and
-settled; stale writes, blocks written while free (kv_manager's poison check).
+settled; stale writes, blocks written while free (kv_manager's poison check); records left,
+requests the scheduler still holds once settled (each one a request it would wait on for
+ever). Streams asked again counts the streams ingress asked the producers for again during the
+fault, having found token batches lost on the bus (duet_ingress_token_replays_total, causes
+gap and lost_batch).
 
 Bounded in count and time, loopback only; it stops by itself.
 """
@@ -45,6 +49,7 @@ from duetserve.common.nats_server import free_port
 from duetserve.common.processes import launcher_children, running
 from duetserve.proto import kv, subjects
 from duetserve.proto.codec import decode, encode
+from duetserve.proto.scheduling import SchedulerStats, SchedulerStatsQuery
 
 SERVICES = ("kv_manager", "cache_index", "scheduler", "prefill_worker", "decode_worker", "ingress")
 PROMPTS = (
@@ -150,6 +155,8 @@ class FaultResult:
     differing: int = 0
     leaked_blocks: int = 0
     stale_writes: int = 0
+    records_left: int = 0
+    replays: int = 0
     serves_again_s: float | None = None
     orphans: list[str] = field(default_factory=list)  # kill-launcher: processes left running
     reasons: dict[str, int] = field(default_factory=dict)
@@ -343,6 +350,39 @@ async def kv_health(nats_url: str, settle_s: float) -> tuple[int, int]:
         await bus.close()
 
 
+async def scheduler_records(nats_url: str, settle_s: float) -> int:
+    """Requests the scheduler still holds (queued, prefilling, decoding) once they have
+    settled, or whatever it holds after `settle_s` (-1: it never answered)."""
+    bus = await Bus.connect(nats_url, "fault-suite")
+    left = -1
+    try:
+        deadline = time.monotonic() + settle_s
+        while True:
+            with contextlib.suppress(Exception):  # restarting: ask again
+                query = encode(SchedulerStatsQuery())
+                reply = await bus.request(subjects.SCHED_STATS, query, timeout=2)
+                stats = decode(reply.data, SchedulerStats)
+                left = stats.waiting + stats.prefilling + stats.decoding
+            if left == 0 or time.monotonic() > deadline:
+                return left
+            await asyncio.sleep(0.25)
+    finally:
+        await bus.close()
+
+
+async def token_replays(base_url: str) -> int:
+    """Streams ingress has asked again for since it started, having found a token batch lost
+    (a hole in a stream, a batch number skipped; not the quiet-stream watch's routine asks)."""
+    async with aiohttp.ClientSession() as http, http.get(f"{base_url}/metrics") as response:
+        text = await response.text()
+    total = 0.0
+    for line in text.splitlines():
+        lost = ('cause="gap"', 'cause="lost_batch"')
+        if line.startswith("duet_ingress_token_replays_total{") and any(c in line for c in lost):
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
 def summarize(
     fault: Fault, outcomes: list[Outcome], struck: float, references: dict[int, str]
 ) -> FaultResult:
@@ -391,12 +431,15 @@ def run_suite(
             if fault.name == "kill-launcher":
                 results.append(kill_launcher(stack, fault))
             else:
+                replays = asyncio.run(token_replays(stack.base_url))
                 outcomes, struck, again = asyncio.run(runner.under_fault(fault, keys))
                 result = summarize(fault, outcomes, struck, references)
                 result.serves_again_s = again
                 result.leaked_blocks, result.stale_writes = asyncio.run(
                     kv_health(stack.nats_url, settle_s=20.0)
                 )
+                result.records_left = asyncio.run(scheduler_records(stack.nats_url, 40.0))
+                result.replays = asyncio.run(token_replays(stack.base_url)) - replays
                 results.append(result)
             log(_line(results[-1]))
     finally:
@@ -436,7 +479,8 @@ def _line(r: FaultResult) -> str:
         f"{r.fault}: {r.requests} requests, {r.in_flight} in flight; completed {r.completed} "
         f"({r.in_flight_completed} of those in flight), failed {r.failed}, hung {r.hung}; "
         f"outputs equal {r.equal_to_reference}/{r.completed}; leaked {r.leaked_blocks}, "
-        f"stale writes {r.stale_writes}; serving again after {again}"
+        f"stale writes {r.stale_writes}, records left {r.records_left}; streams asked again "
+        f"{r.replays}; serving again after {again}"
         + "".join(f"\n    {n}x {why}" for why, n in r.reasons.items())
     )
 
@@ -444,20 +488,21 @@ def _line(r: FaultResult) -> str:
 def markdown(results: list[FaultResult], load: Load, command: str, model: str) -> str:
     rows = [
         "| fault | requests | in flight | completed (of in flight) | failed | **hung** | "
-        "outputs equal | leaked blocks | stale writes | serving again |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "outputs equal | leaked blocks | stale writes | records left | streams asked again | "
+        "serving again |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r.fault == "kill-launcher":
             orphans = ", ".join(r.orphans) or "none"
-            rows.append(f"| {r.what} | | | | | | | | | orphans: {orphans} |")
+            rows.append(f"| {r.what} | | | | | | | | | | | orphans: {orphans} |")
             continue
         again = "never" if r.serves_again_s is None else f"{r.serves_again_s:.1f} s"
         rows.append(
             f"| {r.what} | {r.requests} | {r.in_flight} | {r.completed} "
             f"({r.in_flight_completed}) | {r.failed} | **{r.hung}** | "
             f"{r.equal_to_reference}/{r.completed} | {r.leaked_blocks} | {r.stale_writes} | "
-            f"{again} |"
+            f"{r.records_left} | {r.replays} | {again} |"
         )
     reasons = [
         f"- {r.fault}: " + "; ".join(f"{n}× `{why}`" for why, n in r.reasons.items())

@@ -27,6 +27,7 @@ def test_no_request_hangs_and_no_block_leaks_when_a_worker_or_nats_dies(
         assert result.hung == 0, result
         assert result.leaked_blocks == 0, result
         assert result.stale_writes == 0, result
+        assert result.records_left == 0, result  # the scheduler waits on nothing
         assert result.differing == 0, result  # a completed answer is the undisturbed one
         assert result.serves_again_s is not None, result
     prefill, nats = results
