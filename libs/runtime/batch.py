@@ -62,10 +62,13 @@ class ForwardBatch:
         chunks: Sequence[SequenceChunk],
         config: ModelConfig,
         pool: KVPool,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
     ) -> "ForwardBatch":
-        """Validate the chunks against the model and the pool, then lay them out as tensors.
+        """Validate the chunks against the model and the pool, then lay them out as tensors,
+        on `device` (by default the pool's: where the model that writes the pool runs).
         Raises before anything is written, so a refused batch leaves the pool untouched."""
+        if device is None:
+            device = pool.device
         if not chunks:
             raise ValueError("a forward batch needs at least one sequence")
         for index, chunk in enumerate(chunks):

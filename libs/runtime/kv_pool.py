@@ -40,6 +40,10 @@ class KVPool:
         return self.tensor.dtype
 
     @property
+    def device(self) -> torch.device:
+        return self.tensor.device
+
+    @property
     def block_nbytes(self) -> int:
         """Bytes of one block across every layer, K and V (`kv_bytes_per_block`)."""
         return self.tensor.nbytes // self.num_blocks
