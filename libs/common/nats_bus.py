@@ -8,6 +8,7 @@ Handlers of one subscription run one at a time, in arrival order (nats-py's sema
 handler that must not hold up the next message hands its work to a task of its own.
 """
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,6 +26,7 @@ from duetserve.common.tracing import active_tracer, extract_context, inject_head
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Msg], Awaitable[None]]
+DRAIN_TIMEOUT_S = 2.0  # a drain the server does not complete by then closes instead
 
 
 class BusError(Exception):
@@ -182,13 +184,15 @@ class Bus:
         """Wait until the server has everything published so far."""
         await self.nc.flush(timeout=timeout)  # type: ignore[arg-type]  # nats-py says int
 
-    async def drain(self) -> None:
-        """Finish the messages already received, stop receiving, flush, close. Safe twice."""
+    async def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        """Finish the messages already received, stop receiving, flush, close; within
+        `timeout_s`, or close at once (a server that is gone or frozen never answers the
+        flush, and a stopping service must not wait on it). Safe twice."""
         if self.nc.is_closed or self.nc.is_draining:
             return
         try:
-            await self.nc.drain()
-        except nats.errors.Error as exc:
+            await asyncio.wait_for(self.nc.drain(), timeout_s)
+        except (nats.errors.Error, TimeoutError) as exc:
             logger.warning("drain failed; closing", extra={"error": repr(exc)})
             await self.close()
 

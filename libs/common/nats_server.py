@@ -84,6 +84,11 @@ class NatsServer:
         return f"nats://{LOOPBACK}:{self.port}"
 
     @property
+    def pid(self) -> int | None:
+        """The server process's id while it runs."""
+        return self._process.pid if self.is_running and self._process is not None else None
+
+    @property
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 

@@ -3,6 +3,8 @@
 import asyncio
 import itertools
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -193,6 +195,32 @@ async def test_publish_works_again_after_server_restart(tmp_path: Path) -> None:
         await resilient.close()
         first.stop()
         restarted.stop()
+
+
+async def test_a_drain_against_a_frozen_server_gives_up_and_closes(tmp_path: Path) -> None:
+    """A service stopping while nats-server is frozen (or going away with it) must not wait
+    on a flush that never comes: its whole stop has 10 s."""
+    server = NatsServer(tmp_path).start()
+    frozen = await Bus.connect(server.url, "test-frozen")
+    try:
+        await frozen.subscribe("test.frozen", _ignore)
+        await frozen.flush()
+        pid = server.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        await frozen.drain()
+        assert time.monotonic() - started < 4.0
+        assert frozen.nc.is_closed
+    finally:
+        if server.pid is not None:
+            os.kill(server.pid, signal.SIGCONT)
+        await frozen.close()
+        server.stop()
+
+
+async def _ignore(msg: Msg) -> None:
+    pass
 
 
 async def test_drain_and_close_are_safe_twice(nats_server: NatsServer) -> None:
