@@ -35,3 +35,4 @@ class ErrorReply:
 
     code: str
     message: str
+    retry_after_s: float | None = None  # when it is worth asking again (overloaded, busy)

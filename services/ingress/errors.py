@@ -1,8 +1,15 @@
-"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
+A 429 or 503 always says when to come back (`Retry-After`, whole seconds): a client that backs
+off by it finds the server able to serve, instead of adding to what overloaded it.
+"""
+
+import math
 from typing import Any
 
 from pydantic import ValidationError
+
+DEFAULT_RETRY_AFTER_S = 1.0  # a 429 or 503 that knows no better
 
 
 class ApiError(Exception):
@@ -16,10 +23,19 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type = status, message, type
         self.param, self.code = param, code
+        if retry_after_s is None and status in (429, 503):
+            retry_after_s = DEFAULT_RETRY_AFTER_S
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
     def body(self) -> dict[str, Any]:
         return {

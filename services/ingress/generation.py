@@ -43,7 +43,8 @@ from duetserve.services.ingress.streams import StreamRouter, TokenStream
 
 logger = logging.getLogger(__name__)
 
-# Scheduler refusals that are the request's fault (400); any other code is a 503.
+# Scheduler refusals that are the request's fault (400); "overloaded" is a 429; any other code
+# is a 503. Every 429 and 503 says when to come back (Retry-After).
 _CLIENT_ERROR_CODES = frozenset({"context_length_exceeded", "prompt_too_long"})
 
 
@@ -57,6 +58,7 @@ class GenerationFailed(Exception):
 
 
 SHUTTING_DOWN = "shutting_down"
+OVERLOADED = "overloaded"  # the scheduler could not start it within its SLO
 REQUEST_LOST = "request_lost"  # the scheduler no longer runs it, or cannot be reached
 
 
@@ -281,7 +283,9 @@ def scheduler_unavailable(why: str) -> ApiError:
 def scheduler_refused(reply: ErrorReply) -> ApiError:
     if reply.code.startswith("invalid") or reply.code in _CLIENT_ERROR_CODES:
         return ApiError(400, reply.message, code=reply.code)
-    return ApiError(503, reply.message, "server_error", code=reply.code)
+    if reply.code == OVERLOADED:
+        return ApiError(429, reply.message, "requests", None, OVERLOADED, reply.retry_after_s)
+    return ApiError(503, reply.message, "server_error", None, reply.code, reply.retry_after_s)
 
 
 class Admission:

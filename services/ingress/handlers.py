@@ -29,8 +29,6 @@ from duetserve.services.ingress.api_models import ChatCompletionRequest, Complet
 from duetserve.services.ingress.errors import ApiError, not_found_model
 from duetserve.services.ingress.formats import ChatFormat, CompletionFormat, ResponseFormat
 from duetserve.services.ingress.generation import (
-    REQUEST_LOST,
-    SHUTTING_DOWN,
     Admission,
     Arrival,
     Generation,
@@ -247,9 +245,10 @@ class Handlers:
 
 
 def generation_error(err: GenerationFailed) -> ApiError:
-    if err.code in (SHUTTING_DOWN, REQUEST_LOST):
-        return ApiError(503, str(err), "server_error", code=err.code)
-    return ApiError(500, str(err), "server_error")
+    """A generation the server could not finish (a worker or the scheduler said why): the
+    request was valid (ingress checked it), so it is the server's trouble, and worth retrying
+    once it has passed: a 503 with Retry-After, never a 500."""
+    return ApiError(503, str(err), "server_error", code=err.code or "generation_failed")
 
 
 def health_body(

@@ -79,4 +79,4 @@ def error_type(status: int) -> str:
 
 
 def error_response(err: ApiError) -> web.Response:
-    return web.json_response(err.body(), status=err.status)
+    return web.json_response(err.body(), status=err.status, headers=err.headers())

@@ -16,7 +16,9 @@ from duetserve.common.tracing import traced_as
 from duetserve.proto import cache, kv, subjects, workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
+from duetserve.proto.scheduling import SubmitRequest
 from duetserve.proto.tokens import FinishReason, TokenChunk
+from duetserve.services.scheduler.admission import AdmissionControl
 from duetserve.services.scheduler.planner import Admission, Planner, PrefillChunk
 from duetserve.services.scheduler.requests import RequestRecord
 from duetserve.services.scheduler.split_tuner import SplitTuner
@@ -57,6 +59,7 @@ class SchedulerCore:
         outbox: TokenOutbox,
         shared_steps: bool = False,
         decode_pool_blocks: int | None = None,
+        admission: AdmissionControl | None = None,
     ) -> None:
         """`shared_steps`: prefill chunks share each forward pass with the decoding requests
         (unified mode), so the decodes take their tokens out of the batch's budget.
@@ -80,6 +83,7 @@ class SchedulerCore:
         # Prefilled requests the decode worker had no room for yet, handed off again when it
         # may have some (at the loop's next wake).
         self.handoffs: list[RequestRecord] = []
+        self.admission = admission or AdmissionControl(max_waiting=2**31, max_running=2**31)
         self._roll_calls: dict[str, tuple[float, set[str]]] = {}  # source -> (when, residents)
         self.transfers = KvTransfers()
         self._next_reclaim = 0.0  # monotonic time before which the cache is not asked again
@@ -325,7 +329,8 @@ class SchedulerCore:
 
     def _observe_prefill(self, tokens: int, seconds: float) -> None:
         """Seconds per token of the slowest recent batch (a slow one counts at once, and is
-        forgotten slowly)."""
+        forgotten slowly), and the throughput admission estimates with."""
+        self.admission.on_prefill_batch(tokens, seconds)
         rate = seconds / max(tokens, 1)
         known = self._prefill_s_per_token
         self._prefill_s_per_token = rate if known is None else max(rate, 0.9 * known + 0.1 * rate)
@@ -552,6 +557,17 @@ class SchedulerCore:
 
     # --- endings --------------------------------------------------------------------------
 
+    def too_long(self, submit: SubmitRequest) -> str | None:
+        """Why this request can never run on the unit (its prompt outgrows the whole pool)."""
+        tokens = len(submit.prompt_token_ids) + len(submit.output_token_ids)
+        needed = self.planner.blocks_for(tokens)
+        if needed <= self.view.total_blocks:
+            return None
+        return (
+            f"The prompt of {tokens} tokens needs {needed} KV blocks; the server has "
+            f"{self.view.total_blocks} in all."
+        )
+
     def unlist(self, record: RequestRecord) -> None:
         """Take the request out of whichever phase list holds it."""
         for group in (self.view.waiting, self.view.prefilling, self.view.decoding):
@@ -559,7 +575,8 @@ class SchedulerCore:
                 group.remove(record.seq)
 
     def forget(self, record: RequestRecord) -> None:
-        self.records.pop(record.request_id, None)
+        if self.records.pop(record.request_id, None) is not None:
+            self.admission.on_finished()  # a place to run came free
         self.unlist(record)
 
     async def finish(self, record: RequestRecord) -> None:

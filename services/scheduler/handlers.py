@@ -60,6 +60,10 @@ class SchedulerHandlers:
             error = ErrorReply("duplicate_request", f"request {submit.request_id} already exists")
             await self.bus.reply(msg, encode(error))
             return
+        refusal = self._refusal(submit)
+        if refusal is not None:
+            await self.bus.reply(msg, encode(refusal))
+            return
         record = RequestRecord.new(submit, time.monotonic(), self.holder)
         record.traceparent = current_traceparent()  # the handler runs in the submit's trace
         self.core.records[submit.request_id] = record
@@ -67,6 +71,20 @@ class SchedulerHandlers:
         self.core.tuner.on_arrival(len(submit.prompt_token_ids))
         await self.bus.reply(msg, encode(SubmitAccepted(submit.request_id)))
         self.core.wake.set()
+
+    def _refusal(self, submit: SubmitRequest) -> ErrorReply | None:
+        """Why not to take this request: it can never run here, or not within its SLO now (a
+        resubmission, already accepted once, is let in)."""
+        too_long = self.core.too_long(submit)
+        if too_long is not None:
+            return ErrorReply("prompt_too_long", too_long)
+        if submit.output_token_ids:
+            return None
+        refusal = self.core.admission.check(submit, self.core.view)
+        if refusal is None:
+            return None
+        logger.info("refused %s: %s", submit.request_id, refusal.message)
+        return ErrorReply("overloaded", refusal.message, refusal.retry_after_s)
 
     async def on_cancel(self, msg: Msg) -> None:
         try:

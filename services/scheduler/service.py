@@ -11,6 +11,7 @@ from duetserve.common.unit_client import Lease, fetch_storage
 from duetserve.common.unit_role import UnitRole
 from duetserve.proto import kv, subjects, workers
 from duetserve.proto.common import HealthStatus
+from duetserve.services.scheduler.admission import AdmissionControl
 from duetserve.services.scheduler.core import SchedulerCore
 from duetserve.services.scheduler.handlers import SchedulerHandlers
 from duetserve.services.scheduler.planner import Planner, PlannerConfig
@@ -70,6 +71,11 @@ class SchedulerService:
             outbox,
             shared_steps=s.mode == "unified",
             decode_pool_blocks=decode_pool_blocks,
+            admission=AdmissionControl(
+                max_waiting=s.max_waiting,
+                max_running=s.max_running,
+                factor=s.admission_factor if s.admission == "slo" else float("inf"),
+            ),
         )
         self.handlers = handlers = SchedulerHandlers(bus, self.core, s.unit, self.instance)
         await bus.subscribe(subjects.SCHED_SUBMIT, handlers.on_submit)

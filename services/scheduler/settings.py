@@ -17,6 +17,12 @@ class SchedulerSettings(ServingSettings):
     max_prefill_tokens: int = Field(2048, gt=0)
     max_prefill_seqs: int = Field(64, gt=0)
     max_running: int = Field(256, gt=0)
+    # Admission (scheduler/admission.py): at most this many queued requests; and with "slo",
+    # a request whose first token is expected later than admission_factor x its TTFT target
+    # is refused (429 with Retry-After at ingress). "queue": the queue bound alone.
+    max_waiting: int = Field(1024, gt=0)
+    admission: Literal["slo", "queue"] = "slo"
+    admission_factor: float = Field(1.0, gt=0)
     decode_reserve_blocks: int = Field(0, ge=0)
     prefill_timeout_s: float = Field(120.0, gt=0)
     heartbeat_interval_s: float = Field(1.0, gt=0)

@@ -357,31 +357,43 @@ async def _until(condition: Callable[[], bool], timeout: float = 3.0) -> None:
             await asyncio.sleep(0.01)
 
 
-async def test_no_scheduler_or_a_refusal_is_a_503(
+async def test_no_scheduler_is_a_503_and_an_overloaded_one_a_429_both_with_retry_after(
     ingress: IngressService, client: openai.AsyncOpenAI, bus: Bus, text_ids: tuple[int, ...]
 ) -> None:
     with pytest.raises(openai.InternalServerError) as info:
         await client.completions.create(model=model_id(ingress), prompt="Hi")
     assert info.value.status_code == 503
     assert "scheduler" in info.value.message
-    refusing = ScriptedScheduler(bus, Script(text_ids, refuse=ErrorReply("overloaded", "busy")))
+    assert info.value.response.headers["Retry-After"] == "1"
+    busy = ErrorReply("overloaded", "the first token would take 9.0s", retry_after_s=7.2)
+    refusing = ScriptedScheduler(bus, Script(text_ids, refuse=busy))
     await refusing.start()
+    with pytest.raises(openai.RateLimitError) as limited:
+        await client.completions.create(model=model_id(ingress), prompt="Hi")
+    assert limited.value.status_code == 429 and "would take 9.0s" in limited.value.message
+    assert limited.value.response.headers["Retry-After"] == "8"
+    assert isinstance(limited.value.body, dict) and limited.value.body["code"] == "overloaded"
+    refusing.script = replace(refusing.script, refuse=ErrorReply("no_worker", "none"))
     with pytest.raises(openai.InternalServerError) as info:
         await client.completions.create(model=model_id(ingress), prompt="Hi")
-    assert info.value.status_code == 503 and "busy" in info.value.message
+    assert info.value.status_code == 503 and "Retry-After" in info.value.response.headers
     refusing.script = replace(refusing.script, refuse=ErrorReply("invalid_request", "bad"))
     with pytest.raises(openai.BadRequestError):
         await client.completions.create(model=model_id(ingress), prompt="Hi")
     assert ingress.admission.in_flight == 0
 
 
-async def test_an_error_chunk_is_a_500_or_an_error_event(
+async def test_an_error_chunk_is_a_503_with_retry_after_or_an_error_event(
     ingress: IngressService, http: aiohttp.ClientSession, scheduler: ScriptedScheduler
 ) -> None:
+    """The request was valid (ingress checked it): what the server could not finish is its
+    own trouble, worth retrying later, never a 500."""
     scheduler.script = replace(scheduler.script, error="worker lost its KV")
     body = {"model": model_id(ingress), "prompt": "Hi"}
-    status, error = await post(http, "/v1/completions", body)
-    assert status == 500
+    async with http.post("/v1/completions", json=body) as response:
+        status, error = response.status, await response.json()
+        assert response.headers["Retry-After"] == "1"
+    assert status == 503
     assert error["error"]["type"] == "server_error"
     assert error["error"]["message"] == "worker lost its KV"
     async with http.post("/v1/completions", data=json.dumps({**body, "stream": True})) as stream:

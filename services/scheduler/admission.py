@@ -1,0 +1,131 @@
+"""Admission: a request the unit cannot start within its SLO is refused at once, with when to
+come back, instead of queued to miss it (and to make every request behind it miss theirs).
+
+At submit, when the request could start is estimated from what is ahead of it and what the
+unit has been doing (pure arithmetic, no I/O):
+
+- prefill: every prompt token still to compute ahead of it (waiting and prefilling requests),
+  at the prefill throughput of the last PREFILL_WINDOW batches (seconds over tokens; the
+  first batch, which warms the worker up, does not count);
+- a place to run: with `max_running` requests running already, the queue ahead of it has to
+  drain first, one request per finish, at the rate requests finished over the last
+  FINISH_WINDOW_S.
+
+The longer of the two, compared with the request's TTFT target (its SLO's, or its deadline),
+decides. Beyond `max_waiting` queued requests everything is refused, whatever the estimate.
+A refusal carries Retry-After: how much sooner the unit would have had to be, at least 1 s.
+With nothing ahead, or nothing measured yet (a new unit), a request is let in: waiting could
+not make it start sooner.
+"""
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from duetserve.proto.scheduling import SloKind, SubmitRequest
+from duetserve.services.scheduler.state import UnitView
+
+PREFILL_WINDOW = 32  # batches the prefill throughput is measured over
+FINISH_WINDOW_S = 30.0  # finishes the finish rate is measured over
+MIN_RETRY_AFTER_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    message: str
+    retry_after_s: float
+
+
+class AdmissionControl:
+    def __init__(
+        self,
+        max_waiting: int,
+        max_running: int,
+        factor: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`factor`: a request is refused when its expected TTFT exceeds factor x its target."""
+        self.max_waiting, self.max_running, self.factor = max_waiting, max_running, factor
+        self.clock = clock
+        self._batches: deque[tuple[int, float]] = deque(maxlen=PREFILL_WINDOW)
+        self._finishes: deque[float] = deque()
+        self._warmed_up = False
+        self.refused = 0
+
+    def on_prefill_batch(self, tokens: int, seconds: float) -> None:
+        if not self._warmed_up:
+            self._warmed_up = True
+            return
+        if tokens > 0 and seconds > 0:
+            self._batches.append((tokens, seconds))
+
+    def on_finished(self) -> None:
+        now = self.clock()
+        self._finishes.append(now)
+        self._forget_finishes(now)
+
+    @property
+    def prefill_s_per_token(self) -> float | None:
+        tokens = sum(t for t, _ in self._batches)
+        return sum(s for _, s in self._batches) / tokens if tokens else None
+
+    def finish_rate(self) -> float | None:
+        """Requests finished per second lately (None: none finished in the window)."""
+        now = self.clock()
+        self._forget_finishes(now)
+        if len(self._finishes) < 2:
+            return None
+        span = max(now - self._finishes[0], 1.0)
+        return len(self._finishes) / span
+
+    def expected_start_s(self, view: UnitView) -> float:
+        """Seconds until a request submitted now could start prefilling."""
+        prefill = 0.0
+        per_token = self.prefill_s_per_token
+        if per_token is not None:
+            ahead = sum(s.num_uncomputed for s in (*view.waiting, *view.prefilling))
+            prefill = ahead * per_token
+        room = 0.0
+        running = len(view.prefilling) + len(view.decoding)
+        behind = len(view.waiting) + 1 - max(self.max_running - running, 0)
+        rate = self.finish_rate()
+        if behind > 0 and rate is not None:
+            room = behind / rate
+        return max(prefill, room)
+
+    def check(self, submit: SubmitRequest, view: UnitView) -> Refusal | None:
+        """None: let it in. A refusal: why, and when to come back."""
+        if len(view.waiting) >= self.max_waiting:
+            self.refused += 1
+            return Refusal(
+                f"the server is overloaded: {len(view.waiting)} requests are queued already",
+                MIN_RETRY_AFTER_S,
+            )
+        target = _ttft_target_s(submit)
+        if target is None:
+            return None
+        expected = self.expected_start_s(view)
+        if expected <= self.factor * target:
+            return None
+        self.refused += 1
+        return Refusal(
+            f"the server is overloaded: the request would start in about {expected:.1f}s, "
+            f"its first token is due in {target:.1f}s",
+            max(expected - self.factor * target, MIN_RETRY_AFTER_S),
+        )
+
+    def _forget_finishes(self, now: float) -> None:
+        while self._finishes and self._finishes[0] < now - FINISH_WINDOW_S:
+            self._finishes.popleft()
+
+
+def _ttft_target_s(submit: SubmitRequest) -> float | None:
+    slo = submit.slo
+    if slo is None:
+        return None
+    if slo.kind == SloKind.LATENCY and slo.ttft_ms is not None:
+        return slo.ttft_ms / 1000
+    if slo.deadline_ms is not None:  # the whole answer by then: the first token before
+        return slo.deadline_ms / 1000
+    return None

@@ -1,0 +1,84 @@
+"""Admission: refuse at once what cannot start within its SLO, and say when to come back."""
+
+from duetserve.proto.scheduling import Sampling, Slo, SloKind, SubmitRequest
+from duetserve.services.scheduler.admission import AdmissionControl
+from duetserve.services.scheduler.state import Phase, SeqState, UnitView
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def submit(prompt_tokens: int, ttft_ms: float | None = 1000.0) -> SubmitRequest:
+    slo = None if ttft_ms is None else Slo(SloKind.LATENCY, ttft_ms=ttft_ms, tpot_ms=100.0)
+    return SubmitRequest("r", "t", (1,) * prompt_tokens, Sampling(16), 0.0, "s", slo=slo)
+
+
+def seq(request_id: str, prompt: int, phase: Phase, computed: int = 0) -> SeqState:
+    return SeqState(request_id, 0.0, prompt, 16, num_computed=computed, phase=phase)
+
+
+def view(waiting: int = 0, prefilling: int = 0, decoding: int = 0, prompt: int = 100) -> UnitView:
+    return UnitView(
+        free_blocks=100,
+        total_blocks=100,
+        waiting=[seq(f"w{i}", prompt, Phase.WAITING) for i in range(waiting)],
+        prefilling=[seq(f"p{i}", prompt, Phase.PREFILLING, prompt // 2) for i in range(prefilling)],
+        decoding=[seq(f"d{i}", prompt, Phase.DECODING, prompt) for i in range(decoding)],
+    )
+
+
+def test_nothing_measured_yet_lets_requests_in() -> None:
+    control = AdmissionControl(max_waiting=100, max_running=4)
+    assert control.check(submit(500), view(waiting=50)) is None
+
+
+def test_the_prefill_queue_ahead_decides_against_the_ttft_target() -> None:
+    control = AdmissionControl(max_waiting=100, max_running=64)
+    control.on_prefill_batch(10, 5.0)  # the first batch warms up: not counted
+    control.on_prefill_batch(1000, 2.0)  # 2 ms a token
+    # ahead: 4 x 100 waiting + 2 x 50 left of the prefilling: 500 tokens, 1.0 s
+    assert control.expected_start_s(view(waiting=4, prefilling=2)) == 1.0
+    assert control.check(submit(100), view(waiting=4, prefilling=2)) is None
+    refusal = control.check(submit(100), view(waiting=6, prefilling=2))  # 1.4 s
+    assert refusal is not None and "start in about 1.4s" in refusal.message
+    assert refusal.retry_after_s == 1.0  # at least a second
+    far = control.check(submit(100), view(waiting=41))  # 8.2 s expected, 1 s allowed
+    assert far is not None and abs(far.retry_after_s - 7.2) < 1e-9
+    assert control.refused == 2
+    assert control.check(submit(5000), view()) is None  # nothing ahead: waiting cannot help
+
+
+def test_with_every_place_taken_the_queue_drains_one_finish_at_a_time() -> None:
+    clock = Clock()
+    control = AdmissionControl(max_waiting=100, max_running=4, clock=clock)
+    for _ in range(11):  # one finish a second
+        control.on_finished()
+        clock.now += 1.0
+    assert control.finish_rate() == 1.0
+    full = view(waiting=2, decoding=4)
+    assert control.expected_start_s(full) == 3.0  # two ahead of it, then itself
+    assert control.check(submit(10, ttft_ms=5000), full) is None
+    assert control.check(submit(10, ttft_ms=2000), full) is not None
+    assert control.expected_start_s(view(decoding=3)) == 0.0  # a place is free
+
+
+def test_the_queue_bound_holds_whatever_the_slo() -> None:
+    control = AdmissionControl(max_waiting=3, max_running=64)
+    assert control.check(submit(10, ttft_ms=None), view(waiting=2)) is None
+    refusal = control.check(submit(10, ttft_ms=None), view(waiting=3))
+    assert refusal is not None and "3 requests are queued" in refusal.message
+
+
+def test_a_deadline_slo_bounds_the_first_token_too() -> None:
+    control = AdmissionControl(max_waiting=100, max_running=64)
+    control.on_prefill_batch(1, 1.0)  # warming up
+    control.on_prefill_batch(100, 1.0)  # 10 ms a token
+    deadline = Slo(SloKind.DEADLINE, deadline_ms=3000.0)
+    request = SubmitRequest("r", "t", (1,) * 100, Sampling(16), 0.0, "s", slo=deadline)
+    assert control.check(request, view(waiting=2)) is None  # 2 s < 3 s
+    assert control.check(request, view(waiting=4)) is not None  # 4 s
