@@ -190,11 +190,18 @@ class Bus:
         flush, and a stopping service must not wait on it). Safe twice."""
         if self.nc.is_closed or self.nc.is_draining:
             return
-        try:
-            await asyncio.wait_for(self.nc.drain(), timeout_s)
-        except (nats.errors.Error, TimeoutError) as exc:
-            logger.warning("drain failed; closing", extra={"error": repr(exc)})
-            await self.close()
+        # Not asyncio.wait_for: nats-py's drain swallows a cancel and goes on to a flush of
+        # its own, so the drain runs as a task, and the connection is closed under it.
+        draining = asyncio.ensure_future(self.nc.drain())
+        done, _ = await asyncio.wait({draining}, timeout=timeout_s)
+        if draining in done and not draining.cancelled() and draining.exception() is None:
+            return
+        error = draining.exception() if draining in done and not draining.cancelled() else None
+        logger.warning("drain failed; closing", extra={"error": repr(error or "timed out")})
+        await self.close()
+        if not draining.done():
+            draining.cancel()
+            await asyncio.wait({draining}, timeout=1.0)
 
     async def close(self) -> None:
         """Close the connection at once, dropping what is still queued. Safe twice."""
