@@ -42,6 +42,7 @@ from duetserve.services.ingress.prompts import (
     prepare_chat,
     prepare_completion,
 )
+from duetserve.services.ingress.quotas import TenantQuotas
 from duetserve.services.ingress.tenants import TenantResolver
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class Handlers:
         self._limits = limits
         self._context = context
         self._tenants = tenants
+        self._quotas = TenantQuotas(tenants.quotas, context.metrics.quota_refusals)
         self._admission = admission
         self._health = health
 
@@ -161,6 +163,7 @@ class Handlers:
         fmt: ResponseFormat,
         req: CompletionRequest | ChatCompletionRequest,
     ) -> web.StreamResponse:
+        held = self._quotas.take(tenant, len(prompt.prompt_ids), prompt.sampling.max_tokens)
         request_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
         generation = Generation(self._context, request_id, tenant, prompt, arrival)
         head = responses.ResponseHead(request_id, self.model_id, int(time.time()))
@@ -171,6 +174,8 @@ class Handlers:
                     return await self._stream(request, generation, head, fmt, req.include_usage)
                 return await self._collect(generation, head, fmt)
         finally:
+            usage = generation.usage
+            held.release(usage.prompt_tokens + usage.completion_tokens)
             # Shielded: a client that went away cancelled this handler, and the cancel must
             # still reach the scheduler.
             await asyncio.shield(generation.close())

@@ -93,6 +93,13 @@ class IngressMetrics:
             ["kind"],
             registry=self.registry,
         )
+        self.quota_refusals = Counter(
+            "duet_ingress_quota_refusals",
+            "Requests refused (429) for a tenant's quota, by tenant and limit (requests: in "
+            "flight; tokens: per minute).",
+            ["tenant", "limit"],
+            registry=self.registry,
+        )
         self.token_replays = Counter(
             "duet_ingress_token_replays",
             "Token streams asked for again, by cause: a hole in a stream's indexes (gap), a "

@@ -625,3 +625,35 @@ async def test_a_lost_last_batch_comes_back_when_the_stream_is_found_quiet(
     assert len(scheduler.submits) == 1
     metrics = ingress.metrics.render().decode()
     assert 'duet_ingress_token_replays_total{cause="quiet"} 1.0' in metrics
+
+
+async def test_a_tenant_over_its_quota_gets_a_429_with_retry_after(
+    start_ingress: StartIngress, scheduler: ScriptedScheduler
+) -> None:
+    ingress = await start_ingress(api_keys="sk-q:acme max_in_flight=1, sk-o:other")
+    scheduler.script = replace(scheduler.script, finish=None)  # runs until cancelled
+    base = f"http://127.0.0.1:{ingress.port}/v1"
+    model = model_id(ingress)
+    async with (
+        openai.AsyncOpenAI(base_url=base, api_key="sk-q", max_retries=0, timeout=10) as acme,
+        openai.AsyncOpenAI(base_url=base, api_key="sk-o", max_retries=0, timeout=10) as other,
+    ):
+        running = asyncio.create_task(acme.completions.create(model=model, prompt="Hi"))
+        await _until(lambda: len(scheduler.submits) == 1)
+        with pytest.raises(openai.RateLimitError) as info:
+            await acme.completions.create(model=model, prompt="Hi")
+        assert info.value.response.headers["Retry-After"] == "1"
+        assert isinstance(info.value.body, dict)
+        assert info.value.body["code"] == "rate_limit_exceeded"
+        assert "1 requests in flight" in info.value.body["message"]
+        assert len(scheduler.submits) == 1  # refused at ingress: the scheduler never saw it
+        another = asyncio.create_task(other.completions.create(model=model, prompt="Hi"))
+        await _until(lambda: len(scheduler.submits) == 2)  # another tenant is not held back
+        running.cancel()
+        await scheduler.next_cancel()
+        again = asyncio.create_task(acme.completions.create(model=model, prompt="Hi"))
+        await _until(lambda: len(scheduler.submits) == 3)  # its place came back
+        for task in (another, again):
+            task.cancel()
+    metrics = ingress.metrics.render().decode()
+    assert 'duet_ingress_quota_refusals_total{limit="requests",tenant="acme"} 1.0' in metrics
