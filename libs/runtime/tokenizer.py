@@ -117,8 +117,11 @@ class Tokenizer:
         return self._backend.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of text; with add_special_tokens, what the model adds (BOS, say) as well."""
-        ids: list[int] = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of text; with add_special_tokens, what the model adds (BOS, say) as well.
+        (encode_batch, not encode: the same ids, and it lets go of the GIL while it works, so
+        a long text tokenized in a thread does not stop the event loop's thread.)"""
+        [encoding] = self._backend.encode_batch([text], add_special_tokens=add_special_tokens)
+        ids: list[int] = encoding.ids
         return [*self._bos_prefix, *ids] if add_special_tokens else ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

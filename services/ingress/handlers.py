@@ -46,6 +46,8 @@ from duetserve.services.ingress.quotas import TenantQuotas
 from duetserve.services.ingress.tenants import TenantResolver
 
 logger = logging.getLogger(__name__)
+# Request bodies up to this size are parsed on the event loop; bigger ones in a thread.
+_INLINE_BODY_BYTES = 64 * 1024
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -93,7 +95,10 @@ class Handlers:
         with self._admission:
             tenant = self._tenant(request)
             req = await self._parse(request, CompletionRequest)
-            prompt = prepare_completion(req, self._context.tokenizer, self._limits)
+            # In a thread: a long prompt's tokenizing must not stop every other request.
+            prompt = await asyncio.to_thread(
+                prepare_completion, req, self._context.tokenizer, self._limits
+            )
             return await self._run(request, arrival, tenant, prompt, CompletionFormat(), req)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -101,7 +106,9 @@ class Handlers:
         with self._admission:
             tenant = self._tenant(request)
             req = await self._parse(request, ChatCompletionRequest)
-            prompt = prepare_chat(req, self._context.tokenizer, self._limits)
+            prompt = await asyncio.to_thread(
+                prepare_chat, req, self._context.tokenizer, self._limits
+            )
             return await self._run(request, arrival, tenant, prompt, ChatFormat(), req)
 
     async def models(self, request: web.Request) -> web.Response:
@@ -141,6 +148,11 @@ class Handlers:
 
     async def _parse(self, request: web.Request, model: type[RequestT]) -> RequestT:
         raw = await request.read()
+        if len(raw) < _INLINE_BODY_BYTES:
+            return self._validate(raw, model)
+        return await asyncio.to_thread(self._validate, raw, model)  # a big body: off the loop
+
+    def _validate(self, raw: bytes, model: type[RequestT]) -> RequestT:
         try:
             body = json.loads(raw)
         except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8

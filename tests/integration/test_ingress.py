@@ -3,6 +3,7 @@ official openai client, and a scripted scheduler (a real NATS subscriber on SCHE
 accepts each request and plays back a script of TokenChunks for it)."""
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -657,3 +658,37 @@ async def test_a_tenant_over_its_quota_gets_a_429_with_retry_after(
             task.cancel()
     metrics = ingress.metrics.render().decode()
     assert 'duet_ingress_quota_refusals_total{limit="requests",tenant="acme"} 1.0' in metrics
+
+
+async def test_tokenizing_a_huge_prompt_does_not_stop_the_event_loop(
+    ingress: IngressService,
+    http: aiohttp.ClientSession,
+    scheduler: ScriptedScheduler,
+    tokenizer: Tokenizer,
+) -> None:
+    """Ingress serves every client from one event loop: a prompt that takes a second to
+    tokenize must not hold the others up for that second."""
+    text = TEXT * 60_000  # about 2 MB
+    started = time.perf_counter()
+    await asyncio.to_thread(tokenizer.encode, text)
+    tokenizing_s = time.perf_counter() - started
+    body = json.dumps({"model": model_id(ingress), "prompt": text})
+    ticks = [time.perf_counter()]
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(0.005)
+            ticks.append(time.perf_counter())
+
+    ticker = asyncio.create_task(tick())
+    try:
+        async with http.post("/v1/completions", data=body) as response:
+            answer = await response.json()
+    finally:
+        ticks.append(time.perf_counter())  # the gap still open counts too
+        ticker.cancel()
+    longest_stop = max(b - a for a, b in itertools.pairwise(ticks))
+    assert response.status == 400, answer  # far past the context: tokenized, then refused
+    assert answer["error"]["code"] == "context_length_exceeded"
+    assert tokenizing_s > 0.2, tokenizing_s  # long enough to matter
+    assert longest_stop < tokenizing_s / 2, (longest_stop, tokenizing_s)
