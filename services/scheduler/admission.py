@@ -7,17 +7,27 @@ unit has been doing (pure arithmetic, no I/O):
 - prefill: every prompt token still to compute ahead of it (waiting and prefilling requests),
   at the prefill throughput of the last PREFILL_WINDOW batches (seconds over tokens; the
   first batch, which warms the worker up, does not count);
-- a place to run: with `max_running` requests running already, the queue ahead of it has to
+- a place to run: with `limit` requests running already, the queue ahead of it has to
   drain first, one request per finish, at the rate requests finished over the last
   FINISH_WINDOW_S.
 
 The longer of the two, compared with the request's TTFT target (its SLO's, or its deadline),
-decides. Beyond `max_waiting` queued requests everything is refused, whatever the estimate.
+decides.
+
+How many may run at once is itself measured (`limit`, which the planner obeys too): every
+request that finishes reports its TPOT. One over its target means the decode batch has grown
+past what keeps TPOT: the limit drops to 80% of what runs now (at most once per
+DECREASE_GAP_S, so one slow batch counts once). One within it, while the limit is what holds
+requests back, raises the limit by one. So the unit settles at the concurrency that holds its
+SLOs, and what would push it past is refused at once rather than served late.
+
+Beyond `max_waiting` queued requests everything is refused, whatever the estimate.
 A refusal carries Retry-After: how much sooner the unit would have had to be, at least 1 s.
 With nothing ahead, or nothing measured yet (a new unit), a request is let in: waiting could
 not make it start sooner.
 """
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,6 +36,8 @@ from dataclasses import dataclass
 from duetserve.proto.scheduling import SloKind, SubmitRequest
 from duetserve.services.scheduler.state import UnitView
 
+DECREASE_GAP_S = 2.0  # the running limit drops at most this often
+DECREASE_FACTOR = 0.8
 PREFILL_WINDOW = 32  # batches the prefill throughput is measured over
 FINISH_WINDOW_S = 30.0  # finishes the finish rate is measured over
 MIN_RETRY_AFTER_S = 1.0
@@ -48,6 +60,8 @@ class AdmissionControl:
         """`factor`: a request is refused when its expected TTFT exceeds factor x its target."""
         self.max_waiting, self.max_running, self.factor = max_waiting, max_running, factor
         self.clock = clock
+        self.limit = max_running  # requests that may run at once now (see the docstring)
+        self._last_decrease = -DECREASE_GAP_S
         self._batches: deque[tuple[int, float]] = deque(maxlen=PREFILL_WINDOW)
         self._finishes: deque[float] = deque()
         self._warmed_up = False
@@ -64,6 +78,19 @@ class AdmissionControl:
         now = self.clock()
         self._finishes.append(now)
         self._forget_finishes(now)
+
+    def on_tpot(self, tpot_s: float, target_s: float | None, running: int) -> None:
+        """A request finished with `tpot_s` per output token (its target `target_s`) while
+        `running` requests ran."""
+        if target_s is None:
+            return
+        now = self.clock()
+        if tpot_s > target_s:
+            if now - self._last_decrease >= DECREASE_GAP_S:
+                self._last_decrease = now
+                self.limit = max(1, min(self.limit, math.floor(DECREASE_FACTOR * running)))
+        elif running >= self.limit - 1:  # the limit binds, and TPOT holds: allow one more
+            self.limit = min(self.max_running, self.limit + 1)
 
     @property
     def prefill_s_per_token(self) -> float | None:
@@ -88,7 +115,7 @@ class AdmissionControl:
             prefill = ahead * per_token
         room = 0.0
         running = len(view.prefilling) + len(view.decoding)
-        behind = len(view.waiting) + 1 - max(self.max_running - running, 0)
+        behind = len(view.waiting) + 1 - max(self.limit - running, 0)
         rate = self.finish_rate()
         if behind > 0 and rate is not None:
             room = behind / rate

@@ -199,6 +199,7 @@ class SchedulerHandlers:
             if kind == workers.EventKind.FINISHED and record.first_token_at is not None:
                 decode_s = time.monotonic() - record.first_token_at
                 self.core.tuner.on_finished(decode_s, event.num_output_tokens)
+                self._observe_tpot(record, decode_s, event.num_output_tokens)
             self.core.forget(record)
         elif kind == workers.EventKind.PREEMPTED:
             self._requeue(record, event.output_token_ids)
@@ -206,6 +207,17 @@ class SchedulerHandlers:
             await self._preempt_for(record, event.blocks_needed)
         elif kind == workers.EventKind.LEASES_EXPIRED:
             await self._lost(record, event.reason)
+
+    def _observe_tpot(self, record: RequestRecord, decode_s: float, tokens: int) -> None:
+        """What its TPOT says of how many may run at once (admission.py)."""
+        slo = record.submit.slo
+        if tokens < 2 or slo is None or slo.tpot_ms is None:
+            return
+        view = self.core.view
+        running = len(view.prefilling) + len(view.decoding)
+        admission = self.core.admission
+        admission.on_tpot(decode_s / (tokens - 1), slo.tpot_ms / 1000, running)
+        self.core.planner.running_limit = admission.limit
 
     def _requeue(self, record: RequestRecord, output_token_ids: tuple[int, ...]) -> None:
         self.core.unlist(record)

@@ -59,6 +59,14 @@ class Planner:
     def __init__(self, config: PlannerConfig, policy: Policy) -> None:
         self.config = config
         self.policy = policy
+        # Requests that may run at once now, when something measures it (admission.py);
+        # never above config.max_running.
+        self.running_limit: int | None = None
+
+    @property
+    def max_running(self) -> int:
+        limit = self.running_limit
+        return self.config.max_running if limit is None else min(limit, self.config.max_running)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.config.block_size)
@@ -91,7 +99,7 @@ class Planner:
             if self.blocks_for(seq.prompt_len) > unit.total_blocks:
                 reject.append(Rejection(seq.request_id, self._too_long(seq, unit)))
                 continue
-            if running >= self.config.max_running or needed > free:
+            if running >= self.max_running or needed > free:
                 if self.policy.skip_when_blocked():
                     continue
                 break
@@ -104,7 +112,7 @@ class Planner:
     def shortfall(self, unit: UnitView, now: float) -> int:
         """Blocks the next request in admission order lacks to be admitted now (0: none
         waits, or it fits, or it is held back by the running limit instead)."""
-        if len(unit.prefilling) + len(unit.decoding) >= self.config.max_running:
+        if len(unit.prefilling) + len(unit.decoding) >= self.max_running:
             return 0
         free = unit.free_blocks - self.config.decode_reserve_blocks
         for seq in self.policy.admission_order(unit.waiting, now):

@@ -82,3 +82,28 @@ def test_a_deadline_slo_bounds_the_first_token_too() -> None:
     request = SubmitRequest("r", "t", (1,) * 100, Sampling(16), 0.0, "s", slo=deadline)
     assert control.check(request, view(waiting=2)) is None  # 2 s < 3 s
     assert control.check(request, view(waiting=4)) is not None  # 4 s
+
+
+def test_the_running_limit_follows_what_holds_tpot() -> None:
+    clock = Clock()
+    control = AdmissionControl(max_waiting=100, max_running=256, clock=clock)
+    control.on_tpot(0.05, None, 40)  # no target: says nothing
+    assert control.limit == 256
+    control.on_tpot(0.15, 0.1, 40)  # over its target with 40 running: 80% of them
+    assert control.limit == 32
+    control.on_tpot(0.2, 0.1, 32)  # the same slow batch, within DECREASE_GAP_S: counted once
+    assert control.limit == 32
+    control.on_tpot(0.05, 0.1, 20)  # within, but the limit is not what holds anyone back
+    assert control.limit == 32
+    control.on_tpot(0.05, 0.1, 31)  # within, and the limit binds: one more
+    assert control.limit == 33
+    clock.now += 3
+    control.on_tpot(0.12, 0.1, 33)
+    assert control.limit == 26
+    # the queue now drains through 26 places, not 256
+    clock.now += 1
+    for _ in range(5):
+        control.on_finished()
+        clock.now += 1
+    waiting = view(waiting=3, decoding=26)
+    assert control.expected_start_s(waiting) > 0

@@ -79,6 +79,11 @@ def test_running_cap_limits_admission() -> None:
     unit = UnitView(100, 100, waiting=[seq("w", 1, 10)], decoding=decoding)
     assert planner(max_running=3).plan(unit, 1.0).admit == ()
     assert len(planner(max_running=4).plan(unit, 1.0).admit) == 1
+    measured = planner(max_running=4)
+    measured.running_limit = 3  # what admission measured holds TPOT
+    assert measured.plan(unit, 1.0).admit == ()
+    measured.running_limit = 64  # never above the configured cap
+    assert measured.max_running == 4
 
 
 def test_preemption_takes_the_newest_first_and_may_take_the_requester() -> None:
