@@ -130,6 +130,8 @@ class SchedulerStats:
     kv_copies: int = 0
     kv_copied_bytes: int = 0
     kv_copy_s: float = 0.0
+    # How many requests may run at once now, as admission measured it (scheduler/admission.py)
+    running_limit: int | None = None
 
 
 @message("sched.status.query")

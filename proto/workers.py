@@ -206,3 +206,6 @@ class WorkerEvents:
     # ROLL_CALL_S, and with NEEDS_BLOCKS). A request the scheduler has decoding that no decode
     # worker has listed for a while ended there, and the event saying so was lost.
     roll_call: bool = False
+    # With a roll call: the decode worker's seconds per step lately (the time between two
+    # tokens of a decoding request, TPOT as it happens); None when it has not been stepping.
+    step_s: float | None = None

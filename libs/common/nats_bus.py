@@ -140,9 +140,14 @@ class Bus:
     async def reply(
         self, msg: Msg, payload: bytes, headers: Mapping[str, str] | None = None
     ) -> None:
-        """Answer the request `msg`."""
+        """Answer the request `msg`. A message that came without a reply subject (published to
+        a request subject by mistake, or by a stranger) has no one to answer: that is logged,
+        and the answer dropped."""
         if not msg.reply:
-            raise BusError(f"message on {msg.subject!r} has no reply subject to answer")
+            logger.warning(
+                "no reply subject to answer on; answer dropped", extra={"subject": msg.subject}
+            )
+            return
         await self.publish(msg.reply, payload, headers)
 
     async def subscribe(

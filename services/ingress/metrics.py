@@ -120,6 +120,12 @@ class IngressMetrics:
             ["state"],
             registry=self.registry,
         )
+        self.running_limit = Gauge(
+            "duet_scheduler_running_limit",
+            "Requests the scheduler lets run at once now: the most that held their TPOT lately "
+            "(admission), never above DUET_MAX_RUNNING.",
+            registry=self.registry,
+        )
         self.preemptions = Gauge(
             "duet_scheduler_preemptions",
             "Requests preempted by recompute since the scheduler started.",
@@ -166,6 +172,8 @@ class IngressMetrics:
         self.kv_blocks.labels(state="free").set(stats.free_blocks)
         self.kv_blocks.labels(state="total").set(stats.total_blocks)
         self.preemptions.set(stats.preemptions)
+        if stats.running_limit is not None:
+            self.running_limit.set(stats.running_limit)
         self.prefill_share.set(stats.prefill_share)
         self.split_moves.set(stats.split_moves)
         if stats.decode_total_blocks is not None and stats.decode_free_blocks is not None:

@@ -164,6 +164,7 @@ class SchedulerHandlers:
             kv_copies=transfers.copies,
             kv_copied_bytes=transfers.nbytes,
             kv_copy_s=transfers.seconds,
+            running_limit=core.admission.limit,
         )
         await self.bus.reply(msg, encode(stats))
 
@@ -182,6 +183,8 @@ class SchedulerHandlers:
         grow(self.core.decode_view.decoding, events.residents)
         if events.roll_call:
             await self.core.roll_call(events.source, {r.request_id for r in events.residents})
+            if events.step_s is not None:
+                self._observe_steps(events.step_s)
         for event in events.events:
             await self._on_event(event)
         self.core.wake.set()
@@ -218,6 +221,21 @@ class SchedulerHandlers:
         admission = self.core.admission
         admission.on_tpot(decode_s / (tokens - 1), slo.tpot_ms / 1000, running)
         self.core.planner.running_limit = admission.limit
+
+    def _observe_steps(self, step_s: float) -> None:
+        """The decode worker's seconds per step, against the tightest TPOT target of the
+        requests decoding: what a finish would say, said every roll call (admission.py)."""
+        targets = [
+            r.submit.slo.tpot_ms / 1000
+            for r in self.core.records.values()
+            if r.seq.phase == Phase.DECODING and r.submit.slo and r.submit.slo.tpot_ms
+        ]
+        if not targets:
+            return
+        view = self.core.view
+        running = len(view.prefilling) + len(view.decoding)
+        self.core.admission.on_tpot(step_s, min(targets), running)
+        self.core.planner.running_limit = self.core.admission.limit
 
     def _requeue(self, record: RequestRecord, output_token_ids: tuple[int, ...]) -> None:
         self.core.unlist(record)

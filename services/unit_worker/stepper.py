@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,6 +72,7 @@ class DecodeStepper:
         self._prefills: list[_PendingPrefill] = []
         self._frozen = False  # a hand-over: no step starts any more
         self._idle = asyncio.Event()  # set once the loop has seen _frozen
+        self._step_ends: deque[float] = deque(maxlen=256)  # perf_counter, steps in a row
         self.step_log = StepLog(settings.step_log_dir, "decode")
 
     async def prefill(self, batch: workers.PrefillBatch) -> PrefillOutput:
@@ -237,6 +239,7 @@ class DecodeStepper:
             # A snapshot: admissions land in self.residents while _has_room awaits kv_manager.
             active = [r for r in list(self.residents.values()) if await self._has_room(r)]
             if not active and not self._prefills:
+                self._step_ends.clear()  # an idle gap is no step's time
                 self._work.clear()
                 stalled = bool(self.residents)
                 with_timeout = self.settings.needs_blocks_repeat_s if stalled else None
@@ -302,6 +305,7 @@ class DecodeStepper:
 
     async def _after_step(self, active: list[Resident], outcome: StepOutcome) -> None:
         """Publish the new tokens (one batch per stream); release and report the finished."""
+        self._step_ends.append(time.perf_counter())
         for resident, chunk in zip(active, outcome.tokens, strict=True):
             self.outbox.add(resident.stream, chunk)
         await self.outbox.flush()
@@ -354,6 +358,12 @@ class DecodeStepper:
     async def roll_call(self) -> None:
         """List every resident for the scheduler (WorkerEvents.roll_call)."""
         await self._events((), roll_call=True)
+
+    def recent_step_s(self) -> float | None:
+        """Seconds per step over the last roll-call period (None: fewer than two steps)."""
+        now = time.perf_counter()
+        ends = [t for t in self._step_ends if now - t <= workers.ROLL_CALL_S]
+        return (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) >= 2 else None
 
     # --- kv_manager and the scheduler -----------------------------------------------------
 
@@ -416,13 +426,15 @@ class DecodeStepper:
     ) -> None:
         """Report `events`; with `roll_call`, the size of every resident too."""
         sizes: tuple[workers.ResidentSize, ...] = ()
+        step_s = None
         if roll_call:
             sizes = tuple(
                 workers.ResidentSize(r.request_id, len(r.output), len(r.block_table))
                 for r in self.residents.values()
             )
+            step_s = self.recent_step_s()
         message = workers.WorkerEvents(
-            self.holder, events, self._free_blocks, self.pool, sizes, roll_call
+            self.holder, events, self._free_blocks, self.pool, sizes, roll_call, step_s
         )
         try:
             await self.bus.publish(workers.worker_events_subject(self.unit), encode(message))

@@ -12,7 +12,16 @@ from duetserve.common.nats_bus import Bus
 from duetserve.common.nats_server import NatsServer
 from duetserve.proto import subjects, workers
 from duetserve.proto.codec import decode, encode
-from duetserve.proto.scheduling import ResumeRequest, Sampling, SubmitAccepted, SubmitRequest
+from duetserve.proto.scheduling import (
+    ResumeRequest,
+    Sampling,
+    SchedulerStats,
+    SchedulerStatsQuery,
+    Slo,
+    SloKind,
+    SubmitAccepted,
+    SubmitRequest,
+)
 from duetserve.proto.tokens import TokenBatch, TokenChunk, TokenLogprob
 from duetserve.services.scheduler.service import SchedulerService
 from duetserve.services.scheduler.settings import SchedulerSettings
@@ -69,8 +78,9 @@ async def _play(bus: Bus, unit: str) -> None:
     await bus.subscribe(workers.decode_admit_subject(unit), admit)
     await bus.subscribe(subjects.tokens(STREAM), stream)
     await bus.flush()
+    slo = Slo(SloKind.LATENCY, ttft_ms=1000, tpot_ms=100)
     for request_id in ("r-kept", "r-lost"):
-        submit = SubmitRequest(request_id, "default", (5, 6, 7), Sampling(64), 0.0, STREAM)
+        submit = SubmitRequest(request_id, "default", (5, 6, 7), Sampling(64), 0.0, STREAM, slo)
         reply = await bus.request(subjects.SCHED_SUBMIT, encode(submit))
         assert isinstance(decode(reply.data, SubmitAccepted), SubmitAccepted)
     handed = {await asyncio.wait_for(admitted.get(), 10) for _ in range(2)}
@@ -86,6 +96,7 @@ async def _play(bus: Bus, unit: str) -> None:
             await bus.publish(workers.worker_events_subject(unit), encode(events))
             await asyncio.sleep(workers.ROLL_CALL_S)
 
+    kept = (workers.ResidentSize("r-kept", 3, 1),)
     caller = asyncio.create_task(roll_calls())
     try:
         notice = await asyncio.wait_for(chunks.get(), 20)
@@ -101,5 +112,14 @@ async def _play(bus: Bus, unit: str) -> None:
         assert item.token_ids[-len(output) :] == output
         await asyncio.sleep(2 * workers.ROLL_CALL_S)
         assert chunks.empty()  # r-kept, listed all along, never moved
+        # Its worker steps at 0.5 s a token, five times r-kept's TPOT target: admission lets
+        # no more run at once than 80% of what runs now.
+        slow = workers.WorkerEvents("decode-played", (), residents=kept, roll_call=True, step_s=0.5)
+        await bus.publish(workers.worker_events_subject(unit), encode(slow))
+        await asyncio.sleep(0.5)
+        reply = await bus.request(subjects.SCHED_STATS, encode(SchedulerStatsQuery()))
+        stats = decode(reply.data, SchedulerStats)
+        running = stats.prefilling + stats.decoding
+        assert stats.running_limit == max(1, int(0.8 * running)), stats
     finally:
         caller.cancel()
