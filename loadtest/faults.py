@@ -568,7 +568,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown fault(s) {sorted(unknown)}; known: {', '.join(FAULT_NAMES)}")
     load = Load(args.clients, args.max_tokens, args.duration, args.fault_at)
-    env = {"DUET_MODE": args.mode, "DUET_DTYPE": args.dtype}
+    # Faults, not SLOs: no request is refused for its SLO (the queue bound alone).
+    env = {"DUET_MODE": args.mode, "DUET_DTYPE": args.dtype, "DUET_ADMISSION": "queue"}
     results = run_suite(faults, load, args.var_dir, args.model, _print, env)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

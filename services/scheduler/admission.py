@@ -56,9 +56,13 @@ class AdmissionControl:
         max_running: int,
         factor: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        slo_aware: bool = True,
     ) -> None:
-        """`factor`: a request is refused when its expected TTFT exceeds factor x its target."""
+        """`factor`: a request is refused when its expected start exceeds factor x its TTFT
+        target. Without `slo_aware` only the queue bound holds: no SLO refuses a request, and
+        the running limit stays `max_running`."""
         self.max_waiting, self.max_running, self.factor = max_waiting, max_running, factor
+        self.slo_aware = slo_aware
         self.clock = clock
         self.limit = max_running  # requests that may run at once now (see the docstring)
         self._last_decrease = -DECREASE_GAP_S
@@ -82,7 +86,7 @@ class AdmissionControl:
     def on_tpot(self, tpot_s: float, target_s: float | None, running: int) -> None:
         """A request finished with `tpot_s` per output token (its target `target_s`) while
         `running` requests ran."""
-        if target_s is None:
+        if target_s is None or not self.slo_aware:
             return
         now = self.clock()
         if tpot_s > target_s:
@@ -129,7 +133,7 @@ class AdmissionControl:
                 f"the server is overloaded: {len(view.waiting)} requests are queued already",
                 MIN_RETRY_AFTER_S,
             )
-        target = _ttft_target_s(submit)
+        target = _ttft_target_s(submit) if self.slo_aware else None
         if target is None:
             return None
         expected = self.expected_start_s(view)

@@ -74,7 +74,8 @@ class SchedulerService:
             admission=AdmissionControl(
                 max_waiting=s.max_waiting,
                 max_running=s.max_running,
-                factor=s.admission_factor if s.admission == "slo" else float("inf"),
+                factor=s.admission_factor,
+                slo_aware=s.admission == "slo",
             ),
         )
         self.handlers = handlers = SchedulerHandlers(bus, self.core, s.unit, self.instance)

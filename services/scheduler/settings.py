@@ -18,8 +18,9 @@ class SchedulerSettings(ServingSettings):
     max_prefill_seqs: int = Field(64, gt=0)
     max_running: int = Field(256, gt=0)
     # Admission (scheduler/admission.py): at most this many queued requests; and with "slo",
-    # a request whose first token is expected later than admission_factor x its TTFT target
-    # is refused (429 with Retry-After at ingress). "queue": the queue bound alone.
+    # a running limit measured against TPOT targets, and a request expected to start later
+    # than admission_factor x its TTFT target refused (429 with Retry-After at ingress).
+    # "queue": the queue bound alone.
     max_waiting: int = Field(1024, gt=0)
     admission: Literal["slo", "queue"] = "slo"
     admission_factor: float = Field(1.0, gt=0)

@@ -19,7 +19,12 @@ def test_no_request_hangs_and_no_block_leaks_when_a_worker_or_nats_dies(
         tmp_path / "var",
         model_dirs.get(TINY),
         print,
-        {"DUET_MODE": "semi-pd", "DUET_DTYPE": "float32", "DUET_KV_CACHE_MB": "64"},
+        {
+            "DUET_MODE": "semi-pd",
+            "DUET_DTYPE": "float32",
+            "DUET_KV_CACHE_MB": "64",
+            "DUET_ADMISSION": "queue",
+        },
     )
     assert [r.fault for r in results] == ["kill-prefill-worker", "kill-nats-server"]
     for result in results:

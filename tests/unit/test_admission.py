@@ -107,3 +107,13 @@ def test_the_running_limit_follows_what_holds_tpot() -> None:
         clock.now += 1
     waiting = view(waiting=3, decoding=26)
     assert control.expected_start_s(waiting) > 0
+
+
+def test_without_slos_only_the_queue_bound_holds() -> None:
+    control = AdmissionControl(max_waiting=3, max_running=64, slo_aware=False)
+    control.on_prefill_batch(1, 1.0)
+    control.on_prefill_batch(10, 100.0)  # 10 s a token
+    control.on_tpot(9.0, 0.1, 40)
+    assert control.limit == 64
+    assert control.check(submit(100), view(waiting=2)) is None
+    assert control.check(submit(100), view(waiting=3)) is not None
