@@ -8,8 +8,9 @@ unit has been doing (pure arithmetic, no I/O):
   at the prefill throughput of the last PREFILL_WINDOW batches (seconds over tokens; the
   first batch, which warms the worker up, does not count);
 - a place to run: with `limit` requests running already, the queue ahead of it has to
-  drain first, one request per finish, at the rate requests finished over the last
-  FINISH_WINDOW_S.
+  drain first, one request per finish: the k-th place comes free when the k-th running
+  request has decoded what it has left (its max_tokens, at the decode worker's step time),
+  or, before a step time is known, at the rate requests finished over FINISH_WINDOW_S.
 
 The longer of the two, compared with the request's TTFT target (its SLO's, or its deadline),
 decides.
@@ -65,6 +66,7 @@ class AdmissionControl:
         self.slo_aware = slo_aware
         self.clock = clock
         self.limit = max_running  # requests that may run at once now (see the docstring)
+        self.step_s: float | None = None  # the decode worker's seconds per step, lately
         self._last_decrease = -DECREASE_GAP_S
         self._batches: deque[tuple[int, float]] = deque(maxlen=PREFILL_WINDOW)
         self._finishes: deque[float] = deque()
@@ -96,6 +98,12 @@ class AdmissionControl:
         elif running >= self.limit - 1:  # the limit binds, and TPOT holds: allow one more
             self.limit = min(self.max_running, self.limit + 1)
 
+    def on_step_time(self, step_s: float, target_s: float | None, running: int) -> None:
+        """The decode worker's seconds per step lately, against the tightest TPOT target of
+        what decodes: a step slower than it says what a late finish would, sooner."""
+        self.step_s = step_s
+        self.on_tpot(step_s, target_s, running)
+
     @property
     def prefill_s_per_token(self) -> float | None:
         tokens = sum(t for t, _ in self._batches)
@@ -118,10 +126,16 @@ class AdmissionControl:
             ahead = sum(s.num_uncomputed for s in (*view.waiting, *view.prefilling))
             prefill = ahead * per_token
         room = 0.0
-        running = len(view.prefilling) + len(view.decoding)
-        behind = len(view.waiting) + 1 - max(self.limit - running, 0)
+        running = [*view.prefilling, *view.decoding]
+        behind = len(view.waiting) + 1 - max(self.limit - len(running), 0)
+        if behind <= 0:
+            return prefill
         rate = self.finish_rate()
-        if behind > 0 and rate is not None:
+        if self.step_s is not None and running:
+            left = sorted(max(s.max_tokens - s.num_output, 0) for s in running)
+            rounds, index = divmod(behind - 1, len(left))
+            room = (rounds * left[-1] + left[index]) * self.step_s
+        elif rate is not None:
             room = behind / rate
         return max(prefill, room)
 

@@ -234,7 +234,7 @@ class SchedulerHandlers:
             return
         view = self.core.view
         running = len(view.prefilling) + len(view.decoding)
-        self.core.admission.on_tpot(step_s, min(targets), running)
+        self.core.admission.on_step_time(step_s, min(targets), running)
         self.core.planner.running_limit = self.core.admission.limit
 
     def _requeue(self, record: RequestRecord, output_token_ids: tuple[int, ...]) -> None:

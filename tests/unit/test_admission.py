@@ -117,3 +117,19 @@ def test_without_slos_only_the_queue_bound_holds() -> None:
     assert control.limit == 64
     assert control.check(submit(100), view(waiting=2)) is None
     assert control.check(submit(100), view(waiting=3)) is not None
+
+
+def test_with_a_step_time_places_come_free_as_the_running_requests_finish_decoding() -> None:
+    control = AdmissionControl(max_waiting=100, max_running=2)
+    running = [
+        SeqState("a", 0.0, 10, max_tokens=100, num_output=90, phase=Phase.DECODING),
+        SeqState("b", 0.0, 10, max_tokens=100, num_output=40, phase=Phase.DECODING),
+    ]
+    full = UnitView(100, 100, decoding=running)
+    assert control.expected_start_s(full) == 0.0  # no step time, no finish yet: unknown
+    control.on_step_time(0.05, 0.1, 2)  # 50 ms a step, within the target
+    assert control.expected_start_s(full) == 10 * 0.05  # "a" has 10 tokens left
+    full.waiting = [SeqState("w", 0.0, 10, max_tokens=100)]
+    assert control.expected_start_s(full) == 60 * 0.05  # behind "w": "b" frees the next place
+    refusal = control.check(submit(10, ttft_ms=1000), full)
+    assert refusal is not None and abs(refusal.retry_after_s - 2.0) < 1e-9
