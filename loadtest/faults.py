@@ -44,6 +44,7 @@ from pathlib import Path
 
 import aiohttp
 
+from duetserve.common.nats_auth import operator_url
 from duetserve.common.nats_bus import Bus
 from duetserve.common.nats_server import free_port
 from duetserve.common.processes import launcher_children, running
@@ -196,8 +197,8 @@ class RunningStack:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             self.log.write(line)
-            if line.startswith("NATS on "):
-                self.nats_url = line.split()[-1]
+            if line.startswith("NATS on "):  # the suite asks the bus as its operator
+                self.nats_url = operator_url(line.split()[-1], var_dir / "credentials")
             if line.startswith("Duet is serving"):
                 break
         else:

@@ -28,12 +28,14 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import nats
 import numpy as np
 from nats.aio.msg import Msg
 
 from duetserve.common.health import query_health
+from duetserve.common.nats_auth import operator_url
 from duetserve.common.nats_bus import Bus
 from duetserve.loadtest.client import fetch_model, run_requests
 from duetserve.loadtest.spec import RequestResult, RequestSpec
@@ -245,6 +247,12 @@ def main() -> None:
     )
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    parser.add_argument(
+        "--credentials",
+        type=Path,
+        default=Path(".var/credentials"),
+        help="the stack's NATS credentials (used as its operator when the directory exists)",
+    )
     parser.add_argument("--unit", default="unit0")
     parser.add_argument("--model", help="model name (default: the first of /models)")
     parser.add_argument("--tokenizer", help="model directory to count prompt tokens with")
@@ -269,6 +277,8 @@ def main() -> None:
     )
     parser.add_argument("--replacements", type=int, default=2)
     args = parser.parse_args()
+    if args.credentials.is_dir():
+        args.nats_url = operator_url(args.nats_url, args.credentials)
     if args.replace is not None:
         replaced, results = asyncio.run(measure_replacements(args))
         print(format_replacements(replaced, results))

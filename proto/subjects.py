@@ -42,6 +42,10 @@ def tokens(stream: str) -> str:
 
 # Ingress -> every producer of tokens (publish): send again what a stream lacks (ReplayQuery).
 TOKENS_REPLAY = f"{ROOT}.replay.tokens"
+# Every ingress's token stream, and every service's health subject: wildcards for the bus's
+# permissions (common/nats_auth.py), never for publishing.
+ALL_TOKENS = f"{ROOT}.tokens.*"
+ALL_HEALTH = f"{ROOT}.health.*"
 
 
 def stream_name(instance: str, suffix: str) -> str:

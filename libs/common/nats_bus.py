@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, Tracer
 
+from duetserve.common.nats_auth import NatsAccess
 from duetserve.common.tracing import active_tracer, extract_context, inject_headers
 
 logger = logging.getLogger(__name__)
@@ -75,16 +76,25 @@ class Bus:
         connect_timeout_s: float = 2.0,
         reconnect_time_wait_s: float = 0.25,
         tracer: Tracer | None = None,
+        access: NatsAccess | None = None,
     ) -> "Bus":
         """Connect to `url` as `name`, then reconnect forever whenever the connection drops.
 
-        `tracer` records the handler spans; by default the one `setup_tracing` turned on.
+        `access`: the role's credentials, inbox and TLS context (common/nats_auth.py); none on
+        a bus without authentication. `tracer` records the handler spans; by default the one
+        `setup_tracing` turned on.
         """
+        access = access or NatsAccess()
+        credentials = access.credentials
         nc = Client()
         events = _ConnectionEvents(nc, name)
         await nc.connect(
             url,
             name=name,
+            user=credentials.user if credentials else None,
+            password=credentials.password if credentials else None,
+            inbox_prefix=access.inbox_prefix,
+            tls=access.tls,
             connect_timeout=connect_timeout_s,  # type: ignore[arg-type]  # nats-py says int
             reconnect_time_wait=reconnect_time_wait_s,  # type: ignore[arg-type]
             max_reconnect_attempts=-1,
@@ -231,8 +241,15 @@ class _ConnectionEvents:
         self.name = name
         self.errors_since_connected = 0
         self.reconnects = 0
+        self.permission_violations = 0
 
     async def on_error(self, exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower():
+            # A subject this role may not use: a gap in nats_auth.permissions, or a process
+            # acting beyond its role. Never quietened.
+            self.permission_violations += 1
+            logger.error("NATS refused: %s", exc, extra={"connection": self.name})
+            return
         level = logging.WARNING if self.errors_since_connected == 0 else logging.DEBUG
         self.errors_since_connected += 1
         logger.log(level, "NATS error", extra={"connection": self.name, "error": repr(exc)})

@@ -67,6 +67,8 @@ class NatsServer:
         stop_grace_s: float = 5.0,
         binary: Path | None = None,
         preexec: Callable[[], None] | None = None,
+        config_file: Path | None = None,
+        tls: bool = False,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.port = port or free_port()
@@ -77,11 +79,14 @@ class NatsServer:
         self.binary = binary or find_binary()
         self.log_path = self.store_dir / f"nats-server-{self.port}.log"
         self.preexec = preexec  # e.g. processes.die_with_parent(): run in the child before exec
+        # Users, permissions and TLS (common/nats_auth.py); the command line sets the rest.
+        self.config_file = config_file
+        self.tls = tls  # whether the config requires TLS: the URL says tls://
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://{LOOPBACK}:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://{LOOPBACK}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -95,6 +100,8 @@ class NatsServer:
     def command(self) -> list[str]:
         """The nats-server command line."""
         cmd = [str(self.binary), "-a", LOOPBACK, "-p", str(self.port)]
+        if self.config_file is not None:
+            cmd += ["-c", str(self.config_file)]
         if self.jetstream:
             cmd += ["-js", "-sd", str(self.store_dir)]
         if self.monitor_port is not None:

@@ -10,11 +10,13 @@ which also answers to the standard `OTEL_EXPORTER_OTLP_ENDPOINT`.
 
 import os
 import socket
+from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from duetserve.common.nats_auth import NatsAccess, access
 from duetserve.common.serving_config import Dtype, Mode, resolve_auto_fields
 
 # How a unit runs its two phases (DESIGN.md, "Modes"), `Mode`:
@@ -34,6 +36,11 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DUET_", extra="ignore", populate_by_name=True)
 
     nats_url: str = "nats://127.0.0.1:4222"
+    # Where each role's NATS credentials are (common/nats_auth.py); unset: connect without any.
+    # The launcher sets it for the services it starts.
+    nats_credentials_dir: Path | None = None
+    # The CA that signed the NATS server's certificate: the connection is TLS, verified by it.
+    nats_tls_ca: Path | None = None
     # Name of this process among replicas of the same service; see `instance_name`.
     instance: str | None = None
     log_level: str = "INFO"
@@ -53,6 +60,10 @@ class CommonSettings(BaseSettings):
     # Set by a parent that spawned this process (kv_manager, for a replacement worker): the
     # process ends when that parent does (processes.die_with).
     parent_pid: int | None = Field(default=None, gt=0)
+
+    def nats_access(self, role: str) -> NatsAccess:
+        """How a process of `role` connects to the bus (its credentials, inbox and TLS)."""
+        return access(role, self.nats_credentials_dir, self.nats_tls_ca)
 
     def instance_name(self, service: str) -> str:
         """The configured instance name, or `<service>-<hostname>-<pid>`."""

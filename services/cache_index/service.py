@@ -47,7 +47,10 @@ class CacheIndexService:
     async def start(self) -> None:
         s = self.settings
         self.bus = bus = await Bus.connect(
-            s.nats_url, self.instance, request_timeout_s=s.request_timeout_s
+            s.nats_url,
+            self.instance,
+            request_timeout_s=s.request_timeout_s,
+            access=s.nats_access(SERVICE),
         )
         block_size = (await fetch_storage(bus, s.unit, self.instance)).block_size
         self.kv = KVClient(bus, s.unit)

@@ -46,7 +46,10 @@ class DecodeWorkerService:
                 "DUET_MODE=unified runs no decode worker: the prefill worker decodes"
             )
         self.bus = bus = await Bus.connect(
-            s.nats_url, self.instance, request_timeout_s=s.request_timeout_s
+            s.nats_url,
+            self.instance,
+            request_timeout_s=s.request_timeout_s,
+            access=s.nats_access(SERVICE),
         )
         # disagg: the model runs on this worker's own pool and weight copy, and the unit pool
         # (the prefill worker's) is mapped only to copy admitted requests' KV out of it.

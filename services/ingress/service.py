@@ -69,7 +69,10 @@ class IngressService:
         config = ModelConfig.from_dir(settings.model)
         tenants = TenantResolver.from_settings(settings.api_keys, settings.api_keys_file)
         self._bus = await Bus.connect(
-            settings.nats_url, self.instance, request_timeout_s=settings.request_timeout_s
+            settings.nats_url,
+            self.instance,
+            request_timeout_s=settings.request_timeout_s,
+            access=settings.nats_access("ingress"),
         )
         self._health_subscription = await serve_health(
             self._bus, SERVICE_NAME, self.instance, lambda: self.status

@@ -102,7 +102,10 @@ class KVManagerService:
         s = self.settings
         await self._open_pools()
         self.bus = bus = await Bus.connect(
-            s.nats_url, self.instance, request_timeout_s=s.request_timeout_s
+            s.nats_url,
+            self.instance,
+            request_timeout_s=s.request_timeout_s,
+            access=s.nats_access(SERVICE),
         )
         # One kv_manager per unit: a second would hand out the same blocks again.
         self.role = UnitRole(bus, s.unit, SERVICE, self.instance)

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from duetserve.common import nats_auth
 from duetserve.common.health import query_health
 from duetserve.common.nats_bus import Bus
 from duetserve.common.nats_server import NatsServer
@@ -90,9 +91,17 @@ class Launcher:
         self._exited: set[str] = set()  # ended with 0 on their own: not restarted
         self._owed: set[str] = set()  # crashed (or stopped with kv_manager): to start again
         self._owed_at = 0.0  # monotonic time from which they may start (their backoff)
+        # The bus's credentials (made on first start when the launcher runs NATS) and the CA
+        # its certificate is verified with; None: the bus has none (DUET_NATS_URL's may).
+        self.credentials_dir: Path | None = settings.nats_credentials_dir
+        self.tls_ca: Path | None = settings.nats_tls_ca
 
     def environment(self, nats_url: str) -> dict[str, str]:
         env = dict(os.environ)
+        if self.credentials_dir is not None:
+            env["DUET_NATS_CREDENTIALS_DIR"] = str(self.credentials_dir.resolve())
+        if self.tls_ca is not None:
+            env["DUET_NATS_TLS_CA"] = str(self.tls_ca.resolve())
         env.update(
             DUET_NATS_URL=nats_url,
             DUET_MODEL=str(self.model_dir.resolve()),
@@ -106,7 +115,7 @@ class Launcher:
     async def start(self) -> None:
         var = self.settings.var_dir
         nats_url = self._start_nats(var)
-        self.bus = await Bus.connect(nats_url, self.instance)
+        self.bus = await Bus.connect(nats_url, self.instance, access=self._access())
         self._env = self.environment(nats_url)
         for service in services_for(self.settings.mode):
             self._spawn(service)
@@ -219,9 +228,35 @@ class Launcher:
         if self.settings.nats_port:
             self._check_port(self.settings.nats_port, "NATS, DUET_NATS_PORT")
         self.nats = NatsServer(
-            var / "nats", port=self.settings.nats_port, preexec=die_with_parent()
+            var / "nats",
+            port=self.settings.nats_port,
+            preexec=die_with_parent(),
+            config_file=self._write_nats_config(var),
+            tls=self.settings.nats_tls_cert is not None,
         )
         return self.nats.start().url
+
+    def _write_nats_config(self, var: Path) -> Path:
+        """Users with the permissions of this mode, from the credentials (made on first start,
+        under DUET_VAR_DIR/credentials unless DUET_NATS_CREDENTIALS_DIR says where), and TLS
+        when a certificate is configured."""
+        s = self.settings
+        self.credentials_dir = s.nats_credentials_dir or var / "credentials"
+        credentials = nats_auth.ensure_credentials(self.credentials_dir)
+        tls = None
+        if s.nats_tls_cert is not None and s.nats_tls_key is not None:
+            tls = nats_auth.TlsFiles(s.nats_tls_cert.resolve(), s.nats_tls_key.resolve())
+            self.tls_ca = s.nats_tls_ca or s.nats_tls_cert
+        config = nats_auth.server_config(credentials, s.mode, (s.unit,), tls)
+        logger.info(
+            "NATS users and permissions for %s mode; credentials in %s",
+            s.mode,
+            self.credentials_dir,
+        )
+        return nats_auth.write_private(var / "nats" / "nats.conf", config)
+
+    def _access(self) -> nats_auth.NatsAccess:
+        return nats_auth.access("launcher", self.credentials_dir, self.tls_ca)
 
     @staticmethod
     def _check_port(port: int, what: str) -> None:

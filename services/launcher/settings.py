@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from duetserve.common.settings import ServingSettings
 
@@ -16,3 +16,14 @@ class LauncherSettings(ServingSettings):
     # `mode` and `dtype` (ServingSettings, DUET_MODE / DUET_DTYPE, `auto` by default): the
     # launcher resolves `auto` once and passes the concrete values to every service.
     ready_timeout_s: float = Field(120.0, gt=0)
+    unit: str = "unit0"  # DUET_UNIT, as the services read it: the unit the bus's permissions name
+    # The embedded nats-server's certificate and key (PEM): set both and the bus is TLS only.
+    # Clients verify it with DUET_NATS_TLS_CA, which defaults to the certificate itself.
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "LauncherSettings":
+        if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
+            raise ValueError("DUET_NATS_TLS_CERT and DUET_NATS_TLS_KEY go together")
+        return self

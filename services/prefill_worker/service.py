@@ -57,7 +57,10 @@ class PrefillWorkerService:
     async def start(self) -> None:
         s = self.settings
         self.bus = bus = await Bus.connect(
-            s.nats_url, self.instance, request_timeout_s=s.request_timeout_s
+            s.nats_url,
+            self.instance,
+            request_timeout_s=s.request_timeout_s,
+            access=s.nats_access(SERVICE),
         )
         description = await fetch_storage(bus, s.unit, self.instance)
         self.compute = compute = await asyncio.to_thread(WorkerCompute.open, s, "prefill")

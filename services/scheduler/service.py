@@ -39,7 +39,10 @@ class SchedulerService:
     async def start(self) -> None:
         s = self.settings
         self.bus = bus = await Bus.connect(
-            s.nats_url, self.instance, request_timeout_s=s.request_timeout_s
+            s.nats_url,
+            self.instance,
+            request_timeout_s=s.request_timeout_s,
+            access=s.nats_access(SERVICE),
         )
         # One scheduler per unit: a second would admit the same requests again.
         self.role = UnitRole(bus, s.unit, SERVICE, self.instance)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from duetserve.common.nats_auth import operator_url
 from duetserve.common.nats_server import free_port
 from duetserve.common.processes import launcher_children
 from duetserve.runtime.gguf_convert import SMOLLM2
@@ -65,7 +66,8 @@ def start_stack(
     for line in process.stdout:
         printed.append(line)
         if line.startswith("NATS on "):
-            nats_url = line.split()[-1]
+            # The stack's tools and tests use the bus as its operator (common/nats_auth.py).
+            nats_url = operator_url(line.split()[-1], var_dir / "credentials")
         if line.startswith("Duet is serving"):
             default = Path(environment.get("DUET_MODELS_DIR", "models")) / SMOLLM2.model_name
             served = model_dir or default
@@ -88,8 +90,24 @@ def shm_segments(pid: int) -> set[str]:
     return {line.split()[-1] for line in maps.splitlines() if "/dev/shm/duet-" in line}
 
 
+INTRUDER = "intruder"  # the connection name of tests that try what a role may not do
+
+
+def bus_violations(var_dir: Path) -> list[str]:
+    """Where nats-server refused a connection of the stack a subject its role may not use (a
+    gap in nats_auth.permissions). Attempts by INTRUDER are left out."""
+    lines = []
+    for log in (var_dir / "nats").glob("nats-server-*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            if "Violation" in line and INTRUDER not in line:
+                lines.append(line)
+    return lines
+
+
 def assert_stops_cleanly(stack: Stack) -> None:
-    """SIGTERM to the launcher: exit 0, no service process left, the shm segment gone."""
+    """SIGTERM to the launcher: exit 0, no service process left, the shm segment gone, and the
+    bus refused none of the stack's own messages."""
+    assert not bus_violations(stack.var_dir), "\n".join(bus_violations(stack.var_dir)[:20])
     pids = stack.service_pids()
     segments = shm_segments(pids["kv_manager"])
     assert stop_stack(stack) == 0
