@@ -2,6 +2,8 @@
 (a separate python process maps it by name and layout alone), nothing but unlink() removes it,
 and layouts and handles survive msgpack."""
 
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -194,3 +196,17 @@ def test_a_worker_maps_pool_and_weights_from_name_and_layout(name: str) -> None:
     storage.close()
     assert not Path(SHM_DIR / name).exists()
     assert mapped.tensors["step"].item() == 42  # mappings outlive the name
+
+
+def test_a_region_is_readable_by_its_owner_only(name: str) -> None:
+    """The KV pool and the weights are the stack's alone: mode 0600 whatever the umask."""
+    previous = os.umask(0)
+    try:
+        region = SharedRegion.create(name, 4096)
+    finally:
+        os.umask(previous)
+    try:
+        assert stat.S_IMODE((SHM_DIR / name).stat().st_mode) == 0o600
+    finally:
+        region.close()
+        region.unlink()
