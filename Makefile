@@ -18,7 +18,8 @@ help:
 	@echo "make model-small   generate the small (~100M) benchmark model under $(MODELS)/small"
 	@echo "make bench-runtime runtime speed against its floors (writes docs/benchmarks.md)"
 	@echo "make faults        the fault suite: kill or freeze each process under load (docs/reliability.md)"
-	@echo "make gpu-check     the GPU compute-share backends (green contexts, MPS) on a real GPU"
+	@echo "make gpu-check     on a real GPU: the compute-share backends (green contexts, MPS), then"
+	@echo "                   the stack serving in all three modes over CUDA IPC"
 
 venv: $(STAMP)
 
@@ -57,8 +58,11 @@ bench-runtime: model-small
 faults: $(STAMP)
 	$(BIN)/python -m duetserve.loadtest.faults --json docs/bench/faults.json --write docs/reliability.md
 
+# Both halves run; the worse exit status wins (2: no GPU, nothing checked).
 gpu-check: $(STAMP)
-	$(BIN)/python -m duetserve.runtime.compute_share.gpu_check
+	$(BIN)/python -m duetserve.runtime.compute_share.gpu_check; a=$$?; \
+	$(BIN)/python -m duetserve.loadtest.gpu_serving; b=$$?; \
+	exit $$(( a > b ? a : b ))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache src/*.egg-info
