@@ -7,7 +7,6 @@ Generation runs it, answered whole or streamed as server-sent events. /health, /
 """
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -26,6 +25,7 @@ from duetserve.proto.common import HealthReply, HealthStatus
 from duetserve.proto.scheduling import SchedulerStats, SchedulerStatsQuery
 from duetserve.services.ingress import responses
 from duetserve.services.ingress.api_models import ChatCompletionRequest, CompletionRequest
+from duetserve.services.ingress.bodies import parse_json_body
 from duetserve.services.ingress.errors import DEFAULT_RETRY_AFTER_S, ApiError, not_found_model
 from duetserve.services.ingress.formats import ChatFormat, CompletionFormat, ResponseFormat
 from duetserve.services.ingress.generation import (
@@ -160,10 +160,7 @@ class Handlers:
         return await asyncio.to_thread(self._validate, raw, model)  # a big body: off the loop
 
     def _validate(self, raw: bytes, model: type[RequestT]) -> RequestT:
-        try:
-            body = json.loads(raw)
-        except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
-            raise ApiError.bad_request(f"Invalid JSON body: {err}") from None
+        body = parse_json_body(raw)
         try:
             req = model.model_validate(body)
         except ValidationError as err:
