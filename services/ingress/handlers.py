@@ -2,12 +2,11 @@
 
 A generation request is: admitted (not while draining), its tenant resolved from the API key,
 its JSON parsed and validated, its model checked, its prompt prepared (prompts.py), then one
-Generation runs it, answered whole or streamed as server-sent events. /health and /metrics need
-no key.
+Generation runs it, answered whole or streamed as server-sent events. /health, /metrics and
+/openapi.json (the API's description, built once here: openapi.py) need no key.
 """
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -26,7 +25,8 @@ from duetserve.proto.common import HealthReply, HealthStatus
 from duetserve.proto.scheduling import SchedulerStats, SchedulerStatsQuery
 from duetserve.services.ingress import responses
 from duetserve.services.ingress.api_models import ChatCompletionRequest, CompletionRequest
-from duetserve.services.ingress.errors import ApiError, not_found_model
+from duetserve.services.ingress.bodies import parse_json_body
+from duetserve.services.ingress.errors import DEFAULT_RETRY_AFTER_S, ApiError, not_found_model
 from duetserve.services.ingress.formats import ChatFormat, CompletionFormat, ResponseFormat
 from duetserve.services.ingress.generation import (
     Admission,
@@ -36,6 +36,7 @@ from duetserve.services.ingress.generation import (
     GenerationFailed,
 )
 from duetserve.services.ingress.metrics import CONTENT_TYPE_LATEST
+from duetserve.services.ingress.openapi import build_openapi
 from duetserve.services.ingress.prompts import (
     ModelLimits,
     PreparedPrompt,
@@ -80,6 +81,7 @@ class Handlers:
         self._quotas = TenantQuotas(tenants.quotas, context.metrics.quota_refusals)
         self._admission = admission
         self._health = health
+        self.openapi_document = build_openapi(model_id)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -88,6 +90,7 @@ class Handlers:
             web.get("/v1/models", self.models),
             web.get("/health", self.health),
             web.get("/metrics", self.metrics),
+            web.get("/openapi.json", self.openapi),
         ]
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -128,7 +131,11 @@ class Handlers:
         bus = self._context.bus
         replies = await query_health(bus, self._health.services, self._health.timeout_s)
         status, body = health_body(self._health.own(), replies)
-        return web.json_response(body, status=status)
+        headers = {"Retry-After": str(int(DEFAULT_RETRY_AFTER_S))} if status == 503 else None
+        return web.json_response(body, status=status, headers=headers)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(self.openapi_document)
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Ingress's own metrics, plus the scheduler's queue and running counts asked for now
@@ -153,10 +160,7 @@ class Handlers:
         return await asyncio.to_thread(self._validate, raw, model)  # a big body: off the loop
 
     def _validate(self, raw: bytes, model: type[RequestT]) -> RequestT:
-        try:
-            body = json.loads(raw)
-        except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
-            raise ApiError.bad_request(f"Invalid JSON body: {err}") from None
+        body = parse_json_body(raw)
         try:
             req = model.model_validate(body)
         except ValidationError as err:

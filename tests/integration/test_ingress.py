@@ -26,6 +26,7 @@ from duetserve.common.tracing import setup_tracing, shutdown_tracing
 from duetserve.proto.common import ErrorReply, HealthStatus
 from duetserve.proto.scheduling import CancelReason, CancelRequest, SloKind
 from duetserve.runtime.tokenizer import Tokenizer
+from duetserve.services.ingress.openapi import build_openapi
 from duetserve.services.ingress.service import IngressService
 from duetserve.services.ingress.settings import IngressSettings
 from tests.conftest import ModelDirs
@@ -298,6 +299,10 @@ async def test_api_keys_are_required_when_configured(
         assert status == 413 and error["error"]["type"] == "invalid_request_error"
         async with http.get("/health") as response:
             assert response.status == 503  # no key needed; no services are up
+            assert response.headers["Retry-After"] == "1"
+        async with http.get("/openapi.json") as response:
+            assert response.status == 200
+            assert await response.json() == build_openapi(model_id(ingress))
         async with http.get("/metrics") as response:
             assert response.status == 200
     async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="secret-1", max_retries=0) as c:

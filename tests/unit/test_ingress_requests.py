@@ -5,12 +5,15 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from duetserve.proto.scheduling import SloKind
+from duetserve.proto.codec import decode, encode
+from duetserve.proto.scheduling import SloKind, SubmitRequest
 from duetserve.services.ingress.api_models import (
+    MAX_COUNT,
     MAX_LOGPROBS,
     ChatCompletionRequest,
     CompletionRequest,
 )
+from duetserve.services.ingress.bodies import parse_json_body
 from duetserve.services.ingress.errors import ApiError
 
 
@@ -170,3 +173,53 @@ def test_duet_slo_extension_becomes_the_wire_slo() -> None:
     assert incomplete.duet is not None and incomplete.duet.slo is not None
     with pytest.raises(ValueError, match="needs tpot_ms"):
         incomplete.duet.slo.to_proto()
+
+
+# Found by the HTTP fuzzer: each of these was a 500 (msgpack cannot carry an int past 64 bits).
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"top_k": 2**70}, "top_k"),
+        ({"min_tokens": 2**70}, "min_tokens"),
+        ({"stop_token_ids": [2**70]}, "stop_token_ids"),
+        ({"max_tokens": 2**70}, "max_tokens"),
+        ({"prompt": [2**70]}, "prompt"),
+        ({"duet": {"cache": {"public_prefix_tokens": 2**70}}}, "duet.cache.public_prefix_tokens"),
+    ],
+)
+def test_counts_past_what_the_wire_carries_are_a_400(fields: dict[str, Any], param: str) -> None:
+    error = api_error(completion, **fields)
+    assert error.status == 400
+    assert error.param is not None and error.param.startswith(param)
+
+
+def test_the_largest_counts_accepted_fit_on_the_wire() -> None:
+    most = {"top_k": MAX_COUNT, "min_tokens": MAX_COUNT, "stop_token_ids": [MAX_COUNT]}
+    sampling = completion(**most, seed=2**63 - 1).sampling(MAX_COUNT, None)
+    submit = SubmitRequest("r", "t", (MAX_COUNT,), sampling, 0.0, "s")
+    assert decode(encode(submit), SubmitRequest) == submit  # encode raises if one does not fit
+
+
+# Found by the HTTP fuzzer: JSON nested past the parser's recursion, and strings with unpaired
+# surrogates (which no tokenizer or UTF-8 encoder takes), were 500s.
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+        b'{"model": "tiny", "prompt": "\\ud800"}',
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "x\\uDFFF"}]}',
+        b'{"\\udc00": 1}',
+        b"{",
+        b"\xff\xfe",
+    ],
+)
+def test_bodies_json_loads_takes_but_nothing_after_it_can_are_a_400(raw: bytes) -> None:
+    with pytest.raises(ApiError) as info:
+        parse_json_body(raw)
+    assert info.value.status == 400
+    assert info.value.message.startswith("Invalid JSON body")
+
+
+def test_paired_surrogates_are_one_character_and_accepted() -> None:
+    assert parse_json_body(b'{"prompt": "\\ud83d\\ude00"}') == {"prompt": "\U0001f600"}
