@@ -45,7 +45,9 @@ def _apply_repetition_penalty(scores: torch.Tensor, rows: Sequence[SequenceSampl
     ]
     flat = torch.unique(_flat_indices(scores, seen))  # [N], row * V + token
     penalty = _row_column(scores, [row.params.repetition_penalty for row in rows])
-    penalty = penalty[flat // scores.shape[1]]  # [N]
+    # A penalty below what float32 holds (1e-300 > 0 is valid) is the smallest it holds: 0
+    # would make a score of 0 NaN. Positive scores over it may be infinite: see sampling_probs.
+    penalty = penalty.clamp_(min=torch.finfo(scores.dtype).tiny)[flat // scores.shape[1]]
     values = scores.view(-1)[flat]
     scores.view(-1)[flat] = torch.where(values < 0, values * penalty, values / penalty)
 
@@ -106,7 +108,15 @@ def sampling_probs(scores: torch.Tensor, params: Sequence[SamplingParams]) -> to
     scores.div_(temperatures[:, None])
     if any(p.top_k is not None for p in params):
         mask_outside_top_k(scores, params)
-    return scores.softmax(dim=-1)
+    probs = scores.softmax(dim=-1)
+    # A row with infinite scores (a vanishing repetition penalty) has NaN probabilities: its
+    # infinite tokens share the mass, the rest get none, as the limit of the softmax does.
+    infinite = scores == math.inf
+    if bool(infinite.any()):
+        rows = infinite.any(dim=-1)
+        share = infinite[rows].to(probs.dtype)
+        probs[rows] = share / share.sum(dim=-1, keepdim=True)
+    return probs
 
 
 def mask_outside_top_k(scores: torch.Tensor, params: Sequence[SamplingParams]) -> None:
@@ -145,7 +155,9 @@ def nucleus_race(probs: torch.Tensor, noise: torch.Tensor, top_p: Sequence[float
         winner_probs = racing_probs.gather(1, racing_winners[:, None])  # [P, 1]
         more_likely = racing_probs > winner_probs  # [P, V]
         mass_above = racing_probs.mul(more_likely).sum(dim=-1)  # [P]
-        outside = mass_above >= limits
+        # The most likely tokens (nothing above them) are always in, whatever top_p: one too
+        # small for float32 (5e-324) is 0 here, and the race would never end.
+        outside = (mass_above >= limits) & (mass_above > 0)
         rows, limits, racing_probs = rows[outside], limits[outside], racing_probs[outside]
         # Keys drop to 0 outside the field; inside, the most likely token keeps a key > 0.
         racing_keys = racing_keys[outside].mul_(more_likely[outside])

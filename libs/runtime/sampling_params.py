@@ -17,6 +17,11 @@ MIN_PENALTY, MAX_PENALTY = -2.0, 2.0
 SEED_LIMIT = 1 << 63
 
 
+# Below this a temperature samples the argmax (as vLLM's _SAMPLING_EPS): the second-best
+# token would need a score within about 1e-5 x 88 of the best to be drawn at all.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 class SamplingParamsError(RuntimeInputError):
     """Sampling parameters outside their allowed range; the message names the field."""
 
@@ -38,7 +43,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or one so small the draw is the argmax anyway (scores over it
+        would overflow float32: 1e-300 made every score infinite and softmax NaN)."""
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def validate(self, vocab_size: int) -> None:
         """Raise SamplingParamsError naming the first field outside its allowed range."""

@@ -111,6 +111,42 @@ def test_top_p_keeps_the_smallest_set_reaching_top_p(top_p: float) -> None:
         assert chi_square(counts, expected) < CHI_SQUARE_999[len(kept) - 1]
 
 
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("top_p", [5e-324, 1e-46, 1e-30])
+def test_a_top_p_below_what_float32_holds_keeps_the_most_likely_token(top_p: float) -> None:
+    """5e-324 is a valid top_p (> 0) that is 0 in float32: the race ran for ever, and one
+    such request stopped a worker's every step."""
+    counts = draw_counts(SHUFFLED_LOGITS, SamplingParams(top_p=top_p))
+    assert set(counts) == {max(range(len(SHUFFLED_PROBS)), key=SHUFFLED_PROBS.__getitem__)}
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-6])
+def test_a_temperature_too_small_to_divide_by_is_greedy(temperature: float) -> None:
+    """Scores over 1e-300 are infinite, and softmax of infinities is NaN: such a request
+    answered the first token of the vocabulary, over and over."""
+    counts = draw_counts(SHUFFLED_LOGITS, SamplingParams(temperature=temperature), 50)
+    assert counts == Counter({int(SHUFFLED_LOGITS.argmax()): 50})
+
+
+def test_a_vanishing_repetition_penalty_draws_among_the_seen_tokens_it_exalts() -> None:
+    """1e-300 is a valid penalty (> 0) that is 0 in float32 (0/0 was NaN). A seen token's
+    positive score over it is enormous, or infinite: the draw is among those tokens alone."""
+    sampler = Sampler(5, EOS_IDS, seed=3)
+    params = SamplingParams(repetition_penalty=1e-300)
+    seen = (0, 2, 3, 4)  # 1 is not seen
+
+    def drawn(logits: list[float], params: SamplingParams, n: int = 200) -> set[int]:
+        batch = torch.tensor(logits)[None].expand(n, -1)
+        return {t.token_id for t in sampler.sample(batch, [row(params, prompt=seen)] * n)}
+
+    # Finite still (1 and 0.5 over the smallest float32): the larger wins, as in the limit.
+    assert drawn([1.0, 2.0, -1.0, 0.0, 0.5], params) == {0}
+    # Infinite (10 and 30 over it): they share the draw.
+    assert drawn([10.0, 20.0, -1.0, 0.0, 30.0], params) == {0, 4}
+    greedy = SamplingParams(temperature=0.0, repetition_penalty=1e-300)
+    assert drawn([10.0, 20.0, -1.0, 0.0, 30.0], greedy, 1) <= {0, 4}
+
+
 def test_top_p_applies_to_the_renormalised_top_k_distribution() -> None:
     # top_k=3 keeps {4: .4, 1: .3, 3: .15}; renormalised they are .47, .35, .18, so 0.8 is
     # reached by the first two. Without renormalisation token 3 would stay in.
