@@ -66,6 +66,9 @@ class FuzzTally:
     server_errors: int = 0  # 500s, and 5xx that are not a 503 with Retry-After
     hangs: int = 0
     elapsed_s: float = 0.0
+    # Why requests were turned away or could not be served: (status, error code) of each
+    # 429 and 503, from its body.
+    refusals: Counter[tuple[int, str]] = field(default_factory=Counter)
 
     @property
     def total(self) -> int:
@@ -175,11 +178,20 @@ async def _send_one(
         tally.failures.append(f"{case.method} {case.path}: {err!r}; {_shown(case)}")
         return
     tally.statuses[case.route, str(status)] += 1
+    if status in (429, 503):
+        tally.refusals[status, _error_code(body)] += 1
     problems = checker.problems(case, status, headers, body)
     if status >= 500 and problems:
         tally.server_errors += 1
     for problem in problems:
         tally.failures.append(f"{case.method} {case.path} -> {status}: {problem}; {_shown(case)}")
+
+
+def _error_code(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return "(no error code)"
 
 
 def _shown(case: FuzzCase) -> str:
@@ -289,6 +301,9 @@ def markdown(run: FuzzRun, command: str, seed: int) -> str:
         f"- crashes (services restarted or gone): **{len(run.restarted)}**",
         f"- the same greedy answer afterwards: **{'yes' if run.answers_as_before else 'no'}**",
     ]
+    if tally.refusals:
+        why = ", ".join(f"{n} x {s} `{code}`" for (s, code), n in tally.refusals.most_common())
+        lines.append(f"- the 429s and 503s (each with Retry-After), by error code: {why}")
     return "\n".join(lines) + "\n"
 
 

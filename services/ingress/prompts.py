@@ -83,6 +83,12 @@ def _prepared(
     if not ids:
         raise ApiError.bad_request("The prompt is empty after tokenization.", param="prompt")
     check_token_ids(sampling.stop_token_ids, limits.vocab_size, "stop_token_ids")
+    if sampling.min_tokens > sampling.max_tokens:
+        raise ApiError.bad_request(
+            f"min_tokens ({sampling.min_tokens}) must be at most max_tokens "
+            f"({sampling.max_tokens}, for this prompt).",
+            param="min_tokens",
+        )
     return PreparedPrompt(
         prompt_ids=tuple(ids),
         sampling=sampling,

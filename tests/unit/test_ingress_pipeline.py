@@ -144,6 +144,26 @@ def test_out_of_vocabulary_ids_and_overlong_prompts_are_400s(tokenizer: Tokenize
         assert (info.value.status, info.value.param) == (400, param), info.value
 
 
+def test_min_tokens_beyond_the_completion_budget_is_a_400(tokenizer: Tokenizer) -> None:
+    """It reached the worker, which refused it: a 503 for the client's mistake (the HTTP
+    fuzzer found it). Beyond max_tokens as given, or as the context shrank it."""
+    explicit = CompletionRequest.model_validate(
+        {"model": "m", "prompt": "hi", "max_tokens": 4, "min_tokens": 5}
+    )
+    shrunk = CompletionRequest.model_validate({"model": "m", "prompt": [3] * 60, "min_tokens": 8})
+    chat = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "min_tokens": 999}
+    )
+    for prepare, req in ((prepare_completion, explicit), (prepare_completion, shrunk),
+                         (prepare_chat, chat)):  # fmt: skip
+        with pytest.raises(ApiError) as info:
+            prepare(req, tokenizer, LIMITS)  # type: ignore[operator]
+        assert (info.value.status, info.value.param) == (400, "min_tokens")
+        assert "must be at most max_tokens" in info.value.message
+    fits = explicit.model_copy(update={"min_tokens": 4})
+    assert prepare_completion(fits, tokenizer, LIMITS).sampling.min_tokens == 4
+
+
 def test_chat_prompt_cache_hint_and_default_budget(tokenizer: Tokenizer) -> None:
     messages = [{"role": "user", "content": "hi 😀"}]
     body = {"model": "m", "messages": messages, "duet": {"cache": {"public_prefix_tokens": 999}}}
