@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
@@ -65,9 +66,26 @@ def run_service(service: Service, settings: CommonSettings, name: str) -> int:
     setup_tracing(name, settings)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(serve(service, settings, name))
+            code = runner.run(serve(service, settings, name))
     finally:
         shutdown_tracing()
+    return _exit_past_stuck_threads(code)
+
+
+def _exit_past_stuck_threads(code: int) -> int:
+    """`code`, or, when a thread the service started is still running after its stop (a
+    model thread spinning in a kernel that never returns), exit now without it: the
+    interpreter would join it at exit, and the process would never end."""
+    stuck = [
+        thread.name
+        for thread in threading.enumerate()
+        if thread is not threading.main_thread() and thread.is_alive() and not thread.daemon
+    ]
+    if not stuck:
+        return code
+    logger.error("threads still running at exit", extra={"threads": stuck})
+    logging.shutdown()
+    os._exit(code or 1)
 
 
 async def serve(

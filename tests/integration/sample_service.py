@@ -1,6 +1,6 @@
 """A service that only reports its lifecycle, for test_lifecycle.py to run as a process.
 
-    python sample_service.py ok|hang-drain|fail-start|crash-loop
+    python sample_service.py ok|hang-drain|fail-start|crash-loop|stuck-thread
 
 Each step prints `EVENT <step>` on stdout; settings come from DUET_* variables as in any
 service.
@@ -8,6 +8,8 @@ service.
 
 import asyncio
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 from duetserve.common.lifecycle import critical_task, run_service
 from duetserve.common.settings import CommonSettings
@@ -24,6 +26,9 @@ class SampleService:
             raise RuntimeError("cannot start")
         if self.mode == "crash-loop":
             critical_task(self._crash_soon(), "sample-loop")
+        if self.mode == "stuck-thread":  # as a model thread spinning in a kernel for ever
+            self.model = ThreadPoolExecutor(1, thread_name_prefix="sample-model")
+            self.model.submit(_spin_for_ever)
         self.started = True
 
     async def _crash_soon(self) -> None:
@@ -40,6 +45,11 @@ class SampleService:
 
     async def stop(self) -> None:
         emit("stop")
+
+
+def _spin_for_ever() -> None:
+    while True:
+        time.sleep(0.01)
 
 
 def emit(step: str) -> None:

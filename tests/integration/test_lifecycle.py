@@ -96,6 +96,17 @@ def test_a_crashed_background_task_stops_the_service_loudly() -> None:
     assert "the loop broke" in str(crash["exc"])
 
 
+def test_a_thread_that_never_returns_does_not_keep_the_process_alive() -> None:
+    """A worker's model thread stuck in a loop kept its process alive after its stop, for
+    ever: the interpreter joins executor threads at exit (an orphan spun for 46 minutes)."""
+    service = ServiceProcess("stuck-thread")
+    service.wait_for_log("ready")
+    service.process.send_signal(signal.SIGTERM)
+    assert service.finish(timeout_s=10.0) == 1  # it exits, and says it did not end cleanly
+    stuck = [line for line in service.logs() if line["msg"] == "threads still running at exit"]
+    assert stuck and "sample-model" in str(stuck[0]["threads"])
+
+
 def test_failed_start_still_stops_and_exits_one() -> None:
     service = ServiceProcess("fail-start")
     assert service.finish() == 1
