@@ -58,14 +58,8 @@ def catalogue() -> list[str]:
         )
     ]
     return [
-        subjects.SCHED_SUBMIT,
-        subjects.SCHED_CANCEL,
-        subjects.SCHED_STATS,
-        subjects.SCHED_STATUS,
-        subjects.SCHED_RESUME,
-        subjects.CACHE_MATCH,
-        subjects.CACHE_INSERT,
-        subjects.CACHE_EVICT,
+        *subjects.SCHEDULER_SUBJECTS,
+        *subjects.CACHE_SUBJECTS,
         subjects.TOKENS_REPLAY,
         subjects.tokens("ingress-1-a1b2"),
         LAUNCHER_REPORT,

@@ -19,6 +19,9 @@ SCHED_RESUME = f"{ROOT}.sched.resume"
 CACHE_MATCH = f"{ROOT}.cache.match"
 CACHE_INSERT = f"{ROOT}.cache.insert"
 CACHE_EVICT = f"{ROOT}.cache.evict"
+# What the scheduler and the cache index answer, each family whole.
+SCHEDULER_SUBJECTS = (SCHED_SUBMIT, SCHED_CANCEL, SCHED_STATS, SCHED_STATUS, SCHED_RESUME)
+CACHE_SUBJECTS = (CACHE_MATCH, CACHE_INSERT, CACHE_EVICT)
 
 
 def check_token(value: str, what: str) -> str:

@@ -148,12 +148,12 @@ def permissions(role: str, mode: str, units: Sequence[str] = ("unit0",)) -> Perm
         pub += [*_per_unit(units, events), *_role_lease()]
     elif role == "cache_index":
         pub += _kv(units, (UNIT_POOL,), ("retain", "release", "shared", "heartbeat", "storage"))
-        sub += [subjects.CACHE_MATCH, subjects.CACHE_INSERT, subjects.CACHE_EVICT]
+        sub += subjects.CACHE_SUBJECTS
         sub += _per_unit(units, events)
     elif role == "scheduler":
         pub += _kv(units, (UNIT_POOL,), ("alloc", "release", "heartbeat"))
         pub += _kv(units, pools, ("storage", "stats"))
-        pub += [subjects.CACHE_MATCH, subjects.CACHE_INSERT, subjects.CACHE_EVICT, tokens]
+        pub += [*subjects.CACHE_SUBJECTS, tokens]
         pub += _per_unit(
             units,
             workers.prefill_batch_subject,
@@ -162,14 +162,7 @@ def permissions(role: str, mode: str, units: Sequence[str] = ("unit0",)) -> Perm
             compute.compute_split_subject,
         )
         pub += _role_lease()
-        sub += [
-            subjects.SCHED_SUBMIT,
-            subjects.SCHED_CANCEL,
-            subjects.SCHED_STATS,
-            subjects.SCHED_STATUS,
-            subjects.SCHED_RESUME,
-            subjects.TOKENS_REPLAY,
-        ]
+        sub += [*subjects.SCHEDULER_SUBJECTS, subjects.TOKENS_REPLAY]
         sub += _per_unit(
             units, events, compute.compute_applied_subject, compute.compute_split_subject
         )
@@ -187,15 +180,7 @@ def permissions(role: str, mode: str, units: Sequence[str] = ("unit0",)) -> Perm
         pub += [*worker_common_pub, *decode_pub]
         sub += [*worker_common_sub, *decode_sub]
     elif role == "ingress":
-        pub += [
-            subjects.SCHED_SUBMIT,
-            subjects.SCHED_CANCEL,
-            subjects.SCHED_STATS,
-            subjects.SCHED_STATUS,
-            subjects.SCHED_RESUME,
-            subjects.TOKENS_REPLAY,
-            subjects.ALL_HEALTH,
-        ]
+        pub += [*subjects.SCHEDULER_SUBJECTS, subjects.TOKENS_REPLAY, subjects.ALL_HEALTH]
         sub += [tokens, LAUNCHER_REPORT]
     elif role == "launcher":
         pub += [LAUNCHER_REPORT, subjects.ALL_HEALTH]

@@ -40,14 +40,8 @@ def listened_subjects(stream: str) -> list[str]:
     """Every subject some service of a semi-pd unit subscribes to."""
     return [
         *(subjects.kv(UNIT, verb) for verb in KV_VERBS),
-        subjects.SCHED_SUBMIT,
-        subjects.SCHED_CANCEL,
-        subjects.SCHED_STATS,
-        subjects.SCHED_STATUS,
-        subjects.SCHED_RESUME,
-        subjects.CACHE_MATCH,
-        subjects.CACHE_INSERT,
-        subjects.CACHE_EVICT,
+        *subjects.SCHEDULER_SUBJECTS,
+        *subjects.CACHE_SUBJECTS,
         subjects.TOKENS_REPLAY,
         subjects.tokens(stream),
         workers.prefill_batch_subject(UNIT),
