@@ -13,12 +13,17 @@ import asyncio
 import logging
 
 from duetserve.common.health import serve_health
+from duetserve.common.lifecycle import cancel_tasks, critical_task
 from duetserve.common.nats_bus import Bus
 from duetserve.common.unit_client import fetch_storage
 from duetserve.proto import kv
 from duetserve.proto.common import HealthStatus
 from duetserve.services.decode_worker.settings import DecodeSettings
-from duetserve.services.unit_worker.compute import WorkerCompute, follow_splits
+from duetserve.services.unit_worker.compute import (
+    WorkerCompute,
+    follow_splits,
+    watch_model_thread,
+)
 from duetserve.services.unit_worker.decoding import Decoding
 from duetserve.services.unit_worker.handover import announce_ready, follow_handover
 from duetserve.services.unit_worker.model_host import MappedPool, ModelHost, host_model, map_pool
@@ -38,6 +43,7 @@ class DecodeWorkerService:
         self.source: MappedPool | None = None  # disagg: the unit pool, KV copied out of it
         self.decoding: Decoding | None = None
         self.compute: WorkerCompute | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         s = self.settings
@@ -58,6 +64,8 @@ class DecodeWorkerService:
         self.compute = compute = await asyncio.to_thread(WorkerCompute.open, s, "decode")
         await follow_splits(bus, compute, s, self.instance)
         self.host = await compute.run(host_model, description, s.sampler_seed)
+        watchdog = watch_model_thread(compute, s.model_call_timeout_s)
+        self._tasks.append(critical_task(watchdog, "model-watchdog"))
         if pool == kv.DECODE_POOL:
             unit_pool = await fetch_storage(bus, s.unit, self.instance)
             self.source = await compute.run(map_pool, unit_pool)
@@ -76,7 +84,8 @@ class DecodeWorkerService:
         return await self.decoding.hand_over()
 
     async def ready(self) -> bool:
-        return self.decoding is not None and self.decoding.healthy()
+        healthy = self.decoding is not None and self.decoding.healthy()
+        return healthy and all(not t.done() for t in self._tasks)
 
     async def drain(self) -> None:
         self.status = HealthStatus.DRAINING
@@ -86,6 +95,7 @@ class DecodeWorkerService:
     async def stop(self) -> None:
         if self.decoding is not None:
             await self.decoding.stop()
+        await cancel_tasks(self._tasks)
         if self.host is not None:
             self.host.close()
         if self.source is not None:

@@ -26,7 +26,11 @@ from duetserve.proto import kv, subjects, workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply, HealthStatus
 from duetserve.services.prefill_worker.settings import PrefillSettings
-from duetserve.services.unit_worker.compute import WorkerCompute, follow_splits
+from duetserve.services.unit_worker.compute import (
+    WorkerCompute,
+    follow_splits,
+    watch_model_thread,
+)
 from duetserve.services.unit_worker.decoding import Decoding
 from duetserve.services.unit_worker.handover import announce_ready, follow_handover
 from duetserve.services.unit_worker.model_host import ModelHost, host_model
@@ -66,6 +70,8 @@ class PrefillWorkerService:
         self.compute = compute = await asyncio.to_thread(WorkerCompute.open, s, "prefill")
         await follow_splits(bus, compute, s, self.instance)
         self.host = await compute.run(host_model, description, s.sampler_seed)
+        watchdog = watch_model_thread(compute, s.model_call_timeout_s)
+        self._tasks.append(critical_task(watchdog, "model-watchdog"))
         if s.mode == "unified":
             self.decoding = Decoding(bus, self.host, s, self.instance, compute)
             await self.decoding.start()

@@ -3,11 +3,17 @@
 Every model call of a worker (loading, prefill batches, decode steps) and every change of its
 share run on one dedicated thread, in order. So a new split lands between two iterations,
 never inside one, and torch's intra-op thread count (a per-thread setting) is set in the
-thread that runs the model."""
+thread that runs the model.
+
+A call that never returns (a kernel spinning: a sampling loop once did) would leave a worker
+alive and serving nothing. `watch_model_thread` raises once a call has run past the worker's
+DUET_MODEL_CALL_TIMEOUT_S, as a critical task, so the worker stops and its supervisor starts
+it again; `close` does not wait on such a call for more than CLOSE_GRACE_S."""
 
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
@@ -40,6 +46,11 @@ from duetserve.services.unit_worker.settings import UnitWorkerSettings, parse_co
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
+CLOSE_GRACE_S = 5.0  # how long `close` waits for a model call still running
+
+
+class ModelThreadStuck(RuntimeError):
+    """A model call has run far longer than any call should."""
 
 
 class WorkerCompute:
@@ -50,6 +61,7 @@ class WorkerCompute:
         # this process's share in place (cuda-mps); None otherwise.
         self.restart_env: dict[str, str] | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"{role}-model")
+        self._busy_since: float | None = None  # monotonic start of the call running now
 
     @classmethod
     def open(cls, settings: UnitWorkerSettings, role: Role) -> "WorkerCompute":
@@ -71,7 +83,19 @@ class WorkerCompute:
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """`fn` on the model thread, after whatever was queued there before it."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, lambda: fn(*args, **kwargs))
+        return await loop.run_in_executor(self._thread, lambda: self._timed(fn, *args, **kwargs))
+
+    def _timed(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        self._busy_since = time.monotonic()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._busy_since = None
+
+    def busy_for(self) -> float:
+        """Seconds the model call running now has taken (0: none runs)."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def own_share(self, prefill_share: float) -> float:
         return prefill_share if self.role == "prefill" else round(1.0 - prefill_share, 6)
@@ -118,8 +142,26 @@ class WorkerCompute:
         )
 
     def close(self) -> None:
-        self._thread.shutdown(wait=True, cancel_futures=True)
+        """Drop queued calls, give the running one CLOSE_GRACE_S to end, release the share.
+        A call that does not end is left behind (the process exits without it: lifecycle)."""
+        self._thread.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + CLOSE_GRACE_S
+        while self._busy_since is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self._busy_since is not None:
+            logger.error("a model call is still running after %.0fs; leaving it", self.busy_for())
         self.share.close()
+
+
+async def watch_model_thread(compute: WorkerCompute, limit_s: float, poll_s: float = 1.0) -> None:
+    """Until cancelled; ModelThreadStuck once a model call has run longer than `limit_s`."""
+    while True:
+        await asyncio.sleep(poll_s)
+        busy = compute.busy_for()
+        if busy > limit_s:
+            raise ModelThreadStuck(
+                f"a model call has run {busy:.0f}s, past DUET_MODEL_CALL_TIMEOUT_S={limit_s:g}"
+            )
 
 
 async def follow_splits(

@@ -21,6 +21,9 @@ class UnitWorkerSettings(ServingSettings):
     growth_blocks: int = Field(4, gt=0)  # blocks taken per allocation, ahead of need
     heartbeat_interval_s: float = Field(1.0, gt=0)
     needs_blocks_repeat_s: float = Field(0.5, gt=0)  # re-ask for a preemption this often
+    # A model call (a prefill batch, a decode step, a share change) running longer than this
+    # means the model thread is stuck: the worker stops, and its supervisor starts it again.
+    model_call_timeout_s: float = Field(300.0, gt=0)
     step_log_dir: Path | None = None  # a JSON line per model step (see unit_worker/step_log)
     # How the unit's device is split between its workers (runtime/compute_share): a backend
     # name, or auto (the best this machine has; one log line says which and why).

@@ -3,6 +3,7 @@ a refused split reports."""
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -10,7 +11,12 @@ from pydantic import ValidationError
 
 from duetserve.proto.compute import ComputeShareApplied
 from duetserve.runtime.compute_share import AppliedShare, BackendName, InvalidShareError
-from duetserve.services.unit_worker.compute import WorkerCompute
+from duetserve.services.unit_worker.compute import (
+    CLOSE_GRACE_S,
+    ModelThreadStuck,
+    WorkerCompute,
+    watch_model_thread,
+)
 from duetserve.services.unit_worker.settings import UnitWorkerSettings, parse_cores
 
 
@@ -96,3 +102,28 @@ def test_a_refused_split_is_reported_and_the_previous_share_holds() -> None:
     assert refused.sequence == 2 and refused.error is not None and "too small" in refused.error
     assert refused.given == 0.5
     assert compute.applied is not None and compute.applied.requested == 0.5
+
+
+def test_a_model_call_that_never_returns_stops_the_worker_and_does_not_hang_its_close() -> None:
+    """A call stuck on the model thread (the top_p loop once) kept its worker alive, serving
+    nothing, and its close waited on it for ever."""
+    share = RecordingShare()
+    compute = WorkerCompute(share, "prefill")
+    release = threading.Event()
+
+    async def scenario() -> None:
+        assert compute.busy_for() == 0.0
+        stuck = asyncio.ensure_future(compute.run(release.wait))
+        await asyncio.sleep(0.2)
+        assert compute.busy_for() > 0.1
+        with pytest.raises(ModelThreadStuck, match=r"DUET_MODEL_CALL_TIMEOUT_S=0\.1"):
+            await asyncio.wait_for(watch_model_thread(compute, 0.1, poll_s=0.02), 5)
+        started = time.monotonic()
+        compute.close()  # bounded, though the call is still running
+        assert time.monotonic() - started < CLOSE_GRACE_S + 1
+        release.set()
+        await stuck
+
+    asyncio.run(scenario())
+    assert share.closed == 1
+    assert compute.busy_for() == 0.0
