@@ -111,6 +111,23 @@ def _role_lease() -> list[str]:
     ]
 
 
+# Who sends requests to whom. A responder may publish into its askers' inboxes: NATS's
+# allow_responses alone lets it answer only requests the server delivered itself, and a
+# restarted nats-server forgets them, so an answer to a request taken before the restart was
+# refused (and its asker waited out its timeout: a prefill batch, 10 s). Health is asked of
+# every service by ingress and the launcher.
+ASKED_BY = {
+    "kv_manager": ("scheduler", "prefill_worker", "decode_worker", "cache_index"),
+    "cache_index": ("scheduler",),
+    "scheduler": ("ingress",),
+    # A worker hands its residents over to its replacement, of its own role, as admissions.
+    "prefill_worker": ("scheduler", "prefill_worker"),
+    "decode_worker": ("scheduler", "decode_worker"),
+    "ingress": (),
+}
+HEALTH_ASKERS = ("ingress", "launcher", OPERATOR)
+
+
 def permissions(role: str, mode: str, units: Sequence[str] = ("unit0",)) -> Permissions:
     """What `role` may publish and subscribe to in a stack of `units` running in `mode`.
 
@@ -126,6 +143,8 @@ def permissions(role: str, mode: str, units: Sequence[str] = ("unit0",)) -> Perm
     sub: list[str] = [f"{inbox_prefix(role)}.>"]
     if role in SERVICES:
         sub.append(subjects.health(role))
+        askers = dict.fromkeys((*ASKED_BY[role], *HEALTH_ASKERS))
+        pub += [f"{inbox_prefix(asker)}.>" for asker in askers]
     pools = (UNIT_POOL, DECODE_POOL) if mode == "disagg" else (UNIT_POOL,)
     events = workers.worker_events_subject
     tokens = subjects.ALL_TOKENS

@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from duetserve.common import nats_auth
 from duetserve.common.nats_bus import Bus, BusTimeout
 from duetserve.common.nats_server import NatsServer
-from duetserve.proto import subjects
+from duetserve.proto import subjects, workers
 from tests.certificates import make_certificate
 
 UNIT = "unit0"
@@ -141,9 +141,9 @@ async def test_requests_and_answers_flow_between_the_roles_that_use_them(
         reply = await ingress.request(subjects.SCHED_SUBMIT, b"a request", timeout=2.0)
         assert reply.data == b"admitted"
         assert reply.subject.startswith("_INBOX_ingress.")
-        # The scheduler answers what it was asked, and cannot publish into ingress's inbox
-        # unasked.
-        await scheduler.publish("_INBOX_ingress.forged.reply", b"forged")
+        # The scheduler may answer into the inboxes of those that ask it things, and no
+        # other: the decode worker never asks it anything.
+        await scheduler.publish("_INBOX_decode_worker.forged.reply", b"forged")
         await scheduler.flush()
         await asyncio.sleep(0.2)
         assert scheduler._events is not None and scheduler._events.permission_violations == 1
@@ -153,6 +153,42 @@ async def test_requests_and_answers_flow_between_the_roles_that_use_them(
     finally:
         await ingress.close()
         await scheduler.close()
+
+
+async def test_a_request_taken_before_a_server_restart_is_answered_after_it(
+    tmp_path: Path,
+) -> None:
+    """NATS's allow_responses lets a responder answer only what the running server delivered:
+    after a restart, a prefill worker's answer to a batch it was computing was refused, and
+    the scheduler waited out its 10 s."""
+    server = secured_server(tmp_path).start()
+    credentials = tmp_path / "credentials"
+    scheduler = await connect_as(server, credentials, "scheduler")
+    worker = await connect_as(server, credentials, "prefill_worker")
+    try:
+        taken: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def take(msg: Msg) -> None:
+            await taken.put(msg)
+
+        subject = workers.prefill_batch_subject(UNIT)
+        await worker.subscribe(subject, take)
+        await worker.flush()
+        asking = asyncio.ensure_future(scheduler.request(subject, b"batch", timeout=8.0))
+        batch = await asyncio.wait_for(taken.get(), 5)
+        server.stop()
+        server.start()  # same port, same configuration
+        for bus in (worker, scheduler):
+            while not bus.is_connected:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # their subscriptions are the new server's too
+        await worker.reply(batch, b"prefilled")
+        assert (await asyncio.wait_for(asking, 8.0)).data == b"prefilled"
+        assert worker._events is not None and worker._events.permission_violations == 0
+    finally:
+        await scheduler.close()
+        await worker.close()
+        server.stop()
 
 
 async def test_over_tls_only_a_client_that_verifies_the_server_gets_in(tmp_path: Path) -> None:
