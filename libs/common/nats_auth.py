@@ -9,10 +9,10 @@ release any owner's blocks or spawn workers. With it:
   first start; `python -m duetserve.common.nats_auth` does it for compose or a NATS run
   elsewhere). A service reads only its own role's file (DUET_NATS_CREDENTIALS_DIR).
 - The server's configuration (`server_config`) holds only bcrypt digests of the passwords and
-  each user's permissions (`permissions`): the subjects it may publish to and subscribe to, and
-  whether it answers requests (NATS then lets it publish to the reply subject of a request it
-  received, and nothing else of the kind). Each role's replies come to an inbox of its own
-  (`inbox_prefix`), which only it may subscribe to, so no service reads another's answers.
+  each user's permissions (`permissions`): the subjects it may publish to and subscribe to.
+  Each role's replies come to an inbox of its own (`inbox_prefix`), which only it may
+  subscribe to, so no service reads another's answers; a service may answer only into the
+  inboxes of the roles that ask it things (`ASKED_BY`, and the health askers).
 - Tenants are decided at ingress: only ingress may publish the subjects that carry a tenant
   from a client (`duet.sched.submit`, `duet.sched.resume`); the scheduler passes it on to the
   cache index, and only the scheduler may publish there.
@@ -131,8 +131,8 @@ HEALTH_ASKERS = ("ingress", "launcher", OPERATOR)
 def permissions(role: str, mode: str, units: Sequence[str] = ("unit0",)) -> Permissions:
     """What `role` may publish and subscribe to in a stack of `units` running in `mode`.
 
-    Besides what is listed, every role may subscribe to its own inbox and to its service's
-    health subject, and answer requests there."""
+    Besides what is listed, every role may subscribe to its own inbox, and every service to
+    its health subject and publish into its askers' inboxes (the answers)."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
     if mode not in MODES:
