@@ -54,7 +54,7 @@ model-small: $(STAMP)
 	$(BIN)/python -m duetserve.runtime.generator small --out $(MODELS)/small
 
 bench-runtime: model-small
-	$(BIN)/python -m duetserve.loadtest.runtime_bench --model $(MODELS)/small --write docs/benchmarks.md
+	$(BIN)/python -m duetserve.loadtest.runtime_bench --model $(MODELS)/small --weights packed,plain --write docs/benchmarks.md
 
 faults: $(STAMP)
 	$(BIN)/python -m duetserve.loadtest.faults --json docs/bench/faults.json --write docs/reliability.md

@@ -3,7 +3,9 @@
     python -m duetserve.loadtest.runtime_bench --model models/small [--write docs/benchmarks.md]
 
 For each dtype: decode step time at batch 1, 8, 32, 64 with 512 tokens of context each, and
-prefill throughput on 512-token prompts. Each is put next to two floors measured here and now:
+prefill throughput on 512-token prompts, for each weight layout asked for (`--weights`: oneDNN-
+packed, the runtime's default on the CPU, and plain), the layouts timed in turn within each row so
+that they see the same machine. Each is put next to two floors measured here and now:
 bytes moved (weights + KV read) over measured memory read bandwidth, and FLOPs over measured
 matmul throughput in that dtype. The ratio is time / max(floors): 1.0 would be perfect.
 """
@@ -24,6 +26,7 @@ from duetserve.runtime.batch import ForwardBatch, SequenceChunk
 from duetserve.runtime.config import ModelConfig
 from duetserve.runtime.kv_pool import KVPool
 from duetserve.runtime.layers.linear import pick_linear
+from duetserve.runtime.layers.prepack import METADATA
 from duetserve.runtime.loader import load_model
 from duetserve.runtime.models.llama import LlamaForCausalLM
 
@@ -36,6 +39,7 @@ PREFILL_PROMPTS = 4
 class Row:
     what: str
     dtype: str
+    weights: str  # the weight layout: packed or plain
     seconds: float
     tokens: int
     bytes_floor_s: float
@@ -56,6 +60,22 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
         fn()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def timed_in_turn(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2
+) -> dict[str, float]:
+    """Median wall time of each fn, the fns run one after another in every round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def read_bandwidth(num_bytes: int = 1 << 30) -> float:
@@ -85,7 +105,10 @@ def matmul_weight_bytes(model: LlamaForCausalLM) -> int:
     seen: set[int] = set()
     total = 0
     for name, tensor in model.weights.items():
-        if name == "embed_tokens" or tensor.data_ptr() in seen:
+        # packed weights count as their bytes (":onednn"), not as the views over them
+        if name == "embed_tokens" or tensor.is_mkldnn or name.endswith(METADATA):
+            continue
+        if tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
         total += tensor.numel() * tensor.element_size()
@@ -98,9 +121,14 @@ def step_flops(config: ModelConfig, new_tokens: int, attended_keys: int, params:
     return 2.0 * params * new_tokens + attention
 
 
-def decode_row(
-    model: LlamaForCausalLM, batch_size: int, bandwidth: float, flops_per_s: float, name: str
-) -> Row:
+def decode_rows(
+    models: dict[str, LlamaForCausalLM],
+    batch_size: int,
+    bandwidth: float,
+    flops_per_s: float,
+    name: str,
+) -> list[Row]:
+    model = next(iter(models.values()))
     config = model.config
     blocks_per_seq = (CONTEXT + 1 + 15) // 16
     pool = KVPool.allocate(config, batch_size * blocks_per_seq, 16, dtype=model.dtype)
@@ -110,24 +138,34 @@ def decode_row(
         for b in range(batch_size)
     ]
     batch = ForwardBatch.build(chunks, config, pool)
-    seconds = timed(lambda: model.forward(batch, pool), repeats=7 if batch_size < 32 else 4)
+    repeats = 7 if batch_size < 32 else 4
+    seconds = timed_in_turn(
+        {layout: partial(m.forward, batch, pool) for layout, m in models.items()}, repeats
+    )
     weight_bytes = matmul_weight_bytes(model)
     kv_bytes = (
         batch_size * (CONTEXT + 1) * config.num_layers * 2 * config.kv_size * pool.dtype.itemsize
     )
     params = weight_bytes // model.dtype.itemsize
     flops = step_flops(config, batch_size, batch_size * (CONTEXT + 1), params)
-    return Row(
-        f"decode step, batch {batch_size}",
-        name,
-        seconds,
-        batch_size,
-        (weight_bytes + kv_bytes) / bandwidth,
-        flops / flops_per_s,
-    )
+    return [
+        Row(
+            f"decode step, batch {batch_size}",
+            name,
+            layout,
+            seconds[layout],
+            batch_size,
+            (weight_bytes + kv_bytes) / bandwidth,
+            flops / flops_per_s,
+        )
+        for layout in models
+    ]
 
 
-def prefill_row(model: LlamaForCausalLM, bandwidth: float, flops_per_s: float, name: str) -> Row:
+def prefill_rows(
+    models: dict[str, LlamaForCausalLM], bandwidth: float, flops_per_s: float, name: str
+) -> list[Row]:
+    model = next(iter(models.values()))
     config = model.config
     blocks = CONTEXT // 16
     pool = KVPool.allocate(config, PREFILL_PROMPTS * blocks, 16, dtype=model.dtype)
@@ -140,24 +178,32 @@ def prefill_row(model: LlamaForCausalLM, bandwidth: float, flops_per_s: float, n
         for p in range(PREFILL_PROMPTS)
     ]
     batch = ForwardBatch.build(chunks, config, pool)
-    seconds = timed(lambda: model.forward(batch, pool), repeats=3, warmup=1)
+    seconds = timed_in_turn(
+        {layout: partial(m.forward, batch, pool) for layout, m in models.items()}, 3, warmup=1
+    )
     weight_bytes = matmul_weight_bytes(model)
     params = weight_bytes // model.dtype.itemsize
     tokens = PREFILL_PROMPTS * CONTEXT
     causal_keys = PREFILL_PROMPTS * CONTEXT * (CONTEXT + 1) // 2
     flops = step_flops(config, tokens, causal_keys, params)
     kv_bytes = tokens * config.num_layers * 2 * config.kv_size * pool.dtype.itemsize
-    return Row(
-        f"prefill {PREFILL_PROMPTS} x {CONTEXT} tokens",
-        name,
-        seconds,
-        tokens,
-        (weight_bytes + kv_bytes) / bandwidth,
-        flops / flops_per_s,
-    )
+    return [
+        Row(
+            f"prefill {PREFILL_PROMPTS} x {CONTEXT} tokens",
+            name,
+            layout,
+            seconds[layout],
+            tokens,
+            (weight_bytes + kv_bytes) / bandwidth,
+            flops / flops_per_s,
+        )
+        for layout in models
+    ]
 
 
-def run(model_dir: Path, dtypes: list[str]) -> tuple[list[Row], dict[str, float]]:
+def run(
+    model_dir: Path, dtypes: list[str], layouts: list[str]
+) -> tuple[list[Row], dict[str, float]]:
     torch.manual_seed(0)
     bandwidth = read_bandwidth()
     machine = {"read GB/s": bandwidth / 1e9}
@@ -166,19 +212,24 @@ def run(model_dir: Path, dtypes: list[str]) -> tuple[list[Row], dict[str, float]
         dtype = getattr(torch, name)
         flops_per_s = matmul_throughput(dtype)
         machine[f"{name} matmul GFLOP/s"] = flops_per_s / 1e9
-        model = load_model(model_dir, name)
+        models = {
+            layout: load_model(model_dir, name, prepack=layout == "packed") for layout in layouts
+        }
         for batch_size in DECODE_BATCHES:
-            rows.append(decode_row(model, batch_size, bandwidth, flops_per_s, name))
-            print(format_row(rows[-1]), flush=True)
-        rows.append(prefill_row(model, bandwidth, flops_per_s, name))
-        print(format_row(rows[-1]), flush=True)
+            new = decode_rows(models, batch_size, bandwidth, flops_per_s, name)
+            rows += new
+            print(*map(format_row, new), sep="\n", flush=True)
+        new = prefill_rows(models, bandwidth, flops_per_s, name)
+        rows += new
+        print(*map(format_row, new), sep="\n", flush=True)
     return rows, machine
 
 
 def format_row(row: Row) -> str:
     rate = row.tokens / row.seconds
     return (
-        f"| {row.what} | {row.dtype} | {row.seconds * 1e3:.1f} ms | {rate:,.0f} tok/s | "
+        f"| {row.what} | {row.dtype} | {row.weights} | {row.seconds * 1e3:.1f} ms | "
+        f"{rate:,.0f} tok/s | "
         f"{row.bytes_floor_s * 1e3:.1f} ms | {row.flops_floor_s * 1e3:.1f} ms | {row.ratio:.2f}x |"
     )
 
@@ -192,8 +243,8 @@ def report(rows: list[Row], machine: dict[str, float], command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        "| step | dtype | time | throughput | bytes floor | FLOPs floor | time / floor |",
-        "|---|---|---|---|---|---|---|",
+        "| step | dtype | weights | time | throughput | bytes floor | FLOPs floor | time / floor |",
+        "|---|---|---|---|---|---|---|---|",
         *(format_row(r) for r in rows),
     ]
     return "\n".join(lines)
@@ -205,11 +256,18 @@ def main() -> None:
     )
     parser.add_argument("--model", required=True, type=Path, help="model directory (small)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
+    parser.add_argument(
+        "--weights", default="packed", help="comma-separated weight layouts: packed, plain"
+    )
     parser.add_argument("--write", type=Path, help="update this markdown file's runtime section")
     args = parser.parse_args()
-    rows, machine = run(args.model, args.dtypes.split(","))
+    layouts = args.weights.split(",")
+    if not set(layouts) <= {"packed", "plain"}:
+        parser.error(f"--weights: unknown layout in {args.weights!r}")
+    rows, machine = run(args.model, args.dtypes.split(","), layouts)
     command = (
         f"python -m duetserve.loadtest.runtime_bench --model {args.model} --dtypes {args.dtypes}"
+        f" --weights {args.weights}"
     )
     text = report(rows, machine, command)
     print(text)

@@ -2,10 +2,11 @@
 leases, served over NATS. In disagg mode it serves two of each, the unit pool and the decode
 worker's pool (`kv(unit, verb, "decode")`), each storage with its own copy of the weights.
 
-Start: load the weights in the run dtype, pack them after the KV pool into one layout, open the
-storage (CUDA IPC when usable, else /dev/shm, and say why), copy the weights in once, zero the
-pool, drop the loaded copies; then serve `kv(unit, verb)` and sweep lapsed leases every
-lease_s / 4.
+Start: load the weights in the run dtype, on the CPU re-lay the linear ones out for oneDNN
+(runtime/layers/prepack.py: packed once here, read in place by every worker), pack them after
+the KV pool into one layout, open the storage (CUDA IPC when usable, else /dev/shm, and say
+why), copy the weights in once, zero the pool, drop the loaded copies; then serve
+`kv(unit, verb)` and sweep lapsed leases every lease_s / 4.
 
 Order: kv_manager is the unit's resident process. It starts first (workers wait for its
 `storage` reply) and must stop LAST, after the unit's workers have exited: `stop` closes the
@@ -20,6 +21,7 @@ import gc
 import logging
 from dataclasses import dataclass
 
+import torch
 from nats.aio.msg import Msg
 
 from duetserve.common.health import serve_health
@@ -32,9 +34,11 @@ from duetserve.proto.common import ErrorReply, HealthStatus
 from duetserve.proto.compute import ReplaceWorker, replace_worker_subject
 from duetserve.runtime.config import ModelConfig
 from duetserve.runtime.kv_pool import kv_bytes_per_block
+from duetserve.runtime.layers.prepack import pack_linear_weights, prepack_support
 from duetserve.runtime.loader import parse_dtype
 from duetserve.runtime.weights import Weights
 from duetserve.services.kv_manager.allocator import BlockAllocator
+from duetserve.services.kv_manager.cuda_ipc import probe_cuda
 from duetserve.services.kv_manager.describe import describe
 from duetserve.services.kv_manager.handlers import KVHandlers
 from duetserve.services.kv_manager.poison import PoisonCheck
@@ -167,6 +171,7 @@ class KVManagerService:
         else:
             plan = [(kv.UNIT_POOL, total, s.region_name())]
         weights = await asyncio.to_thread(load_stored_weights, s.model, config, dtype)
+        weights = await asyncio.to_thread(self._packed_for_cpu, config, weights, dtype)
         for name, num_blocks, region in plan:
             pool = PoolGeometry(num_blocks, s.block_size, dtype)
             storage, description = await self._open_storage(config, weights, pool, region)
@@ -174,6 +179,22 @@ class KVManagerService:
             self.pools[name] = ServedPool(name, storage, description, allocator)
         del weights  # the storages hold the copies now
         gc.collect()
+
+    def _packed_for_cpu(self, config: ModelConfig, weights: Weights, dtype: torch.dtype) -> Weights:
+        """The weights with their linear ones packed for oneDNN, when workers will run them on
+        this CPU and this torch can; else as they are, saying why."""
+        s = self.settings
+        if not s.prepack_weights:
+            logger.info("weights: plain layout (DUET_PREPACK_WEIGHTS=false)")
+            return weights
+        if s.storage == "cuda" or (s.storage == "auto" and probe_cuda().available):
+            return weights
+        support = prepack_support(dtype)
+        if not support.available:
+            logger.info("weights: plain layout (%s)", support.reason)
+            return weights
+        logger.info("weights: linear layers in %s", support.reason)
+        return pack_linear_weights(weights, config)
 
     async def _open_storage(
         self, config: ModelConfig, weights: Weights, pool: PoolGeometry, region: str

@@ -60,9 +60,7 @@ def host_model(description: kv.StorageDescription, seed: int) -> ModelHost:
     tensors = dict(mapped.tensors)
     pool = KVPool(tensors.pop(KV_POOL))
     config = ModelConfig.from_dir(description.model_dir)
-    if config.tie_word_embeddings:  # stored once; the head reads the embedding table
-        tensors["lm_head"] = tensors["embed_tokens"]
-    model = build_model(config, tensors)
+    model = build_model(config, tensors)  # ties a head stored once; reads packed weights in place
     pool.check_compatible(config, model.dtype)
     eos = Tokenizer.from_dir(description.model_dir).eos_token_ids
     logger.info(

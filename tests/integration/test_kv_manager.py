@@ -23,6 +23,7 @@ from duetserve.proto.codec import decode, encode
 from duetserve.proto.common import ErrorReply
 from duetserve.proto.workers import EventKind, WorkerEvents, worker_events_subject
 from duetserve.runtime.config import ModelConfig
+from duetserve.runtime.layers.prepack import unpack_linear_weights
 from duetserve.runtime.weights import load_weights
 from duetserve.services.kv_manager.settings import KVManagerSettings
 from tests.conftest import ModelDirs
@@ -38,7 +39,8 @@ from tests.integration.unit_services import (
 from tests.model_specs import TINY, TINY_QWEN2
 
 # Runs in a separate process: maps the described storage and checks every weight against the
-# checkpoint loaded directly, then writes into the KV pool for the parent to see.
+# checkpoint loaded directly (the linear ones stored oneDNN-packed: read back in place, then
+# compared), then writes into the KV pool for the parent to see.
 MAPPER = """
 import sys
 import torch
@@ -46,6 +48,7 @@ from duetserve.proto import kv
 from duetserve.proto.codec import decode
 from duetserve.runtime.config import ModelConfig
 from duetserve.runtime.loader import parse_dtype
+from duetserve.runtime.layers.prepack import PACKED, unpack_linear_weights
 from duetserve.runtime.weights import load_weights
 from duetserve.services.kv_manager.settings import KVManagerSettings
 from duetserve.services.kv_manager.describe import handle_of
@@ -55,11 +58,12 @@ description = decode(sys.stdin.buffer.read(), kv.StorageDescription)
 mapped = attach_storage(handle_of(description))
 config = ModelConfig.from_dir(description.model_dir)
 expected = load_weights(description.model_dir, config, parse_dtype(description.dtype))
+assert "layers.0.qkv_proj" + PACKED in mapped.tensors
+assert "layers.0.qkv_proj" not in mapped.tensors  # packed instead, not beside
+weights = unpack_linear_weights(mapped.tensors, config)
 for name, tensor in expected.items():
-    if name == "lm_head" and config.tie_word_embeddings:
-        assert name not in mapped.tensors
-        continue
-    assert torch.equal(mapped.tensors[name], tensor), name
+    stored = weights[name]
+    assert torch.equal(stored.to_dense() if stored.is_mkldnn else stored, tensor), name
 pool = mapped.tensors["kv_pool"]
 assert pool.shape[2] == description.num_blocks and not pool.any()
 pool[1, 0, 2].fill_(7.0)
@@ -106,10 +110,14 @@ async def test_a_tied_head_is_stored_once(nats_server: NatsServer, model_dirs: M
         names = [spec.name for spec in service.description.tensors]
         assert "lm_head" not in names and "embed_tokens" in names
         assert "layers.0.qkv_bias" in names
-        assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+        plain = {n: t for n, t in tensors.items() if ":onednn" not in n}
+        assert all(t.dtype == torch.bfloat16 for t in plain.values())
         config = ModelConfig.from_dir(tied)
         expected = load_weights(tied, config, torch.bfloat16)["lm_head"]
         assert torch.equal(tensors["embed_tokens"], expected)
+        # The head is also kept packed for its matmul (the table itself serves gathers).
+        head = unpack_linear_weights(tensors, config)["lm_head"]
+        assert head.is_mkldnn and torch.equal(head.to_dense(), expected)
 
 
 async def test_auto_storage_falls_back_to_cpu_with_a_reason(
@@ -209,7 +217,7 @@ async def test_disagg_serves_two_pools_with_their_own_weights_and_allocators(
         assert unit_pool.region != decode_pool.region
         # two copies of the weights: equal values in two different storages
         ours, decode_own = (service.pools[p].storage.tensors for p in (kv.UNIT_POOL, "decode"))
-        for name in ("embed_tokens", "layers.0.qkv_proj"):
+        for name in ("embed_tokens", "layers.0.qkv_proj:onednn"):
             assert torch.equal(ours[name], decode_own[name])
             assert ours[name].data_ptr() != decode_own[name].data_ptr()
         # two allocators: filling the decode pool leaves the unit pool alone

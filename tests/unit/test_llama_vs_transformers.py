@@ -28,10 +28,12 @@ def eos_ids(model_dir: Path) -> frozenset[int]:
     return frozenset(json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"])
 
 
+@pytest.mark.parametrize("prepack", [True, False], ids=["packed", "plain"])
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
-def test_logits_equal_transformers(model_dirs: ModelDirs, spec: object) -> None:
+def test_logits_equal_transformers(model_dirs: ModelDirs, spec: object, prepack: bool) -> None:
     model_dir = model_dirs.get(spec)  # type: ignore[arg-type]
-    model = load_model(model_dir, "float32")
+    model = load_model(model_dir, "float32", prepack=prepack)
+    assert model.weights["layers.0.qkv_proj"].is_mkldnn == prepack
     pool = KVPool.allocate(model.config, num_blocks=8, block_size=16)
     chunk = SequenceChunk(PROMPT, 0, list(range(8)), all_logits=True)
     ours = model.forward(ForwardBatch.build([chunk], model.config, pool), pool)

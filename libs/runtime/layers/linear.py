@@ -2,7 +2,8 @@
 
 On x86 CPUs torch's float32 `F.linear` goes through MKL, which runs at about half of oneDNN's
 speed on AMD processors (measured in loadtest/runtime_bench.py: decode GEMVs and prefill GEMMs
-alike). oneDNN's linear takes the plain dense weight, so the weights stay shareable as they are.
+alike). oneDNN's linear takes the plain dense weight as well as a prepacked one (prepack.py),
+which is faster still and shareable the same way.
 """
 
 from collections.abc import Callable
@@ -23,7 +24,11 @@ def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(x, weight, bias)
 
 
-def pick_linear(device: torch.device, dtype: torch.dtype) -> Linear:
+def pick_linear(device: torch.device, dtype: torch.dtype, packed: bool = False) -> Linear:
+    """oneDNN for packed weights (they are oneDNN tensors) and for plain float32 ones on the
+    CPU; torch's own elsewhere."""
+    if packed:
+        return _onednn_linear
     onednn = (
         device.type == "cpu"
         and dtype == torch.float32

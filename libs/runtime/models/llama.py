@@ -2,7 +2,8 @@
 
 One decoder stack serves all of them: they differ only in q/k/v bias, tied embeddings, grouped
 query attention and RoPE scaling, which the config carries. Weights arrive in the runtime layout
-(weights.py), already loaded by whoever owns them.
+(weights.py), already loaded by whoever owns them; the linear ones may be oneDNN-packed
+(layers/prepack.py), and then every matmul goes through oneDNN.
 """
 
 import torch
@@ -15,6 +16,7 @@ from duetserve.runtime.kv_pool import KVPool
 from duetserve.runtime.layers.attention import AttentionBackend
 from duetserve.runtime.layers.linear import pick_linear
 from duetserve.runtime.layers.norm import rms_norm
+from duetserve.runtime.layers.prepack import is_packed
 from duetserve.runtime.layers.rotary import RotaryEmbedding
 from duetserve.runtime.weights import Weights
 
@@ -29,7 +31,7 @@ class LlamaForCausalLM:
         self.device = embed.device
         self.scale = config.head_dim**-0.5
         self.rotary = RotaryEmbedding(config, self.dtype, self.device)
-        self.linear = pick_linear(self.device, self.dtype)
+        self.linear = pick_linear(self.device, self.dtype, packed=is_packed(weights))
         self.layers = [_LayerWeights.of(weights, i, config) for i in range(config.num_layers)]
 
     @torch.inference_mode()
