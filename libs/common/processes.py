@@ -64,8 +64,11 @@ def die_with(parent: int, sig: int = signal.SIGTERM) -> None:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether a listening socket could bind host:port now."""
+    """Whether a listening socket could bind host:port now. With SO_REUSEADDR, as servers bind:
+    connections of a server stopped a moment ago (TIME_WAIT) do not hold the port, a listener
+    does."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

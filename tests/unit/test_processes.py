@@ -31,6 +31,23 @@ def test_a_listening_port_is_taken_and_its_holder_named() -> None:
     assert port_is_free(port) and port_holder(port) is None
 
 
+def test_a_port_whose_last_connections_wait_to_close_is_free() -> None:
+    """A server stopped a moment ago leaves its accepted connections in TIME_WAIT; a new server
+    binds the port all the same (SO_REUSEADDR, as aiohttp and nats-server do), so the launcher
+    must not call it taken (a stack restarted within a minute was refused)."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server side closes first: its end waits in TIME_WAIT
+        client.close()
+    time.sleep(0.1)
+    assert port_is_free(port)
+
+
 GRANDPARENT = """
 import subprocess, sys, time
 from duetserve.common.processes import die_with_parent
