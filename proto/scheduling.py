@@ -26,6 +26,9 @@ class Slo:
     tpot_ms: float | None = None
     deadline_ms: float | None = None
     group: str | None = None
+    # False: the server's default SLO, given to a request that stated none. It is scheduled
+    # for like any other, but never the reason a request is refused (admission.py).
+    from_request: bool = True
 
     def __post_init__(self) -> None:
         needs = {

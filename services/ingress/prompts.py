@@ -155,4 +155,4 @@ def public_prefix(duet: DuetExtension | None, prompt_len: int) -> int:
 
 
 def default_slo(ttft_ms: float, tpot_ms: float) -> Slo:
-    return Slo(SloKind.LATENCY, ttft_ms=ttft_ms, tpot_ms=tpot_ms)
+    return Slo(SloKind.LATENCY, ttft_ms=ttft_ms, tpot_ms=tpot_ms, from_request=False)

@@ -76,7 +76,9 @@ class WorkerCompute:
             settings.unit,
             cores or sorted(os.sched_getaffinity(0)),
             probe,
-            ShareOptions(cgroup_period_us=settings.cgroup_period_us),
+            ShareOptions(
+                cgroup_period_us=settings.cgroup_period_us, cgroup_limit=settings.cgroup_limit
+            ),
         )
         return cls(share, role)
 

@@ -1,6 +1,7 @@
 """Settings both workers of a unit share (DUET_ prefix), parsed once at each entrypoint."""
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -35,6 +36,9 @@ class UnitWorkerSettings(ServingSettings):
     # use.
     unit_cores: str | None = None
     cgroup_period_us: int = Field(100_000, ge=1_000, le=1_000_000)  # cpu-cgroup's CFS period
+    # cpu-cgroup: "weight" (work-conserving: a worker uses the cores the other leaves idle) or
+    # "quota" (a hard cap per CFS period)
+    cgroup_limit: Literal["weight", "quota"] = "weight"
     # Set by kv_manager on a replacement worker (unit_worker/handover.py): the instance it
     # takes over from once it serves.
     replaces: str | None = None

@@ -1,5 +1,7 @@
 """Admission: refuse at once what cannot start within its SLO, and say when to come back."""
 
+from dataclasses import replace
+
 from duetserve.proto.scheduling import Sampling, Slo, SloKind, SubmitRequest
 from duetserve.services.scheduler.admission import AdmissionControl
 from duetserve.services.scheduler.state import Phase, SeqState, UnitView
@@ -133,3 +135,17 @@ def test_with_a_step_time_places_come_free_as_the_running_requests_finish_decodi
     assert control.expected_start_s(full) == 60 * 0.05  # behind "w": "b" frees the next place
     refusal = control.check(submit(10, ttft_ms=1000), full)
     assert refusal is not None and abs(refusal.retry_after_s - 2.0) < 1e-9
+
+
+def test_only_an_slo_the_request_stated_refuses_it() -> None:
+    """The server's default SLO schedules a request that stated none, but never refuses it
+    for an expected late start: it waits. The queue bound still holds."""
+    control = AdmissionControl(max_waiting=10, max_running=64)
+    control.on_prefill_batch(10, 5.0)
+    control.on_prefill_batch(1000, 2.0)  # 2 ms a token: 8 waiting x 100 tokens, 1.6 s ahead
+    stated = submit(100)
+    default = replace(stated, slo=replace(stated.slo, from_request=False))  # type: ignore[type-var]
+    assert control.check(stated, view(waiting=8)) is not None
+    assert control.check(default, view(waiting=8)) is None
+    full = control.check(default, view(waiting=10))
+    assert full is not None and "10 requests are queued" in full.message

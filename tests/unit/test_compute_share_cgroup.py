@@ -16,6 +16,7 @@ from duetserve.runtime.compute_share.cgroup import (
     CgroupCpuShare,
     CpuQuota,
     read_quota,
+    weight_file,
 )
 from duetserve.runtime.compute_share.cgroup_fs import (
     CgroupFs,
@@ -49,10 +50,11 @@ class ImitationCgroupFs(CgroupFs):
         files = {"cgroup.procs": ""}
         if self.version == 1:
             files |= {"cpu.cfs_period_us": "100000\n", "cpu.cfs_quota_us": "-1\n"}
+            files["cpu.shares"] = "1024\n"
         else:
             files["cgroup.subtree_control"] = ""
             if "cpu" in (path.parent / "cgroup.subtree_control").read_text():
-                files["cpu.max"] = "max 100000\n"
+                files |= {"cpu.max": "max 100000\n", "cpu.weight": "100\n"}
         for name, text in files.items():
             if not (path / name).exists():
                 (path / name).write_text(text)
@@ -140,13 +142,14 @@ def procs_of(path: Path) -> list[str]:
 def test_v1_quota_is_written_changed_in_place_and_cleaned_up(tmp_path: Path) -> None:
     root, proc = make_machine(tmp_path, 1)
     recorder = Recorder(original={0, 1, 2, 3})
-    share = open_share(root, proc, 1, "prefill", recorder)
+    share = open_share(root, proc, 1, "prefill", recorder, limit="quota")
     assert share.path == root / "duet" / "unit0" / "prefill"
     assert procs_of(share.path) == [str(PID)] and str(PID) not in procs_of(root)
     assert recorder.affinity == {PID: {0, 1}, OTHER_TID: {0, 1}}  # every thread, unit cores
 
     applied = share.apply(0.75)
     assert read_quota(CgroupFs(), share.path, 1) == CpuQuota(150_000, 100_000)
+    assert (share.path / "cpu.shares").read_text() == "1024\n"  # a quota, not a weight
     assert (applied.given, applied.amount, applied.unit) == (0.75, 2, "threads")
     assert share.apply(0.3).given == pytest.approx(0.3)
     assert read_quota(CgroupFs(), share.path, 1) == CpuQuota(60_000, 100_000)
@@ -166,7 +169,9 @@ def test_v1_quota_is_written_changed_in_place_and_cleaned_up(tmp_path: Path) -> 
 def test_v2_enables_cpu_down_the_tree_and_returns_to_a_nested_home(tmp_path: Path) -> None:
     root, proc = make_machine(tmp_path, 2, home="/user.slice/session-1.scope")
     recorder = Recorder(original={0, 1})
-    share = open_share(root, proc, 2, "decode", recorder, period_us=LATENCY_PERIOD_US)
+    share = open_share(
+        root, proc, 2, "decode", recorder, period_us=LATENCY_PERIOD_US, limit="quota"
+    )
     for level in (root, root / "duet", root / "duet" / "unit0"):
         assert "cpu" in (level / "cgroup.subtree_control").read_text().split()
     applied = share.apply(0.4)
@@ -176,6 +181,36 @@ def test_v2_enables_cpu_down_the_tree_and_returns_to_a_nested_home(tmp_path: Pat
     share.close()
     assert procs_of(root / "user.slice" / "session-1.scope") == [str(PID)]
     assert not (root / "duet").exists()
+
+
+@pytest.mark.parametrize(
+    ("version", "control", "weights"),
+    [(1, "cpu.shares", ("1536", "614", "2")), (2, "cpu.weight", ("150", "60", "1"))],
+)
+def test_a_weight_is_work_conserving_a_share_under_contention_only(
+    tmp_path: Path, version: CgroupVersion, control: str, weights: tuple[str, str, str]
+) -> None:
+    """The default: a CPU weight, the quota lifted, and a torch thread per unit core, so that a
+    worker runs on the whole unit while the other is idle."""
+    root, proc = make_machine(tmp_path, version)
+    recorder = Recorder(original={0, 1})
+    share = open_share(root, proc, version, "prefill", recorder)
+    share.apply(0.4 if version == 1 else 0.9)  # a quota first: apply lifts it
+    for requested, weight in zip((0.75, 0.3, 0.0001), weights, strict=True):
+        applied = share.apply(requested)
+        assert (share.path / control).read_text() == weight
+        assert read_quota(CgroupFs(), share.path, version).quota_us is None
+        assert (applied.given, applied.amount) == (requested, 2)
+        assert "while the other is idle" in applied.description
+    assert recorder.threads == [2, 2, 2, 2]
+    share.close()
+    assert not (root / "duet").exists()
+
+
+def test_an_unknown_limit_is_refused(tmp_path: Path) -> None:
+    root, proc = make_machine(tmp_path, 1)
+    with pytest.raises(InvalidShareError, match="weight or quota"):
+        open_share(root, proc, 1, "prefill", Recorder({0, 1}), limit="cap")
 
 
 def test_closing_one_worker_keeps_the_other_workers_cgroup(tmp_path: Path) -> None:
@@ -191,7 +226,9 @@ def test_closing_one_worker_keeps_the_other_workers_cgroup(tmp_path: Path) -> No
 
 def test_a_small_share_on_a_short_period_reports_the_minimum_quota(tmp_path: Path) -> None:
     root, proc = make_machine(tmp_path, 1)
-    share = open_share(root, proc, 1, "decode", Recorder({0, 1}), period_us=LATENCY_PERIOD_US)
+    share = open_share(
+        root, proc, 1, "decode", Recorder({0, 1}), period_us=LATENCY_PERIOD_US, limit="quota"
+    )
     applied = share.apply(0.01)  # 400 us asked, the kernel's minimum is 1000 us
     assert read_quota(CgroupFs(), share.path, 1) == CpuQuota(1_000, 20_000)
     assert applied.given == pytest.approx(0.025)
@@ -251,7 +288,8 @@ def test_reads_a_process_cgroup_for_either_version() -> None:
         cgroup_of("12:pids:/a\n", 1)
 
 
-def test_real_cgroup_quota_on_a_sleeping_child() -> None:
+@pytest.mark.parametrize("limit", ["quota", "weight"])
+def test_real_cgroup_share_on_a_sleeping_child(limit: str) -> None:
     mount = detect_cpu_cgroup()
     if mount is None or not cgroup_writable(mount):
         pytest.skip(
@@ -262,14 +300,27 @@ def test_real_cgroup_quota_on_a_sleeping_child() -> None:
     unit = f"test-{os.getpid()}"
     try:
         home = cgroup_of(Path(f"/proc/{child.pid}/cgroup").read_text(), mount.version)
-        share = CgroupCpuShare(mount, unit, "decode", cores, pid=child.pid, set_threads=None)
+        share = CgroupCpuShare(
+            mount,
+            unit,
+            "decode",
+            cores,
+            pid=child.pid,
+            set_threads=None,
+            limit=limit,  # type: ignore[arg-type]
+        )
         try:
             share.apply(0.5)
             assert str(child.pid) in procs_of(share.path)
             now = cgroup_of(Path(f"/proc/{child.pid}/cgroup").read_text(), mount.version)
             assert now.endswith(f"/duet/{unit}/decode")
-            expected = CpuQuota(round(0.5 * len(cores) * 100_000), 100_000)
-            assert read_quota(CgroupFs(), share.path, mount.version) == expected
+            quota = read_quota(CgroupFs(), share.path, mount.version)
+            if limit == "quota":
+                assert quota == CpuQuota(round(0.5 * len(cores) * 100_000), 100_000)
+            else:
+                assert quota.quota_us is None
+                control, weight = weight_file(mount.version, 0.5)
+                assert (share.path / control).read_text().strip() == weight
         finally:
             share.close()
         assert not share.path.exists() and not share.path.parent.exists()

@@ -1,20 +1,32 @@
 """The `cpu-cgroup` backend: each worker runs in its own cgroup, <mount>/duet/<unit>/<role>,
-with a CPU bandwidth quota of share x cores per period. Changed in place, fine-grained.
+and its share is that cgroup's part of the unit's cores. Changed in place, fine-grained. Two
+ways to hold a worker to its share (`limit`):
+
+- `weight` (the default), work-conserving: the share is a CPU weight (v1 `cpu.shares`, v2
+  `cpu.weight`), no quota. CFS divides the cores by weight only while both workers want them:
+  an idle decode worker's cores go to prefill and the reverse, as semi-PD's own code
+  oversubscribes the GPU (prefill 80% + decode 100% of the SMs) so that no share is lost.
+  Each worker runs a torch thread per core, to use the whole unit when the other is idle.
+- `quota`: a CPU bandwidth quota of share x cores per period; a hard cap, idle time of the
+  other worker is lost (see "The period" below).
+
+The weights: share x 2048 in v1 (so half the unit is the kernel's default 1024), share x 200 in
+v2 (half is its default 100), within each version's bounds.
 
 cgroup v1 takes `cpu.cfs_period_us` and `cpu.cfs_quota_us`; cgroup v2 takes `cpu.max`
 ("<quota> <period>") and needs `+cpu` in every ancestor's `cgroup.subtree_control` (the root's
 included: that enables the controller for all top-level cgroups, as systemd usually has).
 
 The worker is also pinned to the unit's cores (all of them, both workers alike) so its threads
-stay where the quota is counted, and torch gets ceil(share x cores) threads: a quota of 1.5 cores
-needs 2 threads to be used at all.
+stay where its share is counted; under a quota torch gets ceil(share x cores) threads: a quota of
+1.5 cores needs 2 threads to be used at all.
 
-The period. The kernel default, 100 ms, is the default here too. CFS bandwidth control throttles
-a cgroup that spent its quota until the period ends, so a worker with 0.8 of 2 cores that bursts
-on both cores uses its 160 ms in 80 ms and then waits 20 ms: a stall of up to (1 - quota/cores)
-x period, which a decode step feels. A shorter period, e.g. LATENCY_PERIOD_US = 20 ms, bounds the
-stall at the cost of more frequent throttling checks; the kernel refuses quotas below 1 ms, so a
-short period also raises the smallest share that can be honoured exactly.
+The period (quota only). The kernel default, 100 ms, is the default here too. CFS bandwidth
+control throttles a cgroup that spent its quota until the period ends, so a worker with 0.8 of 2
+cores that bursts on both cores uses its 160 ms in 80 ms and then waits 20 ms: a stall of up to
+(1 - quota/cores) x period, which a decode step feels. A shorter period, e.g. LATENCY_PERIOD_US =
+20 ms, bounds the stall at the cost of more frequent throttling checks; the kernel refuses quotas
+below 1 ms, so a short period also raises the smallest share that can be honoured exactly.
 """
 
 import contextlib
@@ -24,7 +36,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -58,6 +70,10 @@ LATENCY_PERIOD_US = 20_000
 MIN_PERIOD_US = 1_000
 MAX_PERIOD_US = 1_000_000
 MIN_QUOTA_US = 1_000
+CgroupLimit = Literal["weight", "quota"]
+# v1 cpu.shares and v2 cpu.weight: per unit of share, and bounds
+WEIGHT_SCALE = {1: 2048, 2: 200}
+WEIGHT_BOUNDS = {1: (2, 262_144), 2: (1, 10_000)}
 _UNIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _log = logging.getLogger(__name__)
 
@@ -97,6 +113,14 @@ def quota_files(version: CgroupVersion, quota: CpuQuota) -> list[tuple[str, str]
     return [("cpu.max", f"{limit_text} {quota.period_us}")]
 
 
+def weight_file(version: CgroupVersion, share: float) -> tuple[str, str]:
+    """The (control file, text) of a CPU weight for `share` of the unit."""
+    check_share(share)
+    low, high = WEIGHT_BOUNDS[version]
+    weight = min(max(round_half_up(share * WEIGHT_SCALE[version]), low), high)
+    return ("cpu.shares" if version == 1 else "cpu.weight", str(weight))
+
+
 def read_quota(fs: CgroupFs, path: Path, version: CgroupVersion) -> CpuQuota:
     """The quota the cgroup at `path` has now."""
     if version == 1:
@@ -130,6 +154,7 @@ class CgroupCpuShare:
         *,
         pid: int | None = None,
         period_us: int = DEFAULT_PERIOD_US,
+        limit: CgroupLimit = "weight",
         fs: CgroupFs | None = None,
         proc_root: Path = Path("/proc"),
         set_affinity: SetAffinity = os.sched_setaffinity,
@@ -141,6 +166,9 @@ class CgroupCpuShare:
         self.cores = unit_cores(cores)
         self.pid = os.getpid() if pid is None else pid
         self.period_us = check_period(period_us)
+        if limit not in ("weight", "quota"):
+            raise InvalidShareError(f"cpu-cgroup: limit is weight or quota, not {limit!r}")
+        self.limit = limit
         self.path = mount.path / "duet" / check_unit_name(unit) / role
         self._fs = fs or CgroupFs()
         self._proc_root = proc_root
@@ -161,6 +189,8 @@ class CgroupCpuShare:
     def apply(self, share: float) -> AppliedShare:
         if self._closed:
             raise InvalidShareError("cpu-cgroup: apply after close")
+        if self.limit == "weight":
+            return self._apply_weight(share)
         quota = cpu_quota(share, len(self.cores), self.period_us)
         for name, text in quota_files(self.mount.version, quota):
             self._write(self.path / name, text)
@@ -178,6 +208,27 @@ class CgroupCpuShare:
             description=f"{self.role}: {cores:.3g} of {len(self.cores)} cores "
             f"({quota.quota_us} us per {quota.period_us} us in cgroup v{self.mount.version} "
             f"{self.path}), {threads} torch threads",
+        )
+
+    def _apply_weight(self, share: float) -> AppliedShare:
+        """A weight, no quota, a thread per core: the share holds only under contention."""
+        control, weight = weight_file(self.mount.version, share)
+        unlimited = CpuQuota(None, self.period_us)
+        for name, text in [*quota_files(self.mount.version, unlimited), (control, weight)]:
+            self._write(self.path / name, text)
+        threads = len(self.cores)
+        if self._set_threads is not None:
+            self._set_threads(threads)
+        return AppliedShare(
+            backend=self.name,
+            role=self.role,
+            requested=share,
+            given=share,
+            amount=threads,
+            unit="threads",
+            description=f"{self.role}: {control} {weight} in cgroup v{self.mount.version} "
+            f"{self.path} ({share:.3g} of {len(self.cores)} cores while both workers are busy, "
+            f"all of them while the other is idle), {threads} torch threads",
         )
 
     def close(self) -> None:

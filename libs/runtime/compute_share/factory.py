@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from duetserve.runtime.compute_share.affinity import AffinityShare
 from duetserve.runtime.compute_share.base import BackendUnavailableError, ComputeShare, Role
-from duetserve.runtime.compute_share.cgroup import DEFAULT_PERIOD_US, CgroupCpuShare
+from duetserve.runtime.compute_share.cgroup import DEFAULT_PERIOD_US, CgroupCpuShare, CgroupLimit
 from duetserve.runtime.compute_share.cuda_green import GreenContextShare
 from duetserve.runtime.compute_share.mps import MpsShare
 from duetserve.runtime.compute_share.probe import MachineProbe
@@ -22,6 +22,7 @@ class ShareOptions:
 
     device_index: int = 0  # cuda-green: the CUDA device this worker runs on
     cgroup_period_us: int = DEFAULT_PERIOD_US  # cpu-cgroup: CFS period (see cgroup.py)
+    cgroup_limit: CgroupLimit = "weight"  # cpu-cgroup: work-conserving weights, or quotas
     # cuda-mps: the CUDA_MPS_ACTIVE_THREAD_PERCENTAGE this process was started with
     mps_started_percent: int | None = None
 
@@ -45,7 +46,14 @@ def open_compute_share(
         mount = probe.cgroup.mount
         if mount is None:
             raise BackendUnavailableError("cpu-cgroup: the probe found no cpu cgroup")
-        share = CgroupCpuShare(mount, unit, role, cores, period_us=options.cgroup_period_us)
+        share = CgroupCpuShare(
+            mount,
+            unit,
+            role,
+            cores,
+            period_us=options.cgroup_period_us,
+            limit=options.cgroup_limit,
+        )
     else:
         share = AffinityShare(role, cores)
     _log.info("%s for %s worker of unit %s", selection.log_line(), role, unit)
