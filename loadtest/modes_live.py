@@ -295,8 +295,9 @@ def setup_env(name: str, tight: Slo) -> dict[str, str]:
             "DUET_MODE": "semi-pd",
             "DUET_SPLIT_CONTROL": "slo",
             "DUET_PREFILL_SHARE": "0.5",
-            "DUET_SPLIT_TTFT_SLO_MS": f"{tight.ttft_ms:.1f}",
-            "DUET_SPLIT_TPOT_SLO_MS": f"{tight.tpot_ms:.1f}",
+            # the server's default SLO, which the controller keeps for requests without one
+            "DUET_DEFAULT_TTFT_MS": f"{tight.ttft_ms:.1f}",
+            "DUET_DEFAULT_TPOT_MS": f"{tight.tpot_ms:.1f}",
         }
     share = float(split)
     if not 0 < share < 1:

@@ -61,19 +61,26 @@ def services_for(mode: str) -> tuple[str, ...]:
 def compute_threads(service: str, env: dict[str, str], mode: str = "semi-pd") -> dict[str, str]:
     """Threads for a service's torch/OpenMP pool, unless OMP_NUM_THREADS says otherwise.
 
-    The two workers each get half of the cores and every other service one thread: with
-    torch's default (every core in every process) the workers' OpenMP pools oversubscribe
+    The two workers each start on half of the cores and every other service on one thread:
+    with torch's default (every core in every process) the workers' OpenMP pools oversubscribe
     the cores, and a prompt's first token waited seconds behind decode steps (measured on 2
-    cores: TTFT under decode load 0.8-7.4 s with the default, 0.4-0.8 s split). This is a
-    static split; the semi-PD compute share will move it at run time."""
-    if "OMP_NUM_THREADS" in env:
-        return {}
+    cores: TTFT under decode load 0.8-7.4 s with the default, 0.4-0.8 s split). The compute
+    share then sets each worker's threads (all of the unit's cores under the work-conserving
+    cgroup weight). Two workers side by side also wait passively at OpenMP barriers
+    (OMP_WAIT_POLICY=PASSIVE, unless set): a thread spinning there holds a core the other
+    worker could use (semi-pd bfloat16 at 3 req/s, 2 cores: 97% within SLO passive, 57%
+    spinning; docs/benchmarks.md)."""
+    threads: dict[str, str] = {}
     cores = os.cpu_count() or 2
-    if service == "prefill_worker" and mode == "unified":
-        return {"OMP_NUM_THREADS": str(cores)}  # the only worker: every core
     workers = service in ("prefill_worker", "decode_worker")
-    threads = max(1, cores // 2) if workers else 1
-    return {"OMP_NUM_THREADS": str(threads)}
+    if "OMP_NUM_THREADS" not in env:
+        if service == "prefill_worker" and mode == "unified":
+            threads["OMP_NUM_THREADS"] = str(cores)  # the only worker: every core
+        else:
+            threads["OMP_NUM_THREADS"] = str(max(1, cores // 2) if workers else 1)
+    if workers and mode != "unified" and "OMP_WAIT_POLICY" not in env:
+        threads["OMP_WAIT_POLICY"] = "PASSIVE"
+    return threads
 
 
 class Launcher:

@@ -38,8 +38,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from duetserve.proto.scheduling import SloKind, SubmitRequest
+from duetserve.proto.scheduling import SubmitRequest
 from duetserve.services.scheduler.state import UnitView
+from duetserve.services.scheduler.targets import ttft_target_s
 
 DECREASE_GAP_S = 2.0  # the running limit drops at most this often
 DECREASE_FACTOR = 0.8
@@ -173,8 +174,4 @@ def _ttft_target_s(submit: SubmitRequest) -> float | None:
     slo = submit.slo
     if slo is None or not slo.from_request:
         return None
-    if slo.kind == SloKind.LATENCY and slo.ttft_ms is not None:
-        return slo.ttft_ms / 1000
-    if slo.deadline_ms is not None:  # the whole answer by then: the first token before
-        return slo.deadline_ms / 1000
-    return None
+    return ttft_target_s(slo)

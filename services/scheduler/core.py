@@ -23,6 +23,7 @@ from duetserve.services.scheduler.planner import Admission, Planner, PrefillChun
 from duetserve.services.scheduler.requests import RequestRecord
 from duetserve.services.scheduler.split_tuner import SplitTuner
 from duetserve.services.scheduler.state import KvTransfers, Phase, UnitView
+from duetserve.services.scheduler.targets import ttft_target_s
 
 logger = logging.getLogger(__name__)
 RETRY_WAITING_S = 0.5
@@ -401,7 +402,7 @@ class SchedulerCore:
         assert result.token is not None, "the last chunk samples a token"
         if not record.output_token_ids and record.seq.num_preemptions == 0:
             record.first_token_at = now = time.monotonic()
-            self.tuner.on_first_token(now - record.seq.arrival)
+            self.tuner.on_first_token(now - record.seq.arrival, ttft_target_s(record.submit.slo))
         record.output_token_ids.append(result.token.token_id)
         record.seq.num_output = len(record.output_token_ids)
         await self._insert_prefix(record)

@@ -24,6 +24,7 @@ from duetserve.proto.scheduling import (
 from duetserve.services.scheduler.core import SchedulerCore
 from duetserve.services.scheduler.requests import RequestRecord
 from duetserve.services.scheduler.state import Phase, grow
+from duetserve.services.scheduler.targets import tpot_target_s
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,8 @@ class SchedulerHandlers:
         if kind in (workers.EventKind.FINISHED, workers.EventKind.FAILED):
             if kind == workers.EventKind.FINISHED and record.first_token_at is not None:
                 decode_s = time.monotonic() - record.first_token_at
-                self.core.tuner.on_finished(decode_s, event.num_output_tokens)
+                target = tpot_target_s(record.submit.slo)
+                self.core.tuner.on_finished(decode_s, event.num_output_tokens, target)
                 self._observe_tpot(record, decode_s, event.num_output_tokens)
             self.core.forget(record)
         elif kind == workers.EventKind.PREEMPTED:
@@ -213,13 +215,13 @@ class SchedulerHandlers:
 
     def _observe_tpot(self, record: RequestRecord, decode_s: float, tokens: int) -> None:
         """What its TPOT says of how many may run at once (admission.py)."""
-        slo = record.submit.slo
-        if tokens < 2 or slo is None or slo.tpot_ms is None:
+        target = tpot_target_s(record.submit.slo)
+        if tokens < 2 or target is None:
             return
         view = self.core.view
         running = len(view.prefilling) + len(view.decoding)
         admission = self.core.admission
-        admission.on_tpot(decode_s / (tokens - 1), slo.tpot_ms / 1000, running)
+        admission.on_tpot(decode_s / (tokens - 1), target, running)
         self.core.planner.running_limit = admission.limit
 
     def _observe_steps(self, step_s: float) -> None:

@@ -135,8 +135,10 @@ def split_controller(s: SchedulerSettings) -> SplitController | None:
     if s.split_control == "static" or s.mode != "semi-pd":
         return None
     config = SplitControllerConfig(
-        ttft_slo_s=s.split_ttft_slo_ms / 1000,
-        tpot_slo_s=s.split_tpot_slo_ms / 1000,
+        # Samples are latencies over each request's own target (split_tuner.py): 1.0 is every
+        # request's SLO, whatever it is.
+        ttft_slo_s=1.0,
+        tpot_slo_s=1.0,
         percentile=s.split_percentile,
         window_samples=s.split_window_samples,
         window_s=s.split_window_s,

@@ -31,9 +31,8 @@ class SchedulerSettings(ServingSettings):
     # DUET_PREFILL_SHARE), and whether the partition controller moves it ("slo") or not.
     prefill_share: float = Field(0.5, gt=0.0, lt=1.0)
     split_control: Literal["slo", "static"] = "slo"
-    # The latencies the controller keeps the unit within, at its percentile.
-    split_ttft_slo_ms: float = Field(1000.0, gt=0)
-    split_tpot_slo_ms: float = Field(100.0, gt=0)
+    # The share of requests whose own SLOs (or the default SLO) the controller keeps, on each
+    # side (TTFT, TPOT); it has no latency targets of its own.
     split_percentile: float = Field(90.0, gt=0, le=100)
     split_window_samples: int = Field(32, gt=0)  # a window closes after this many samples ...
     split_window_s: float = Field(10.0, gt=0)  # ... or this long (with a few of each)

@@ -5,7 +5,13 @@ keeps what they report having applied.
 The latencies are the server's own: TTFT from a request's submission to its first token
 (prefill done), TPOT from the first token to the decode worker's report that the request
 finished, over its output tokens after the first. Requests that were preempted are left out
-of TTFT (their first token came from an earlier attempt)."""
+of TTFT (their first token came from an earlier attempt).
+
+Each latency goes to the controller as a multiple of that request's own target (its SLO's, or
+the server's default SLO when it stated none), and the controller's limit is 1.0 on both
+sides: it keeps the requests' own SLOs at its percentile, whatever mix of SLOs they have, with
+no targets of its own. A request without a target on one side (a deadline SLO has no TPOT)
+gives no sample there."""
 
 import asyncio
 import logging
@@ -53,13 +59,13 @@ class SplitTuner:
         if self.controller is not None:
             self.controller.observe_arrival(prompt_tokens)
 
-    def on_first_token(self, ttft_s: float) -> None:
-        if self.controller is not None:
-            self.controller.observe_ttft(ttft_s)
+    def on_first_token(self, ttft_s: float, target_s: float | None) -> None:
+        if self.controller is not None and target_s:
+            self.controller.observe_ttft(ttft_s / target_s)
 
-    def on_finished(self, decode_s: float, output_tokens: int) -> None:
-        if self.controller is not None and output_tokens > 1:
-            self.controller.observe_tpot(decode_s / (output_tokens - 1))
+    def on_finished(self, decode_s: float, output_tokens: int, target_s: float | None) -> None:
+        if self.controller is not None and output_tokens > 1 and target_s:
+            self.controller.observe_tpot(decode_s / (output_tokens - 1) / target_s)
 
     def on_prefill_batch(self, num_tokens: int, seconds: float) -> None:
         if self.controller is not None:
@@ -111,7 +117,8 @@ class SplitTuner:
         self.last_decision = decision
         _trace(decision)
         logger.info(
-            "split %s: %.2f -> %.2f (%s); TTFT p %.3f s, TPOT p %.4f s",
+            "split %s: %.2f -> %.2f (%s); at the percentile, TTFT %.2fx and TPOT %.2fx of "
+            "the requests' targets",
             decision.action.value,
             decision.previous_split,
             decision.split,
@@ -134,9 +141,10 @@ def _trace(decision: SplitDecision) -> None:
         span.set_attribute("duet.split.reason", decision.reason)
         span.set_attribute("duet.split.previous", decision.previous_split)
         span.set_attribute("duet.split.new", decision.split)
-        span.set_attribute("duet.split.ttft_s", decision.ttft_s)
-        span.set_attribute("duet.split.tpot_s", decision.tpot_s)
+        # latencies as multiples of the requests' own targets (see the module's note)
+        span.set_attribute("duet.split.ttft_vs_target", decision.ttft_s)
+        span.set_attribute("duet.split.tpot_vs_target", decision.tpot_s)
         if decision.predicted_ttft_s is not None:
-            span.set_attribute("duet.split.predicted_ttft_s", decision.predicted_ttft_s)
+            span.set_attribute("duet.split.predicted_ttft_vs_target", decision.predicted_ttft_s)
         if decision.predicted_tpot_s is not None:
-            span.set_attribute("duet.split.predicted_tpot_s", decision.predicted_tpot_s)
+            span.set_attribute("duet.split.predicted_tpot_vs_target", decision.predicted_tpot_s)

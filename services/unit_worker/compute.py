@@ -189,8 +189,9 @@ async def follow_splits(
             return
         replacing = True
         env = {**(compute.restart_env or {}), "DUET_PREFILL_SHARE": f"{split.prefill_share:g}"}
-        if "OMP_NUM_THREADS" in os.environ:
-            env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
+        for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY"):  # as the launcher started this one
+            if name in os.environ:
+                env[name] = os.environ[name]
         reason = f"split {split.sequence}: prefill share {split.prefill_share:g}"
         answer = await request_replacement(bus, settings.unit, compute.role, source, env, reason)
         if isinstance(answer, ErrorReply):

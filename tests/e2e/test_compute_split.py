@@ -133,12 +133,13 @@ def test_metrics_show_the_split_last_set(static_stack: Stack) -> None:
 def ttft_starved_stack(
     model_dirs: ModelDirs, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    """A unit whose TTFT target no split can meet and whose TPOT target every split meets."""
+    """A unit whose requests carry a TTFT target no split can meet and a TPOT target every
+    split meets (the default SLO: they state none)."""
     stack = start_stack(
         model_dirs.get(TINY),
         tmp_path_factory.mktemp("var"),
-        DUET_SPLIT_TTFT_SLO_MS="0.001",
-        DUET_SPLIT_TPOT_SLO_MS="60000",
+        DUET_DEFAULT_TTFT_MS="0.001",
+        DUET_DEFAULT_TPOT_MS="60000",
         DUET_SPLIT_WINDOW_SAMPLES="6",
         DUET_SPLIT_MIN_SAMPLES="3",
         DUET_SPLIT_WINDOW_S="1",

@@ -20,18 +20,25 @@ def test_semi_pd_starts_six_services_and_unified_no_decode_worker() -> None:
 def test_workers_share_the_cores_in_semi_pd_and_the_one_worker_has_them_all_in_unified() -> None:
     cores = os.cpu_count() or 2
     half = str(max(1, cores // 2))
-    assert compute_threads("prefill_worker", {}, "semi-pd") == {"OMP_NUM_THREADS": half}
-    assert compute_threads("decode_worker", {}, "semi-pd") == {"OMP_NUM_THREADS": half}
+    side_by_side = {"OMP_NUM_THREADS": half, "OMP_WAIT_POLICY": "PASSIVE"}
+    assert compute_threads("prefill_worker", {}, "semi-pd") == side_by_side
+    assert compute_threads("decode_worker", {}, "semi-pd") == side_by_side
     assert compute_threads("prefill_worker", {}, "unified") == {"OMP_NUM_THREADS": str(cores)}
     assert compute_threads("ingress", {}, "unified") == {"OMP_NUM_THREADS": "1"}
+    assert compute_threads("ingress", {}, "semi-pd") == {"OMP_NUM_THREADS": "1"}
     assert compute_threads("prefill_worker", {"OMP_NUM_THREADS": "3"}, "unified") == {}
+    set_by_hand = {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}
+    assert compute_threads("decode_worker", set_by_hand, "semi-pd") == {}
 
 
 def test_disagg_starts_both_workers_on_half_the_cores_each() -> None:
     assert services_for("disagg") == SERVICES
     half = str(max(1, (os.cpu_count() or 2) // 2))
     for worker in ("prefill_worker", "decode_worker"):
-        assert compute_threads(worker, {}, "disagg") == {"OMP_NUM_THREADS": half}
+        assert compute_threads(worker, {}, "disagg") == {
+            "OMP_NUM_THREADS": half,
+            "OMP_WAIT_POLICY": "PASSIVE",
+        }
 
 
 def test_an_unknown_mode_is_refused() -> None:

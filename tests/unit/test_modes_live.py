@@ -65,7 +65,7 @@ def test_setup_names_give_the_launchers_settings() -> None:
     tight = Slo(1733.1, 83.1)
     assert setup_env("disagg", tight)["DUET_MODE"] == "disagg"
     dynamic = setup_env("semi-pd:dynamic", tight)
-    assert dynamic["DUET_SPLIT_CONTROL"] == "slo" and dynamic["DUET_SPLIT_TTFT_SLO_MS"] == "1733.1"
+    assert dynamic["DUET_SPLIT_CONTROL"] == "slo" and dynamic["DUET_DEFAULT_TTFT_MS"] == "1733.1"
     assert setup_env("semi-pd:dynamic@v2", tight) == dynamic  # a second run of a setup
     static = setup_env("semi-pd:0.3", tight)
     assert (static["DUET_SPLIT_CONTROL"], static["DUET_PREFILL_SHARE"]) == ("static", "0.3")

@@ -1,0 +1,24 @@
+"""The latency targets a request's SLO sets, in seconds: what admission, the running limit and
+the compute-split controller measure each request against. A request that stated no SLO
+carries the server's default one (ingress fills it in), so every request has targets."""
+
+from duetserve.proto.scheduling import Slo, SloKind
+
+
+def ttft_target_s(slo: Slo | None) -> float | None:
+    """Its first token's target: a latency SLO's TTFT; a deadline (plain or a group's) bounds
+    the first token too."""
+    if slo is None:
+        return None
+    if slo.kind == SloKind.LATENCY and slo.ttft_ms is not None:
+        return slo.ttft_ms / 1000
+    if slo.deadline_ms is not None:
+        return slo.deadline_ms / 1000
+    return None
+
+
+def tpot_target_s(slo: Slo | None) -> float | None:
+    """Its target per output token after the first; only a latency SLO has one."""
+    if slo is None or slo.kind != SloKind.LATENCY or slo.tpot_ms is None:
+        return None
+    return slo.tpot_ms / 1000
