@@ -79,6 +79,7 @@ class SystemResult:
     max_rate: float | None = None  # req/s at >= 90% attainment
     converged: bool = False
     probes: list[dict[str, object]] = field(default_factory=list)
+    below: float | None = None  # the search stopped under this rate: none held
 
 
 @dataclass(slots=True)
@@ -156,6 +157,10 @@ def unloaded(system: System, model: Path, args: argparse.Namespace) -> SystemRes
     return result
 
 
+class BelowMinRate(Exception):
+    """The search went under --min-rate: the system holds the target at no rate measured."""
+
+
 def search(
     system: System, model: Path, slo: SloSpec, args: argparse.Namespace, result: SystemResult
 ) -> None:
@@ -163,6 +168,9 @@ def search(
         seeds = iter(range(args.seed + 1, args.seed + 1000))
 
         def attainment(rate: float) -> float:
+            if rate < args.min_rate:  # a probe takes num_requests / rate seconds: stop here
+                raise BelowMinRate
+
             target = Target(
                 url,
                 model.name,
@@ -194,13 +202,18 @@ def search(
             time.sleep(args.pause_s)
             return summary.slo_attainment
 
-        found = find_max_rate(
-            attainment,
-            TARGET,
-            lo=args.start_rate,
-            tolerance=args.tolerance,
-            max_probes=args.max_probes,
-        )
+        try:
+            found = find_max_rate(
+                attainment,
+                TARGET,
+                lo=args.start_rate,
+                tolerance=args.tolerance,
+                max_probes=args.max_probes,
+            )
+        except BelowMinRate:
+            result.max_rate, result.converged = 0.0, False
+            result.below = args.min_rate
+            return
         result.max_rate, result.converged = found.rate, found.converged
 
 
@@ -259,7 +272,9 @@ def markdown(run: SpeedRun) -> str:
                 for p in r.probes
             )
             rate = "" if r.max_rate is None else f"{r.max_rate:.2f} req/s"
-            if r.max_rate is not None and not r.converged:
+            if r.below is not None:
+                rate = f"under {r.below:g} req/s (none held)"
+            elif r.max_rate is not None and not r.converged:
                 rate += " (not converged)"
             lines.append(
                 f"| {label} | {_num(r.ttft_p50_ms, 0)} ms / {_num(r.tpot_p50_ms, 1)} ms | "
@@ -281,6 +296,8 @@ def _ratios(model: ModelRun) -> list[str]:
         parts = []
         if ours.max_rate and peer.max_rate:
             parts.append(f"max rate {ours.max_rate / peer.max_rate:.2f}x")
+        elif ours.max_rate and peer.below is not None:
+            parts.append(f"max rate > {ours.max_rate / peer.below:.2f}x")
         if ours.burst_tok_s and peer.burst_tok_s:
             parts.append(f"burst {ours.burst_tok_s / peer.burst_tok_s:.2f}x")
         if parts:
@@ -310,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     go.add_argument("--num-requests", type=int, default=200)
     go.add_argument("--max-output-tokens", type=int, default=256)
     go.add_argument("--start-rate", type=float, default=2.0)
+    go.add_argument("--min-rate", type=float, default=1.0, help="no probe below it (they get long)")
     go.add_argument("--tolerance", type=float, default=0.1, help="relative, of the max rate")
     go.add_argument("--max-probes", type=int, default=6)
     go.add_argument("--kv-cache-mb", type=int, default=2048)
