@@ -28,6 +28,8 @@ def test_system_names() -> None:
 def test_the_slo_is_seven_and_a_half_times_the_lowest_unloaded_p50s() -> None:
     results = [SystemResult(ttft_p50_ms=40.0, tpot_p50_ms=20.0), SystemResult(60.0, 12.0)]
     assert slo_from(results) == (300.0, 90.0)
+    results[0].ttft_mean_ms, results[0].tpot_mean_ms = 80.0, 22.0
+    assert slo_from(results, "mean") == (600.0, 165.0)
     with pytest.raises(ValueError):
         slo_from([SystemResult()])
 
@@ -39,7 +41,10 @@ def test_the_report_puts_each_duet_system_beside_vllm_of_the_same_dtype() -> Non
     run = SpeedRun("x86_64, 2 cores", "2026-12-04 23:00 UTC", "python -m ...", 200, 256, [model])
     text = markdown(run)
     assert "SLO TTFT <= 300 ms and TPOT <= 90.0 ms" in text
-    assert "| duet:default | 50 ms / 15.0 ms | 480 tok/s | 4.50 req/s | 4.50: 93% |" in text
+    assert (
+        "| duet:default | 50 ms / 15.0 ms (n/a / n/a) | 480 tok/s | 4.50 req/s | 4.50: 93% |"
+        in text
+    )
     assert "3.00 req/s (not converged)" in text
     assert "- duet:default / vllm-cpu:default: max rate 1.50x, burst 1.50x" in text
     assert SpeedRun.from_json(__import__("dataclasses").asdict(run)) == run
