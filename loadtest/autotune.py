@@ -304,6 +304,18 @@ def _provenance(run: AutotuneRun, source: str) -> dict[str, object]:
     }
 
 
+def add_run_options(go: argparse.ArgumentParser, var_dir: Path) -> None:
+    """The options of a run that starts servers one after another and loads them."""
+    go.add_argument("--kv-cache-mb", type=int, default=2048)
+    go.add_argument("--seed", type=int, default=0)
+    go.add_argument("--drain-timeout-s", type=float, default=60.0)
+    go.add_argument("--pause-s", type=float, default=2.0)
+    go.add_argument("--port", type=int, default=8000)
+    go.add_argument("--ready-timeout-s", type=float, default=300.0)
+    go.add_argument("--var-dir", type=Path, default=var_dir)
+    go.add_argument("--out", type=Path)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m duetserve.loadtest.autotune")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -323,14 +335,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     go.add_argument("--max-output-tokens", type=int, default=256)
     go.add_argument("--slo-ttft-ms", type=float, default=1070.0)
     go.add_argument("--slo-tpot-ms", type=float, default=127.0)
-    go.add_argument("--kv-cache-mb", type=int, default=2048)
-    go.add_argument("--seed", type=int, default=0)
-    go.add_argument("--drain-timeout-s", type=float, default=60.0)
-    go.add_argument("--pause-s", type=float, default=2.0)
-    go.add_argument("--port", type=int, default=8000)
-    go.add_argument("--ready-timeout-s", type=float, default=300.0)
-    go.add_argument("--var-dir", type=Path, default=Path(".var/autotune"))
-    go.add_argument("--out", type=Path)
+    add_run_options(go, Path(".var/autotune"))
     show = commands.add_parser("report", help="the markdown table (and measured_configs.json)")
     show.add_argument("path", type=Path)
     show.add_argument("--write-table", type=Path, help="update this measured_configs.json")

@@ -148,18 +148,9 @@ def decode_rows(
     )
     params = weight_bytes // model.dtype.itemsize
     flops = step_flops(config, batch_size, batch_size * (CONTEXT + 1), params)
-    return [
-        Row(
-            f"decode step, batch {batch_size}",
-            name,
-            layout,
-            seconds[layout],
-            batch_size,
-            (weight_bytes + kv_bytes) / bandwidth,
-            flops / flops_per_s,
-        )
-        for layout in models
-    ]
+    what = f"decode step, batch {batch_size}"
+    floors = ((weight_bytes + kv_bytes) / bandwidth, flops / flops_per_s)
+    return [Row(what, name, layout, t, batch_size, *floors) for layout, t in seconds.items()]
 
 
 def prefill_rows(
@@ -187,18 +178,9 @@ def prefill_rows(
     causal_keys = PREFILL_PROMPTS * CONTEXT * (CONTEXT + 1) // 2
     flops = step_flops(config, tokens, causal_keys, params)
     kv_bytes = tokens * config.num_layers * 2 * config.kv_size * pool.dtype.itemsize
-    return [
-        Row(
-            f"prefill {PREFILL_PROMPTS} x {CONTEXT} tokens",
-            name,
-            layout,
-            seconds[layout],
-            tokens,
-            (weight_bytes + kv_bytes) / bandwidth,
-            flops / flops_per_s,
-        )
-        for layout in models
-    ]
+    what = f"prefill {PREFILL_PROMPTS} x {CONTEXT} tokens"
+    floors = ((weight_bytes + kv_bytes) / bandwidth, flops / flops_per_s)
+    return [Row(what, name, layout, t, tokens, *floors) for layout, t in seconds.items()]
 
 
 def run(

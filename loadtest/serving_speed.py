@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from duetserve.loadtest.autotune import burst, sharegpt_probe, vllm_serving
+from duetserve.loadtest.autotune import add_run_options, burst, sharegpt_probe, vllm_serving
 from duetserve.loadtest.bench_report import write_section
 from duetserve.loadtest.bisect import find_max_rate
 from duetserve.loadtest.metrics import summarize
@@ -350,14 +350,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     go.add_argument("--min-rate", type=float, default=1.0, help="no probe below it (they get long)")
     go.add_argument("--tolerance", type=float, default=0.1, help="relative, of the max rate")
     go.add_argument("--max-probes", type=int, default=6)
-    go.add_argument("--kv-cache-mb", type=int, default=2048)
-    go.add_argument("--seed", type=int, default=0)
-    go.add_argument("--drain-timeout-s", type=float, default=60.0)
-    go.add_argument("--pause-s", type=float, default=2.0)
-    go.add_argument("--port", type=int, default=8000)
-    go.add_argument("--ready-timeout-s", type=float, default=300.0)
-    go.add_argument("--var-dir", type=Path, default=Path(".var/serving_speed"))
-    go.add_argument("--out", type=Path)
+    add_run_options(go, Path(".var/serving_speed"))
     show = commands.add_parser("report", help="the markdown tables, one run after another")
     show.add_argument("paths", type=Path, nargs="+")
     show.add_argument("--write", type=Path, help="update this markdown file's section")
