@@ -350,6 +350,9 @@ async def kv_health(nats_url: str, settle_s: float) -> tuple[int, int]:
             except Exception:  # kv_manager is starting again: ask again
                 pass
             if leaked == 0 or time.monotonic() > deadline:
+                if leaked > 0:  # who holds them: what the next look at a leak starts from
+                    holders = {h: n for h, n in held if not h.startswith("cache_index")}
+                    print(f"block references held after {settle_s:g}s: {holders}", flush=True)
                 return leaked, stale
             await asyncio.sleep(0.25)
     finally:
