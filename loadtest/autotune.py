@@ -128,12 +128,10 @@ def burst(model_dir: Path) -> list[RequestSpec]:
 
 
 @contextlib.contextmanager
-def vllm_serving(model_dir: Path, dtype: str | None, port: int, var_dir: Path) -> Iterator[str]:
+def vllm_serving(model_dir: Path, dtype: str, port: int, var_dir: Path) -> Iterator[str]:
     """vLLM-CPU (loadtest/peers/vllm_cpu.sh serve), its API base URL until the block ends;
-    dtype None leaves the choice to vLLM."""
-    command = [str(VLLM_SCRIPT), "serve", str(model_dir), "--port", str(port)]
-    if dtype is not None:
-        command += ["--dtype", dtype]
+    dtype `auto` is vLLM's own default."""
+    command = [str(VLLM_SCRIPT), "serve", str(model_dir), "--dtype", dtype, "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
     with running_server(command, None, var_dir / "vllm.out", f"{base}/v1/models", 600):
         yield f"{base}/v1"

