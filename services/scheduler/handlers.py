@@ -221,7 +221,7 @@ class SchedulerHandlers:
         view = self.core.view
         running = len(view.prefilling) + len(view.decoding)
         admission = self.core.admission
-        admission.on_tpot(decode_s / (tokens - 1), target, running)
+        admission.on_tpot(decode_s / (tokens - 1), target, running, record.first_token_at)
         self.core.planner.running_limit = admission.limit
 
     def _observe_steps(self, step_s: float) -> None:
