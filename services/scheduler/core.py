@@ -145,7 +145,7 @@ class SchedulerCore:
         admitted = {a.request_id for a in plan.admit if await self._admit(a)}
         # Planned again: an admission that hit the prefix cache starts past the cached tokens,
         # and a chunk planned from before it would recompute them and overshoot the prompt.
-        prefill = self.planner.prefill_chunks(self.view, decode_tokens)
+        prefill = self.planner.prefill_chunks(self.view, now, decode_tokens)
         chunks = [c for c in prefill if self._still_prefilling(c.request_id, admitted)]
         if not chunks:
             return bool(plan.reject)

@@ -8,7 +8,7 @@ out, requests are preempted by recompute in the policy's order.
 """
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from duetserve.services.scheduler.policy.base import Policy
 from duetserve.services.scheduler.state import SeqState, UnitView
@@ -21,10 +21,19 @@ class PlannerConfig:
     max_prefill_seqs: int = 64  # sequences in one prefill batch
     max_running: int = 256  # requests holding blocks (prefilling + decoding)
     decode_reserve_blocks: int = 0  # kept free for decode growth when admitting
+    # Which admitted prompts a prefill batch computes first: "arrival" (in the order they were
+    # admitted), or "shortest" (fewest prompt tokens left first: a short prompt is not held
+    # behind a long one's chunks, and a long one takes what the budget leaves). Under
+    # "shortest", a prompt that arrived over prefill_max_wait_s ago goes before all the
+    # others (oldest first), so a stream of short prompts cannot starve a long one.
+    prefill_order: Literal["arrival", "shortest"] = "shortest"
+    prefill_max_wait_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.max_prefill_tokens < 1 or self.max_prefill_seqs < 1:
             raise ValueError("block_size, max_prefill_tokens and max_prefill_seqs must be >= 1")
+        if self.prefill_order not in ("arrival", "shortest"):
+            raise ValueError(f"prefill_order: arrival or shortest, not {self.prefill_order!r}")
 
 
 class Admission(NamedTuple):
@@ -76,15 +85,17 @@ class Planner:
         (a unified worker); they come out of the prefill budget first."""
         admit, reject, admitted = self._admit(unit, now)
         budget = self.config.max_prefill_tokens - decode_tokens
-        prefill = self._prefill([*unit.prefilling, *admitted], budget)
+        prefill = self._prefill([*unit.prefilling, *admitted], budget, now)
         return Plan(tuple(admit), tuple(reject), tuple(prefill))
 
-    def prefill_chunks(self, unit: UnitView, decode_tokens: int = 0) -> tuple[PrefillChunk, ...]:
+    def prefill_chunks(
+        self, unit: UnitView, now: float, decode_tokens: int = 0
+    ) -> tuple[PrefillChunk, ...]:
         """The next batch over the admitted prompts, from what each has computed *now*. The
         live scheduler asks again after admitting: admission can find a cached prefix, which
         moves a prompt's start past what `plan` assumed."""
         budget = self.config.max_prefill_tokens - decode_tokens
-        return tuple(self._prefill(unit.prefilling, budget))
+        return tuple(self._prefill(unit.prefilling, budget, now))
 
     def _admit(
         self, unit: UnitView, now: float
@@ -131,8 +142,11 @@ class Planner:
             f"blocks; the unit has {unit.total_blocks}"
         )
 
-    def _prefill(self, candidates: list[SeqState], budget: int) -> list[PrefillChunk]:
+    def _prefill(self, candidates: list[SeqState], budget: int, now: float) -> list[PrefillChunk]:
         chunks: list[PrefillChunk] = []
+        if self.config.prefill_order == "shortest":
+            overdue = now - self.config.prefill_max_wait_s
+            candidates = sorted(candidates, key=lambda s: _shortest_first(s, overdue))
         for seq in candidates:
             if budget <= 0 or len(chunks) >= self.config.max_prefill_seqs:
                 break
@@ -167,3 +181,11 @@ class Planner:
                 break
             free += seq.num_blocks
         return Preemption(tuple(victims), ())
+
+
+def _shortest_first(seq: SeqState, overdue: float) -> tuple[int, float, float]:
+    """Sort key of "shortest": the overdue (arrived by `overdue`) oldest first, then the rest
+    by prompt tokens left."""
+    if seq.arrival <= overdue:
+        return (0, seq.arrival, 0.0)
+    return (1, float(seq.num_uncomputed), seq.arrival)

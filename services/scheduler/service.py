@@ -56,6 +56,8 @@ class SchedulerService:
             block_size=storage.block_size,
             max_prefill_tokens=s.max_prefill_tokens,
             max_prefill_seqs=s.max_prefill_seqs,
+            prefill_order=s.prefill_order,
+            prefill_max_wait_s=s.prefill_max_wait_s,
             max_running=s.max_running,
             decode_reserve_blocks=s.decode_reserve_blocks,
         )

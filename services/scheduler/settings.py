@@ -16,6 +16,10 @@ class SchedulerSettings(ServingSettings):
     policy: Literal["fcfs"] = "fcfs"
     max_prefill_tokens: int = Field(2048, gt=0)
     max_prefill_seqs: int = Field(64, gt=0)
+    # Which admitted prompts a prefill batch takes first (planner.PlannerConfig): "shortest"
+    # (fewest tokens left; one waiting over prefill_max_wait_s goes first), or "arrival".
+    prefill_order: Literal["arrival", "shortest"] = "shortest"
+    prefill_max_wait_s: float = Field(2.0, gt=0)
     max_running: int = Field(256, gt=0)
     # Admission (scheduler/admission.py): at most this many queued requests; and with "slo",
     # a running limit measured against TPOT targets, and a request expected to start later

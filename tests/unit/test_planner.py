@@ -10,8 +10,10 @@ from duetserve.services.scheduler.policy.fcfs import FcfsPolicy
 from duetserve.services.scheduler.state import Phase, SeqState, UnitView, grow
 
 
-def planner(**overrides: int) -> Planner:
-    return Planner(PlannerConfig(**{"block_size": 16, **overrides}), FcfsPolicy())
+def planner(**overrides: int | str) -> Planner:
+    return Planner(
+        PlannerConfig(**{"block_size": 16, "prefill_order": "arrival", **overrides}), FcfsPolicy()
+    )
 
 
 def seq(rid: str, arrival: float, prompt_len: int, **kw: int) -> SeqState:
@@ -74,6 +76,23 @@ def test_prefill_is_chunked_under_the_token_budget() -> None:
     assert [(c.request_id, c.num_tokens, c.is_last) for c in plan.prefill] == [("a", 100, False)]
 
 
+def test_shortest_first_puts_short_prompts_before_a_long_ones_chunks() -> None:
+    long = seq("long", 0, 900, num_computed=256, phase=Phase.PREFILLING)
+    unit = UnitView(100, 100, prefilling=[long], waiting=[seq("short", 1, 20), seq("mid", 2, 100)])
+    plan = planner(max_prefill_tokens=256, prefill_order="shortest").plan(unit, now=1.5)
+    assert [(c.request_id, c.start, c.num_tokens, c.is_last) for c in plan.prefill] == [
+        ("short", 0, 20, True),
+        ("mid", 0, 100, True),
+        ("long", 256, 136, False),
+    ]
+    # In arrival order the long prompt's chunk takes the whole budget, and both wait a step.
+    plan = planner(max_prefill_tokens=256).plan(unit, now=1.5)
+    assert [c.request_id for c in plan.prefill] == ["long"]
+    # Once it has waited past prefill_max_wait_s it goes first anyway: never starved.
+    plan = planner(max_prefill_tokens=256, prefill_order="shortest").plan(unit, now=2.5)
+    assert [c.request_id for c in plan.prefill] == ["long"]
+
+
 def test_running_cap_limits_admission() -> None:
     decoding = [seq(f"d{i}", 0, 10, phase=Phase.DECODING) for i in range(3)]
     unit = UnitView(100, 100, waiting=[seq("w", 1, 10)], decoding=decoding)
@@ -126,12 +145,13 @@ def test_a_lone_sequence_that_outgrew_the_pool_fails_with_a_reason() -> None:
     assert "outgrew the KV pool of 4 blocks" in result.fail[0].reason
 
 
+@pytest.mark.parametrize("order", ["arrival", "shortest"])
 @pytest.mark.parametrize("seed", range(5))
-def test_every_request_finishes_under_memory_pressure(seed: int) -> None:
+def test_every_request_finishes_under_memory_pressure(seed: int, order: str) -> None:
     """Drive the planner like the service does, with a pool far too small for everyone at
     once: every request completes, preempted ones included, and no block is lost."""
     rng = random.Random(seed)
-    p = planner(max_prefill_tokens=64)
+    p = planner(max_prefill_tokens=64, prefill_order=order)
     total = 24
     unit = UnitView(free_blocks=total, total_blocks=total)
     requests = [
@@ -219,6 +239,6 @@ def test_chunks_after_admission_start_where_the_cached_prefix_ends() -> None:
     unit.waiting.remove(long)  # what the scheduler does on admission, with the cache's answer
     long.phase, long.num_cached, long.num_computed = Phase.PREFILLING, 2864, 2864
     unit.prefilling.append(long)
-    [chunk] = p.prefill_chunks(unit)
+    [chunk] = p.prefill_chunks(unit, now=1.0)
     assert (chunk.start, chunk.num_tokens, chunk.is_last) == (2864, 10, True)
-    assert p.prefill_chunks(unit, decode_tokens=2045) == (("long", 2864, 3, False),)
+    assert p.prefill_chunks(unit, 1.0, decode_tokens=2045) == (("long", 2864, 3, False),)
