@@ -157,8 +157,11 @@ class Unit:
         record.result.done_s = None if error else now
         record.result.output_tokens = seq.num_output
         first = record.result.first_token_s
-        if self.controller is not None and not error and first is not None and seq.num_output > 1:
-            self.controller.observe_tpot((now - first) / (seq.num_output - 1))
+        if self.controller is not None and not error and first is not None:
+            tpot = (now - first) / (seq.num_output - 1) if seq.num_output > 1 else None
+            if tpot is not None:
+                self.controller.observe_tpot(tpot)
+            self.controller.observe_finished(first - record.result.sent_s, tpot)
 
     def _emit(self, seq: SeqState, now: float) -> bool:
         """One output token at `now`; True when the request is done (and closed)."""

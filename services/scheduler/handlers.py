@@ -24,7 +24,7 @@ from duetserve.proto.scheduling import (
 from duetserve.services.scheduler.core import SchedulerCore
 from duetserve.services.scheduler.requests import RequestRecord
 from duetserve.services.scheduler.state import Phase, grow
-from duetserve.services.scheduler.targets import tpot_target_s
+from duetserve.services.scheduler.targets import tpot_target_s, ttft_target_s
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +202,13 @@ class SchedulerHandlers:
         if kind in (workers.EventKind.FINISHED, workers.EventKind.FAILED):
             if kind == workers.EventKind.FINISHED and record.first_token_at is not None:
                 decode_s = time.monotonic() - record.first_token_at
-                target = tpot_target_s(record.submit.slo)
-                self.core.tuner.on_finished(decode_s, event.num_output_tokens, target)
+                self.core.tuner.on_finished(
+                    decode_s,
+                    event.num_output_tokens,
+                    tpot_target_s(record.submit.slo),
+                    record.first_token_at - record.seq.arrival,
+                    ttft_target_s(record.submit.slo),
+                )
                 self._observe_tpot(record, decode_s, event.num_output_tokens)
             self.core.forget(record)
         elif kind == workers.EventKind.PREEMPTED:

@@ -2,10 +2,11 @@
 
 The prefill worker runs on a share x of the device and the decode worker on y = 1 − x; the
 controller owns x (`split`). The service feeds it latency samples (TTFT per first token, TPOT
-per finished request), arrivals (prompt tokens to compute) and optionally prefill batch timings,
-and calls `maybe_decide(now)`. When a window is complete the controller measures both latencies
-at its percentile, refits its models and returns a `SplitDecision`; the service applies the new
-split and turns the decision into metrics and trace events.
+per finished request), each finished request's pair of them, arrivals (prompt tokens to compute)
+and optionally prefill batch timings, and calls `maybe_decide(now)`. When a window is
+complete the controller measures both latencies at its percentile, refits its models and returns
+a `SplitDecision`; the service applies the new split and turns the decision into metrics and
+trace events.
 
 Window. A window closes when both series hold at least `min_samples` samples and either series
 holds `window_samples` samples or `window_s` seconds have passed. A decision therefore always
@@ -27,7 +28,26 @@ a point does, and is monotone: TTFT non-increasing in x, TPOT non-increasing in 
 x − λ below `MIN_EFFECTIVE_SHARE` (prefill overloaded: the queue, not the share, sets TTFT) are
 not fitted, and the model predicts an infinite TTFT there.
 
-Decision rule. "Own" is the side that misses its SLO, "donor" the side that gives up share.
+Objective: joint attainment, the share of the window's finished requests that met BOTH their
+SLOs (`observe_finished`). Each side's percentile can hold while the requests that miss one or
+the other add up to far more than the goal allows, and a move that rescues one side's
+percentile can push the other side's requests just past their targets: measured live, moving
+share to prefill for TTFT's p90 cost more TPOT misses than it saved. So when the window has at
+least `min_samples` finished requests and both models exist:
+- joint attainment at least the percentile (90%: nine in ten requests met both): HOLD, and
+  remember the split as the last where both held;
+- else every split within `max_steps` steps either way is scored by the joint attainment the
+  models predict for this window's requests there: each request's TTFT scaled by
+  TTFT-model(x') / TTFT-model(x), its TPOT by TPOT-model(1 − x') / TPOT-model(1 − x) (the
+  models are of the percentile; applying their ratio to every request assumes the whole
+  distribution scales with the share, as it does for a device-bound phase). The best split
+  wins if it gains at least `joint_min_gain` over staying (the fewest steps among equals);
+  otherwise HOLD. Reversing the last move needs the donor's clear headroom as the per-side
+  rule's reversal guard does (below): a window of few requests flips on one request's noise;
+- both sides missing at their percentile still goes back to the last good split, as below.
+Without enough finished requests, or without both models, the per-side rule below decides.
+
+Per-side rule. "Own" is the side that misses its SLO, "donor" the side that gives up share.
 - Both meet: HOLD, and remember the split as the last where both held.
 - Both miss: HOLD (no split helps both) — unless the controller has moved off the last split
   where both held: then it goes back there (RECOVER), and the move that left it is blocked
@@ -90,6 +110,7 @@ class SplitControllerConfig:
     initial_split: float = 0.5
     prefill_s_per_token: float | None = None  # prior; learned from observe_prefill_batch
     recover_block_windows: int = 8  # after a recovery: windows the failed move stays blocked
+    joint_min_gain: float = 0.02  # predicted joint attainment a move must add (see the module)
 
     def __post_init__(self) -> None:
         if not (self.ttft_slo_s > 0 and self.tpot_slo_s > 0):
@@ -112,6 +133,8 @@ class SplitControllerConfig:
             raise ValueError("recover_block_windows must be >= 0")
         if not 0 <= self.margin < 1:
             raise ValueError(f"margin must be in [0, 1), got {self.margin}")
+        if not 0 <= self.joint_min_gain < 1:
+            raise ValueError(f"joint_min_gain must be in [0, 1), got {self.joint_min_gain}")
         if self.prefill_s_per_token is not None and not self.prefill_s_per_token > 0:
             raise ValueError("prefill_s_per_token must be > 0 or None")
 
@@ -153,6 +176,9 @@ class SplitDecision(NamedTuple):
     prefill_load: float  # λ of the window
     window_start: float
     window_end: float
+    attainment: float | None = None  # joint, over the window's finished requests (None: few)
+    predicted_attainment: float | None = None  # the joint models' at the new split
+    num_finished: int = 0
 
 
 # --- pure helpers ----------------------------------------------------------------------------
@@ -167,6 +193,29 @@ def percentile(samples: Sequence[float], q: float) -> float:
     ordered = sorted(samples)
     rank = max(1, math.ceil(q * len(ordered) / 100 - 1e-9))
     return ordered[rank - 1]
+
+
+Outcome = tuple[float | None, float | None]  # a finished request's (TTFT, TPOT); None: no target
+
+
+def joint_attainment(
+    outcomes: Sequence[Outcome],
+    ttft_limit: float,
+    tpot_limit: float,
+    ttft_scale: float = 1.0,
+    tpot_scale: float = 1.0,
+) -> float:
+    """The share of `outcomes` within both limits once each TTFT is multiplied by `ttft_scale`
+    and each TPOT by `tpot_scale`; a side a request has no sample of counts as met."""
+    if not outcomes:
+        raise ValueError("joint attainment of no requests")
+    met = sum(
+        1
+        for ttft, tpot in outcomes
+        if (ttft is None or ttft * ttft_scale <= ttft_limit)
+        and (tpot is None or tpot * tpot_scale <= tpot_limit)
+    )
+    return met / len(outcomes)
 
 
 def prefill_load(arrival_rate: float, mean_prompt_tokens: float, s_per_token: float) -> float:
@@ -223,6 +272,8 @@ class SplitController:
         self._window_start = start
         self._ttft: list[float] = []
         self._tpot: list[float] = []
+        self._finished: list[Outcome] = []
+        self._window_finished: list[Outcome] = []  # the closed window's, for the rule
         self._arrivals = 0
         self._prompt_tokens = 0
         self._prefill_cost: deque[tuple[int, float]] = deque(maxlen=config.history_windows)
@@ -260,6 +311,18 @@ class SplitController:
 
     def observe_tpot(self, seconds: float) -> None:
         self._tpot.append(_checked(seconds))
+
+    def observe_finished(self, ttft_s: float | None, tpot_s: float | None) -> None:
+        """A finished request's TTFT and TPOT, in the units of the other samples; None for a
+        side it has no target on (or, for TPOT, a single output token)."""
+        if ttft_s is None and tpot_s is None:
+            return
+        self._finished.append(
+            (
+                None if ttft_s is None else _checked(ttft_s),
+                None if tpot_s is None else _checked(tpot_s),
+            )
+        )
 
     def observe_arrival(self, prompt_tokens: int) -> None:
         """A request arrived with this many prompt tokens to compute (cached ones excluded)."""
@@ -307,6 +370,7 @@ class SplitController:
                 self._blocked_left -= 1
         predicted_ttft, predicted_tpot = self.predict(choice.split, measured.prefill_load)
         decision = measured._replace(
+            predicted_attainment=self._predicted_attainment(measured, choice.split),
             split=choice.split,
             action=choice.action,
             reason=choice.reason,
@@ -319,6 +383,24 @@ class SplitController:
             self._last_move = choice.action
         return decision
 
+    def _predicted_attainment(self, m: SplitDecision, split: float) -> float | None:
+        """The joint attainment the models give the closed window's requests at `split`."""
+        if m.attainment is None or split == m.previous_split:
+            return m.attainment
+        now_ttft, now_tpot = self.predict(m.previous_split, m.prefill_load)
+        ttft, tpot = self.predict(split, m.prefill_load)
+        if not (now_ttft and now_tpot and ttft is not None and tpot is not None):
+            return None
+        if not (math.isfinite(now_ttft) and math.isfinite(now_tpot)):
+            return None
+        return joint_attainment(
+            self._window_finished,
+            self.config.ttft_slo_s,
+            self.config.tpot_slo_s,
+            ttft / now_ttft,
+            tpot / now_tpot,
+        )
+
     def predict(self, split: float, load: float) -> tuple[float | None, float | None]:
         """The models' (TTFT, TPOT) at prefill share `split` under prefill load `load`."""
         ttft = None if self.ttft_model is None else self.ttft_model.predict(split - load)
@@ -329,6 +411,7 @@ class SplitController:
         """The window's measurements, as a HOLD at the current split with no predictions yet;
         the rule fills in the rest. Opens the next window."""
         q = self.config.percentile
+        cfg = self.config
         duration = now - self._window_start
         cost = self.prefill_s_per_token
         load = 0.0
@@ -349,7 +432,13 @@ class SplitController:
             prefill_load=load,
             window_start=self._window_start,
             window_end=now,
+            num_finished=len(self._finished),
         )
+        if len(self._finished) >= cfg.min_samples:
+            measured = measured._replace(
+                attainment=joint_attainment(self._finished, cfg.ttft_slo_s, cfg.tpot_slo_s)
+            )
+        self._window_finished, self._finished = self._finished, []
         self._ttft, self._tpot = [], []
         self._arrivals = self._prompt_tokens = 0
         self._prefill_cost.append((0, 0.0))
@@ -375,6 +464,10 @@ class SplitController:
         tpot_miss = m.tpot_s > self.config.tpot_slo_s
         if ttft_miss and tpot_miss:
             return self._recover()
+        if m.attainment is not None:
+            joint = self._choose_joint(m)
+            if joint is not None:
+                return joint
         if not (ttft_miss or tpot_miss):
             self._last_good = self._split
             return _Choice(SplitAction.HOLD, self._split, "ttft and tpot meet their SLOs")
@@ -388,6 +481,67 @@ class SplitController:
                 "window(s) blocked)",
             )
         return self._move(direction, m)
+
+    def _choose_joint(self, m: SplitDecision) -> _Choice | None:
+        """The joint-attainment rule (see the module); None where it cannot judge (no models,
+        or an overloaded prefill side at the current split) and the per-side rule decides."""
+        cfg = self.config
+        goal = cfg.percentile / 100
+        assert m.attainment is not None
+        if m.attainment >= goal:
+            self._last_good = self._split
+            return _Choice(
+                SplitAction.HOLD, self._split, f"joint attainment {m.attainment:.0%} meets the goal"
+            )
+        now_ttft, now_tpot = self.predict(self._split, m.prefill_load)
+        if not (now_ttft and now_tpot and math.isfinite(now_ttft) and math.isfinite(now_tpot)):
+            return None
+        best, best_score = self._split, m.attainment
+        for direction in (SplitAction.TO_PREFILL, SplitAction.TO_DECODE):
+            if direction is self._blocked and self._blocked_left > 0:
+                continue
+            to_prefill = direction is SplitAction.TO_PREFILL
+            # A reversal needs the donor's clear headroom, measured and predicted, as below.
+            donor_slo = cfg.tpot_slo_s if to_prefill else cfg.ttft_slo_s
+            reversal = self._last_move is not None and self._last_move is not direction
+            if reversal and (m.tpot_s if to_prefill else m.ttft_s) > donor_slo * (1 - cfg.margin):
+                continue
+            for k in range(1, cfg.max_steps + 1):
+                candidate = round(
+                    min(
+                        max(self._split + (k if to_prefill else -k) * cfg.step, cfg.min_share),
+                        cfg.max_share,
+                    ),
+                    _SPLIT_DECIMALS,
+                )
+                if candidate == self._split:
+                    break
+                ttft, tpot = self.predict(candidate, m.prefill_load)
+                assert ttft is not None and tpot is not None
+                if reversal and (tpot if to_prefill else ttft) > donor_slo * (1 - cfg.margin):
+                    break
+                score = joint_attainment(
+                    self._window_finished,
+                    cfg.ttft_slo_s,
+                    cfg.tpot_slo_s,
+                    ttft / now_ttft,
+                    tpot / now_tpot,
+                )
+                if score - m.attainment >= cfg.joint_min_gain and score > best_score + 1e-12:
+                    best, best_score = candidate, score
+        if best == self._split:
+            return _Choice(
+                SplitAction.HOLD,
+                self._split,
+                f"joint attainment {m.attainment:.0%}; no split within reach predicts better",
+            )
+        direction = SplitAction.TO_PREFILL if best > self._split else SplitAction.TO_DECODE
+        return _Choice(
+            direction,
+            best,
+            f"joint attainment {m.attainment:.0%}; the models predict {best_score:.0%} at "
+            f"split {best:.2f}",
+        )
 
     def _recover(self) -> _Choice:
         """Both miss: back to the last split where both held, if we have left it."""

@@ -4,8 +4,9 @@ keeps what they report having applied.
 
 The latencies are the server's own: TTFT from a request's submission to its first token
 (prefill done), TPOT from the first token to the decode worker's report that the request
-finished, over its output tokens after the first. Requests that were preempted are left out
-of TTFT (their first token came from an earlier attempt).
+finished, over its output tokens after the first. Requests that were preempted before their
+first token are left out of TTFT (their first token came from an earlier attempt). Each
+finished request also gives the pair, for the controller's joint attainment.
 
 Each latency goes to the controller as a multiple of that request's own target (its SLO's, or
 the server's default SLO when it stated none), and the controller's limit is 1.0 on both
@@ -63,9 +64,24 @@ class SplitTuner:
         if self.controller is not None and target_s:
             self.controller.observe_ttft(ttft_s / target_s)
 
-    def on_finished(self, decode_s: float, output_tokens: int, target_s: float | None) -> None:
-        if self.controller is not None and output_tokens > 1 and target_s:
-            self.controller.observe_tpot(decode_s / (output_tokens - 1) / target_s)
+    def on_finished(
+        self,
+        decode_s: float,
+        output_tokens: int,
+        target_s: float | None,
+        ttft_s: float | None = None,
+        ttft_target_s: float | None = None,
+    ) -> None:
+        """A request finished: its TPOT for that side, and its (TTFT, TPOT) pair for the
+        joint attainment (`ttft_s` None: preempted before its first token, so not measured)."""
+        if self.controller is None:
+            return
+        tpot = None
+        if output_tokens > 1 and target_s:
+            tpot = decode_s / (output_tokens - 1) / target_s
+            self.controller.observe_tpot(tpot)
+        ttft = ttft_s / ttft_target_s if ttft_s is not None and ttft_target_s else None
+        self.controller.observe_finished(ttft, tpot)
 
     def on_prefill_batch(self, num_tokens: int, seconds: float) -> None:
         if self.controller is not None:
@@ -116,15 +132,18 @@ class SplitTuner:
     async def _act(self, decision: SplitDecision) -> None:
         self.last_decision = decision
         _trace(decision)
+        joint = "n/a" if decision.attainment is None else f"{decision.attainment:.0%}"
         logger.info(
             "split %s: %.2f -> %.2f (%s); at the percentile, TTFT %.2fx and TPOT %.2fx of "
-            "the requests' targets",
+            "the requests' targets; %s of %d finished met both",
             decision.action.value,
             decision.previous_split,
             decision.split,
             decision.reason,
             decision.ttft_s,
             decision.tpot_s,
+            joint,
+            decision.num_finished,
         )
         if decision.action != SplitAction.HOLD and decision.split != self.prefill_share:
             self.moves += 1
@@ -148,3 +167,9 @@ def _trace(decision: SplitDecision) -> None:
             span.set_attribute("duet.split.predicted_ttft_vs_target", decision.predicted_ttft_s)
         if decision.predicted_tpot_s is not None:
             span.set_attribute("duet.split.predicted_tpot_vs_target", decision.predicted_tpot_s)
+        if decision.attainment is not None:
+            span.set_attribute("duet.split.joint_attainment", decision.attainment)
+        if decision.predicted_attainment is not None:
+            span.set_attribute(
+                "duet.split.predicted_joint_attainment", decision.predicted_attainment
+            )

@@ -33,3 +33,18 @@ def test_the_controller_sees_each_latency_against_its_own_requests_target() -> N
     assert decision is not None
     assert decision.num_ttft_samples == 2 and decision.num_tpot_samples == 2
     assert decision.ttft_s == pytest.approx(2.0) and decision.tpot_s == pytest.approx(2.0)
+
+
+def test_each_finished_request_gives_the_controller_its_pair_over_its_own_targets() -> None:
+    """The joint attainment counts a request once, over both of its own targets: a loose TTFT
+    with a tight TPOT misses; a request preempted before its first token has no TTFT."""
+    config = SplitControllerConfig(ttft_slo_s=1.0, tpot_slo_s=1.0, window_samples=3, min_samples=3)
+    tuner = SplitTuner(bus=None, unit="u", controller=SplitController(config), prefill_share=0.5)  # type: ignore[arg-type]
+    for ttft_target in (2.0, 2.0, 2.0):
+        tuner.on_first_token(0.4, ttft_target)
+    tuner.on_finished(1.0, 11, 0.5, ttft_s=0.4, ttft_target_s=2.0)  # (0.2x, 0.2x): met both
+    tuner.on_finished(1.0, 11, 0.05, ttft_s=0.4, ttft_target_s=2.0)  # (0.2x, 2.0x): missed
+    tuner.on_finished(1.0, 11, 0.5)  # no TTFT measured: (None, 0.2x), met
+    decision = tuner.controller.maybe_decide(0.0)  # type: ignore[union-attr]
+    assert decision is not None
+    assert decision.num_finished == 3 and decision.attainment == pytest.approx(2 / 3)
