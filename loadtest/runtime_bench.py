@@ -8,6 +8,11 @@ packed, the runtime's default on the CPU, and plain), the layouts timed in turn 
 that they see the same machine. Each is put next to two floors measured here and now:
 bytes moved (weights + KV read) over measured memory read bandwidth, and FLOPs over measured
 matmul throughput in that dtype. The ratio is time / max(floors): 1.0 would be perfect.
+
+Then sampling at batch 32 (the worker's `Sampler` on the step's logits, 512 prompt and 64
+output tokens a row), for greedy rows, the API's default (temperature 1), and a typical chat
+setting (temperature 0.7, top_p 0.9, repetition penalty 1.1), each as a share of the batch-32
+decode step of the same dtype and the first weight layout, timed in turn with it.
 """
 
 import argparse
@@ -29,10 +34,32 @@ from duetserve.runtime.layers.linear import pick_linear
 from duetserve.runtime.layers.prepack import METADATA
 from duetserve.runtime.loader import load_model
 from duetserve.runtime.models.llama import LlamaForCausalLM
+from duetserve.runtime.sampling import Sampler, SamplingParams, SequenceSamplingState
 
 CONTEXT = 512
 DECODE_BATCHES = (1, 8, 32, 64)
 PREFILL_PROMPTS = 4
+SAMPLING_BATCH = 32
+SAMPLING_OUTPUT = 64
+SAMPLINGS = {
+    "greedy": SamplingParams(temperature=0.0),
+    "temperature 1 (the API default)": SamplingParams(),
+    "temperature 0.7, top_p 0.9, repetition penalty 1.1": SamplingParams(
+        temperature=0.7, top_p=0.9, repetition_penalty=1.1
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingRow:
+    what: str
+    dtype: str
+    seconds: float
+    step_seconds: float  # the batch-32 decode step it is a share of, timed in turn with it
+
+    @property
+    def share(self) -> float:
+        return self.seconds / self.step_seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,13 +210,39 @@ def prefill_rows(
     return [Row(what, name, layout, t, tokens, *floors) for layout, t in seconds.items()]
 
 
+def sampling_rows(model: LlamaForCausalLM, name: str) -> list[SamplingRow]:
+    """The sampler on a batch-32 step's logits, timed in turn with that step."""
+    config = model.config
+    blocks_per_seq = (CONTEXT + 1 + 15) // 16
+    pool = KVPool.allocate(config, SAMPLING_BATCH * blocks_per_seq, 16, dtype=model.dtype)
+    pool.tensor.normal_(std=0.5)
+    chunks = [
+        SequenceChunk([100 + b], CONTEXT, list(range(b * blocks_per_seq, (b + 1) * blocks_per_seq)))
+        for b in range(SAMPLING_BATCH)
+    ]
+    batch = ForwardBatch.build(chunks, config, pool)
+    logits = model.forward(batch, pool)
+    sampler = Sampler(config.vocab_size, frozenset({0}))
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(config.vocab_size, (CONTEXT,), generator=generator).tolist()
+    output = torch.randint(config.vocab_size, (SAMPLING_OUTPUT,), generator=generator).tolist()
+    fns: dict[str, Callable[[], object]] = {"step": partial(model.forward, batch, pool)}
+    for what, params in SAMPLINGS.items():
+        rows = [SequenceSamplingState(params, prompt, output) for _ in range(SAMPLING_BATCH)]
+        fns[what] = partial(sampler.sample, logits, rows)
+    seconds = timed_in_turn(fns, 5)
+    step = seconds.pop("step")
+    return [SamplingRow(what, name, t, step) for what, t in seconds.items()]
+
+
 def run(
     model_dir: Path, dtypes: list[str], layouts: list[str]
-) -> tuple[list[Row], dict[str, float]]:
+) -> tuple[list[Row], list[SamplingRow], dict[str, float]]:
     torch.manual_seed(0)
     bandwidth = read_bandwidth()
     machine = {"read GB/s": bandwidth / 1e9}
     rows = []
+    samplings = []
     for name in dtypes:
         dtype = getattr(torch, name)
         flops_per_s = matmul_throughput(dtype)
@@ -204,7 +257,10 @@ def run(
         new = prefill_rows(models, bandwidth, flops_per_s, name)
         rows += new
         print(*map(format_row, new), sep="\n", flush=True)
-    return rows, machine
+        sampled = sampling_rows(models[layouts[0]], name)
+        samplings += sampled
+        print(*map(format_sampling, sampled), sep="\n", flush=True)
+    return rows, samplings, machine
 
 
 def format_row(row: Row) -> str:
@@ -216,7 +272,16 @@ def format_row(row: Row) -> str:
     )
 
 
-def report(rows: list[Row], machine: dict[str, float], command: str) -> str:
+def format_sampling(row: SamplingRow) -> str:
+    return (
+        f"| {row.what} | {row.dtype} | {row.seconds * 1e3:.2f} ms | "
+        f"{row.step_seconds * 1e3:.1f} ms | {100 * row.share:.1f}% |"
+    )
+
+
+def report(
+    rows: list[Row], samplings: list[SamplingRow], machine: dict[str, float], command: str
+) -> str:
     lines = [
         f"Measured on {platform.machine()} with {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}. Machine, same run: "
@@ -229,6 +294,16 @@ def report(rows: list[Row], machine: dict[str, float], command: str) -> str:
         "|---|---|---|---|---|---|---|---|",
         *(format_row(r) for r in rows),
     ]
+    if samplings:
+        lines += [
+            "",
+            f"Sampling at batch {SAMPLING_BATCH}, next to the batch-{SAMPLING_BATCH} decode step "
+            "timed in turn with it:",
+            "",
+            "| sampling | dtype | time | decode step | share of the step |",
+            "|---|---|---|---|---|",
+            *(format_sampling(r) for r in samplings),
+        ]
     return "\n".join(lines)
 
 
@@ -246,12 +321,12 @@ def main() -> None:
     layouts = args.weights.split(",")
     if not set(layouts) <= {"packed", "plain"}:
         parser.error(f"--weights: unknown layout in {args.weights!r}")
-    rows, machine = run(args.model, args.dtypes.split(","), layouts)
+    rows, samplings, machine = run(args.model, args.dtypes.split(","), layouts)
     command = (
         f"python -m duetserve.loadtest.runtime_bench --model {args.model} --dtypes {args.dtypes}"
         f" --weights {args.weights}"
     )
-    text = report(rows, machine, command)
+    text = report(rows, samplings, machine, command)
     print(text)
     if args.write:
         write_section(args.write, "runtime", "Model runtime: step time against its floors", text)
