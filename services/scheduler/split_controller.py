@@ -42,7 +42,9 @@ least `min_samples` finished requests and both models exist:
   models are of the percentile; applying their ratio to every request assumes the whole
   distribution scales with the share, as it does for a device-bound phase). The best split
   wins if it gains at least `joint_min_gain` over staying (the fewest steps among equals);
-  otherwise HOLD. Reversing the last move needs the donor's clear headroom as the per-side
+  otherwise the per-side rule's move is taken if the models predict it costs no joint
+  attainment (a TTFT target no split meets, TPOT far inside its own: TTFT still gets the
+  share), else HOLD. Reversing the last move needs the donor's clear headroom as the per-side
   rule's reversal guard does (below): a window of few requests flips on one request's noise;
 - both sides missing at their percentile still goes back to the last good split, as below.
 Without enough finished requests, or without both models, the per-side rule below decides.
@@ -530,17 +532,45 @@ class SplitController:
                 if score - m.attainment >= cfg.joint_min_gain and score > best_score + 1e-12:
                     best, best_score = candidate, score
         if best == self._split:
-            return _Choice(
-                SplitAction.HOLD,
-                self._split,
-                f"joint attainment {m.attainment:.0%}; no split within reach predicts better",
-            )
+            return self._per_side_tie(m, now_ttft, now_tpot)
         direction = SplitAction.TO_PREFILL if best > self._split else SplitAction.TO_DECODE
         return _Choice(
             direction,
             best,
             f"joint attainment {m.attainment:.0%}; the models predict {best_score:.0%} at "
             f"split {best:.2f}",
+        )
+
+    def _per_side_tie(self, m: SplitDecision, now_ttft: float, now_tpot: float) -> _Choice:
+        """No split within reach predicts a better joint attainment: the side that misses at
+        its percentile may still take a step the per-side rule allows, when the models predict
+        that no fewer requests meet both there (a TTFT target no split meets, say, with TPOT
+        far inside its own: latency improves, attainment cannot drop)."""
+        cfg = self.config
+        ttft_miss, tpot_miss = m.ttft_s > cfg.ttft_slo_s, m.tpot_s > cfg.tpot_slo_s
+        hold = _Choice(
+            SplitAction.HOLD,
+            self._split,
+            f"joint attainment {m.attainment:.0%}; no split within reach predicts better",
+        )
+        if ttft_miss == tpot_miss:
+            return hold
+        direction = SplitAction.TO_PREFILL if ttft_miss else SplitAction.TO_DECODE
+        if direction is self._blocked and self._blocked_left > 0:
+            return hold
+        choice = self._move(direction, m)
+        if choice.action is SplitAction.HOLD:
+            return hold
+        ttft, tpot = self.predict(choice.split, m.prefill_load)
+        assert ttft is not None and tpot is not None and m.attainment is not None
+        scales = (ttft / now_ttft, tpot / now_tpot)
+        if joint_attainment(self._window_finished, cfg.ttft_slo_s, cfg.tpot_slo_s, *scales) < (
+            m.attainment - 1e-12
+        ):
+            return hold
+        return choice._replace(
+            reason=f"joint attainment {m.attainment:.0%} at best the same within reach; "
+            + choice.reason
         )
 
     def _recover(self) -> _Choice:

@@ -23,6 +23,7 @@ from duetserve.proto.scheduling import (
     SubmitRequest,
 )
 from duetserve.proto.tokens import TokenBatch, TokenChunk, TokenLogprob
+from duetserve.services.scheduler.admission import DECREASE_FACTOR, STEP_WINDOWS
 from duetserve.services.scheduler.service import SchedulerService
 from duetserve.services.scheduler.settings import SchedulerSettings
 from tests.conftest import ModelDirs
@@ -112,14 +113,16 @@ async def _play(bus: Bus, unit: str) -> None:
         assert item.token_ids[-len(output) :] == output
         await asyncio.sleep(2 * workers.ROLL_CALL_S)
         assert chunks.empty()  # r-kept, listed all along, never moved
-        # Its worker steps at 0.5 s a token, five times r-kept's TPOT target: admission lets
-        # no more run at once than 80% of what runs now.
+        # Its worker steps at 0.5 s a token, five times r-kept's TPOT target, for as many roll
+        # calls as the running limit takes the median of: admission lets no more run at once
+        # than 90% of what runs now.
         slow = workers.WorkerEvents("decode-played", (), residents=kept, roll_call=True, step_s=0.5)
-        await bus.publish(workers.worker_events_subject(unit), encode(slow))
+        for _ in range(STEP_WINDOWS):
+            await bus.publish(workers.worker_events_subject(unit), encode(slow))
         await asyncio.sleep(0.5)
         reply = await bus.request(subjects.SCHED_STATS, encode(SchedulerStatsQuery()))
         stats = decode(reply.data, SchedulerStats)
         running = stats.prefilling + stats.decoding
-        assert stats.running_limit == max(1, int(0.8 * running)), stats
+        assert stats.running_limit == max(1, int(DECREASE_FACTOR * running)), stats
     finally:
         caller.cancel()

@@ -522,3 +522,14 @@ def test_joint_rule_does_not_oscillate_in_a_narrow_band(seed: int) -> None:
     decisions = run(controller, Plant(noise=0.05, seed=seed), 200, joint=True)
     assert reversals(decisions) <= 2
     assert sum(d.action is not SplitAction.HOLD for d in decisions) <= 6
+
+
+def test_a_ttft_target_no_split_meets_still_gets_the_share_when_it_costs_nothing() -> None:
+    # Every request misses TTFT at every split within reach and meets TPOT with room to spare:
+    # no move changes the joint attainment (0%), so the per-side move is taken, as it costs no
+    # request its TPOT (the live test in tests/e2e/test_compute_split.py).
+    outcomes = [(5.0, 0.005)] * 32
+    decision = feed_requests(SplitController(config()), outcomes)
+    assert decision.attainment == 0.0
+    assert decision.action is SplitAction.TO_PREFILL and decision.split > 0.5
+    assert decision.reason.startswith("joint attainment 0% at best the same within reach; ttft")
