@@ -148,6 +148,19 @@ def step_flops(config: ModelConfig, new_tokens: int, attended_keys: int, params:
     return 2.0 * params * new_tokens + attention
 
 
+def decode_batch(model: LlamaForCausalLM, batch_size: int) -> tuple[KVPool, ForwardBatch]:
+    """A decode step of `batch_size` sequences, each CONTEXT tokens in, over random K/V."""
+    config = model.config
+    blocks_per_seq = (CONTEXT + 1 + 15) // 16
+    pool = KVPool.allocate(config, batch_size * blocks_per_seq, 16, dtype=model.dtype)
+    pool.tensor.normal_(std=0.5)
+    chunks = [
+        SequenceChunk([100 + b], CONTEXT, list(range(b * blocks_per_seq, (b + 1) * blocks_per_seq)))
+        for b in range(batch_size)
+    ]
+    return pool, ForwardBatch.build(chunks, config, pool)
+
+
 def decode_rows(
     models: dict[str, LlamaForCausalLM],
     batch_size: int,
@@ -157,14 +170,7 @@ def decode_rows(
 ) -> list[Row]:
     model = next(iter(models.values()))
     config = model.config
-    blocks_per_seq = (CONTEXT + 1 + 15) // 16
-    pool = KVPool.allocate(config, batch_size * blocks_per_seq, 16, dtype=model.dtype)
-    pool.tensor.normal_(std=0.5)
-    chunks = [
-        SequenceChunk([100 + b], CONTEXT, list(range(b * blocks_per_seq, (b + 1) * blocks_per_seq)))
-        for b in range(batch_size)
-    ]
-    batch = ForwardBatch.build(chunks, config, pool)
+    pool, batch = decode_batch(model, batch_size)
     repeats = 7 if batch_size < 32 else 4
     seconds = timed_in_turn(
         {layout: partial(m.forward, batch, pool) for layout, m in models.items()}, repeats
@@ -213,14 +219,7 @@ def prefill_rows(
 def sampling_rows(model: LlamaForCausalLM, name: str) -> list[SamplingRow]:
     """The sampler on a batch-32 step's logits, timed in turn with that step."""
     config = model.config
-    blocks_per_seq = (CONTEXT + 1 + 15) // 16
-    pool = KVPool.allocate(config, SAMPLING_BATCH * blocks_per_seq, 16, dtype=model.dtype)
-    pool.tensor.normal_(std=0.5)
-    chunks = [
-        SequenceChunk([100 + b], CONTEXT, list(range(b * blocks_per_seq, (b + 1) * blocks_per_seq)))
-        for b in range(SAMPLING_BATCH)
-    ]
-    batch = ForwardBatch.build(chunks, config, pool)
+    pool, batch = decode_batch(model, SAMPLING_BATCH)
     logits = model.forward(batch, pool)
     sampler = Sampler(config.vocab_size, frozenset({0}))
     generator = torch.Generator().manual_seed(0)
