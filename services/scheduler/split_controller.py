@@ -522,17 +522,12 @@ class SplitController:
                 assert ttft is not None and tpot is not None
                 if reversal and (tpot if to_prefill else ttft) > donor_slo * (1 - cfg.margin):
                     break
-                score = joint_attainment(
-                    self._window_finished,
-                    cfg.ttft_slo_s,
-                    cfg.tpot_slo_s,
-                    ttft / now_ttft,
-                    tpot / now_tpot,
-                )
+                score = self._predicted_attainment(m, candidate)
+                assert score is not None  # both models predict finitely at the current split
                 if score - m.attainment >= cfg.joint_min_gain and score > best_score + 1e-12:
                     best, best_score = candidate, score
         if best == self._split:
-            return self._per_side_tie(m, now_ttft, now_tpot)
+            return self._per_side_tie(m)
         direction = SplitAction.TO_PREFILL if best > self._split else SplitAction.TO_DECODE
         return _Choice(
             direction,
@@ -541,7 +536,7 @@ class SplitController:
             f"split {best:.2f}",
         )
 
-    def _per_side_tie(self, m: SplitDecision, now_ttft: float, now_tpot: float) -> _Choice:
+    def _per_side_tie(self, m: SplitDecision) -> _Choice:
         """No split within reach predicts a better joint attainment: the side that misses at
         its percentile may still take a step the per-side rule allows, when the models predict
         that no fewer requests meet both there (a TTFT target no split meets, say, with TPOT
@@ -561,12 +556,9 @@ class SplitController:
         choice = self._move(direction, m)
         if choice.action is SplitAction.HOLD:
             return hold
-        ttft, tpot = self.predict(choice.split, m.prefill_load)
-        assert ttft is not None and tpot is not None and m.attainment is not None
-        scales = (ttft / now_ttft, tpot / now_tpot)
-        if joint_attainment(self._window_finished, cfg.ttft_slo_s, cfg.tpot_slo_s, *scales) < (
-            m.attainment - 1e-12
-        ):
+        predicted = self._predicted_attainment(m, choice.split)
+        assert predicted is not None and m.attainment is not None
+        if predicted < m.attainment - 1e-12:
             return hold
         return choice._replace(
             reason=f"joint attainment {m.attainment:.0%} at best the same within reach; "
