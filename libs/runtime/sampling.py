@@ -8,10 +8,13 @@ Per row, in order (vLLM's order):
      is left alone, as in vLLM: masking it would bend the distribution for no purpose;
   3. greedy (temperature 0: argmax, nothing below applies) or division by the temperature;
   4. top_k, then top_p over the renormalised top_k distribution (enforced within the draw,
-     see `nucleus_race`: no sort of the vocabulary anywhere);
-  5. the draw: argmax(probs / E) with E = -log(U) ~ Exp(1) per vocabulary entry (the
-     exponential race, Gumbel-max in another guise), which picks token i with probability
-     probs[i]. A seeded row's U comes from a CPU generator seeded by splitmix64(seed, position),
+     see `nucleus_draw`: no sort of the vocabulary anywhere);
+  5. the draw: inverse CDF, one float64 uniform U per row and round (the first token whose
+     cumulative probability exceeds U), a draw outside the top_p nucleus drawn again with the
+     row's next uniform (`nucleus_draw`). A row still outside after DRAW_ROUNDS rounds (rare:
+     each round lands inside with probability >= top_p) runs the exponential race
+     argmax(probs / E), E = -log(U') ~ Exp(1) per vocabulary entry, within its nucleus.
+     A seeded row's uniforms come from a CPU generator seeded by splitmix64(seed, position),
      so its token depends on (seed, position, logits) alone: not on its row, its neighbours or
      the worker process (for one torch version).
 Logprobs are those of the raw logits, before penalties and temperature, as vLLM reports them
@@ -27,6 +30,7 @@ from duetserve.runtime.errors import InvalidTokenError, ShapeError
 from duetserve.runtime.sampling_logits import (
     apply_penalties,
     mask_finishing_tokens,
+    nucleus_draw,
     nucleus_race,
     sampling_probs,
 )
@@ -55,6 +59,8 @@ __all__ = [
 _MASK64 = (1 << 64) - 1
 _MASK32 = (1 << 32) - 1
 _SMALLEST_UNIFORM = torch.finfo(torch.float32).tiny
+DRAW_ROUNDS = 4  # inverse-CDF rounds before the race: a top_p 0.9 row needs it 1 time in 10^4
+_RACE_STREAM = 0x5BD1E995  # a seeded row's race noise: a stream apart from its draw uniforms
 
 
 class TokenLogprob(NamedTuple):
@@ -103,7 +109,8 @@ class Sampler:
             raise ShapeError(f"logits of dtype {logits.dtype}, expected a float dtype")
 
     def _choose(self, scores: torch.Tensor, rows: Sequence[SequenceSamplingState]) -> torch.Tensor:
-        """Argmax for greedy rows; the exponential race for the others. Consumes `scores`."""
+        """Argmax for greedy rows; inverse-CDF draws for the others (the race for the rare row
+        they leave outside its nucleus). Consumes `scores`."""
         drawn = [i for i, row in enumerate(rows) if not row.params.greedy]
         everyone = len(drawn) == len(rows)
         token_ids = torch.empty_like(scores[:, 0], dtype=torch.int64)
@@ -113,37 +120,63 @@ class Sampler:
             return token_ids
         index = torch.tensor(drawn, device=scores.device)
         drawn_rows = [rows[i] for i in drawn]
-        params = [row.params for row in drawn_rows]
-        probs = sampling_probs(scores if everyone else scores[index], params)  # [R, V]
-        noise = self._exponential_noise(drawn_rows, scores.device)  # [R, V]
-        token_ids[index] = nucleus_race(probs, noise, [p.top_p for p in params])
+        top_p = [row.params.top_p for row in drawn_rows]
+        probs = sampling_probs(
+            scores if everyone else scores[index], [row.params for row in drawn_rows]
+        )  # [R, V]
+        uniforms = self._uniforms(drawn_rows, (DRAW_ROUNDS,), torch.float64, 0, scores.device)
+        winners, unsettled = nucleus_draw(probs, uniforms, top_p)
+        if unsettled:
+            racing = [drawn_rows[i] for i in unsettled]
+            noise = self._uniforms(racing, (self.vocab_size,), torch.float32, _RACE_STREAM)
+            noise = noise.to(scores.device).clamp_min_(_SMALLEST_UNIFORM).log_().neg_()
+            winners[unsettled] = nucleus_race(
+                probs[unsettled], noise, [top_p[i] for i in unsettled]
+            )
+        token_ids[index] = winners
         return token_ids
 
-    def _exponential_noise(
-        self, rows: Sequence[SequenceSamplingState], device: torch.device
+    def _uniforms(
+        self,
+        rows: Sequence[SequenceSamplingState],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        stream: int,
+        device: torch.device | None = None,
     ) -> torch.Tensor:
-        """E = -log(U) ~ Exp(1), [R, V]: a seeded row's U comes from (seed, position) alone,
-        the other rows' from this sampler's generator. E stays finite (U = 0, one draw in 2**24,
-        becomes the smallest float), so every token of nonzero probability keeps a chance."""
-        uniform = torch.empty(len(rows), self.vocab_size, device=device)
+        """U in [0, 1), [R, *shape]: a seeded row's from a generator seeded by its (seed,
+        position) and `stream` alone, the other rows' from this sampler's generator."""
+        device = device or torch.device("cpu")
+        uniform = torch.empty(len(rows), *shape, dtype=dtype, device=device)
         unseeded = [i for i, row in enumerate(rows) if row.params.seed is None]
         generator = self._generator(device)
         if len(unseeded) == len(rows):
-            uniform.uniform_(generator=generator)
-        elif unseeded:
-            shape = (len(unseeded), self.vocab_size)
-            uniform[unseeded] = torch.rand(shape, generator=generator, device=device)
+            return uniform.uniform_(generator=generator)
+        if unseeded:
+            full_shape = (len(unseeded), *shape)
+            uniform[unseeded] = torch.rand(
+                full_shape, generator=generator, dtype=dtype, device=device
+            )
         seeded = [(i, row.params.seed, row.position) for i, row in enumerate(rows)]
         draws = [(i, seed, position) for i, seed, position in seeded if seed is not None]
         if draws:
-            uniform[[i for i, _, _ in draws]] = self._seeded_uniform(draws).to(device)
-        return uniform.clamp_min_(_SMALLEST_UNIFORM).log_().neg_()
+            uniform[[i for i, _, _ in draws]] = self._seeded_uniform(
+                draws, shape, dtype, stream
+            ).to(device)
+        return uniform
 
-    def _seeded_uniform(self, draws: list[tuple[int, int, int]]) -> torch.Tensor:
-        """U [S, V] on the CPU, row s from a generator seeded by draw_seed(seed, position) only."""
-        uniform = torch.empty(len(draws), self.vocab_size)
+    def _seeded_uniform(
+        self,
+        draws: list[tuple[int, int, int]],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        stream: int,
+    ) -> torch.Tensor:
+        """U [S, *shape] on the CPU, row s from a generator seeded by draw_seed(seed, position)
+        and `stream` only."""
+        uniform = torch.empty(len(draws), *shape, dtype=dtype)
         for row_uniform, (_, seed, position) in zip(uniform, draws, strict=True):
-            self._seeded_generator.manual_seed(draw_seed(seed, position))
+            self._seeded_generator.manual_seed(draw_seed(seed, position) ^ stream)
             row_uniform.uniform_(generator=self._seeded_generator)
         return uniform
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
+from duetserve.runtime import sampling
 from duetserve.runtime.errors import InvalidTokenError, ShapeError
 from duetserve.runtime.sampling import (
     FinishReason,
@@ -25,7 +26,7 @@ from duetserve.runtime.sampling import (
     draw_seed,
     finish_reason,
 )
-from duetserve.runtime.sampling_logits import apply_penalties
+from duetserve.runtime.sampling_logits import apply_penalties, nucleus_draw, nucleus_race
 
 EOS = 2
 EOS_IDS = frozenset({EOS})
@@ -152,6 +153,49 @@ def test_top_p_applies_to_the_renormalised_top_k_distribution() -> None:
     # reached by the first two. Without renormalisation token 3 would stay in.
     counts = draw_counts(SHUFFLED_LOGITS, SamplingParams(top_k=3, top_p=0.8))
     assert set(counts) == {4, 1}
+
+
+def test_a_nucleus_most_draws_miss_follows_its_renormalised_distribution() -> None:
+    """Nucleus {0, 1} weighs 0.09: four inverse-CDF rounds all miss it ~69% of the time and the
+    race settles those rows, so both ways of drawing are in the counts."""
+    probs = [0.05, 0.04] + [0.01] * 91
+    logits = torch.tensor([math.log(p) for p in probs])
+    counts = draw_counts(logits, SamplingParams(top_p=0.06))
+    assert set(counts) == {0, 1}
+    assert chi_square(counts, renormalised(probs, {0, 1})) < CHI_SQUARE_999[1]
+
+
+def test_inverse_cdf_never_draws_a_token_of_zero_probability() -> None:
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]])
+    lowest, highest = 0.0, 1.0 - 2.0**-53  # the ends of a float64 uniform in [0, 1)
+    for uniform, expected in ((lowest, 1), (0.5 - 2.0**-53, 1), (0.5, 3), (highest, 3)):
+        uniforms = torch.tensor([[uniform]], dtype=torch.float64)
+        winners, unsettled = nucleus_draw(probs, uniforms, [1.0])
+        assert (winners.tolist(), unsettled) == ([expected], [])
+
+
+def test_a_token_below_float32_resolution_at_one_is_still_drawn() -> None:
+    """1 + 1e-9 is 1 in float32: a plain float32 cumulative sum gives token 700 no interval."""
+    probs = torch.zeros(1, 1000)
+    probs[0, 0], probs[0, 700] = 1.0, 1e-9
+    total = 1.0 + float(probs[0, 700])
+    inside = torch.tensor([[(1.0 + float(probs[0, 700]) / 2) / total]], dtype=torch.float64)
+    winners, _ = nucleus_draw(probs, inside, [1.0])
+    assert winners.tolist() == [700]
+    below = torch.tensor([[0.999 / total]], dtype=torch.float64)
+    assert nucleus_draw(probs, below, [1.0])[0].tolist() == [0]
+
+
+def test_draws_outside_the_nucleus_are_drawn_again_with_the_next_uniform() -> None:
+    probs = torch.tensor([[0.1, 0.6, 0.3]] * 3)  # nucleus at top_p 0.5: token 1 alone
+    uniforms = torch.tensor(
+        [[0.05, 0.2, 0.3, 0.4], [0.05, 0.95, 0.05, 0.95], [0.9, 0.05, 0.05, 0.05]],
+        dtype=torch.float64,
+    )
+    winners, unsettled = nucleus_draw(probs, uniforms, [0.5, 0.5, 1.0])
+    assert winners.tolist()[0] == 1  # round 1 drew token 0, round 2 token 1
+    assert unsettled == [1]  # tokens 0, 2, 0, 2: no round landed in the nucleus
+    assert winners.tolist()[2] == 2  # no top_p: the first draw stands
 
 
 def test_repetition_penalty_equals_transformers() -> None:
@@ -323,6 +367,26 @@ def test_a_seeded_request_draws_the_same_tokens_alone_and_in_any_batch() -> None
     assert len(set(by_itself)) > 4  # the draws vary from position to position
     other_seed = generate(alone, Sampler(VOCAB, EOS_IDS), SamplingParams(seed=4321), steps=8)
     assert other_seed != by_itself
+
+
+def test_a_seeded_request_the_race_settles_draws_the_same_alone_and_in_any_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """top_p 0.01 keeps a nucleus of a few tokens of ~1% mass: the rounds miss it and the race
+    draws, from the row's own seeded stream."""
+    raced: list[int] = []
+
+    def counting_race(probs: torch.Tensor, noise: torch.Tensor, top_p: list[float]) -> Any:
+        raced.append(len(top_p))
+        return nucleus_race(probs, noise, top_p)
+
+    monkeypatch.setattr(sampling, "nucleus_race", counting_race)
+    params = SamplingParams(seed=77, top_p=0.01)
+    by_itself = generate(alone, Sampler(VOCAB, EOS_IDS, seed=0), params, steps=8)
+    assert len(raced) >= 6  # the race drew most of the request's tokens
+    batched = generate(in_a_batch, Sampler(VOCAB, EOS_IDS, seed=5), params, steps=8)
+    assert batched == by_itself
+    assert len(set(by_itself)) > 4
 
 
 def test_different_seeds_and_positions_give_independent_draws() -> None:
