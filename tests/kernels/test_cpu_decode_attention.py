@@ -16,6 +16,7 @@ from duetserve.runtime.kernels.cpu.build import CompilerOptions, KernelUnavailab
 from duetserve.runtime.kernels.cpu_decode_attention import (
     DEFAULT_OPTIONS,
     SOURCE,
+    PagedDecodeCall,
     cpu_kernels_available,
     cpu_paged_decode_attention,
 )
@@ -161,6 +162,28 @@ def test_decode_refuses_bad_argument(
     args[argument] = spoil(args[argument])
     with pytest.raises(error, match=argument):
         run_kernel(args)
+
+
+@needs_kernel
+def test_a_call_checked_once_serves_every_layer_alike_and_refuses_another_layout() -> None:
+    """PagedDecodeCall checks the first layer's tensors; later layers pass only addresses, so
+    one laid out differently must be refused before the kernel reads it."""
+    args = valid_args()
+    other = {name: torch.randn_like(args[name]) for name in ("k_cache", "v_cache")}
+    other["query"] = random_query(2, 4, 32, torch.float32)  # strided as the first
+    tables, lens = args["block_tables"], args["seq_lens"]
+    call = PagedDecodeCall(args["query"], args["k_cache"], args["v_cache"], tables, lens, 0.1)
+    for layer in (args, other, args):
+        expected = run_kernel({**layer, "block_tables": tables, "seq_lens": lens})
+        got = call(layer["query"], layer["k_cache"], layer["v_cache"])
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(ShapeError, match="laid out otherwise"):
+        call(every_other_column(args["query"]), args["k_cache"], args["v_cache"])
+    fewer_blocks = args["k_cache"][:-1]
+    with pytest.raises(ShapeError, match="laid out otherwise"):
+        call(args["query"], fewer_blocks, fewer_blocks)
+    with pytest.raises(ShapeError, match="laid out otherwise"):
+        call(args["query"].bfloat16(), args["k_cache"].bfloat16(), args["v_cache"].bfloat16())
 
 
 @pytest.mark.parametrize(

@@ -87,38 +87,84 @@ def cpu_paged_decode_attention(
 ) -> torch.Tensor:  # [B, Hq, D]
     """Raises ShapeError on a bad argument, BlockTableError on a length or block id that points
     outside the table or pool, KernelUnavailable when the kernel cannot be built here."""
-    geometry = _check_arguments(query, k_cache, v_cache, block_tables, seq_lens)
-    kernel = load_decode_kernel(options)
-    if kernel.function is None:
-        raise KernelUnavailable(kernel.reason)
-    out = torch.empty(query.shape, dtype=query.dtype)  # [B, Hq, D]
-    status = kernel.function(
-        out.data_ptr(),
-        query.data_ptr(),
-        k_cache.data_ptr(),
-        v_cache.data_ptr(),
-        block_tables.data_ptr(),
-        seq_lens.data_ptr(),
-        query.shape[0],
-        geometry.num_kv_heads,
-        query.shape[1] // geometry.num_kv_heads,
-        geometry.head_dim,
-        geometry.num_blocks,
-        geometry.block_size,
-        block_tables.shape[1],
-        *out.stride()[:2],
-        *query.stride()[:2],
-        *k_cache.stride()[:3],
-        block_tables.stride(0),
-        scale,
-        DTYPE_CODES[query.dtype],
-        torch.get_num_threads() if num_threads is None else num_threads,
+    call = PagedDecodeCall(
+        query, k_cache, v_cache, block_tables, seq_lens, scale, num_threads, options
     )
-    if status == 1:
-        raise ShapeError(STATUS_ERRORS[status])
-    if status != 0:
-        raise BlockTableError(STATUS_ERRORS[status])
-    return out
+    return call(query, k_cache, v_cache)
+
+
+class PagedDecodeCall:
+    """The kernel's arguments checked once, for every layer of a forward pass: the layers' caches
+    are views of one pool with one layout, and their queries come from one projection, so a
+    layer's call passes only its tensors' addresses (the checks cost ~30 us, a tenth of a
+    batch-1 layer's attention). A call whose tensors are laid out otherwise than the checked
+    ones is refused, never run. block_tables and seq_lens are held, as checked, for all calls."""
+
+    def __init__(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        scale: float,
+        num_threads: int | None = None,
+        options: CompilerOptions = DEFAULT_OPTIONS,
+    ) -> None:
+        geometry = _check_arguments(query, k_cache, v_cache, block_tables, seq_lens)
+        kernel = load_decode_kernel(options)
+        if kernel.function is None:
+            raise KernelUnavailable(kernel.reason)
+        self._function = kernel.function
+        self._layout = _layout(query, k_cache, v_cache)
+        self._shape = query.shape
+        self._dtype = query.dtype
+        self._tables = block_tables, seq_lens  # kept alive: the kernel reads their addresses
+        self._arguments = (
+            block_tables.data_ptr(),
+            seq_lens.data_ptr(),
+            query.shape[0],
+            geometry.num_kv_heads,
+            query.shape[1] // geometry.num_kv_heads,
+            geometry.head_dim,
+            geometry.num_blocks,
+            geometry.block_size,
+            block_tables.shape[1],
+            query.shape[1] * query.shape[2],  # the strides of the contiguous output
+            query.shape[2],
+            *query.stride()[:2],
+            *k_cache.stride()[:3],
+            block_tables.stride(0),
+            scale,
+            DTYPE_CODES[query.dtype],
+            torch.get_num_threads() if num_threads is None else num_threads,
+        )
+
+    def __call__(
+        self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:  # [B, Hq, D]
+        if _layout(query, k_cache, v_cache) != self._layout:
+            raise ShapeError("query, k_cache or v_cache laid out otherwise than when checked")
+        out = torch.empty(self._shape, dtype=self._dtype)
+        status = self._function(
+            out.data_ptr(),
+            query.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            *self._arguments,
+        )
+        if status == 1:
+            raise ShapeError(STATUS_ERRORS[status])
+        if status != 0:
+            raise BlockTableError(STATUS_ERRORS[status])
+        return out
+
+
+def _layout(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> tuple[object, ...]:
+    """What the checks and the kernel's strides depend on, for each tensor of a layer."""
+    return tuple((t.shape, t.stride(), t.dtype, t.device) for t in (query, k_cache, v_cache))
 
 
 def _check_arguments(

@@ -23,8 +23,8 @@ from duetserve.runtime.kernels.cpu.build import CompilerOptions
 from duetserve.runtime.kernels.cpu_decode_attention import (
     DEFAULT_OPTIONS,
     DTYPE_CODES,
+    PagedDecodeCall,
     cpu_kernels_available,
-    cpu_paged_decode_attention,
 )
 
 _log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class _PrefillChunk:
     mask: torch.Tensor | None  # bool [n, S] (True = attend), None when plain causal
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _DecodeGroup:
     """The one-token sequences of a step, attended together."""
 
@@ -91,6 +91,7 @@ class _DecodeGroup:
     # layer of the step: a fresh multi-megabyte tensor per layer costs more in page faults than
     # the copy itself.
     derived: dict[str, torch.Tensor] = field(default_factory=dict)
+    fused_call: PagedDecodeCall | None = None  # the fused kernel's arguments, checked once
 
     def mask(self, block_size: int) -> torch.Tensor:
         """bool [Bd, 1, 1, nb * bs]: True where a position is inside the context."""
@@ -205,9 +206,12 @@ def _decode_fused(
     group: _DecodeGroup,
     scale: float,
 ) -> torch.Tensor:  # [Bd, Hq, D]
-    return cpu_paged_decode_attention(
-        q, k_cache, v_cache, group.block_tables, group.seq_lens, scale
-    )
+    call = group.fused_call
+    if call is None:  # the first layer's: checked once for the step, see PagedDecodeCall
+        call = group.fused_call = PagedDecodeCall(
+            q, k_cache, v_cache, group.block_tables, group.seq_lens, scale
+        )
+    return call(q, k_cache, v_cache)
 
 
 def _decode_sdpa(

@@ -30,23 +30,25 @@ def _llama3_scaled(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 
 
 class RotaryEmbedding:
+    """x * cos + rotate_half(x) * sin, as one multiply, one roll and one fused multiply-add:
+    rotate_half(x) = [-x2, x1] is x rolled by half a head times the sign folded into the sine
+    table. The tables are gathered once per step (`tables`) and serve every layer, q and k heads
+    rotated in one call."""
+
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
         inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         positions = torch.arange(config.max_context_len, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)  # [P, D/2]
-        angles = torch.cat([freqs, freqs], dim=-1)  # [P, D]
-        self.cos = angles.cos().to(dtype=dtype, device=device)
-        self.sin = angles.sin().to(dtype=dtype, device=device)
+        self.half = config.head_dim // 2
+        self.cos = torch.cat([freqs, freqs], dim=-1).cos().to(dtype=dtype, device=device)
+        sin = freqs.sin()
+        self.signed_sin = torch.cat([-sin, sin], dim=-1).to(dtype=dtype, device=device)  # [P, D]
 
-    def __call__(
-        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [T, Hq, D], k: [T, Hkv, D], positions: [T]
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin [T, 1, D] at the step's positions [T]."""
+        return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    def rotate(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [T, H, D] rotated by its token's position: a new tensor."""
+        cos, signed_sin = tables
+        return torch.addcmul(x * cos, x.roll(self.half, dims=-1), signed_sin)

@@ -39,12 +39,13 @@ class LlamaForCausalLM:
         """Run one step; returns logits [len(batch.logits_indices), V] in float32."""
         pool.check_compatible(self.config, self.dtype)
         metadata = self.attention.prepare(batch, pool.block_size)
+        rope = self.rotary.tables(batch.positions)
         hidden = F.embedding(batch.input_ids, self.weights["embed_tokens"])  # [T, H]
         residual = hidden
         for index, layer in enumerate(self.layers):
             k_cache, v_cache = pool.layer(index)
             hidden = rms_norm(residual, layer.input_norm, self.config.rms_norm_eps)
-            hidden = self._attention(layer, hidden, batch.positions, k_cache, v_cache, metadata)
+            hidden = self._attention(layer, hidden, rope, k_cache, v_cache, metadata)
             residual = residual + hidden
             hidden = rms_norm(residual, layer.post_attention_norm, self.config.rms_norm_eps)
             residual = residual + self._mlp(layer, hidden)
@@ -56,18 +57,17 @@ class LlamaForCausalLM:
         self,
         layer: "_LayerWeights",
         hidden: torch.Tensor,  # [T, H]
-        positions: torch.Tensor,  # [T]
+        rope: tuple[torch.Tensor, torch.Tensor],  # the step's rotary tables
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         metadata: object,
     ) -> torch.Tensor:
         c = self.config
         qkv = self.linear(hidden, layer.qkv_proj, layer.qkv_bias)  # [T, Q + 2 KV]
-        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = q.view(-1, c.num_q_heads, c.head_dim)  # [T, Hq, D]
-        k = k.view(-1, c.num_kv_heads, c.head_dim)  # [T, Hkv, D]
+        qk, v = qkv.split([c.q_size + c.kv_size, c.kv_size], dim=-1)
+        qk = self.rotary.rotate(qk.view(-1, c.num_q_heads + c.num_kv_heads, c.head_dim), rope)
+        q, k = qk.split([c.num_q_heads, c.num_kv_heads], dim=1)  # [T, Hq, D], [T, Hkv, D]
         v = v.view(-1, c.num_kv_heads, c.head_dim)
-        q, k = self.rotary(q, k, positions)
         out = self.attention.attend(q, k, v, k_cache, v_cache, metadata, self.scale)
         return self.linear(out.reshape(-1, c.q_size), layer.o_proj, None)  # [T, H]
 
