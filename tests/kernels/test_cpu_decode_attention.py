@@ -1,5 +1,6 @@
-"""cpu_paged_decode_attention (the fused C kernel) against paged_attention_ref, its refusals, the
-compile cache, and CpuAttention's fallback when the kernel cannot be built."""
+"""cpu_paged_decode_attention and cpu_paged_prefill_attention (the fused C kernels) against
+paged_attention_ref, their refusals, the compile cache, and CpuAttention's fallback when the
+kernels cannot be built."""
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from duetserve.runtime.kernels.cpu_decode_attention import (
     PagedDecodeCall,
     cpu_kernels_available,
     cpu_paged_decode_attention,
+    cpu_paged_prefill_attention,
 )
 from duetserve.runtime.kv_pool import KVPool
 from duetserve.runtime.layers.attention import AttentionBackend, CpuAttention, ReferenceAttention
@@ -105,6 +107,93 @@ def test_decode_many_sequences(dtype: torch.dtype) -> None:
 def test_decode_wide_groups() -> None:
     """64 q heads of 256 per KV head: a work item cannot hold all four KV heads."""
     check_against_reference([3, 17, 9, 30] * 3, 64, 256, 16, torch.float32, num_kv_heads=4)
+
+
+def check_prefill_against_reference(
+    context_len: int,
+    num_queries: int,
+    group: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    block_size: int = 16,
+    num_threads: int | None = None,
+) -> None:
+    """The last num_queries tokens of a context_len context, against the reference."""
+    torch.manual_seed(0)
+    k_cache, v_cache, tables = build_paged_cache([context_len], block_size, 2, dtype, head_dim)
+    query = random_query(num_queries, group * 2, head_dim, dtype)
+    scale = head_dim**-0.5
+    ours = cpu_paged_prefill_attention(
+        query, k_cache, v_cache, tables[0], context_len, scale, num_threads=num_threads
+    )
+    starts = torch.tensor([0, num_queries], dtype=torch.int32)
+    lens = torch.tensor([context_len], dtype=torch.int32)
+    expected = paged_attention_ref(query, k_cache, v_cache, tables, starts, lens, scale)
+    assert ours.dtype == dtype and ours.shape == query.shape
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(ours, expected, rtol=tolerance, atol=tolerance)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("block_size", [8, 16], ids=lambda b: f"bs{b}")
+@pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("group", [1, 3, 4], ids=lambda g: f"gqa{g}")
+@pytest.mark.parametrize(
+    ("context_len", "num_queries"),
+    [(37, 37), (80, 80), (50, 13), (33, 1), (1, 1)],
+    ids=["prompt-37", "prompt-80", "chunk-13-after-37", "one-after-32", "one-token"],
+)
+def test_prefill_equals_reference(
+    context_len: int,
+    num_queries: int,
+    group: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+) -> None:
+    check_prefill_against_reference(context_len, num_queries, group, head_dim, dtype, block_size)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("group", "head_dim", "num_threads", "context_len"),
+    [
+        pytest.param(9, 64, None, 70, id="group-over-8-heads"),
+        pytest.param(3, 80, None, 45, id="head-dim-80"),
+        pytest.param(3, 16, None, 45, id="head-dim-16"),
+        pytest.param(64, 256, None, 40, id="query-tile-of-one-token"),
+        pytest.param(2, 64, 1, 300, id="one-thread"),
+        pytest.param(2, 64, 3, 300, id="three-threads"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_prefill_odd_shapes(
+    group: int, head_dim: int, num_threads: int | None, context_len: int, dtype: torch.dtype
+) -> None:
+    check_prefill_against_reference(
+        context_len, context_len, group, head_dim, dtype, num_threads=num_threads
+    )
+
+
+@needs_kernel
+def test_prefill_refuses_what_lies_outside_the_table_or_pool() -> None:
+    k_cache, v_cache, tables = build_paged_cache([20], 8, 2, torch.float32, 32)
+    query = random_query(5, 4, 32, torch.float32)
+    table = tables[0]  # 3 blocks: 24 positions
+    with pytest.raises(BlockTableError, match="context_len"):
+        cpu_paged_prefill_attention(query, k_cache, v_cache, table, 25, 0.1)
+    with pytest.raises(BlockTableError, match="context_len"):
+        cpu_paged_prefill_attention(query, k_cache, v_cache, table, 4, 0.1)  # fewer than n
+    with pytest.raises(BlockTableError, match="block id"):
+        cpu_paged_prefill_attention(query, k_cache, v_cache, table + 1000, 20, 0.1)
+    with pytest.raises(ShapeError, match="block_table"):
+        cpu_paged_prefill_attention(query, k_cache, v_cache, table.long(), 20, 0.1)
+    with pytest.raises(ShapeError, match="query"):
+        cpu_paged_prefill_attention(query.bfloat16(), k_cache, v_cache, table, 20, 0.1)
+    with pytest.raises(ShapeError, match="out"):
+        out = torch.empty(5, 4, 16)
+        cpu_paged_prefill_attention(query, k_cache, v_cache, table, 20, 0.1, out=out)
 
 
 def valid_args() -> dict[str, torch.Tensor]:
@@ -232,7 +321,16 @@ def test_cpu_attention_falls_back_to_sdpa(
     kernels: CompilerOptions | None, dtype: torch.dtype
 ) -> None:
     backend = CpuAttention(kernels)
-    assert not backend.fused_decode
+    assert not backend.fused
+    check_backend_on_mixed_batch(backend, dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_cpu_attention_fused_mixed_batch(dtype: torch.dtype) -> None:
+    """Decode rows, a prompt and a chunk after a prefix, by the kernels."""
+    backend = CpuAttention()
+    assert backend.fused
     check_backend_on_mixed_batch(backend, dtype)
 
 
@@ -240,7 +338,7 @@ def test_cpu_attention_falls_back_to_sdpa(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_cpu_attention_fused_decode_only_batch(dtype: torch.dtype) -> None:
     backend = CpuAttention()
-    assert backend.fused_decode
+    assert backend.fused
     check_backend_on_mixed_batch(backend, dtype, decode_only=True)
 
 
@@ -254,8 +352,9 @@ def check_backend_on_mixed_batch(
     pools[1].tensor.copy_(pools[0].tensor)
     order = torch.randperm(40).tolist()
     chunks = [SequenceChunk([1], 30, order[0:4]), SequenceChunk([1], 7, order[8:9])]
-    if not decode_only:
+    if not decode_only:  # a chunk after a 20-token prefix, and a whole 12-token prompt
         chunks.insert(1, SequenceChunk([1] * 9, 20, order[4:8]))
+        chunks.append(SequenceChunk([1] * 12, 0, order[9:11]))
     batch = ForwardBatch.build(chunks, config, pools[0])
     shape = (batch.num_tokens, -1, config.head_dim)
     q = torch.randn(batch.num_tokens, config.num_q_heads * config.head_dim).to(dtype).view(shape)

@@ -1,15 +1,20 @@
-"""Decode attention over the paged KV cache on the CPU: one query token per sequence, at position
-seq_lens[b] - 1, attending to all seq_lens[b] cached keys (the token's own K/V already stored).
+"""Attention over the paged KV cache on the CPU, by the C kernels of cpu/paged_decode.c (compiled
+at first use by cpu/build.py), which read K/V rows where they lie in the pool and keep an online
+softmax in float32. They take float32 and bfloat16 caches and any head_dim that is a multiple of
+16, and run on torch.get_num_threads() threads of torch's own OpenMP runtime.
 
-The kernel (cpu/paged_decode.c, compiled at first use by cpu/build.py) reads each sequence's K/V
-rows where they lie in the pool, serves all q heads of a KV group from one read of each row and
-keeps an online softmax in float32. OpenMP work items are whole sequences (their blocks then read
-in address order), or parts of their kv heads when sequences are too few for the threads; it runs
-on torch.get_num_threads() threads of torch's own OpenMP runtime. It takes float32 and bfloat16
-caches and any head_dim that is a multiple of 16. Equals attention_ref.paged_attention_ref with
-one query row per sequence.
+Decode: one query token per sequence, at position seq_lens[b] - 1, attending to all seq_lens[b]
+cached keys (the token's own K/V already stored). All q heads of a KV group are served from one
+read of each row. OpenMP work items are whole sequences (their blocks then read in address
+order), or parts of their kv heads when sequences are too few for the threads. Equals
+attention_ref.paged_attention_ref with one query row per sequence.
 
-`cpu_kernels_available` says whether the kernel could be built here and, if not, why; callers
+Prefill: the last n tokens of one sequence's context, each attending causally to the positions
+up to its own, with the same tile functions: a work item is one kv head and a tile of query
+tokens, whose q heads score each key tile from one read of its rows. Equals
+attention_ref.paged_attention_ref for that sequence.
+
+`cpu_kernels_available` says whether the kernels could be built here and, if not, why; callers
 keep a torch path for that case.
 """
 
@@ -44,13 +49,19 @@ STATUS_ERRORS = {
 }
 # out, query, k_cache, v_cache, block_tables, seq_lens; 15 sizes and strides; scale, dtype, threads
 _ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 15 + [ctypes.c_float] + [ctypes.c_int32] * 2
+# out, query, k_cache, v_cache, block_table; 15 sizes and strides; scale, dtype, threads
+_PREFILL_ARGTYPES = (
+    [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 15 + [ctypes.c_float] + [ctypes.c_int32] * 2
+)
+MAX_PREFILL_GROUP_ELEMENTS = 1 << 14  # group * head_dim: the C side's MAX_PREFILL_ITEM_FLOATS
 
 _log = logging.getLogger(__name__)
 
 
 class KernelLoad(NamedTuple):
-    function: Callable[..., int] | None  # the C entry point; None when unavailable
+    function: Callable[..., int] | None  # the decode entry point; None when unavailable
     reason: str  # where it was loaded from, or why it is unavailable
+    prefill: Callable[..., int] | None = None  # the prefill entry point, from the same library
 
 
 @functools.cache
@@ -64,8 +75,11 @@ def load_decode_kernel(options: CompilerOptions = DEFAULT_OPTIONS) -> KernelLoad
     function = library.paged_decode_attention
     function.argtypes = _ARGTYPES
     function.restype = ctypes.c_int
-    _log.info("CPU decode attention kernel loaded from %s", library._name)
-    return KernelLoad(function, f"loaded from {library._name}")
+    prefill = library.paged_prefill_attention
+    prefill.argtypes = _PREFILL_ARGTYPES
+    prefill.restype = ctypes.c_int
+    _log.info("CPU attention kernels loaded from %s", library._name)
+    return KernelLoad(function, f"loaded from {library._name}", prefill)
 
 
 def cpu_kernels_available(options: CompilerOptions = DEFAULT_OPTIONS) -> tuple[bool, str]:
@@ -192,3 +206,70 @@ def _check_arguments(
     check_tensor("block_tables", block_tables, dtype=torch.int32, shape=(num_seqs, None))
     check_tensor("seq_lens", seq_lens, dtype=torch.int32, shape=(num_seqs,))
     return geometry
+
+
+def cpu_paged_prefill_attention(
+    query: torch.Tensor,  # [n, Hq, D]: the last n tokens of the context
+    k_cache: torch.Tensor,  # [N, bs, Hkv, D]
+    v_cache: torch.Tensor,  # [N, bs, Hkv, D]
+    block_table: torch.Tensor,  # int32 [nb]: the sequence's blocks, in position order
+    context_len: int,  # cached positions, the n tokens' own K/V among them
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,  # [n, Hq, D], written in place when given
+    num_threads: int | None = None,
+    options: CompilerOptions = DEFAULT_OPTIONS,
+) -> torch.Tensor:  # [n, Hq, D]
+    """Causal attention of one sequence's last n tokens. Raises ShapeError on a bad argument,
+    BlockTableError on a context or block id outside the table or pool, KernelUnavailable when
+    the kernel cannot be built here."""
+    check_same_device(query=query, k_cache=k_cache, v_cache=v_cache, block_table=block_table)
+    if query.device.type != "cpu":
+        raise ShapeError(f"query: on {query.device}, the kernel runs on the CPU")
+    geometry = check_kv_cache(k_cache, v_cache)
+    if k_cache.dtype not in DTYPE_CODES:
+        raise ShapeError(f"k_cache: dtype {k_cache.dtype}, expected float32 or bfloat16")
+    if geometry.head_dim % LANES != 0:
+        raise ShapeError(f"head_dim is {geometry.head_dim}, expected a multiple of {LANES}")
+    check_tensor("query", query, dtype=k_cache.dtype, shape=(None, None, geometry.head_dim))
+    group = check_query_heads(query.shape[1], geometry.num_kv_heads)
+    if group * geometry.head_dim > MAX_PREFILL_GROUP_ELEMENTS:
+        raise ShapeError(f"query: {group} heads per KV head of {geometry.head_dim} is too many")
+    check_tensor("block_table", block_table, dtype=torch.int32, shape=(None,))
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype)
+    check_tensor("out", out, dtype=query.dtype, shape=tuple(query.shape))
+    if not 1 <= query.shape[0] <= context_len <= block_table.shape[0] * geometry.block_size:
+        raise BlockTableError(
+            f"context_len {context_len}: outside {query.shape[0]} .. the table's "
+            f"{block_table.shape[0] * geometry.block_size} positions"
+        )
+    kernel = load_decode_kernel(options)
+    if kernel.prefill is None:
+        raise KernelUnavailable(kernel.reason)
+    status = kernel.prefill(
+        out.data_ptr(),
+        query.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        block_table.data_ptr(),
+        query.shape[0],
+        context_len,
+        geometry.num_kv_heads,
+        group,
+        geometry.head_dim,
+        geometry.num_blocks,
+        geometry.block_size,
+        block_table.shape[0],
+        *out.stride()[:2],
+        *query.stride()[:2],
+        *k_cache.stride()[:3],
+        scale,
+        DTYPE_CODES[query.dtype],
+        torch.get_num_threads() if num_threads is None else num_threads,
+    )
+    if status == 1:
+        raise ShapeError(STATUS_ERRORS[status])
+    if status != 0:
+        raise BlockTableError(STATUS_ERRORS[status])
+    return out

@@ -368,3 +368,115 @@ int paged_decode_attention(
     }
     return status;
 }
+
+/* ---- Prefill: the n query tokens of one sequence, the last n of its context, each attending to
+ * the positions up to its own (causal), over the same paged cache and the same tile functions.
+ *
+ * A work item is one kv head and a tile of up to QUERY_TILE consecutive query tokens: the G q
+ * heads of each token make the item's query vectors (token-major), and they walk the key tiles
+ * up to the item's last position together, each subgroup of up to SUBGROUP vectors scoring a
+ * key tile from one read of its rows. A vector's lanes past its own position are masked; a key
+ * tile wholly past it leaves it untouched. Items go largest first (the last query tiles see
+ * the most keys), so the threads finish together. */
+
+#define QUERY_TILE 16
+#define MAX_PREFILL_ITEM_FLOATS 16384 /* query vectors * head_dim of one item, per array */
+
+typedef struct {
+    Args a;
+    int64_t num_queries, context_len, tile_tokens;
+} PrefillArgs;
+
+/* Query tokens tile * tile_tokens .. of kv head kv: their G q heads each. */
+static int attend_query_tile(const PrefillArgs *p, int64_t kv, int64_t tile) {
+    const Args *a = &p->a;
+    const int64_t D = a->head_dim, G = a->group;
+    const int64_t first_token = tile * p->tile_tokens;
+    const int64_t tokens = p->num_queries - first_token < p->tile_tokens
+                               ? p->num_queries - first_token
+                               : p->tile_tokens;
+    const int64_t V = tokens * G, offset = p->context_len - p->num_queries;
+    float q[V * D], acc[V * D], m[V], l[V];
+    int64_t position[V]; /* of each vector's token: it sees keys 0 .. position */
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t v = t * G + g, head = kv * G + g;
+            const int64_t at = (first_token + t) * a->q_stride_seq + head * a->q_stride_head;
+            for (int64_t d = 0; d < D; d++) {
+                q[v * D + d] = load_scalar(a->query, at + d, a->bf16) * a->qk_scale;
+                acc[v * D + d] = 0.0f;
+            }
+            m[v] = -INFINITY;
+            l[v] = 0.0f;
+            position[v] = offset + first_token + t;
+        }
+    const int64_t head_bytes = kv * a->stride_head * (a->bf16 ? 2 : 4);
+    const char *k_head = (const char *)a->k_cache + head_bytes;
+    const char *v_head = (const char *)a->v_cache + head_bytes;
+    const int64_t last = offset + first_token + tokens - 1;
+    int64_t rows[TILE];
+    vf scores[SUBGROUP];
+    for (int64_t start = 0; start <= last; start += TILE) {
+        int n = last + 1 - start < TILE ? (int)(last + 1 - start) : TILE;
+        if (tile_rows(a, a->block_tables, start, n, rows) != OK) return BAD_BLOCK_ID;
+        /* positions grow with v: the vectors wholly before the tile lead, and are skipped */
+        for (int64_t v = 0; v < V;) {
+            if (position[v] < start) {
+                v++;
+                continue;
+            }
+            int ng = V - v < SUBGROUP ? (int)(V - v) : SUBGROUP;
+            SCORE_TILE[a->bf16][ng - 1](q + v * D, k_head, rows, n, D, scores);
+            for (int g = 0; g < ng; g++) {
+                int64_t seen = position[v + g] - start + 1; /* lanes this vector may see */
+                softmax_tile(&scores[g], seen < n ? (int)seen : n, &m[v + g], &l[v + g],
+                             acc + (v + g) * D, D);
+            }
+            VALUE_TILE[a->bf16][ng - 1](scores, v_head, rows, n, D, acc + v * D);
+            v += ng;
+        }
+    }
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t v = t * G + g, head = kv * G + g;
+            const int64_t at = (first_token + t) * a->out_stride_seq + head * a->out_stride_head;
+            for (int64_t d = 0; d < D; d++)
+                store_scalar(a->out, at + d, acc[v * D + d] / l[v], a->bf16);
+        }
+    return OK;
+}
+
+/* out [n, num_kv_heads * group, head_dim] = causal attention of the sequence's last n tokens,
+ * queries [n, Hq, D], over its context_len cached positions (theirs among them), the blocks in
+ * block_table [table_len]. Returns OK or the largest error code an item met. */
+int paged_prefill_attention(
+    void *out, const void *query, const void *k_cache, const void *v_cache,
+    const int32_t *block_table, int64_t num_queries, int64_t context_len,
+    int64_t num_kv_heads, int64_t group, int64_t head_dim,
+    int64_t num_blocks, int64_t block_size, int64_t table_len,
+    int64_t out_stride_tok, int64_t out_stride_head, int64_t q_stride_tok, int64_t q_stride_head,
+    int64_t stride_block, int64_t stride_row, int64_t stride_head,
+    float scale, int32_t dtype, int32_t num_threads) {
+    if (head_dim <= 0 || head_dim % LANES != 0 || group <= 0 || block_size <= 0) return BAD_ARGUMENT;
+    if (num_kv_heads <= 0 || num_threads <= 0 || num_queries <= 0) return BAD_ARGUMENT;
+    if (group * head_dim > MAX_PREFILL_ITEM_FLOATS) return BAD_ARGUMENT;
+    if (dtype != DTYPE_FLOAT32 && dtype != DTYPE_BFLOAT16) return BAD_ARGUMENT;
+    if (context_len < num_queries || context_len > table_len * block_size) return BAD_SEQ_LEN;
+    int64_t tile_tokens = MAX_PREFILL_ITEM_FLOATS / (group * head_dim);
+    tile_tokens = tile_tokens < QUERY_TILE ? tile_tokens : QUERY_TILE;
+    const PrefillArgs p = {{query, k_cache, v_cache, out, block_table, NULL,
+                            q_stride_tok, q_stride_head, out_stride_tok, out_stride_head,
+                            stride_block, stride_row, stride_head, table_len,
+                            num_blocks, table_len, block_size, group, head_dim, scale * LOG2E,
+                            dtype == DTYPE_BFLOAT16},
+                           num_queries, context_len, tile_tokens};
+    const int64_t tiles = (num_queries + tile_tokens - 1) / tile_tokens;
+    int status = OK;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) reduction(max : status) \
+    if (num_threads > 1)
+    for (int64_t item = 0; item < tiles * num_kv_heads; item++) {
+        int result = attend_query_tile(&p, item % num_kv_heads, tiles - 1 - item / num_kv_heads);
+        status = result > status ? result : status;
+    }
+    return status;
+}
