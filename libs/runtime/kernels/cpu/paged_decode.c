@@ -10,7 +10,7 @@
  * A work item is one sequence and a run of its kv heads: all of them when there are enough
  * sequences to keep the threads busy, fewer otherwise. It walks the context TILE positions at a
  * time; within a tile each kv head serves all q heads of its group from one read of each K/V row
- * (the group's other heads find the row in L1), and the next tile's rows are read ahead
+ * (the group's other heads find the row in L1), and the rows AHEAD tiles on are fetched early
  * (touch_tile) so that memory reads overlap the arithmetic. Softmax is online, in float32 and
  * base 2 (q carries scale * log2(e)); bfloat16 becomes float32 by a 16-bit shift. Vectors are
  * GCC vector extensions of 16 floats, one AVX-512 register; elsewhere GCC splits them.
@@ -24,6 +24,8 @@
 #define LANES 16          /* floats per vector; head_dim must be a multiple of it */
 #define TILE 16           /* positions per tile: the scores of one q head fill one vector */
 #define SUBGROUP 8        /* q heads whose accumulators live in registers together */
+#define AHEAD 2            /* tiles between a row's fetch and its use */
+#define PAGE_BYTES 4096
 #define ITEMS_PER_THREAD 4 /* split kv heads over items until there are this many per thread */
 #define MAX_ITEM_FLOATS 32768 /* q heads * head_dim of one item: two such arrays on the stack */
 #define LOG2E 1.4426950408889634f
@@ -38,7 +40,6 @@ typedef uint16_t vh __attribute__((vector_size(32)));
 /* Unaligned, aliasing-safe views of LANES elements in memory. */
 typedef float vf_mem __attribute__((vector_size(64), aligned(4), may_alias));
 typedef uint16_t vh_mem __attribute__((vector_size(32), aligned(2), may_alias));
-typedef uint32_t vu_mem __attribute__((vector_size(64), aligned(1), may_alias));
 
 typedef struct {
     const void *query, *k_cache, *v_cache;
@@ -245,29 +246,38 @@ static int tile_rows(const Args *a, const int32_t *table, int64_t start, int n, 
     return OK;
 }
 
-/* Reads the item's K/V rows at positions start .. start + TILE - 1, a tile ahead of their use.
- * The blocks lie anywhere in the pool and the hardware prefetchers stop at page boundaries;
- * measured here, these plain loads overlap the memory reads with the arithmetic where prefetch
- * instructions do not. Returns a sum of what was read, for the caller to keep the loads alive. */
+/* Fetches the item's K/V rows at positions start .. start + TILE - 1, AHEAD tiles before their
+ * use. The blocks lie anywhere in the pool and the hardware prefetchers stop at page boundaries.
+ * Measured on Zen 4 and 5: prefetch instructions alone are mostly lost (a prefetch that would
+ * walk the page table is dropped), plain loads of every line hold the core's few miss buffers
+ * and stall the arithmetic behind them. So: one plain load of the tile's first line and of the
+ * first line of each further page (it walks the page table), a prefetch for every other line.
+ * Two tiles ahead against one plain load per line one tile ahead: decode attention over a
+ * 100 MB cache 8.5 -> 7.5 ms. Returns a sum of what was loaded, for the caller to keep the
+ * loads alive. */
 static unsigned touch_tile(const Args *a, const int32_t *table, int64_t start, int64_t seq_len,
                            int64_t first, int64_t count) {
     int64_t rows[TILE];
     int n = seq_len - start < TILE ? (int)(seq_len - start) : TILE;
     if (n <= 0 || tile_rows(a, table, start, n, rows) != OK) return 0;
     const int64_t element = a->bf16 ? 2 : 4, row_bytes = a->head_dim * element;
-    const int whole_lines = row_bytes % 64 == 0; /* else one byte a line, not past the row */
-    vu sum = {0};
+    unsigned sum = 0;
     for (int r = 0; r < n; r++)
         for (int64_t kv = first; kv < first + count; kv++) {
             int64_t offset = (rows[r] + kv * a->stride_head) * element;
             const unsigned char *k = (const unsigned char *)a->k_cache + offset;
             const unsigned char *v = (const unsigned char *)a->v_cache + offset;
             for (int64_t byte = 0; byte < row_bytes; byte += 64) {
-                if (whole_lines) sum += *(const vu_mem *)(k + byte) + *(const vu_mem *)(v + byte);
-                else sum[0] += (unsigned)k[byte] + v[byte];
+                const unsigned char *lines[2] = {k + byte, v + byte};
+                for (int i = 0; i < 2; i++) {
+                    if ((r == 0 && byte == 0) || (uintptr_t)lines[i] % PAGE_BYTES < 64)
+                        sum += *lines[i];
+                    else
+                        __builtin_prefetch(lines[i], 0, 3);
+                }
             }
         }
-    return sum[0];
+    return sum;
 }
 
 /* One tile of positions for the item's kv heads first .. first + count - 1; q, m, l and acc
@@ -308,11 +318,13 @@ static int attend_item(const Args *a, int64_t seq, int64_t first, int64_t count)
         l[h] = 0.0f;
     }
     int64_t rows[TILE];
-    unsigned touched = touch_tile(a, table, 0, seq_len, first, count);
+    unsigned touched = 0;
+    for (int64_t ahead = 0; ahead < AHEAD; ahead++)
+        touched += touch_tile(a, table, ahead * TILE, seq_len, first, count);
     for (int64_t start = 0; start < seq_len; start += TILE) {
         int n = seq_len - start < TILE ? (int)(seq_len - start) : TILE;
         if (tile_rows(a, table, start, n, rows) != OK) return BAD_BLOCK_ID;
-        touched += touch_tile(a, table, start + TILE, seq_len, first, count);
+        touched += touch_tile(a, table, start + AHEAD * TILE, seq_len, first, count);
         attend_tile(a, rows, n, first, count, q, m, l, acc);
     }
     __asm__ volatile("" : : "r"(touched)); /* the touches' only use */
