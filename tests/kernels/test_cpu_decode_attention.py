@@ -2,6 +2,7 @@
 paged_attention_ref, their refusals, the compile cache, and CpuAttention's fallback when the
 kernels cannot be built."""
 
+import platform
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +14,12 @@ from duetserve.runtime.batch import ForwardBatch, SequenceChunk
 from duetserve.runtime.config import ModelConfig
 from duetserve.runtime.errors import BlockTableError, ShapeError
 from duetserve.runtime.kernels.attention_ref import paged_attention_ref
-from duetserve.runtime.kernels.cpu.build import CompilerOptions, KernelUnavailable, build_library
+from duetserve.runtime.kernels.cpu.build import (
+    DEFAULT_FLAGS,
+    CompilerOptions,
+    KernelUnavailable,
+    build_library,
+)
 from duetserve.runtime.kernels.cpu_decode_attention import (
     DEFAULT_OPTIONS,
     SOURCE,
@@ -48,6 +54,7 @@ def check_against_reference(
     dtype: torch.dtype,
     num_kv_heads: int = 2,
     num_threads: int | None = None,
+    options: CompilerOptions = DEFAULT_OPTIONS,
 ) -> None:
     torch.manual_seed(0)
     k_cache, v_cache, tables = build_paged_cache(
@@ -57,7 +64,7 @@ def check_against_reference(
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     scale = head_dim**-0.5
     ours = cpu_paged_decode_attention(
-        query, k_cache, v_cache, tables, lens, scale, num_threads=num_threads
+        query, k_cache, v_cache, tables, lens, scale, num_threads=num_threads, options=options
     )
     one_row_each = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
     expected = paged_attention_ref(query, k_cache, v_cache, tables, one_row_each, lens, scale)
@@ -117,6 +124,7 @@ def check_prefill_against_reference(
     dtype: torch.dtype,
     block_size: int = 16,
     num_threads: int | None = None,
+    options: CompilerOptions = DEFAULT_OPTIONS,
 ) -> None:
     """The last num_queries tokens of a context_len context, against the reference."""
     torch.manual_seed(0)
@@ -124,7 +132,14 @@ def check_prefill_against_reference(
     query = random_query(num_queries, group * 2, head_dim, dtype)
     scale = head_dim**-0.5
     ours = cpu_paged_prefill_attention(
-        query, k_cache, v_cache, tables[0], context_len, scale, num_threads=num_threads
+        query,
+        k_cache,
+        v_cache,
+        tables[0],
+        context_len,
+        scale,
+        num_threads=num_threads,
+        options=options,
     )
     starts = torch.tensor([0, num_queries], dtype=torch.int32)
     lens = torch.tensor([context_len], dtype=torch.int32)
@@ -174,6 +189,33 @@ def test_prefill_odd_shapes(
     check_prefill_against_reference(
         context_len, context_len, group, head_dim, dtype, num_threads=num_threads
     )
+
+
+# The kernels built without AVX512_BF16: bfloat16 widened to float32 and multiplied by FMAs,
+# the path of CPUs without the extension, kept tested on those with it.
+WIDENING = CompilerOptions(flags=(*DEFAULT_FLAGS, "-mno-avx512bf16"))
+on_x86 = pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64"), reason="-mno-avx512bf16 is an x86 flag"
+)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "options",
+    [DEFAULT_OPTIONS, pytest.param(WIDENING, marks=on_x86)],
+    ids=["as-built", "without-bf16-dot-products"],
+)
+@pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"d{d}")
+def test_bfloat16_decode_and_prefill_equal_reference_either_way(
+    head_dim: int, options: CompilerOptions
+) -> None:
+    """As built here, head_dims of whole 32-value registers take vdpbf16ps where the CPU has it
+    (P rounded to bfloat16); the other build must agree with the reference as well."""
+    check_against_reference(SEQ_LENS, 3, head_dim, 16, torch.bfloat16, options=options)
+    for context_len, num_queries in ((80, 80), (50, 13)):
+        check_prefill_against_reference(
+            context_len, num_queries, 3, head_dim, torch.bfloat16, options=options
+        )
 
 
 @needs_kernel

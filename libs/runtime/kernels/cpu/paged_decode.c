@@ -12,10 +12,18 @@
  * time; within a tile each kv head serves all q heads of its group from one read of each K/V row
  * (the group's other heads find the row in L1), and the rows AHEAD tiles on are fetched early
  * (touch_tile) so that memory reads overlap the arithmetic. Softmax is online, in float32 and
- * base 2 (q carries scale * log2(e)); bfloat16 becomes float32 by a 16-bit shift. Vectors are
- * GCC vector extensions of 16 floats, one AVX-512 register; elsewhere GCC splits them.
+ * base 2 (scores carry scale * log2(e)). Vectors are GCC vector extensions of 16 floats, one
+ * AVX-512 register; elsewhere GCC splits them.
+ *
+ * bfloat16 caches: where the CPU has AVX512_BF16 and head_dim is a multiple of 32, q . K and
+ * P V are `vdpbf16ps` dot products (32 bfloat16 products into 16 float32 sums an instruction):
+ * q and K as stored, P rounded to bfloat16 (as FlashAttention does on GPUs) against two V rows
+ * interleaved, while the softmax's sums stay in float32. Elsewhere bfloat16 becomes float32 by a
+ * 16-bit shift and the products are float32 FMAs.
  */
+
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -50,6 +58,7 @@ typedef struct {
     int64_t num_blocks, max_blocks, block_size, group, head_dim;
     float qk_scale;
     int bf16;
+    int dp; /* bfloat16 dot products (DP_DIMS) for q . K and P V */
 } Args;
 
 static inline vf load_vec(const void *base, int64_t offset, int bf16) {
@@ -213,6 +222,115 @@ BOTH_DTYPES(5) BOTH_DTYPES(6) BOTH_DTYPES(7) BOTH_DTYPES(8)
 static const score_fn SCORE_TILE[2][SUBGROUP] = {BY_SUBGROUP(score_f32_), BY_SUBGROUP(score_bf16_)};
 static const value_fn VALUE_TILE[2][SUBGROUP] = {BY_SUBGROUP(value_f32_), BY_SUBGROUP(value_bf16_)};
 
+#ifdef __AVX512BF16__
+#define HAVE_DP 1
+#define DP_DIMS 32 /* bfloat16 values in one AVX-512 register: head_dim must be a multiple */
+
+/* As score_tile, for bfloat16 q (qh, as stored) and K: each K register of 32 values goes into
+ * all ng heads' sums by one vdpbf16ps each; the scores are scaled once summed. */
+static inline __attribute__((always_inline)) void score_tile_dp(
+    const uint16_t *qh, const void *k_head, const int64_t *rows, int n, int64_t head_dim,
+    vf *scores, float scale, const int ng) {
+    vf partial[SUBGROUP][TILE];
+    for (int r = 0; r < TILE; r++) {
+        __m512 sum[SUBGROUP];
+        for (int g = 0; g < ng; g++) sum[g] = _mm512_setzero_ps();
+        for (int64_t d = 0; r < n && d < head_dim; d += DP_DIMS) {
+            __m512bh k = (__m512bh)_mm512_loadu_si512((const uint16_t *)k_head + rows[r] + d);
+            for (int g = 0; g < ng; g++) {
+                __m512bh q = (__m512bh)_mm512_loadu_si512(qh + g * head_dim + d);
+                sum[g] = _mm512_dpbf16_ps(sum[g], q, k);
+            }
+        }
+        for (int g = 0; g < ng; g++) partial[g][r] = (vf)sum[g];
+    }
+    for (int g = 0; g < ng; g++) scores[g] = sum_rows(partial[g]) * scale;
+}
+
+/* As value_tile, for a bfloat16 V: rows r and r + 1 are interleaved value by value, so that one
+ * vdpbf16ps against the pair (p_r, p_r+1) adds both rows' terms to 16 columns of a head. */
+static inline __attribute__((always_inline)) void value_tile_dp(
+    const vf *probs, const void *v_head, const int64_t *rows, int n, int64_t head_dim,
+    float *acc, const int ng) {
+    const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                         40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
+                                         32, 0);
+    const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+    uint32_t pairs[SUBGROUP][TILE / 2]; /* word j: p_2j | p_2j+1 << 16, in bfloat16 */
+    for (int g = 0; g < ng; g++)
+        _mm256_storeu_si256((__m256i *)pairs[g], (__m256i)_mm512_cvtneps_pbh((__m512)probs[g]));
+    const uint16_t *v = (const uint16_t *)v_head;
+    for (int64_t d = 0; d < head_dim; d += DP_DIMS) {
+        __m512 lo[SUBGROUP], hi[SUBGROUP]; /* columns d .. d + 15 and d + 16 .. d + 31 */
+        for (int g = 0; g < ng; g++) {
+            lo[g] = _mm512_loadu_ps(acc + g * head_dim + d);
+            hi[g] = _mm512_loadu_ps(acc + g * head_dim + d + 16);
+        }
+        for (int r = 0; r < n; r += 2) {
+            __m512i first = _mm512_loadu_si512(v + rows[r] + d);
+            /* past the tile's last row: zeros, never the cache (an unused slot may hold NaN) */
+            __m512i second = r + 1 < n ? _mm512_loadu_si512(v + rows[r + 1] + d)
+                                       : _mm512_setzero_si512();
+            __m512bh low_pairs = (__m512bh)_mm512_permutex2var_epi16(first, low, second);
+            __m512bh high_pairs = (__m512bh)_mm512_permutex2var_epi16(first, high, second);
+            for (int g = 0; g < ng; g++) {
+                __m512bh p = (__m512bh)_mm512_set1_epi32((int)pairs[g][r / 2]);
+                lo[g] = _mm512_dpbf16_ps(lo[g], low_pairs, p);
+                hi[g] = _mm512_dpbf16_ps(hi[g], high_pairs, p);
+            }
+        }
+        for (int g = 0; g < ng; g++) {
+            _mm512_storeu_ps(acc + g * head_dim + d, lo[g]);
+            _mm512_storeu_ps(acc + g * head_dim + d + 16, hi[g]);
+        }
+    }
+}
+
+typedef void (*score_dp_fn)(const uint16_t *, const void *, const int64_t *, int, int64_t, vf *,
+                            float);
+#define DP_FUNCTIONS(NG)                                                                      \
+    static void score_dp_##NG(const uint16_t *q, const void *k, const int64_t *rows, int n,  \
+                              int64_t hd, vf *s, float scale) {                              \
+        score_tile_dp(q, k, rows, n, hd, s, scale, NG);                                      \
+    }                                                                                        \
+    static void value_dp_##NG(const vf *p, const void *v, const int64_t *rows, int n,        \
+                              int64_t hd, float *acc) {                                      \
+        value_tile_dp(p, v, rows, n, hd, acc, NG);                                           \
+    }
+DP_FUNCTIONS(1) DP_FUNCTIONS(2) DP_FUNCTIONS(3) DP_FUNCTIONS(4)
+DP_FUNCTIONS(5) DP_FUNCTIONS(6) DP_FUNCTIONS(7) DP_FUNCTIONS(8)
+static const score_dp_fn SCORE_DP[SUBGROUP] = BY_SUBGROUP(score_dp_);
+static const value_fn VALUE_DP[SUBGROUP] = BY_SUBGROUP(value_dp_);
+#else
+#define HAVE_DP 0
+#define DP_DIMS 32
+#endif
+
+/* Whether the bfloat16 dot products serve this call: compiled in, a bfloat16 cache, and heads
+ * of whole registers. The two below are reached only where it says so. */
+static int use_dp(int32_t dtype, int64_t head_dim) {
+    return HAVE_DP && dtype == DTYPE_BFLOAT16 && head_dim % DP_DIMS == 0;
+}
+
+static void score_dp(const uint16_t *qh, const void *k_head, const int64_t *rows, int n,
+                     int64_t head_dim, vf *scores, float scale, int ng) {
+#if HAVE_DP
+    SCORE_DP[ng - 1](qh, k_head, rows, n, head_dim, scores, scale);
+#else
+    (void)qh, (void)k_head, (void)rows, (void)n, (void)head_dim, (void)scores, (void)scale;
+    (void)ng;
+#endif
+}
+
+static void value_dp(const vf *probs, const void *v_head, const int64_t *rows, int n,
+                     int64_t head_dim, float *acc, int ng) {
+#if HAVE_DP
+    VALUE_DP[ng - 1](probs, v_head, rows, n, head_dim, acc);
+#else
+    (void)probs, (void)v_head, (void)rows, (void)n, (void)head_dim, (void)acc, (void)ng;
+#endif
+}
+
 /* Turns one head's tile of scores into probabilities in place and folds them into the running
  * max m and sum l; a new max first rescales l and the head's accumulator acc [head_dim]. */
 static void softmax_tile(vf *scores, int n, float *m, float *l, float *acc, int64_t head_dim) {
@@ -283,7 +401,7 @@ static unsigned touch_tile(const Args *a, const int32_t *table, int64_t start, i
 /* One tile of positions for the item's kv heads first .. first + count - 1; q, m, l and acc
  * hold the item's q heads in order. */
 static void attend_tile(const Args *a, const int64_t *rows, int n, int64_t first, int64_t count,
-                        const float *q, float *m, float *l, float *acc) {
+                        const float *q, const uint16_t *qh, float *m, float *l, float *acc) {
     const int64_t D = a->head_dim, G = a->group, element = a->bf16 ? 2 : 4;
     vf scores[SUBGROUP];
     for (int64_t kv = 0; kv < count; kv++) {
@@ -292,10 +410,16 @@ static void attend_tile(const Args *a, const int64_t *rows, int n, int64_t first
         const char *v_head = (const char *)a->v_cache + head_bytes;
         for (int64_t h = kv * G; h < (kv + 1) * G; h += SUBGROUP) {
             int ng = (kv + 1) * G - h < SUBGROUP ? (int)((kv + 1) * G - h) : SUBGROUP;
-            SCORE_TILE[a->bf16][ng - 1](q + h * D, k_head, rows, n, D, scores);
+            if (a->dp)
+                score_dp(qh + h * D, k_head, rows, n, D, scores, a->qk_scale, ng);
+            else
+                SCORE_TILE[a->bf16][ng - 1](q + h * D, k_head, rows, n, D, scores);
             for (int g = 0; g < ng; g++)
                 softmax_tile(&scores[g], n, &m[h + g], &l[h + g], acc + (h + g) * D, D);
-            VALUE_TILE[a->bf16][ng - 1](scores, v_head, rows, n, D, acc + h * D);
+            if (a->dp)
+                value_dp(scores, v_head, rows, n, D, acc + h * D, ng);
+            else
+                VALUE_TILE[a->bf16][ng - 1](scores, v_head, rows, n, D, acc + h * D);
         }
     }
 }
@@ -308,10 +432,12 @@ static int attend_item(const Args *a, int64_t seq, int64_t first, int64_t count)
     const int64_t q_first = seq * a->q_stride_seq + first * a->group * a->q_stride_head;
     const int64_t out_first = seq * a->out_stride_seq + first * a->group * a->out_stride_head;
     float q[H * D], acc[H * D], m[H], l[H]; /* per q head of the item */
+    uint16_t qh[a->dp ? H * D : 1];          /* q as stored, for the bfloat16 dot products */
     for (int64_t h = 0; h < H; h++) {
         for (int64_t d = 0; d < D; d++) {
-            q[h * D + d] = load_scalar(a->query, q_first + h * a->q_stride_head + d, a->bf16);
-            q[h * D + d] *= a->qk_scale;
+            int64_t at = q_first + h * a->q_stride_head + d;
+            if (a->dp) qh[h * D + d] = ((const uint16_t *)a->query)[at];
+            q[h * D + d] = load_scalar(a->query, at, a->bf16) * a->qk_scale;
             acc[h * D + d] = 0.0f;
         }
         m[h] = -INFINITY;
@@ -325,7 +451,7 @@ static int attend_item(const Args *a, int64_t seq, int64_t first, int64_t count)
         int n = seq_len - start < TILE ? (int)(seq_len - start) : TILE;
         if (tile_rows(a, table, start, n, rows) != OK) return BAD_BLOCK_ID;
         touched += touch_tile(a, table, start + AHEAD * TILE, seq_len, first, count);
-        attend_tile(a, rows, n, first, count, q, m, l, acc);
+        attend_tile(a, rows, n, first, count, q, qh, m, l, acc);
     }
     __asm__ volatile("" : : "r"(touched)); /* the touches' only use */
     for (int64_t h = 0; h < H; h++)
@@ -366,7 +492,7 @@ int paged_decode_attention(
                     q_stride_seq, q_stride_head, out_stride_seq, out_stride_head,
                     stride_block, stride_row, stride_head, table_stride,
                     num_blocks, max_blocks, block_size, group, head_dim, scale * LOG2E,
-                    dtype == DTYPE_BFLOAT16};
+                    dtype == DTYPE_BFLOAT16, use_dp(dtype, head_dim)};
     const int64_t per_item = heads_per_item(num_seqs, num_kv_heads, group * head_dim, num_threads);
     const int64_t per_seq = (num_kv_heads + per_item - 1) / per_item;
     int status = OK;
@@ -409,12 +535,14 @@ static int attend_query_tile(const PrefillArgs *p, int64_t kv, int64_t tile) {
                                : p->tile_tokens;
     const int64_t V = tokens * G, offset = p->context_len - p->num_queries;
     float q[V * D], acc[V * D], m[V], l[V];
+    uint16_t qh[a->dp ? V * D : 1]; /* q as stored, for the bfloat16 dot products */
     int64_t position[V]; /* of each vector's token: it sees keys 0 .. position */
     for (int64_t t = 0; t < tokens; t++)
         for (int64_t g = 0; g < G; g++) {
             const int64_t v = t * G + g, head = kv * G + g;
             const int64_t at = (first_token + t) * a->q_stride_seq + head * a->q_stride_head;
             for (int64_t d = 0; d < D; d++) {
+                if (a->dp) qh[v * D + d] = ((const uint16_t *)a->query)[at + d];
                 q[v * D + d] = load_scalar(a->query, at + d, a->bf16) * a->qk_scale;
                 acc[v * D + d] = 0.0f;
             }
@@ -438,13 +566,19 @@ static int attend_query_tile(const PrefillArgs *p, int64_t kv, int64_t tile) {
                 continue;
             }
             int ng = V - v < SUBGROUP ? (int)(V - v) : SUBGROUP;
-            SCORE_TILE[a->bf16][ng - 1](q + v * D, k_head, rows, n, D, scores);
+            if (a->dp)
+                score_dp(qh + v * D, k_head, rows, n, D, scores, a->qk_scale, ng);
+            else
+                SCORE_TILE[a->bf16][ng - 1](q + v * D, k_head, rows, n, D, scores);
             for (int g = 0; g < ng; g++) {
                 int64_t seen = position[v + g] - start + 1; /* lanes this vector may see */
                 softmax_tile(&scores[g], seen < n ? (int)seen : n, &m[v + g], &l[v + g],
                              acc + (v + g) * D, D);
             }
-            VALUE_TILE[a->bf16][ng - 1](scores, v_head, rows, n, D, acc + v * D);
+            if (a->dp)
+                value_dp(scores, v_head, rows, n, D, acc + v * D, ng);
+            else
+                VALUE_TILE[a->bf16][ng - 1](scores, v_head, rows, n, D, acc + v * D);
             v += ng;
         }
     }
@@ -480,7 +614,7 @@ int paged_prefill_attention(
                             q_stride_tok, q_stride_head, out_stride_tok, out_stride_head,
                             stride_block, stride_row, stride_head, table_len,
                             num_blocks, table_len, block_size, group, head_dim, scale * LOG2E,
-                            dtype == DTYPE_BFLOAT16},
+                            dtype == DTYPE_BFLOAT16, use_dp(dtype, head_dim)},
                            num_queries, context_len, tile_tokens};
     const int64_t tiles = (num_queries + tile_tokens - 1) / tile_tokens;
     int status = OK;
