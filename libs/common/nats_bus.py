@@ -123,6 +123,13 @@ class Bus:
         to and from this process may have been lost)."""
         return self._events.reconnects if self._events is not None else 0
 
+    def on_reconnected(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (from nats-py's task, so it must not block) each time the connection
+        comes back after it dropped: a request in flight across the gap may have lost its
+        message or its reply."""
+        if self._events is not None:
+            self._events.reconnect_listeners.append(listener)
+
     async def publish(
         self, subject: str, payload: bytes, headers: Mapping[str, str] | None = None
     ) -> None:
@@ -242,6 +249,7 @@ class _ConnectionEvents:
         self.errors_since_connected = 0
         self.reconnects = 0
         self.permission_violations = 0
+        self.reconnect_listeners: list[Callable[[], None]] = []
 
     async def on_error(self, exc: Exception) -> None:
         if "permissions violation" in str(exc).lower():
@@ -262,6 +270,11 @@ class _ConnectionEvents:
         self.reconnects += 1
         url = self.nc.connected_url.geturl() if self.nc.connected_url else None
         logger.info("reconnected to NATS", extra={"connection": self.name, "url": url})
+        for listener in self.reconnect_listeners:
+            try:
+                listener()
+            except Exception:  # one listener's failure must not keep the others from hearing
+                logger.exception("reconnect listener failed", extra={"connection": self.name})
 
     async def on_closed(self) -> None:
         logger.info("NATS connection closed", extra={"connection": self.name})

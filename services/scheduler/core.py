@@ -91,6 +91,7 @@ class SchedulerCore:
         # Set (with a reason) when the batch in flight will never be answered: its prefill
         # worker lost its lease (dead, or frozen and stopped by kv_manager).
         self._prefill_lost: asyncio.Future[str] | None = None
+        self._prefill_sent_at_reconnects = 0  # the bus's reconnects when the batch went out
         self._prefill_s_per_token: float | None = None  # the slowest recent batch's
 
     @property
@@ -288,13 +289,14 @@ class SchedulerCore:
             self.bus.request(workers.prefill_batch_subject(self.unit), encode(batch), wait_s)
         )
         lost = self._prefill_lost = asyncio.get_running_loop().create_future()
+        self._prefill_sent_at_reconnects = self.bus.reconnects
         try:
             await asyncio.wait({request, lost}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._prefill_lost = None
             if not request.done():  # lost, or the loop itself is being cancelled
                 request.cancel()
-        if request.cancelled():
+        if not request.done() or request.cancelled():  # a cancelled task is done only later
             await self._prefill_again(chunks, lost.result())
             return
         try:
@@ -342,6 +344,15 @@ class SchedulerCore:
         lost = self._prefill_lost
         if batch_id == self._batch_id and lost is not None and not lost.done():
             lost.set_result(reason)
+
+    def connection_restored(self) -> None:
+        """The bus came back after it dropped (nats-server restarted, say): a batch sent before
+        may have lost its message or its answer with the server, and waiting for it would
+        stall every prompt for its whole wait (10 s at least). It is given up now and its
+        requests prefilled again; an answer that does come is ignored, and the worker's own
+        block references keep its late writes off blocks handed elsewhere."""
+        if self._prefill_sent_at_reconnects < self.bus.reconnects:
+            self.abort_prefill(self._batch_id, "the NATS connection dropped while it was out")
 
     async def _prefill_again(
         self, chunks: list[PrefillChunk], reason: str, counted: bool = True

@@ -83,6 +83,7 @@ class SchedulerService:
                 slo_aware=s.admission == "slo",
             ),
         )
+        bus.on_reconnected(self.core.connection_restored)
         self.handlers = handlers = SchedulerHandlers(bus, self.core, s.unit, self.instance)
         await bus.subscribe(subjects.SCHED_SUBMIT, handlers.on_submit)
         await bus.subscribe(subjects.SCHED_CANCEL, handlers.on_cancel)

@@ -200,6 +200,34 @@ async def test_publish_works_again_after_server_restart(tmp_path: Path) -> None:
         restarted.stop()
 
 
+async def test_reconnect_listeners_hear_each_return_even_past_a_failing_one(
+    tmp_path: Path,
+) -> None:
+    first = NatsServer(tmp_path).start()
+    restarted = NatsServer(tmp_path, first.port)
+    resilient = await Bus.connect(first.url, "test-listeners", reconnect_time_wait_s=0.05)
+    heard: list[int] = []
+
+    def failing() -> None:
+        raise RuntimeError("a listener that fails")
+
+    resilient.on_reconnected(failing)
+    resilient.on_reconnected(lambda: heard.append(resilient.reconnects))
+    try:
+        for _ in range(2):
+            first.stop()
+            restarted.stop()
+            await _wait_until(lambda: not resilient.is_connected, timeout_s=2.0)
+            restarted.start()
+            await _wait_until(lambda: resilient.is_connected, timeout_s=5.0)
+            await _wait_until(lambda: len(heard) == resilient.reconnects, timeout_s=2.0)
+        assert heard == [1, 2]
+    finally:
+        await resilient.close()
+        first.stop()
+        restarted.stop()
+
+
 async def test_a_drain_against_a_frozen_server_gives_up_and_closes(tmp_path: Path) -> None:
     """A service stopping while nats-server is frozen (or going away with it) must not wait
     on a flush that never comes: its whole stop has 10 s."""
