@@ -67,9 +67,21 @@ def check_against_reference(
         query, k_cache, v_cache, tables, lens, scale, num_threads=num_threads, options=options
     )
     one_row_each = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
-    expected = paged_attention_ref(query, k_cache, v_cache, tables, one_row_each, lens, scale)
-    assert ours.dtype == dtype and ours.shape == query.shape
-    tolerance = TOLERANCE[dtype]
+    cache = (k_cache, v_cache, tables)
+    assert_equals_reference(ours, query, cache, one_row_each, lens, scale)
+
+
+def assert_equals_reference(
+    ours: torch.Tensor,
+    query: torch.Tensor,
+    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # k_cache, v_cache, block_tables
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> None:
+    expected = paged_attention_ref(query, *cache, query_start_loc, seq_lens, scale)
+    assert ours.dtype == query.dtype and ours.shape == query.shape
+    tolerance = TOLERANCE[query.dtype]
     torch.testing.assert_close(ours, expected, rtol=tolerance, atol=tolerance)
 
 
@@ -143,10 +155,7 @@ def check_prefill_against_reference(
     )
     starts = torch.tensor([0, num_queries], dtype=torch.int32)
     lens = torch.tensor([context_len], dtype=torch.int32)
-    expected = paged_attention_ref(query, k_cache, v_cache, tables, starts, lens, scale)
-    assert ours.dtype == dtype and ours.shape == query.shape
-    tolerance = TOLERANCE[dtype]
-    torch.testing.assert_close(ours, expected, rtol=tolerance, atol=tolerance)
+    assert_equals_reference(ours, query, (k_cache, v_cache, tables), starts, lens, scale)
 
 
 @needs_kernel

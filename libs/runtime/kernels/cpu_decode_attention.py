@@ -188,9 +188,21 @@ def _check_arguments(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
 ) -> CacheGeometry:
-    check_same_device(
-        query=query, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens
-    )
+    check_same_device(block_tables=block_tables, seq_lens=seq_lens, query=query)
+    geometry, _ = _check_query_and_cache(query, k_cache, v_cache, MAX_GROUP_ELEMENTS)
+    num_seqs = query.shape[0]
+    check_tensor("block_tables", block_tables, dtype=torch.int32, shape=(num_seqs, None))
+    check_tensor("seq_lens", seq_lens, dtype=torch.int32, shape=(num_seqs,))
+    return geometry
+
+
+def _check_query_and_cache(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, max_group_elements: int
+) -> tuple[CacheGeometry, int]:
+    """The checks both kernels share: a CPU query of the cache's dtype and head_dim, a cache of
+    a dtype and head_dim the kernels take, and no more q heads a kv head than an item holds.
+    Returns the cache's geometry and the group size."""
+    check_same_device(query=query, k_cache=k_cache, v_cache=v_cache)
     if query.device.type != "cpu":
         raise ShapeError(f"query: on {query.device}, the kernel runs on the CPU")
     geometry = check_kv_cache(k_cache, v_cache)
@@ -200,12 +212,9 @@ def _check_arguments(
         raise ShapeError(f"head_dim is {geometry.head_dim}, expected a multiple of {LANES}")
     check_tensor("query", query, dtype=k_cache.dtype, shape=(None, None, geometry.head_dim))
     group = check_query_heads(query.shape[1], geometry.num_kv_heads)
-    if group * geometry.head_dim > MAX_GROUP_ELEMENTS:
+    if group * geometry.head_dim > max_group_elements:
         raise ShapeError(f"query: {group} heads per KV head of {geometry.head_dim} is too many")
-    num_seqs = query.shape[0]
-    check_tensor("block_tables", block_tables, dtype=torch.int32, shape=(num_seqs, None))
-    check_tensor("seq_lens", seq_lens, dtype=torch.int32, shape=(num_seqs,))
-    return geometry
+    return geometry, group
 
 
 def cpu_paged_prefill_attention(
@@ -223,18 +232,8 @@ def cpu_paged_prefill_attention(
     """Causal attention of one sequence's last n tokens. Raises ShapeError on a bad argument,
     BlockTableError on a context or block id outside the table or pool, KernelUnavailable when
     the kernel cannot be built here."""
-    check_same_device(query=query, k_cache=k_cache, v_cache=v_cache, block_table=block_table)
-    if query.device.type != "cpu":
-        raise ShapeError(f"query: on {query.device}, the kernel runs on the CPU")
-    geometry = check_kv_cache(k_cache, v_cache)
-    if k_cache.dtype not in DTYPE_CODES:
-        raise ShapeError(f"k_cache: dtype {k_cache.dtype}, expected float32 or bfloat16")
-    if geometry.head_dim % LANES != 0:
-        raise ShapeError(f"head_dim is {geometry.head_dim}, expected a multiple of {LANES}")
-    check_tensor("query", query, dtype=k_cache.dtype, shape=(None, None, geometry.head_dim))
-    group = check_query_heads(query.shape[1], geometry.num_kv_heads)
-    if group * geometry.head_dim > MAX_PREFILL_GROUP_ELEMENTS:
-        raise ShapeError(f"query: {group} heads per KV head of {geometry.head_dim} is too many")
+    check_same_device(block_table=block_table, query=query)
+    geometry, group = _check_query_and_cache(query, k_cache, v_cache, MAX_PREFILL_GROUP_ELEMENTS)
     check_tensor("block_table", block_table, dtype=torch.int32, shape=(None,))
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype)
