@@ -128,8 +128,10 @@ class Sampler:
         winners, unsettled = nucleus_draw(probs, uniforms, top_p)
         if unsettled:
             racing = [drawn_rows[i] for i in unsettled]
-            noise = self._uniforms(racing, (self.vocab_size,), torch.float32, _RACE_STREAM)
-            noise = noise.to(scores.device).clamp_min_(_SMALLEST_UNIFORM).log_().neg_()
+            noise = self._uniforms(
+                racing, (self.vocab_size,), torch.float32, _RACE_STREAM, scores.device
+            )
+            noise = noise.clamp_min_(_SMALLEST_UNIFORM).log_().neg_()
             winners[unsettled] = nucleus_race(
                 probs[unsettled], noise, [top_p[i] for i in unsettled]
             )
@@ -142,11 +144,10 @@ class Sampler:
         shape: tuple[int, ...],
         dtype: torch.dtype,
         stream: int,
-        device: torch.device | None = None,
+        device: torch.device,
     ) -> torch.Tensor:
         """U in [0, 1), [R, *shape]: a seeded row's from a generator seeded by its (seed,
         position) and `stream` alone, the other rows' from this sampler's generator."""
-        device = device or torch.device("cpu")
         uniform = torch.empty(len(rows), *shape, dtype=dtype, device=device)
         unseeded = [i for i, row in enumerate(rows) if row.params.seed is None]
         generator = self._generator(device)

@@ -160,13 +160,18 @@ def nucleus_draw(
     for round_draws in draws.T[1:]:
         if not rows:
             break
-        outside = _outside_nucleus(probs[rows], winners[rows], [top_p[i] for i in rows])
-        rows = [i for i, out in zip(rows, outside.tolist(), strict=True) if out]
+        rows = _still_outside(probs, winners, top_p, rows)
         winners[rows] = round_draws[rows]
-    if rows:
-        outside = _outside_nucleus(probs[rows], winners[rows], [top_p[i] for i in rows])
-        rows = [i for i, out in zip(rows, outside.tolist(), strict=True) if out]
-    return winners, rows
+    return winners, _still_outside(probs, winners, top_p, rows) if rows else rows
+
+
+def _still_outside(
+    probs: torch.Tensor, winners: torch.Tensor, top_p: Sequence[float], rows: list[int]
+) -> list[int]:
+    """Those of `rows` whose winner lies outside their nucleus."""
+    limits = torch.tensor([top_p[i] for i in rows], dtype=probs.dtype, device=probs.device)
+    outside, _ = _outside_nucleus(probs[rows], winners[rows], limits)
+    return [i for i, out in zip(rows, outside.tolist(), strict=True) if out]
 
 
 def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -197,15 +202,16 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 def _outside_nucleus(
-    probs: torch.Tensor, winners: torch.Tensor, top_p: Sequence[float]
-) -> torch.Tensor:
-    """[P] bool: whether each winner is outside its row's nucleus, i.e. the tokens strictly
-    more likely than it weigh top_p or more. The most likely tokens (nothing above them) are
-    always in, whatever top_p: one too small for float32 (5e-324) is 0 here."""
+    probs: torch.Tensor, winners: torch.Tensor, limits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([P] bool, [P, V] bool): whether each winner is outside its row's nucleus, i.e. the
+    tokens strictly more likely than it weigh its limit (top_p) or more, and which tokens those
+    are. The most likely tokens (nothing above them) are always in, whatever top_p: one too
+    small for float32 (5e-324) is 0 here, and the race would never end."""
     winner_probs = probs.gather(1, winners[:, None])  # [P, 1]
-    mass_above = probs.mul(probs > winner_probs).sum(dim=-1)  # [P]
-    limits = torch.tensor(top_p, dtype=probs.dtype, device=probs.device)
-    return (mass_above >= limits) & (mass_above > 0)
+    more_likely = probs > winner_probs  # [P, V]
+    mass_above = probs.mul(more_likely).sum(dim=-1)  # [P]
+    return (mass_above >= limits) & (mass_above > 0), more_likely
 
 
 def nucleus_race(probs: torch.Tensor, noise: torch.Tensor, top_p: Sequence[float]) -> torch.Tensor:
@@ -227,12 +233,7 @@ def nucleus_race(probs: torch.Tensor, noise: torch.Tensor, top_p: Sequence[float
     limits = torch.tensor([p if p < 1.0 else 2.0 for p in top_p], device=probs.device)
     racing_probs, racing_keys, racing_winners = probs, keys, winners
     while rows.numel():
-        winner_probs = racing_probs.gather(1, racing_winners[:, None])  # [P, 1]
-        more_likely = racing_probs > winner_probs  # [P, V]
-        mass_above = racing_probs.mul(more_likely).sum(dim=-1)  # [P]
-        # The most likely tokens (nothing above them) are always in, whatever top_p: one too
-        # small for float32 (5e-324) is 0 here, and the race would never end.
-        outside = (mass_above >= limits) & (mass_above > 0)
+        outside, more_likely = _outside_nucleus(racing_probs, racing_winners, limits)
         rows, limits, racing_probs = rows[outside], limits[outside], racing_probs[outside]
         # Keys drop to 0 outside the field; inside, the most likely token keeps a key > 0.
         racing_keys = racing_keys[outside].mul_(more_likely[outside])
