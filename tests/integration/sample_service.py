@@ -1,12 +1,13 @@
 """A service that only reports its lifecycle, for test_lifecycle.py to run as a process.
 
-    python sample_service.py ok|hang-drain|fail-start|crash-loop|stuck-thread
+    python sample_service.py ok|hang-drain|fail-start|crash-loop|stuck-thread|heap
 
 Each step prints `EVENT <step>` on stdout; settings come from DUET_* variables as in any
 service.
 """
 
 import asyncio
+import gc
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,8 @@ class SampleService:
         if self.mode == "stuck-thread":  # as a model thread spinning in a kernel for ever
             self.model = ThreadPoolExecutor(1, thread_name_prefix="sample-model")
             self.model.submit(_spin_for_ever)
+        if self.mode == "heap":  # long-lived state, as a model worker's weights and tables
+            self.tables = [[i] for i in range(50_000)]
         self.started = True
 
     async def _crash_soon(self) -> None:
@@ -40,6 +43,8 @@ class SampleService:
 
     async def drain(self) -> None:
         emit("drain")
+        if self.mode == "heap":
+            emit(f"frozen {gc.get_freeze_count()}")
         if self.mode == "hang-drain":
             await asyncio.sleep(3600)
 

@@ -107,6 +107,18 @@ def test_a_thread_that_never_returns_does_not_keep_the_process_alive() -> None:
     assert stuck and "sample-model" in str(stuck[0]["threads"])
 
 
+def test_a_ready_process_freezes_its_start_up_heap() -> None:
+    """A full collection walked every object a service started with: ~100 ms on a model
+    worker, a stall in the middle of a decode step or a stream. Once ready, they are frozen
+    out of the collector's sight; the 50,000 tables built in start among them."""
+    service = ServiceProcess("heap")
+    service.wait_for_log("ready")
+    service.process.send_signal(signal.SIGTERM)
+    assert service.finish() == 0
+    [frozen] = [event for event in service.events() if event.startswith("frozen ")]
+    assert int(frozen.split()[1]) > 50_000  # the tables, at least
+
+
 def test_failed_start_still_stops_and_exits_one() -> None:
     service = ServiceProcess("fail-start")
     assert service.finish() == 1
