@@ -16,6 +16,41 @@ from duetserve.proto.common import ErrorReply
 
 logger = logging.getLogger(__name__)
 _RETRY_S = 0.2
+# A release is answered in milliseconds; one lost in a NATS outage is sent again soon.
+RELEASE_TIMEOUT_S = 1.0
+RELEASE_ATTEMPTS = 5
+
+
+async def release_blocks(
+    bus: Bus,
+    unit: str,
+    owner: str,
+    pool: str = kv.UNIT_POOL,
+    timeout_s: float = RELEASE_TIMEOUT_S,
+    attempts: int = RELEASE_ATTEMPTS,
+) -> kv.BlocksReleased | None:
+    """Give back every block `owner` holds in the pool; kv_manager's answer (None: refused, or
+    never answered). A release lost on its way (sent into a NATS outage, say) would keep its
+    blocks for as long as the sender lives, its lease renewed all along: it is sent again
+    (releasing twice frees nothing twice). Errors are logged, never raised."""
+    subject = subjects.kv(unit, "release", pool)
+    for attempt in range(1, attempts + 1):
+        try:
+            reply = await bus.request(subject, encode(kv.ReleaseBlocks(owner)), timeout_s)
+        except BusTimeout as err:  # lost (or kv_manager away): again
+            logger.warning("releasing %s (attempt %d): %s", owner, attempt, err)
+            continue
+        try:
+            answer = decode(reply.data, kv.BlocksReleased, ErrorReply)
+        except ProtoError as err:
+            logger.warning("releasing %s: %s", owner, err)
+            return None
+        if isinstance(answer, ErrorReply):
+            logger.warning("releasing %s: %s", owner, answer.message)
+            return None
+        return answer
+    logger.error("could not release the blocks of %s", owner)
+    return None
 
 
 async def fetch_storage(

@@ -21,7 +21,7 @@ from duetserve.common.lifecycle import cancel_tasks, critical_task
 from duetserve.common.nats_bus import Bus, BusTimeout
 from duetserve.common.token_outbox import TokenOutbox
 from duetserve.common.tracing import traced_as
-from duetserve.common.unit_client import Lease, fetch_storage
+from duetserve.common.unit_client import Lease, fetch_storage, release_blocks
 from duetserve.proto import kv, subjects, workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply, HealthStatus
@@ -174,12 +174,10 @@ class PrefillWorkerService:
         return None
 
     async def _let_go(self, owner: str) -> None:
+        """Drop the batch's references. Sent again if lost (`release_blocks`): a worker that
+        lives on renews its lease, and a lost release would keep the blocks for ever."""
         assert self.bus is not None
-        subject = subjects.kv(self.settings.unit, "release")
-        try:
-            await self.bus.request(subject, encode(kv.ReleaseBlocks(owner)))
-        except (BusTimeout, ProtoError) as err:  # the lease lapses and frees them anyway
-            logger.warning("releasing %s: %s", owner, err)
+        await release_blocks(self.bus, self.settings.unit, owner)
 
     async def ready(self) -> bool:
         healthy = self.decoding is None or self.decoding.healthy()

@@ -15,7 +15,7 @@ import nats.errors
 from duetserve.common.nats_bus import Bus, BusError, BusTimeout
 from duetserve.common.token_outbox import TokenOutbox
 from duetserve.common.tracing import traced_as
-from duetserve.common.unit_client import Lease
+from duetserve.common.unit_client import Lease, release_blocks
 from duetserve.proto import kv, subjects, workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
@@ -32,9 +32,6 @@ from duetserve.services.unit_worker.settings import UnitWorkerSettings
 from duetserve.services.unit_worker.step_log import StepLog
 
 logger = logging.getLogger(__name__)
-# A release is answered in milliseconds; one lost in a NATS outage is sent again soon.
-RELEASE_TIMEOUT_S = 1.0
-RELEASE_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,29 +395,11 @@ class DecodeStepper:
         return None
 
     async def _release(self, resident: Resident) -> None:
-        """Give a finished request's blocks back. A release sent while NATS was away can be
-        lost without an answer, and its blocks would stay held for as long as this worker
-        lives: it is sent again (releasing twice frees nothing twice)."""
+        """Give a finished request's blocks back (sent again if lost: `release_blocks`)."""
         self._last_needs_blocks.pop(resident.request_id, None)
-        subject = subjects.kv(self.unit, "release", self.pool)
-        for attempt in range(1, RELEASE_ATTEMPTS + 1):
-            try:
-                reply = await self.bus.request(
-                    subject, encode(kv.ReleaseBlocks(resident.owner)), RELEASE_TIMEOUT_S
-                )
-            except BusTimeout as err:  # lost (or kv_manager away): again
-                logger.warning("releasing %s (attempt %d): %s", resident.owner, attempt, err)
-                continue
-            try:
-                answer = decode(reply.data, kv.BlocksReleased, ErrorReply)
-            except ProtoError as err:
-                logger.warning("releasing %s: %s", resident.owner, err)
-                return
-            if isinstance(answer, ErrorReply):
-                logger.warning("releasing %s: %s", resident.owner, answer.message)
-            else:
-                self._free_blocks = answer.num_free
-            return
+        answer = await release_blocks(self.bus, self.unit, resident.owner, self.pool)
+        if answer is not None:
+            self._free_blocks = answer.num_free
 
     def forget_all(self, why: str) -> None:
         """The lease is lost: every resident's blocks are someone else's now. Stop at once,

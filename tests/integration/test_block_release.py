@@ -1,0 +1,75 @@
+"""A release lost on its way to kv_manager (sent into a NATS outage) is sent again. A prefill
+worker's batch references were released once and never again: its lease kept being renewed,
+so the blocks stayed held for as long as it lived (the fault suite's NATS kill found one).
+A real nats-server; kv_manager is played by the test and loses the first release."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from nats.aio.msg import Msg
+
+from duetserve.common.nats_bus import Bus
+from duetserve.common.nats_server import NatsServer
+from duetserve.common.unit_client import release_blocks
+from duetserve.proto import kv, subjects
+from duetserve.proto.codec import decode, encode
+from duetserve.services.prefill_worker.service import PrefillWorkerService
+from duetserve.services.prefill_worker.settings import PrefillSettings
+
+UNIT = "unit0"
+
+
+@asynccontextmanager
+async def losing_first_release(url: str) -> AsyncIterator[list[str]]:
+    """A kv_manager that never answers the first release it gets; the owners it was asked to
+    release, in order, until the block ends."""
+    bus = await Bus.connect(url, "played-kv-manager")
+    asked: list[str] = []
+
+    async def release(msg: Msg) -> None:
+        owner = decode(msg.data, kv.ReleaseBlocks).owner
+        asked.append(owner)
+        if len(asked) > 1:
+            await bus.reply(msg, encode(kv.BlocksReleased(owner, num_freed=3, num_free=61)))
+
+    try:
+        await bus.subscribe(subjects.kv(UNIT, "release"), release)
+        await bus.flush()
+        yield asked
+    finally:
+        await bus.close()
+
+
+async def test_a_lost_release_is_sent_again(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "nats").start()
+    try:
+        async with losing_first_release(server.url) as asked:
+            bus = await Bus.connect(server.url, "worker")
+            try:
+                answer = await release_blocks(bus, UNIT, "worker/r-1", timeout_s=0.2)
+            finally:
+                await bus.close()
+        assert asked == ["worker/r-1", "worker/r-1"]
+        assert answer == kv.BlocksReleased("worker/r-1", num_freed=3, num_free=61)
+    finally:
+        server.stop()
+
+
+async def test_a_prefill_worker_lets_go_of_its_batch_even_when_the_first_release_is_lost(
+    tmp_path: Path,
+) -> None:
+    server = NatsServer(tmp_path / "nats").start()
+    try:
+        async with losing_first_release(server.url) as asked:
+            settings = PrefillSettings(nats_url=server.url, unit=UNIT, request_timeout_s=0.2)
+            worker = PrefillWorkerService(settings)
+            worker.bus = await Bus.connect(server.url, worker.instance)
+            try:
+                await asyncio.wait_for(worker._let_go(f"{worker.instance}/batch-7"), 10)
+            finally:
+                await worker.bus.close()
+        assert asked == [f"{worker.instance}/batch-7"] * 2
+    finally:
+        server.stop()
