@@ -3,15 +3,17 @@ simulator's CPU profile to the live system (`python -m duetserve.loadtest.sim me
 --step-logs DIR`) and for seeing where a worker's time goes.
 
     {"kind": "decode", "tokens": 12, "context": 4410, "forward_s": 0.031, "cycle_s": 0.034,
-     "threads": 1, "cores": 2}
+     "threads": 1, "cores": 2, "at": 1796481363.2431}
 
 `tokens` are prompt tokens computed (prefill) or sequences stepped (decode); `context` the keys
 attended (prefill) or KV tokens read (decode), as the simulator's cost model counts them;
 `forward_s` the forward pass and sampling; `cycle_s` the worker's whole iteration around it
-(message handling, token publishing, block bookkeeping)."""
+(message handling, token publishing, block bookkeeping); `at` the wall-clock time (Unix
+seconds) it ended, so that the gaps between steps, and a client's view of the same run, line up."""
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import IO, Literal
 
@@ -44,6 +46,7 @@ class StepLog:
             "cycle_s": round(cycle_s, 6),
             "threads": torch.get_num_threads(),
             "cores": os.cpu_count() or 1,
+            "at": round(time.time(), 4),
         }
         self._file.write(json.dumps(row) + "\n")
 
