@@ -1,6 +1,12 @@
 """The scheduler's loop over one unit: plan, admit (prefix cache, then blocks), run a prefill
 batch, hand finished prompts to decode. The planner decides; this module talks.
 
+Two prefill batches may be out at once (MAX_BATCHES_OUT): when a batch leaves prompts behind
+(its token budget ran out), the next is planned, admitted and sent while it computes, and the
+answer of the one before is settled (prefixes indexed, prompts handed to decode, blocks
+released) while the next computes, so the worker never waits for this loop's round trips
+between them. A request with a chunk out sits out the next plan.
+
 Handlers for submissions, cancels and worker events run beside the loop on the same event loop;
 they change records and wake the loop.
 """
@@ -9,6 +15,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from nats.aio.msg import Msg
 
 from duetserve.common.nats_bus import Bus, BusNoResponders, BusTimeout
 from duetserve.common.token_outbox import TokenOutbox
@@ -35,6 +46,8 @@ RELEASE_ATTEMPTS = 3
 PREFILL_WAIT_FACTOR = 8.0
 PREFILL_WAIT_FLOOR_S = 10.0
 PREFILL_ATTEMPTS = 3
+# Prefill batches out at once: one computing, the next already at the worker.
+MAX_BATCHES_OUT = 2
 # A migrating request whose client has not said how far it got by then is forgotten (its
 # ingress is gone too).
 RESUME_WAIT_S = 30.0
@@ -46,6 +59,32 @@ NO_WORKER_WAIT_S = 60.0
 ROLL_CALL_FRESH_S = 3 * workers.ROLL_CALL_S
 # A decoding request in no roll call for this long has ended on its worker unheard.
 ROLL_CALL_MISSING_S = 2 * workers.ROLL_CALL_S
+
+
+@dataclass(slots=True)
+class BatchOut:
+    """A prefill batch sent and not settled yet."""
+
+    batch_id: int
+    chunks: list[PrefillChunk]
+    # Each request's preemption count when sent: a request requeued since (its worker lost,
+    # say) and admitted again has new blocks, and this batch's answer is not about them.
+    generations: dict[str, int]
+    tokens: int
+    sent_at: float  # monotonic
+    reconnects: int  # the bus's reconnects when it went out
+    request: "asyncio.Future[Msg]"
+    # Set (with a reason) when it will never be answered: its prefill worker lost its lease
+    # (dead, or frozen and stopped by kv_manager), or the connection dropped while it was out.
+    lost: "asyncio.Future[str]"
+    answered_at: float | None = None  # monotonic, when its answer came
+    # Prompt tokens were left for a next batch when it was planned (its budget ran out): that
+    # batch is planned and sent at once. Otherwise prompts arriving meanwhile wait for this
+    # answer and go out together, not one by one as they trickle in (each batch a step).
+    left_behind: bool = False
+
+    def finished(self) -> bool:
+        return self.request.done() or self.lost.done()
 
 
 class SchedulerCore:
@@ -88,10 +127,8 @@ class SchedulerCore:
         self._roll_calls: dict[str, tuple[float, set[str]]] = {}  # source -> (when, residents)
         self.transfers = KvTransfers()
         self._next_reclaim = 0.0  # monotonic time before which the cache is not asked again
-        # Set (with a reason) when the batch in flight will never be answered: its prefill
-        # worker lost its lease (dead, or frozen and stopped by kv_manager).
-        self._prefill_lost: asyncio.Future[str] | None = None
-        self._prefill_sent_at_reconnects = 0  # the bus's reconnects when the batch went out
+        self.batches_out: deque[BatchOut] = deque()  # oldest first, as the worker runs them
+        self._last_answer_at = 0.0  # monotonic: when the last batch settled was answered
         self._prefill_s_per_token: float | None = None  # the slowest recent batch's
 
     @property
@@ -107,19 +144,23 @@ class SchedulerCore:
     # --- the loop -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        while True:
-            # Events wake the loop; requests left waiting (no blocks yet) are retried on a short
-            # timer too, so no lost wake-up can strand them.
-            waits = self.view.waiting or self.handoffs
-            migrating = any(r.migrating_since is not None for r in self.records.values())
-            retry_s = RETRY_WAITING_S if waits or migrating else None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), retry_s)
-            self.wake.clear()
-            await self._retry_handoffs()
-            self._forget_unresumed(time.monotonic())
-            while await self._step():
-                pass
+        try:
+            while True:
+                # Events wake the loop; requests left waiting (no blocks yet) are retried on a
+                # short timer too, so no lost wake-up can strand them.
+                waits = self.view.waiting or self.handoffs
+                migrating = any(r.migrating_since is not None for r in self.records.values())
+                retry_s = RETRY_WAITING_S if waits or migrating else None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), retry_s)
+                self.wake.clear()
+                await self._retry_handoffs()
+                self._forget_unresumed(time.monotonic())
+                while await self._step():
+                    pass
+        finally:
+            for out in self.batches_out:  # the loop is stopped: nobody waits for them
+                out.request.cancel()
 
     async def _retry_handoffs(self) -> None:
         """Hand off what waits for the decode worker (just prefilled, or refused for now)."""
@@ -129,29 +170,71 @@ class SchedulerCore:
             await self._hand_off(live)
 
     async def _step(self) -> bool:
-        """One plan and its prefill batch; False when there is nothing to do right now."""
+        """Send the next prefill batch if there is one and room for it; otherwise settle the
+        oldest batch out once it is answered (a new request arriving meanwhile, with room for
+        another batch, is planned at once). False when there is nothing to do right now."""
         # Handlers run while this awaits: a request may end (cancel, failure) at any await, so
         # records are looked up again after each one.
         for record in [r for r in self.records.values() if r.cancelled is not None]:
-            if record.seq.phase == Phase.PREFILLING:  # no chunk of it is in flight now
+            if record.seq.phase == Phase.PREFILLING and not record.seq.in_flight:
                 await self.finish(record)
-        decode_tokens = len(self.view.decoding) if self.shared_steps else 0
+        rejected = False
+        if self._room_for_a_batch():
+            sent, rejected = await self._plan_and_send()
+            if sent:
+                return True
+        if not self.batches_out:
+            return rejected
+        oldest = self.batches_out[0]
+        waits: set[asyncio.Future[Any]] = {oldest.request, oldest.lost}
+        woken = None
+        if self._room_for_a_batch():
+            woken = asyncio.ensure_future(self.wake.wait())
+            waits.add(woken)
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if woken is not None:
+                woken.cancel()
+        if not oldest.finished():  # woken: plan again, with the batch still computing
+            self.wake.clear()
+            return True
+        self.batches_out.popleft()
+        await self._settle(oldest)
+        return True
+
+    def _room_for_a_batch(self) -> bool:
+        out = self.batches_out
+        return not out or (len(out) < MAX_BATCHES_OUT and out[-1].left_behind)
+
+    async def _plan_and_send(self) -> tuple[bool, bool]:
+        """Plan, admit and send a batch. (whether one went out, or the cache gave blocks back
+        and it is worth planning again; whether requests were rejected)."""
+        decode_tokens = 0
+        if self.shared_steps:  # the prompts out now decode beside the next batch
+            finishing = sum(c.is_last for out in self.batches_out for c in out.chunks)
+            decode_tokens = len(self.view.decoding) + finishing
         now = time.monotonic()
         plan = self.planner.plan(self.view, now, decode_tokens)
         for rejection in plan.reject:
             if (rejected := self.records.get(rejection.request_id)) is not None:
                 await self.fail(rejected, rejection.reason)
+        some_rejected = bool(plan.reject)
         if not plan.admit and self.view.waiting and await self._reclaim_for_waiting(now):
-            return True
+            return True, some_rejected
         admitted = {a.request_id for a in plan.admit if await self._admit(a)}
         # Planned again: an admission that hit the prefix cache starts past the cached tokens,
         # and a chunk planned from before it would recompute them and overshoot the prompt.
         prefill = self.planner.prefill_chunks(self.view, now, decode_tokens)
         chunks = [c for c in prefill if self._still_prefilling(c.request_id, admitted)]
-        if not chunks:
-            return bool(plan.reject)
-        await self._run_prefill(chunks)
-        return True
+        if chunks:
+            out = self._send_prefill(chunks)
+            # Admitted prompts the budget had no room for (not those arriving meanwhile).
+            out.left_behind = any(
+                s.num_uncomputed > 0 and not s.in_flight for s in self.view.prefilling
+            )
+            return True, some_rejected
+        return False, some_rejected
 
     def _still_prefilling(self, request_id: str, admitted: set[str]) -> bool:
         record = self.records.get(request_id)
@@ -278,48 +361,82 @@ class SchedulerCore:
 
     # --- prefill and hand-off -----------------------------------------------------------
 
-    async def _run_prefill(self, chunks: list[PrefillChunk]) -> None:
+    def _send_prefill(self, chunks: list[PrefillChunk]) -> BatchOut:
+        """Send a batch; it is settled (`_settle`) once answered, oldest first."""
         self._batch_id += 1
         items = tuple(self._prefill_item(c) for c in chunks)
         batch = workers.PrefillBatch(self._batch_id, items)
-        started = time.monotonic()
         tokens = sum(c.num_tokens for c in chunks)
-        wait_s = self._prefill_wait_s(tokens)
+        # It is computed after the batches already out: its answer may wait for theirs too.
+        ahead = sum(out.tokens for out in self.batches_out)
+        wait_s = self._prefill_wait_s(ahead + tokens)
         request = asyncio.ensure_future(
             self.bus.request(workers.prefill_batch_subject(self.unit), encode(batch), wait_s)
         )
-        lost = self._prefill_lost = asyncio.get_running_loop().create_future()
-        self._prefill_sent_at_reconnects = self.bus.reconnects
-        try:
-            await asyncio.wait({request, lost}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._prefill_lost = None
-            if not request.done():  # lost, or the loop itself is being cancelled
-                request.cancel()
+        generations = {}
+        for chunk in chunks:
+            seq = self.records[chunk.request_id].seq
+            seq.in_flight = True
+            generations[chunk.request_id] = seq.num_preemptions
+        out = BatchOut(
+            self._batch_id,
+            chunks,
+            generations,
+            tokens,
+            time.monotonic(),
+            self.bus.reconnects,
+            request,
+            asyncio.get_running_loop().create_future(),
+        )
+        request.add_done_callback(lambda _: setattr(out, "answered_at", time.monotonic()))
+        self.batches_out.append(out)
+        return out
+
+    def _landed(self, out: BatchOut) -> list[tuple[RequestRecord, PrefillChunk]]:
+        """The batch is answered or given up: its requests may be planned again. Those still
+        as they were when it went out, with their chunks."""
+        current = []
+        for chunk in out.chunks:
+            record = self.records.get(chunk.request_id)
+            if record is None or record.seq.num_preemptions != out.generations[chunk.request_id]:
+                continue  # ended, or requeued (and maybe out again, with other blocks)
+            record.seq.in_flight = False
+            current.append((record, chunk))
+        return current
+
+    async def _settle(self, out: BatchOut) -> None:
+        """The oldest batch out is answered, or will never be: take in its results (or
+        prefill its requests again)."""
+        request = out.request
+        if not request.done():  # lost
+            request.cancel()
+        current = self._landed(out)
         if not request.done() or request.cancelled():  # a cancelled task is done only later
-            await self._prefill_again(chunks, lost.result())
+            await self._prefill_again(current, out.lost.result())
             return
         try:
             reply = request.result()
             done = decode(reply.data, workers.PrefillDone)
-            took = time.monotonic() - started
-            self.tuner.on_prefill_batch(tokens, took)
-            self._observe_prefill(tokens, took)
+            # Computing began when it went out, or when the batch before it was answered.
+            answered = out.answered_at or time.monotonic()
+            took = answered - max(out.sent_at, self._last_answer_at)
+            self._last_answer_at = answered
+            self.tuner.on_prefill_batch(out.tokens, took)
+            self._observe_prefill(out.tokens, took)
         except BusNoResponders as err:  # none runs now: a crashed one is starting again
-            await self._prefill_again(chunks, str(err), counted=False)
+            await self._prefill_again(current, str(err), counted=False)
             await asyncio.sleep(RETRY_WAITING_S)  # not a hot loop while it starts
             return
         except BusTimeout as err:
-            await self._prefill_again(chunks, str(err))
+            await self._prefill_again(current, str(err))
             return
         except ProtoError as err:
-            for chunk in chunks:
-                if (record := self.records.get(chunk.request_id)) is not None:
-                    await self.fail(record, f"prefill failed: {err}")
+            for record, _ in current:
+                await self.fail(record, f"prefill failed: {err}")
             return
         results = {r.request_id: r for r in done.results}
-        for chunk in chunks:
-            if (record := self.records.get(chunk.request_id)) is not None:
+        for record, chunk in current:
+            if self.records.get(record.request_id) is record:
                 with traced_as(record.traceparent, "scheduler.prefilled"):
                     await self._after_chunk(record, chunk, results)
         await self._retry_handoffs()
@@ -339,11 +456,11 @@ class SchedulerCore:
         self._prefill_s_per_token = rate if known is None else max(rate, 0.9 * known + 0.1 * rate)
 
     def abort_prefill(self, batch_id: int, reason: str) -> None:
-        """The prefill worker of batch `batch_id` lost its lease: if that batch is the one in
-        flight, stop waiting for it (SchedulerCore._run_prefill)."""
-        lost = self._prefill_lost
-        if batch_id == self._batch_id and lost is not None and not lost.done():
-            lost.set_result(reason)
+        """The prefill worker of batch `batch_id` lost its lease: if that batch is still out,
+        stop waiting for it (SchedulerCore._settle)."""
+        for out in self.batches_out:
+            if out.batch_id == batch_id and not out.lost.done():
+                out.lost.set_result(reason)
 
     def connection_restored(self) -> None:
         """The bus came back after it dropped (nats-server restarted, say): a batch sent before
@@ -351,21 +468,23 @@ class SchedulerCore:
         stall every prompt for its whole wait (10 s at least). It is given up now and its
         requests prefilled again; an answer that does come is ignored, and the worker's own
         block references keep its late writes off blocks handed elsewhere."""
-        if self._prefill_sent_at_reconnects < self.bus.reconnects:
-            self.abort_prefill(self._batch_id, "the NATS connection dropped while it was out")
+        for out in self.batches_out:
+            if out.reconnects < self.bus.reconnects and not out.lost.done():
+                out.lost.set_result("the NATS connection dropped while it was out")
 
     async def _prefill_again(
-        self, chunks: list[PrefillChunk], reason: str, counted: bool = True
+        self, current: list[tuple[RequestRecord, PrefillChunk]], reason: str, counted: bool = True
     ) -> None:
         """The batch will not be answered (its worker is gone, or its answer was lost): nothing
         of these prompts reached a client, so each goes back to waiting, its blocks given back,
         and is prefilled again from the start. The blocks are safe to give back: a worker that
         still writes them holds references of its own (taken only while the request held
         them), so they are not freed before it is done."""
-        logger.warning("prefill batch lost (%s): prefilling %d again", reason, len(chunks))
-        for chunk in chunks:
-            record = self.records.get(chunk.request_id)
-            if record is None or record.seq.phase != Phase.PREFILLING:
+        logger.warning("prefill batch lost (%s): prefilling %d again", reason, len(current))
+        for record, _ in current:
+            if self.records.get(record.request_id) is not record:
+                continue
+            if record.seq.phase != Phase.PREFILLING:
                 continue
             record.prefill_attempts += counted
             now = time.monotonic()

@@ -151,7 +151,7 @@ class Planner:
             if budget <= 0 or len(chunks) >= self.config.max_prefill_seqs:
                 break
             remaining = seq.num_uncomputed
-            if remaining <= 0:
+            if remaining <= 0 or seq.in_flight:
                 continue
             take = min(remaining, budget)
             chunks.append(PrefillChunk(seq.request_id, seq.num_computed, take, take == remaining))

@@ -29,6 +29,9 @@ class SeqState:
     num_blocks: int = 0  # blocks held for this request
     phase: Phase = Phase.WAITING
     num_preemptions: int = 0
+    # A chunk of it is in a prefill batch not answered yet: the next batch leaves it out
+    # (its next chunk starts where that one ends, known only from the answer).
+    in_flight: bool = False
 
     @property
     def num_uncomputed(self) -> int:
