@@ -207,6 +207,25 @@ def test_a_weight_is_work_conserving_a_share_under_contention_only(
     assert not (root / "duet").exists()
 
 
+@pytest.mark.parametrize(
+    ("version", "control", "thread"), [(1, "cpu.shares", 1024), (2, "cpu.weight", 100)]
+)
+def test_the_unit_weighs_as_many_threads_as_it_has_cores(
+    tmp_path: Path, version: CgroupVersion, control: str, thread: int
+) -> None:
+    """At the kernel's default weight, the unit's cgroup (two workers, a thread per core each)
+    weighed as much as one thread of any other process: each front-end thread that woke took
+    half a core from the model. The unit weighs its 2 cores; `duet`, holding every unit, the
+    machine's 4."""
+    root, proc = make_machine(tmp_path, version)
+    recorder = Recorder(original={0, 1})
+    share = open_share(root, proc, version, "decode", recorder, machine_cores=4)
+    share.apply(0.25)
+    assert (root / "duet" / "unit0" / control).read_text() == str(2 * thread)
+    assert (root / "duet" / control).read_text() == str(4 * thread)
+    share.close()
+
+
 def test_an_unknown_limit_is_refused(tmp_path: Path) -> None:
     root, proc = make_machine(tmp_path, 1)
     with pytest.raises(InvalidShareError, match="weight or quota"):

@@ -11,7 +11,12 @@ ways to hold a worker to its share (`limit`):
   other worker is lost (see "The period" below).
 
 The weights: share x 2048 in v1 (so half the unit is the kernel's default 1024), share x 200 in
-v2 (half is its default 100), within each version's bounds.
+v2 (half is its default 100), within each version's bounds. These divide the unit between its
+workers. The unit's own cgroup (and `duet` above it) weighs as many ordinary threads as it has
+cores (the machine's cores, for `duet`): with the kernel's default weight there, the whole
+unit, two workers of a torch thread per core each, weighed as much as ONE thread of any other
+process, and every thread of the front end (ingress, NATS, the scheduler, a load client) that
+woke took half a core from the model while it ran.
 
 cgroup v1 takes `cpu.cfs_period_us` and `cpu.cfs_quota_us`; cgroup v2 takes `cpu.max`
 ("<quota> <period>") and needs `+cpu` in every ancestor's `cgroup.subtree_control` (the root's
@@ -73,6 +78,7 @@ MIN_QUOTA_US = 1_000
 CgroupLimit = Literal["weight", "quota"]
 # v1 cpu.shares and v2 cpu.weight: per unit of share, and bounds
 WEIGHT_SCALE = {1: 2048, 2: 200}
+THREAD_WEIGHT = {1: 1024, 2: 100}  # an ordinary (nice 0) thread's, the kernel's default
 WEIGHT_BOUNDS = {1: (2, 262_144), 2: (1, 10_000)}
 _UNIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _log = logging.getLogger(__name__)
@@ -121,6 +127,13 @@ def weight_file(version: CgroupVersion, share: float) -> tuple[str, str]:
     return ("cpu.shares" if version == 1 else "cpu.weight", str(weight))
 
 
+def group_weight_file(version: CgroupVersion, threads: int) -> tuple[str, str]:
+    """The (control file, text) of a cgroup weighing as much as `threads` ordinary threads."""
+    low, high = WEIGHT_BOUNDS[version]
+    weight = min(max(THREAD_WEIGHT[version] * threads, low), high)
+    return ("cpu.shares" if version == 1 else "cpu.weight", str(weight))
+
+
 def read_quota(fs: CgroupFs, path: Path, version: CgroupVersion) -> CpuQuota:
     """The quota the cgroup at `path` has now."""
     if version == 1:
@@ -160,7 +173,10 @@ class CgroupCpuShare:
         set_affinity: SetAffinity = os.sched_setaffinity,
         get_affinity: GetAffinity = os.sched_getaffinity,
         set_threads: SetThreads | None = torch.set_num_threads,
+        machine_cores: int | None = None,
     ) -> None:
+        """`machine_cores`: the cores of the machine (default: os.cpu_count()), which `duet`'s
+        cgroup, holding every unit, weighs as."""
         self.role = check_role(role)
         self.mount = mount
         self.cores = unit_cores(cores)
@@ -178,6 +194,7 @@ class CgroupCpuShare:
         self._home = mount.path / home.lstrip("/")
         self._original_cores = get_affinity(self.pid)
         self._closed = False
+        self._machine_cores = machine_cores or os.cpu_count() or len(self.cores)
         self._create()
         try:
             self._write(self.path / "cgroup.procs", str(self.pid))
@@ -255,6 +272,10 @@ class CgroupCpuShare:
             except OSError as err:
                 raise ComputeShareError(f"cpu-cgroup: cannot create {level}: {err}") from err
             parent = level
+        unit, duet = self.path.parent, self.path.parent.parent
+        for level, threads in ((duet, self._machine_cores), (unit, len(self.cores))):
+            control, weight = group_weight_file(self.mount.version, threads)
+            self._write(level / control, weight)
 
     def _remove_groups(self) -> None:
         """Remove this worker's cgroup, then its parents while they are empty."""
