@@ -62,6 +62,7 @@ class DecodeWorkerService:
         pool = kv.DECODE_POOL if s.mode == "disagg" else kv.UNIT_POOL
         description = await fetch_storage(bus, s.unit, self.instance, pool)
         self.compute = compute = await asyncio.to_thread(WorkerCompute.open, s, "decode")
+        compute.attach_activity(s, description.region)
         await follow_splits(bus, compute, s, self.instance)
         self.host = await compute.run(host_model, description, s.sampler_seed)
         watchdog = watch_model_thread(compute, s.model_call_timeout_s)

@@ -17,6 +17,7 @@ from typing import Literal, NamedTuple, Protocol
 
 import torch
 
+from duetserve.runtime.compute_share.activity import remove_activity
 from duetserve.services.kv_manager.cuda_ipc import (
     CudaAvailability,
     Cudart,
@@ -86,6 +87,7 @@ class CpuSharedStorage:
         self._tensors = {}
         self._region.close()
         self._region.unlink()
+        remove_activity(self._region.name)  # the workers' (compute_share/activity.py)
 
 
 class CudaIpcStorage:

@@ -58,6 +58,12 @@ def services_for(mode: str) -> tuple[str, ...]:
     return SERVICES
 
 
+# Rounds an OpenMP thread of a worker beside another spins at a barrier before it sleeps:
+# long enough to bridge the gaps between the ops of a forward pass (tens of microseconds),
+# short enough to give the core up soon when its worker waits for work.
+SIDE_BY_SIDE_SPINS = 10_000
+
+
 def compute_threads(service: str, env: dict[str, str], mode: str = "semi-pd") -> dict[str, str]:
     """Threads for a service's torch/OpenMP pool, unless OMP_NUM_THREADS says otherwise.
 
@@ -66,10 +72,13 @@ def compute_threads(service: str, env: dict[str, str], mode: str = "semi-pd") ->
     the cores, and a prompt's first token waited seconds behind decode steps (measured on 2
     cores: TTFT under decode load 0.8-7.4 s with the default, 0.4-0.8 s split). The compute
     share then sets each worker's threads (all of the unit's cores under the work-conserving
-    cgroup weight). Two workers side by side also wait passively at OpenMP barriers
-    (OMP_WAIT_POLICY=PASSIVE, unless set): a thread spinning there holds a core the other
-    worker could use (semi-pd bfloat16 at 3 req/s, 2 cores: 97% within SLO passive, 57%
-    spinning; docs/benchmarks.md)."""
+    cgroup weight). Two workers side by side spin only briefly at OpenMP barriers
+    (GOMP_SPINCOUNT=SIDE_BY_SIDE_SPINS, unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set), then
+    sleep: a thread spinning for libgomp's default 300,000 rounds holds a core the other worker
+    could use (semi-pd bfloat16 at 3 req/s, 2 cores: 97% within SLO passive, 57% spinning),
+    while one that sleeps at once (OMP_WAIT_POLICY=PASSIVE) is woken ~200 times a step, between
+    the ops of a forward pass: a decode worker alone stepped 32 sequences in 26 ms passive, 19.6
+    ms with 10,000 rounds, 18.5 ms in unified mode (docs/benchmarks.md)."""
     threads: dict[str, str] = {}
     cores = os.cpu_count() or 2
     workers = service in ("prefill_worker", "decode_worker")
@@ -78,8 +87,8 @@ def compute_threads(service: str, env: dict[str, str], mode: str = "semi-pd") ->
             threads["OMP_NUM_THREADS"] = str(cores)  # the only worker: every core
         else:
             threads["OMP_NUM_THREADS"] = str(max(1, cores // 2) if workers else 1)
-    if workers and mode != "unified" and "OMP_WAIT_POLICY" not in env:
-        threads["OMP_WAIT_POLICY"] = "PASSIVE"
+    if workers and mode != "unified" and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(env):
+        threads["GOMP_SPINCOUNT"] = str(SIDE_BY_SIDE_SPINS)
     return threads
 
 

@@ -68,6 +68,7 @@ class PrefillWorkerService:
         )
         description = await fetch_storage(bus, s.unit, self.instance)
         self.compute = compute = await asyncio.to_thread(WorkerCompute.open, s, "prefill")
+        compute.attach_activity(s, description.region)
         await follow_splits(bus, compute, s, self.instance)
         self.host = await compute.run(host_model, description, s.sampler_seed)
         watchdog = watch_model_thread(compute, s.model_call_timeout_s)
@@ -138,7 +139,11 @@ class PrefillWorkerService:
             else:
                 assert self.lease is not None
                 await self.lease.wait_valid()  # the batch never writes past the lease
-                output = await self.compute.run(run_prefill, self.host, batch)
+                self.compute.set_active(True)
+                try:
+                    output = await self.compute.run(run_prefill, self.host, batch)
+                finally:
+                    self.compute.set_active(self._in_flight > 1)
         finally:
             self._in_flight -= 1
         forward_s = time.perf_counter() - started
@@ -153,7 +158,8 @@ class PrefillWorkerService:
             await self.outbox.flush()
         await self.bus.reply(msg, encode(workers.PrefillDone(batch.batch_id, output.results)))
         context = sum(attended_keys(i.num_cached_tokens, len(i.token_ids)) for i in batch.items)
-        self.step_log.record(tokens, context, forward_s, time.perf_counter() - started)
+        cycle_s = time.perf_counter() - started
+        self.step_log.record(tokens, context, forward_s, cycle_s, self.compute.threads)
 
     async def _hold(
         self, owner: str, blocks: tuple[int, ...], held_by: tuple[str, ...]

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
+import torch
 from nats.aio.msg import Msg
 
 from duetserve.common.nats_bus import Bus
@@ -40,6 +41,7 @@ from duetserve.runtime.compute_share import (
     probe_machine,
     select_backend,
 )
+from duetserve.runtime.compute_share.activity import UnitActivity, activity_path
 from duetserve.services.unit_worker.handover import request_replacement
 from duetserve.services.unit_worker.settings import UnitWorkerSettings, parse_cores
 
@@ -54,14 +56,18 @@ class ModelThreadStuck(RuntimeError):
 
 
 class WorkerCompute:
-    def __init__(self, share: ComputeShare, role: Role) -> None:
-        self.share, self.role = share, role
+    def __init__(self, share: ComputeShare, role: Role, cores: int = 1) -> None:
+        self.share, self.role, self.cores = share, role, cores
         self.applied: AppliedShare | None = None
         # What a replacement must be started with, once the backend said it cannot change
         # this process's share in place (cuda-mps); None otherwise.
         self.restart_env: dict[str, str] | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"{role}-model")
         self._busy_since: float | None = None  # monotonic start of the call running now
+        # semi-pd on the cpu-cgroup weight: the two workers' work, for a thread count that
+        # never outnumbers the cores (attach_activity)
+        self.activity: UnitActivity | None = None
+        self.threads = torch.get_num_threads()  # the model thread's, as its last call began
 
     @classmethod
     def open(cls, settings: UnitWorkerSettings, role: Role) -> "WorkerCompute":
@@ -80,7 +86,21 @@ class WorkerCompute:
                 cgroup_period_us=settings.cgroup_period_us, cgroup_limit=settings.cgroup_limit
             ),
         )
-        return cls(share, role)
+        return cls(share, role, len(cores or os.sched_getaffinity(0)))
+
+    def attach_activity(self, settings: UnitWorkerSettings, region: str) -> None:
+        """Side by side with the other worker on the work-conserving cgroup weight, take every
+        core of the unit only while the other has no work (compute_share/activity.py)."""
+        if settings.mode != "semi-pd" or not region:
+            return
+        if self.share.name != "cpu-cgroup" or settings.cgroup_limit != "weight":
+            return
+        self.activity = UnitActivity.open(activity_path(region), self.role, self.cores)
+
+    def set_active(self, active: bool) -> None:
+        """Whether this worker has work (a prefill batch in hand, requests decoding)."""
+        if self.activity is not None:
+            self.activity.set_active(active)
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """`fn` on the model thread, after whatever was queued there before it."""
@@ -89,6 +109,12 @@ class WorkerCompute:
 
     def _timed(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         self._busy_since = time.monotonic()
+        if self.activity is not None:
+            share = self.applied.requested if self.applied is not None else 0.5
+            threads = self.activity.threads(share)
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
         try:
             return fn(*args, **kwargs)
         finally:
@@ -152,6 +178,8 @@ class WorkerCompute:
             time.sleep(0.01)
         if self._busy_since is not None:
             logger.error("a model call is still running after %.0fs; leaving it", self.busy_for())
+        if self.activity is not None:
+            self.activity.close()
         self.share.close()
 
 
@@ -189,7 +217,8 @@ async def follow_splits(
             return
         replacing = True
         env = {**(compute.restart_env or {}), "DUET_PREFILL_SHARE": f"{split.prefill_share:g}"}
-        for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY"):  # as the launcher started this one
+        # The OpenMP settings the launcher started this one with
+        for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
             if name in os.environ:
                 env[name] = os.environ[name]
         reason = f"split {split.sequence}: prefill share {split.prefill_share:g}"

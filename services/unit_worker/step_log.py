@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import IO, Literal
 
-import torch
-
 
 def attended_keys(start: int, tokens: int) -> int:
     """Keys attended by a causal chunk of `tokens` tokens starting at position `start`."""
@@ -35,7 +33,11 @@ class StepLog:
             self._file = (directory / f"{role}-{os.getpid()}.jsonl").open("a", buffering=1)
         self.kind = role
 
-    def record(self, tokens: int, context: int, forward_s: float, cycle_s: float) -> None:
+    def record(
+        self, tokens: int, context: int, forward_s: float, cycle_s: float, threads: int
+    ) -> None:
+        """`threads`: the torch threads the step ran on (the model thread's: OpenMP's count is
+        per calling thread, and this runs on the event loop's)."""
         if self._file is None:
             return
         row = {
@@ -44,7 +46,7 @@ class StepLog:
             "context": context,
             "forward_s": round(forward_s, 6),
             "cycle_s": round(cycle_s, 6),
-            "threads": torch.get_num_threads(),
+            "threads": threads,
             "cores": os.cpu_count() or 1,
             "at": round(time.time(), 4),
         }

@@ -239,6 +239,7 @@ class DecodeStepper:
             # A snapshot: admissions land in self.residents while _has_room awaits kv_manager.
             active = [r for r in list(self.residents.values()) if await self._has_room(r)]
             if not active and not self._prefills:
+                self.compute.set_active(False)  # its cores are the other worker's meanwhile
                 self._step_ends.clear()  # an idle gap is no step's time
                 self._work.clear()
                 stalled = bool(self.residents)
@@ -256,6 +257,7 @@ class DecodeStepper:
                 await self._mixed_step(active, prefill)
                 continue
             if active:
+                self.compute.set_active(True)
                 await self._step(active, started)
 
     async def _mixed_step(self, active: list[Resident], prefill: "_PendingPrefill") -> None:
@@ -287,7 +289,8 @@ class DecodeStepper:
             await self._fail_all(active, str(err))
             return
         await self._after_step(active, outcome)
-        self.step_log.record(len(active), context, forward_s, time.perf_counter() - started)
+        cycle_s = time.perf_counter() - started
+        self.step_log.record(len(active), context, forward_s, cycle_s, self.compute.threads)
 
     async def _fail_all(self, active: list[Resident], why: str) -> None:
         """End each request with an error saying why (its client sees it) and tell the

@@ -5,7 +5,12 @@ import os
 import pytest
 from pydantic import ValidationError
 
-from duetserve.services.launcher.launcher import SERVICES, compute_threads, services_for
+from duetserve.services.launcher.launcher import (
+    SERVICES,
+    SIDE_BY_SIDE_SPINS,
+    compute_threads,
+    services_for,
+)
 from duetserve.services.launcher.settings import LauncherSettings
 
 
@@ -20,7 +25,7 @@ def test_semi_pd_starts_six_services_and_unified_no_decode_worker() -> None:
 def test_workers_share_the_cores_in_semi_pd_and_the_one_worker_has_them_all_in_unified() -> None:
     cores = os.cpu_count() or 2
     half = str(max(1, cores // 2))
-    side_by_side = {"OMP_NUM_THREADS": half, "OMP_WAIT_POLICY": "PASSIVE"}
+    side_by_side = {"OMP_NUM_THREADS": half, "GOMP_SPINCOUNT": str(SIDE_BY_SIDE_SPINS)}
     assert compute_threads("prefill_worker", {}, "semi-pd") == side_by_side
     assert compute_threads("decode_worker", {}, "semi-pd") == side_by_side
     assert compute_threads("prefill_worker", {}, "unified") == {"OMP_NUM_THREADS": str(cores)}
@@ -29,6 +34,8 @@ def test_workers_share_the_cores_in_semi_pd_and_the_one_worker_has_them_all_in_u
     assert compute_threads("prefill_worker", {"OMP_NUM_THREADS": "3"}, "unified") == {}
     set_by_hand = {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}
     assert compute_threads("decode_worker", set_by_hand, "semi-pd") == {}
+    passive = {"OMP_WAIT_POLICY": "PASSIVE"}  # no spin count beside it: libgomp ignores it
+    assert compute_threads("decode_worker", passive, "semi-pd") == {"OMP_NUM_THREADS": half}
 
 
 def test_disagg_starts_both_workers_on_half_the_cores_each() -> None:
@@ -37,7 +44,7 @@ def test_disagg_starts_both_workers_on_half_the_cores_each() -> None:
     for worker in ("prefill_worker", "decode_worker"):
         assert compute_threads(worker, {}, "disagg") == {
             "OMP_NUM_THREADS": half,
-            "OMP_WAIT_POLICY": "PASSIVE",
+            "GOMP_SPINCOUNT": str(SIDE_BY_SIDE_SPINS),
         }
 
 
