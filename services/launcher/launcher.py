@@ -370,12 +370,16 @@ class Launcher:
 def remove_stale_segments(pid: int, region: str | None, shm: Path = Path("/dev/shm")) -> None:
     """Unlink the /dev/shm segments a kv_manager that crashed left behind (a clean stop unlinks
     them itself): those named after its pid (`duet-<unit>-<pid>`, and `-decode` beside it in
-    disagg mode), or after DUET_REGION when that names them. The memory is freed once the last
-    process that mapped it is gone."""
+    disagg mode), or after DUET_REGION when that names them, and the workers' activity file
+    beside each (compute_share/activity.py). The memory is freed once the last process that
+    mapped it is gone."""
     if region is not None:
-        paths = [shm / region, shm / f"{region}-decode"]
+        regions = [region, f"{region}-decode"]
+        paths = [shm / name for r in regions for name in (r, f"{r}.activity")]
     else:
-        paths = [p for p in shm.glob("duet-*") if str(pid) in p.name.split("-")]
+        paths = [
+            p for p in shm.glob("duet-*") if str(pid) in p.name.removesuffix(".activity").split("-")
+        ]
     for path in paths:
         with contextlib.suppress(OSError):
             path.unlink()

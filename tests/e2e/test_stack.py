@@ -198,10 +198,14 @@ def test_metrics_expose_latency_histograms_and_scheduler_gauges(stack: Stack) ->
 
 def test_both_workers_map_the_same_pool_and_weights(stack: Stack) -> None:
     """One KV pool and one copy of the weights: both worker processes (and kv_manager) map
-    the same /dev/shm segment, and neither holds a copy of it."""
+    the same /dev/shm segment, and neither holds a copy of it. Beside it, the workers share
+    the 8 bytes that say which of them has work (compute_share/activity.py)."""
     pids = stack.service_pids()
     segments = [shm_segments(pids[n]) for n in ("kv_manager", "prefill_worker", "decode_worker")]
-    assert segments[0] and segments[0] == segments[1] == segments[2]
+    regions = [{s for s in found if not s.endswith(".activity")} for found in segments]
+    assert regions[0] and regions[0] == regions[1] == regions[2]
+    activity = {f"{region}.activity" for region in regions[0]}
+    assert segments[1] - regions[1] == segments[2] - regions[2] == activity
 
 
 def test_a_cancel_that_overtakes_its_submit_still_cancels_the_request(stack: Stack) -> None:

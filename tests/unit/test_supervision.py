@@ -40,14 +40,15 @@ def test_backoff_doubles_to_its_ceiling_and_starts_over_after_a_long_run() -> No
 
 
 def test_stale_segments_of_a_crashed_kv_manager_are_removed_and_no_others(tmp_path: Path) -> None:
-    for name in ("duet-unit0-4242", "duet-unit0-4242-decode", "duet-unit0-424", "duet-unit0-7"):
+    left = ["duet-unit0-424", "duet-unit0-424.activity", "duet-unit0-7"]
+    for name in ("duet-unit0-4242", "duet-unit0-4242.activity", "duet-unit0-4242-decode", *left):
         (tmp_path / name).write_bytes(b"x")
     remove_stale_segments(4242, None, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["duet-unit0-424", "duet-unit0-7"]
-    (tmp_path / "mine").write_bytes(b"x")
-    (tmp_path / "mine-decode").write_bytes(b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == left
+    for name in ("mine", "mine.activity", "mine-decode"):
+        (tmp_path / name).write_bytes(b"x")
     remove_stale_segments(1, "mine", tmp_path)  # DUET_REGION names them
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["duet-unit0-424", "duet-unit0-7"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == left
 
 
 def test_ingress_serves_the_launchers_restart_counts() -> None:
