@@ -18,36 +18,19 @@ from duetserve.proto.codec import decode, encode
 from duetserve.proto.scheduling import Sampling, Slo, SloKind, SubmitAccepted, SubmitRequest
 from duetserve.proto.tokens import TokenLogprob
 from duetserve.services.scheduler.core import MAX_BATCHES_OUT
-from duetserve.services.scheduler.service import SchedulerService
-from duetserve.services.scheduler.settings import SchedulerSettings
 from tests.conftest import ModelDirs
-from tests.integration.unit_services import running_cache_index, running_kv_manager
+from tests.integration.unit_services import running_scheduler
 from tests.model_specs import TINY
 
 
 async def test_the_next_batch_goes_out_while_one_computes(
     tmp_path: Path, model_dirs: ModelDirs
 ) -> None:
-    model: Path = model_dirs.get(TINY)
     server = NatsServer(tmp_path / "nats").start()
     try:
-        async with running_kv_manager(server.url, model, num_blocks=64) as kv_manager:
-            unit = kv_manager.settings.unit
-            async with running_cache_index(server.url, unit):
-                settings = SchedulerSettings(
-                    nats_url=server.url,
-                    unit=unit,
-                    mode="semi-pd",
-                    split_control="static",
-                    max_prefill_seqs=1,
-                    prefill_order="arrival",
-                )
-                scheduler = SchedulerService(settings)
-                await scheduler.start()
-                try:
-                    await _play(server, unit)
-                finally:
-                    await scheduler.stop()
+        one_a_batch = {"max_prefill_seqs": 1, "prefill_order": "arrival"}
+        async with running_scheduler(server.url, model_dirs.get(TINY), 64, **one_a_batch) as unit:
+            await _play(server, unit)
     finally:
         server.stop()
 

@@ -16,10 +16,8 @@ from duetserve.common.nats_server import NatsServer
 from duetserve.proto import subjects, workers
 from duetserve.proto.codec import decode, encode
 from duetserve.proto.scheduling import Sampling, Slo, SloKind, SubmitAccepted, SubmitRequest
-from duetserve.services.scheduler.service import SchedulerService
-from duetserve.services.scheduler.settings import SchedulerSettings
 from tests.conftest import ModelDirs
-from tests.integration.unit_services import running_cache_index, running_kv_manager
+from tests.integration.unit_services import running_scheduler
 from tests.model_specs import TINY
 
 RESTARTED_WITHIN_S = 5.0  # from nats-server's start to the batch sent again; 120 s without
@@ -28,21 +26,10 @@ RESTARTED_WITHIN_S = 5.0  # from nats-server's start to the batch sent again; 12
 async def test_a_prefill_batch_out_when_nats_died_is_sent_again_once_back(
     tmp_path: Path, model_dirs: ModelDirs
 ) -> None:
-    model: Path = model_dirs.get(TINY)
     server = NatsServer(tmp_path / "nats").start()
     try:
-        async with running_kv_manager(server.url, model, num_blocks=32) as kv_manager:
-            unit = kv_manager.settings.unit
-            async with running_cache_index(server.url, unit):
-                settings = SchedulerSettings(
-                    nats_url=server.url, unit=unit, mode="semi-pd", split_control="static"
-                )
-                scheduler = SchedulerService(settings)
-                await scheduler.start()
-                try:
-                    await _play(server, unit)
-                finally:
-                    await scheduler.stop()
+        async with running_scheduler(server.url, model_dirs.get(TINY)) as unit:
+            await _play(server, unit)
     finally:
         server.stop()
 

@@ -4,7 +4,6 @@ it migrates. A real scheduler, kv_manager and cache_index on a real nats-server;
 are played by the test, so the lost event is one the worker never sends."""
 
 import asyncio
-from pathlib import Path
 
 from nats.aio.msg import Msg
 
@@ -24,10 +23,8 @@ from duetserve.proto.scheduling import (
 )
 from duetserve.proto.tokens import TokenBatch, TokenChunk, TokenLogprob
 from duetserve.services.scheduler.admission import DECREASE_FACTOR, STEP_WINDOWS
-from duetserve.services.scheduler.service import SchedulerService
-from duetserve.services.scheduler.settings import SchedulerSettings
 from tests.conftest import ModelDirs
-from tests.integration.unit_services import running_cache_index, running_kv_manager
+from tests.integration.unit_services import running_scheduler
 from tests.model_specs import TINY
 
 STREAM = "roll-call-test"
@@ -37,19 +34,8 @@ FIRST_TOKEN = 42
 async def test_a_decoding_request_no_worker_lists_any_more_migrates(
     nats_server: NatsServer, bus: Bus, model_dirs: ModelDirs
 ) -> None:
-    model: Path = model_dirs.get(TINY)
-    async with running_kv_manager(nats_server.url, model, num_blocks=32) as kv_manager:
-        unit = kv_manager.settings.unit
-        async with running_cache_index(nats_server.url, unit):
-            settings = SchedulerSettings(
-                nats_url=nats_server.url, unit=unit, mode="semi-pd", split_control="static"
-            )
-            scheduler = SchedulerService(settings)
-            await scheduler.start()
-            try:
-                await _play(bus, unit)
-            finally:
-                await scheduler.stop()
+    async with running_scheduler(nats_server.url, model_dirs.get(TINY)) as unit:
+        await _play(bus, unit)
 
 
 async def _play(bus: Bus, unit: str) -> None:

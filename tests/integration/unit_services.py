@@ -22,6 +22,8 @@ from duetserve.services.cache_index.service import CacheIndexService
 from duetserve.services.cache_index.settings import CacheIndexSettings
 from duetserve.services.kv_manager.service import KVManagerService
 from duetserve.services.kv_manager.settings import KVManagerSettings
+from duetserve.services.scheduler.service import SchedulerService
+from duetserve.services.scheduler.settings import SchedulerSettings
 
 T = TypeVar("T")
 
@@ -142,3 +144,23 @@ class ServiceProcess:
             code = await asyncio.to_thread(self.process.wait)
         await asyncio.to_thread(self._reader.join, 5.0)
         return code
+
+
+@contextlib.asynccontextmanager
+async def running_scheduler(
+    nats_url: str, model_dir: Path, num_blocks: int = 32, **overrides: Any
+) -> AsyncIterator[str]:
+    """A scheduler (semi-pd, a static split, unless `overrides` say otherwise) over a
+    kv_manager and a cache_index of a unit of its own; the unit's name until the block ends.
+    Its workers are the test's to play."""
+    async with running_kv_manager(nats_url, model_dir, num_blocks=num_blocks) as kv_manager:
+        unit = kv_manager.settings.unit
+        async with running_cache_index(nats_url, unit):
+            options: dict[str, Any] = {"mode": "semi-pd", "split_control": "static"}
+            options.update(overrides)
+            scheduler = SchedulerService(SchedulerSettings(nats_url=nats_url, unit=unit, **options))
+            await scheduler.start()
+            try:
+                yield unit
+            finally:
+                await scheduler.stop()
