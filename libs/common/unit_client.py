@@ -8,7 +8,7 @@ import os
 import socket
 import time
 
-from duetserve.common.nats_bus import Bus, BusTimeout
+from duetserve.common.nats_bus import Bus, BusNoResponders, BusTimeout
 from duetserve.common.processes import process_stat
 from duetserve.proto import kv, subjects
 from duetserve.proto.codec import ProtoError, decode, encode
@@ -16,9 +16,14 @@ from duetserve.proto.common import ErrorReply
 
 logger = logging.getLogger(__name__)
 _RETRY_S = 0.2
-# A release is answered in milliseconds; one lost in a NATS outage is sent again soon.
+# A release is answered in milliseconds; one lost in a NATS outage is sent again soon, and
+# again until RELEASE_PATIENCE_S has passed (kv_manager restarting takes a few seconds; one
+# that is gone for longer took the pool, and so the references, with it).
 RELEASE_TIMEOUT_S = 1.0
-RELEASE_ATTEMPTS = 5
+RELEASE_PATIENCE_S = 15.0
+# "No responders" comes back at once: the pause before asking again, doubling up to a second.
+_NO_RESPONDERS_PAUSE_S = 0.05
+_NO_RESPONDERS_PAUSE_MAX_S = 1.0
 
 
 async def release_blocks(
@@ -27,18 +32,29 @@ async def release_blocks(
     owner: str,
     pool: str = kv.UNIT_POOL,
     timeout_s: float = RELEASE_TIMEOUT_S,
-    attempts: int = RELEASE_ATTEMPTS,
+    patience_s: float = RELEASE_PATIENCE_S,
 ) -> kv.BlocksReleased | None:
     """Give back every block `owner` holds in the pool; kv_manager's answer (None: refused, or
     never answered). A release lost on its way (sent into a NATS outage, say) would keep its
     blocks for as long as the sender lives, its lease renewed all along: it is sent again
-    (releasing twice frees nothing twice). Errors are logged, never raised."""
+    (releasing twice frees nothing twice) until `patience_s` has passed. Just after a NATS
+    restart kv_manager may not have subscribed again yet: "no responders" comes back at once,
+    and the next try waits a little. Errors are logged, never raised."""
     subject = subjects.kv(unit, "release", pool)
-    for attempt in range(1, attempts + 1):
+    deadline = time.monotonic() + patience_s
+    pause_s = _NO_RESPONDERS_PAUSE_S
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             reply = await bus.request(subject, encode(kv.ReleaseBlocks(owner)), timeout_s)
         except BusTimeout as err:  # lost (or kv_manager away): again
             logger.warning("releasing %s (attempt %d): %s", owner, attempt, err)
+            if time.monotonic() >= deadline:
+                break
+            if isinstance(err, BusNoResponders):
+                await asyncio.sleep(pause_s)
+                pause_s = min(2 * pause_s, _NO_RESPONDERS_PAUSE_MAX_S)
             continue
         try:
             answer = decode(reply.data, kv.BlocksReleased, ErrorReply)
@@ -49,7 +65,7 @@ async def release_blocks(
             logger.warning("releasing %s: %s", owner, answer.message)
             return None
         return answer
-    logger.error("could not release the blocks of %s", owner)
+    logger.error("could not release the blocks of %s in %.0f s", owner, patience_s)
     return None
 
 

@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from duetserve.common.nats_bus import Bus, BusNoResponders, BusTimeout
 from duetserve.common.token_outbox import TokenOutbox
 from duetserve.common.tracing import traced_as
+from duetserve.common.unit_client import release_blocks
 from duetserve.proto import cache, kv, subjects, workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
@@ -38,7 +39,6 @@ from duetserve.services.scheduler.targets import ttft_target_s
 
 logger = logging.getLogger(__name__)
 RETRY_WAITING_S = 0.5
-RELEASE_ATTEMPTS = 3
 # A prefill batch unanswered this many times longer than batches have taken per token (at
 # least PREFILL_WAIT_FLOOR_S, at most prefill_timeout_s) is given up and its requests prefilled
 # again: its answer was lost, or its worker died before it could say so. A request given up on
@@ -343,21 +343,12 @@ class SchedulerCore:
             return 0
 
     async def release(self, owner: str) -> None:
-        """Give back every block `owner` holds; retried, since a lost release would keep the
-        blocks until the scheduler's own lease lapsed."""
-        for attempt in range(RELEASE_ATTEMPTS):
-            try:
-                reply = await self.bus.request(
-                    subjects.kv(self.unit, "release"), encode(kv.ReleaseBlocks(owner))
-                )
-                answer = decode(reply.data, kv.BlocksReleased, ErrorReply)
-            except (BusTimeout, ProtoError) as err:
-                logger.warning("release of %s, attempt %d: %s", owner, attempt + 1, err)
-                continue
-            if isinstance(answer, kv.BlocksReleased):
-                self.view.free_blocks = answer.num_free
-            return
-        logger.error("could not release the blocks of %s", owner)
+        """Give back every block `owner` holds, asking again while kv_manager does not answer
+        (`release_blocks`): a lost release would keep the blocks until the scheduler's own
+        lease lapsed, that is for as long as it lived."""
+        answer = await release_blocks(self.bus, self.unit, owner)
+        if answer is not None:
+            self.view.free_blocks = answer.num_free
 
     # --- prefill and hand-off -----------------------------------------------------------
 

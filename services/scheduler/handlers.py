@@ -210,8 +210,13 @@ class SchedulerHandlers:
                     ttft_target_s(record.submit.slo),
                 )
                 self._observe_tpot(record, decode_s, event.num_output_tokens)
-            self.core.forget(record)
+            if record.seq.phase == Phase.DECODING:
+                self.core.forget(record)  # the decode worker gave back what it held
+            else:  # its hand-off's answer was lost: the scheduler holds its blocks still
+                await self.core.finish(record)
         elif kind == workers.EventKind.PREEMPTED:
+            if record.seq.phase != Phase.DECODING:  # as above: recomputed into new blocks
+                await self.core.release(record.owner)
             self._requeue(record, event.output_token_ids)
         elif kind == workers.EventKind.NEEDS_BLOCKS:
             await self._preempt_for(record, event.blocks_needed)

@@ -73,3 +73,25 @@ async def test_a_prefill_worker_lets_go_of_its_batch_even_when_the_first_release
         assert asked == [f"{worker.instance}/batch-7"] * 2
     finally:
         server.stop()
+
+
+async def test_a_release_waits_out_a_kv_manager_not_yet_back_on_the_bus(tmp_path: Path) -> None:
+    """Just after nats-server restarts, the services reconnect one by one: a release sent
+    before kv_manager has subscribed again is answered at once with "no responders", as fast
+    as it is sent. Five such answers within 2 ms used up every attempt, and the decode
+    worker kept the request's blocks for as long as it lived (the fault suite's NATS kill
+    found six). It keeps asking for a while, pausing between "no responders"."""
+    server = NatsServer(tmp_path / "nats").start()
+    try:
+        bus = await Bus.connect(server.url, "worker")
+        try:
+            sending = asyncio.create_task(release_blocks(bus, UNIT, "worker/r-2", timeout_s=0.2))
+            await asyncio.sleep(0.5)  # kv_manager is back only now
+            async with losing_first_release(server.url) as asked:
+                answer = await asyncio.wait_for(sending, 10)
+        finally:
+            await bus.close()
+        assert asked == ["worker/r-2", "worker/r-2"]  # the first lost, as in the test above
+        assert answer == kv.BlocksReleased("worker/r-2", num_freed=3, num_free=61)
+    finally:
+        server.stop()
