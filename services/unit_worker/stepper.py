@@ -125,10 +125,11 @@ class DecodeStepper:
             if self.source is None or item.from_worker:
                 block_table = list(item.block_table)
                 held_by = (item.owner,) if item.owner else ()
-                retain = kv.RetainBlocks(owner, item.block_table, held_by)
-                error = await self._kv(retain, "retain")
-                if error is not None:
-                    return workers.Refusal(request_id, f"could not take over its blocks: {error}")
+                refusal = await self._retain(
+                    owner, kv.RetainBlocks(owner, item.block_table, held_by)
+                )
+                if refusal is not None:
+                    return workers.Refusal(request_id, refusal.reason, refusal.retry)
             else:
                 taken = await self._copy_in(owner, item)
                 if isinstance(taken, workers.Refusal):
@@ -158,13 +159,36 @@ class DecodeStepper:
         chunk = TokenChunk(request_id, 0, output, cached_tokens=cached)
         self.outbox.remember(state.stream, chunk)
 
+    async def _retain(self, request_id: str, retain: kv.RetainBlocks) -> workers.Refusal | None:
+        """Take the references an admission needs; None once taken. A retain that got no
+        answer may have been done all the same: whatever its owner holds goes back before the
+        refusal (the offer made again retains afresh), and the scheduler, which still holds
+        the blocks, is told to offer it again."""
+        try:
+            reply = await self.bus.request(
+                subjects.kv(self.unit, "retain", self.pool), encode(retain)
+            )
+            answer = decode(reply.data, kv.BlocksGranted, ErrorReply)
+        except BusTimeout as err:
+            await release_blocks(self.bus, self.unit, retain.owner, self.pool)
+            why = f"could not take over its blocks: {err}"
+            return workers.Refusal(request_id, why, retry=True)
+        except ProtoError as err:
+            return workers.Refusal(request_id, f"could not take over its blocks: {err}")
+        if isinstance(answer, ErrorReply):
+            why = f"could not take over its blocks: {answer.message}"
+            return workers.Refusal(request_id, why)
+        self._free_blocks = answer.num_free
+        return None
+
     async def _copy_in(
         self, owner: str, item: workers.DecodeItem
     ) -> workers.Refusal | tuple[list[int], Copied]:
         """disagg: blocks of this worker's pool for the request, its KV copied into them."""
         assert self.source is not None
         granted = await self._allocate(owner, len(item.block_table))
-        if not granted:
+        if not granted:  # refused, or unanswered: what an answer lost on its way granted goes
+            await release_blocks(self.bus, self.unit, owner, self.pool)
             reason = f"no room for {len(item.block_table)} block(s) in the decode pool"
             return workers.Refusal(item.request_id, reason, retry=True)
         try:
@@ -173,7 +197,7 @@ class DecodeStepper:
             )
         except (TransferError, RuntimeError) as err:  # mismatched tables; a device error
             logger.warning("KV copy of %s failed: %s", item.request_id, err)
-            await self._kv(kv.ReleaseBlocks(owner), "release")
+            await release_blocks(self.bus, self.unit, owner, self.pool)
             return workers.Refusal(item.request_id, f"KV copy failed: {err}")
         return granted, copied
 
@@ -383,19 +407,6 @@ class DecodeStepper:
             return []
         self._free_blocks = answer.num_free
         return list(answer.block_ids)
-
-    async def _kv(self, message: kv.RetainBlocks | kv.ReleaseBlocks, verb: str) -> str | None:
-        """Send a retain or release; the error message, or None on success."""
-        try:
-            reply = await self.bus.request(subjects.kv(self.unit, verb, self.pool), encode(message))
-            answer = decode(reply.data, kv.BlocksGranted, kv.BlocksReleased, ErrorReply)
-        except (BusTimeout, ProtoError) as err:
-            return str(err)
-        if isinstance(answer, ErrorReply):
-            return answer.message
-        if isinstance(answer, kv.BlocksReleased):
-            self._free_blocks = answer.num_free
-        return None
 
     async def _release(self, resident: Resident) -> None:
         """Give a finished request's blocks back (sent again if lost: `release_blocks`)."""
