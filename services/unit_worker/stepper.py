@@ -125,11 +125,10 @@ class DecodeStepper:
             if self.source is None or item.from_worker:
                 block_table = list(item.block_table)
                 held_by = (item.owner,) if item.owner else ()
-                refusal = await self._retain(
-                    owner, kv.RetainBlocks(owner, item.block_table, held_by)
-                )
+                retain = kv.RetainBlocks(owner, item.block_table, held_by)
+                refusal = await self._retain(request_id, retain)
                 if refusal is not None:
-                    return workers.Refusal(request_id, refusal.reason, refusal.retry)
+                    return refusal
             else:
                 taken = await self._copy_in(owner, item)
                 if isinstance(taken, workers.Refusal):
