@@ -79,7 +79,7 @@ async def _play(kv_bus: Bus, worker_bus: Bus, url: str) -> None:
     first = await asyncio.wait_for(stepper.admit((item,)), 10)
     assert first.request_ids == ()
     [refusal] = first.refused
-    assert refusal.retry, refusal  # the scheduler keeps the blocks and offers it again
+    assert refusal.request_id == "r-1" and refusal.retry, refusal  # the scheduler offers it again
     assert held == {}  # what the lost retain took came back
 
     again = await asyncio.wait_for(stepper.admit((item,)), 10)
