@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from duetserve.runtime.errors import InvalidTokenError
+from duetserve.runtime.kernels.cpu_sampling import SamplingKernels
 from duetserve.runtime.sampling_params import (
     SamplingParams,
     SequenceSamplingState,
@@ -26,10 +27,23 @@ from duetserve.runtime.sampling_params import (
 CDF_CHUNK = 256  # tokens a float32 partial sum spans in `_inverse_cdf`
 
 
-def apply_penalties(scores: torch.Tensor, rows: Sequence[SequenceSamplingState]) -> None:
-    """In place on contiguous float32 scores [B, V]: the repetition penalty, then frequency and
-    presence penalties. Costs O(tokens of the penalised rows), not O(B * V)."""
-    if any(row.params.repetition_penalty != 1.0 for row in rows):
+def apply_penalties(
+    scores: torch.Tensor,
+    rows: Sequence[SequenceSamplingState],
+    kernels: SamplingKernels | None = None,
+) -> None:
+    """In place on contiguous float32 scores [B, V]: the repetition penalty (by the C kernel
+    when given one, CPU scores only), then frequency and presence penalties. Costs O(tokens of
+    the penalised rows), not O(B * V)."""
+    penalised = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
+    if penalised and kernels is not None:
+        kernels.repetition_penalty(
+            scores,
+            penalised,
+            [rows[i].params.repetition_penalty for i in penalised],
+            [(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in penalised],
+        )
+    elif penalised:
         _apply_repetition_penalty(scores, rows)
     if any(_counts_output(row.params) for row in rows):
         _apply_frequency_presence(scores, rows)

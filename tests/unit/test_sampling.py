@@ -3,7 +3,8 @@ hand-computed top_k and top_p sets, transformers' RepetitionPenaltyLogitsProcess
 penalty formula written out by hand, and torch.log_softmax for logprobs.
 
 Every sampler here has a fixed seed, so the statistical tests are deterministic; their
-thresholds are the 0.1% critical values, far from where a correct sampler lands."""
+thresholds are the 0.1% critical values, far from where a correct sampler lands. Every test runs
+twice: with the C kernels for CPU scores (kernels/cpu_sampling.py), and in torch alone."""
 
 import math
 import random
@@ -17,6 +18,7 @@ from transformers import RepetitionPenaltyLogitsProcessor
 
 from duetserve.runtime import sampling
 from duetserve.runtime.errors import InvalidTokenError, ShapeError
+from duetserve.runtime.kernels.cpu_sampling import load_sampling_kernels
 from duetserve.runtime.sampling import (
     FinishReason,
     Sampler,
@@ -27,6 +29,16 @@ from duetserve.runtime.sampling import (
     finish_reason,
 )
 from duetserve.runtime.sampling_logits import apply_penalties, nucleus_draw, nucleus_race
+
+
+@pytest.fixture(autouse=True, params=["c-kernels", "torch"])
+def sampling_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Samplers made in the test take the C passes, or torch alone."""
+    if request.param == "torch":
+        monkeypatch.setattr(sampling, "load_sampling_kernels", lambda: None)
+    elif load_sampling_kernels() is None:
+        pytest.skip("no C compiler for the CPU sampling kernels")
+
 
 EOS = 2
 EOS_IDS = frozenset({EOS})
