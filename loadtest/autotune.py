@@ -119,9 +119,10 @@ def sharegpt_probe(
     return assign_arrivals(capped, arrivals.poisson(rate, n, seed))
 
 
-def burst(model_dir: Path) -> list[RequestSpec]:
-    """32 requests of 128 prompt and 64 output tokens, all at once."""
-    return fixed(32, 128, 64, seed=7, count_tokens=token_counter(model_dir))
+def burst(model_dir: Path, seed: int = 7) -> list[RequestSpec]:
+    """32 requests of 128 prompt and 64 output tokens, all at once; another seed, other
+    prompts (none of a cache's prefixes from an earlier seed's burst)."""
+    return fixed(32, 128, 64, seed=seed, count_tokens=token_counter(model_dir))
 
 
 # --- starting the systems -----------------------------------------------------------------

