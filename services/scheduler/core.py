@@ -426,10 +426,22 @@ class SchedulerCore:
                 await self.fail(record, f"prefill failed: {err}")
             return
         results = {r.request_id: r for r in done.results}
+        prefilled: list[tuple[RequestRecord, workers.PrefillResult]] = []
         for record, chunk in current:
             if self.records.get(record.request_id) is record:
                 with traced_as(record.traceparent, "scheduler.prefilled"):
-                    await self._after_chunk(record, chunk, results)
+                    result = await self._after_chunk(record, chunk, results)
+                if result is not None:
+                    prefilled.append((record, result))
+        # The batch's prefixes are indexed together, not one round trip after another; each
+        # lands before its request finishes or is handed off (cache_index takes its own
+        # references to the blocks before it answers, and only then may they be released).
+        await asyncio.gather(*(self._insert_prefix(record) for record, _ in prefilled))
+        for record, result in prefilled:
+            if result.finished:
+                await self.finish(record)
+            else:
+                self.handoffs.append(record)  # the batch's are handed off together
         await self._retry_handoffs()
 
     def _prefill_wait_s(self, tokens: int) -> float:
@@ -508,29 +520,28 @@ class SchedulerCore:
         record: RequestRecord,
         chunk: PrefillChunk,
         results: dict[str, workers.PrefillResult],
-    ) -> None:
+    ) -> workers.PrefillResult | None:
+        """Takes in one chunk's result; returns it when the request's prompt is now prefilled
+        (its first token sampled): the caller indexes its prefix, then finishes it or hands it
+        off."""
         result = results.get(chunk.request_id)
         if result is None or result.error is not None:
             reason = result.error if result is not None else "no result from prefill"
             await self.fail(record, reason or "prefill failed")
-            return
+            return None
         record.seq.num_computed += chunk.num_tokens
         if record.cancelled is not None:
             await self.finish(record)
-            return
+            return None
         if not chunk.is_last:
-            return
+            return None
         assert result.token is not None, "the last chunk samples a token"
         if not record.output_token_ids and record.seq.num_preemptions == 0:
             record.first_token_at = now = time.monotonic()
             self.tuner.on_first_token(now - record.seq.arrival, ttft_target_s(record.submit.slo))
         record.output_token_ids.append(result.token.token_id)
         record.seq.num_output = len(record.output_token_ids)
-        await self._insert_prefix(record)
-        if result.finished:
-            await self.finish(record)
-        else:
-            self.handoffs.append(record)  # the batch's are handed off together
+        return result
 
     async def _insert_prefix(self, record: RequestRecord) -> None:
         insert = cache.PrefixInsert(
