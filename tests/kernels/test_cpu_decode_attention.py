@@ -2,6 +2,7 @@
 paged_attention_ref, their refusals, the compile cache, and CpuAttention's fallback when the
 kernels cannot be built."""
 
+import ctypes
 import platform
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -350,6 +351,21 @@ def test_failing_compiler_is_reported(tmp_path: Path) -> None:
     with pytest.raises(KernelUnavailable, match="failed with status 1"):
         build_library(SOURCE, options)
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no library, no temporary
+
+
+@needs_kernel
+def test_a_changed_header_builds_the_sources_that_include_it_again(tmp_path: Path) -> None:
+    folder = tmp_path / "src"
+    folder.mkdir()
+    source = folder / "answer.c"
+    source.write_text('#include "value.h"\nint answer(void) { return VALUE; }\n')
+    (folder / "value.h").write_text("#define VALUE 41\n")
+    options = CompilerOptions(cache_dir=tmp_path / "cache")
+    first = build_library(source, options)
+    (folder / "value.h").write_text("#define VALUE 42\n")
+    second = build_library(source, options)
+    assert first != second
+    assert ctypes.CDLL(str(first)).answer() == 41 and ctypes.CDLL(str(second)).answer() == 42
 
 
 @needs_kernel

@@ -2,10 +2,11 @@
 with ctypes.
 
 The library is cached under `<cache_dir>/<key>/lib<name>.so`, where the key hashes everything
-that changes the binary: the source, the compiler, its flags and the CPU's feature flags
-(`-march=native` makes the code CPU-specific, and a cache in a shared home directory may serve
-several machines). A build writes a temporary file beside the target and renames it into place,
-so a process never loads a half-written library, even when two compile at once.
+that changes the binary: the source and the headers beside it, the compiler, its flags and the
+CPU's feature flags (`-march=native` makes the code CPU-specific, and a cache in a shared home
+directory may serve several machines). A build writes a temporary file beside the target and
+renames it into place, so a process never loads a half-written library, even when two compile
+at once.
 """
 
 import ctypes
@@ -50,7 +51,9 @@ def load_library(source: Path, options: CompilerOptions) -> ctypes.CDLL:
 def build_library(source: Path, options: CompilerOptions) -> Path:
     """Path of the compiled library of source, compiling it unless already cached."""
     try:
-        code = source.read_bytes()
+        # The headers beside it are part of what it compiles from (`#include "..."`).
+        headers = sorted(source.parent.glob("*.h"))
+        code = b"".join([source.read_bytes(), *(header.read_bytes() for header in headers)])
     except OSError as error:
         raise KernelUnavailable(f"cannot read {source}: {error}") from error
     target = options.cache_dir / _cache_key(code, options) / f"lib{source.stem}.so"

@@ -29,7 +29,8 @@
 #include <immintrin.h>
 #endif
 
-#define LANES 16          /* floats per vector; head_dim must be a multiple of it */
+/* LANES, vf and vi, select_vec and exp2_poly; head_dim must be a multiple of LANES */
+#include "vector_math.h"
 #define TILE 16           /* positions per tile: the scores of one q head fill one vector */
 #define SUBGROUP 8        /* q heads whose accumulators live in registers together */
 #define AHEAD 2            /* tiles between a row's fetch and its use */
@@ -41,8 +42,6 @@
 enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1 };
 enum { OK = 0, BAD_ARGUMENT = 1, BAD_SEQ_LEN = 2, BAD_BLOCK_ID = 3 };
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
 typedef uint16_t vh __attribute__((vector_size(32)));
 /* Unaligned, aliasing-safe views of LANES elements in memory. */
@@ -83,10 +82,6 @@ static inline void store_scalar(void *base, int64_t offset, float value, int bf1
     union { float f; uint32_t u; } bits = {.f = value};
     uint32_t rounded = bits.u + 0x7fffu + ((bits.u >> 16) & 1u); /* round to nearest even */
     ((uint16_t *)base)[offset] = isnan(value) ? 0x7fc0u : (uint16_t)(rounded >> 16);
-}
-
-static inline vf select_vec(vi mask, vf yes, vf no) {
-    return (vf)((mask & (vi)yes) | (~mask & (vi)no));
 }
 
 static inline float hsum(vf v) {
@@ -147,13 +142,7 @@ static inline vf exp2_nonpositive(vf x) {
     vi whole = __builtin_convertvector(shifted, vi);                  /* truncates to zero */
     whole -= (vi)(__builtin_convertvector(whole, vf) > shifted) & 1; /* ... now floor */
     vf f = select_vec(x == x, clamped, x) - __builtin_convertvector(whole, vf); /* ...not here */
-    vf poly = f * 1.535336188319500e-4f + 1.339887440266574e-3f;
-    poly = poly * f + 9.618437357674640e-3f;
-    poly = poly * f + 5.550332471162809e-2f;
-    poly = poly * f + 2.402264791363012e-1f;
-    poly = poly * f + 6.931472028550421e-1f;
-    poly = poly * f + 1.0f;
-    return poly * (vf)((whole + 127) << 23);
+    return exp2_poly(f) * (vf)((whole + 127) << 23);
 }
 
 /* scores[g] lane r = q[g] . K[row r] for the n <= TILE rows at k_head + rows[r] (lanes from n

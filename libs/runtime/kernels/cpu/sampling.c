@@ -16,7 +16,7 @@
  * exp is 2^n times a degree-6 polynomial (relative error ~2e-7); a token below 2^-126 of the
  * most likely one gets probability 0 (float32's own softmax loses it at 2^-149).
  *
- * Vectors are GCC vector extensions of 16 floats, one AVX-512 register; elsewhere GCC splits them.
+ * Vectors are those of vector_math.h.
  */
 
 #include <float.h>
@@ -24,19 +24,14 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#define LANES 16
+#include "vector_math.h" /* LANES, vf and vi, select_vec, exp2_poly */
+
 #define CHUNK 256 /* tokens a float32 partial sum spans; sampling_logits.CDF_CHUNK */
 #define LOG2E 1.4426950408889634f
 
 enum { OK = 0, BAD_ARGUMENT = 1, BAD_TOKEN = 2, NO_MEMORY = 3 };
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
 typedef float vf_mem __attribute__((vector_size(64), aligned(4), may_alias));
-
-static inline vf select_vec(vi mask, vf yes, vf no) {
-    return (vf)((mask & (vi)yes) | (~mask & (vi)no));
-}
 
 static inline float hsum(vf v) {
     float sum = 0.0f;
@@ -56,13 +51,7 @@ static inline vf exp_nonpositive(vf y) {
     vi whole = __builtin_convertvector(shifted, vi);                  /* truncates to zero */
     whole -= (vi)(__builtin_convertvector(whole, vf) > shifted) & 1; /* ... now floor */
     vf f = clamped - __builtin_convertvector(whole, vf);
-    vf poly = f * 1.535336188319500e-4f + 1.339887440266574e-3f;
-    poly = poly * f + 9.618437357674640e-3f;
-    poly = poly * f + 5.550332471162809e-2f;
-    poly = poly * f + 2.402264791363012e-1f;
-    poly = poly * f + 6.931472028550421e-1f;
-    poly = poly * f + 1.0f;
-    vf value = poly * (vf)((whole + 127) << 23);
+    vf value = exp2_poly(f) * (vf)((whole + 127) << 23);
     value = select_vec(keep, value, zero);
     return select_vec(y == y, value, y); /* NaN in, NaN out */
 }
