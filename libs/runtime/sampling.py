@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from duetserve.runtime.errors import InvalidTokenError, ShapeError
-from duetserve.runtime.kernels.cpu_sampling import load_sampling_kernels
+from duetserve.runtime.kernels.cpu_sampling import SamplingKernels, load_sampling_kernels
 from duetserve.runtime.sampling_logits import (
     apply_penalties,
     mask_finishing_tokens,
@@ -110,9 +110,10 @@ class Sampler:
         if not rows:
             return []
         scores = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-        apply_penalties(scores, rows, self._kernels if scores.device.type == "cpu" else None)
+        kernels = self._kernels if scores.device.type == "cpu" else None
+        apply_penalties(scores, rows, kernels)
         mask_finishing_tokens(scores, rows, self.eos_token_ids)
-        token_ids = self._choose(scores, rows)  # [B] int64
+        token_ids = self._choose(scores, rows, kernels)  # [B] int64
         return _package(logits, token_ids, rows)
 
     def _check_logits(self, logits: torch.Tensor, rows: Sequence[SequenceSamplingState]) -> None:
@@ -122,7 +123,12 @@ class Sampler:
         if not logits.is_floating_point():
             raise ShapeError(f"logits of dtype {logits.dtype}, expected a float dtype")
 
-    def _choose(self, scores: torch.Tensor, rows: Sequence[SequenceSamplingState]) -> torch.Tensor:
+    def _choose(
+        self,
+        scores: torch.Tensor,
+        rows: Sequence[SequenceSamplingState],
+        kernels: SamplingKernels | None,
+    ) -> torch.Tensor:
         """Argmax for greedy rows; inverse-CDF draws for the others (the race for the rare row
         they leave outside its nucleus). Consumes `scores`."""
         drawn = [i for i, row in enumerate(rows) if not row.params.greedy]
@@ -136,8 +142,8 @@ class Sampler:
         drawn_rows = [rows[i] for i in drawn]
         top_p = [row.params.top_p for row in drawn_rows]
         uniforms = self._uniforms(drawn_rows, (DRAW_ROUNDS,), torch.float64, 0, scores.device)
-        winners, unsettled, probs = self._draw(
-            scores if everyone else scores[index], drawn_rows, uniforms, top_p
+        winners, unsettled, probs = _draw(
+            scores if everyone else scores[index], drawn_rows, uniforms, top_p, kernels
         )
         if unsettled:
             racing = [drawn_rows[i] for i in unsettled]
@@ -150,31 +156,6 @@ class Sampler:
             )
         token_ids[index] = winners
         return token_ids
-
-    def _draw(
-        self,
-        scores: torch.Tensor,
-        rows: Sequence[SequenceSamplingState],
-        uniforms: torch.Tensor,
-        top_p: list[float],
-    ) -> tuple[torch.Tensor, list[int], torch.Tensor]:
-        """(winners [R], the rows no round settled, probs [R, V] valid for those rows) of the
-        inverse-CDF rounds over scores [R, V] of drawn rows; by the C kernel where it serves,
-        else in torch. Consumes `scores`."""
-        params = [row.params for row in rows]
-        kernels = self._kernels if scores.device.type == "cpu" else None
-        if kernels is None:
-            probs = sampling_probs(scores, params)  # [R, V]
-            return (*nucleus_draw(probs, uniforms, top_p), probs)
-        temperatures = [p.temperature for p in params]
-        if any(p.top_k is not None for p in params):
-            # top_k is chosen on the tempered scores, as in the torch path; the kernel then
-            # divides by 1, which changes nothing.
-            scores.div_(torch.tensor(temperatures)[:, None])
-            mask_outside_top_k(scores, params)
-            temperatures = [1.0] * len(params)
-        winners, unsettled = kernels.draw(scores, temperatures, top_p, uniforms)
-        return winners, unsettled, scores
 
     def _uniforms(
         self,
@@ -225,6 +206,31 @@ class Sampler:
             generator.manual_seed(self._seed)
             self._generators[device] = generator
         return self._generators[device]
+
+
+def _draw(
+    scores: torch.Tensor,
+    rows: Sequence[SequenceSamplingState],
+    uniforms: torch.Tensor,
+    top_p: list[float],
+    kernels: SamplingKernels | None,
+) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """(winners [R], the rows no round settled, probs [R, V] valid for those rows) of the
+    inverse-CDF rounds over scores [R, V] of drawn rows: by the C kernels when given them (CPU
+    scores), else in torch. Consumes `scores`."""
+    params = [row.params for row in rows]
+    if kernels is None:
+        probs = sampling_probs(scores, params)  # [R, V]
+        return (*nucleus_draw(probs, uniforms, top_p), probs)
+    temperatures = [p.temperature for p in params]
+    if any(p.top_k is not None for p in params):
+        # top_k is chosen on the tempered scores, as in the torch path; the kernel then
+        # divides by 1, which changes nothing.
+        scores.div_(torch.tensor(temperatures)[:, None])
+        mask_outside_top_k(scores, params)
+        temperatures = [1.0] * len(params)
+    winners, unsettled = kernels.draw(scores, temperatures, top_p, uniforms)
+    return winners, unsettled, scores
 
 
 def draw_seed(seed: int, position: int) -> int:

@@ -438,6 +438,8 @@ class SchedulerCore:
         # references to the blocks before it answers, and only then may they be released).
         await asyncio.gather(*(self._insert_prefix(record) for record, _ in prefilled))
         for record, result in prefilled:
+            if self.records.get(record.request_id) is not record:
+                continue  # ended while the inserts were out (failed, or forgotten)
             if result.finished:
                 await self.finish(record)
             else:

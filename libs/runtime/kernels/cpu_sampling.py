@@ -23,7 +23,7 @@ from duetserve.runtime.kernels.cpu.build import CompilerOptions, KernelUnavailab
 
 SOURCE = Path(__file__).parent / "cpu" / "sampling.c"
 DEFAULT_OPTIONS = CompilerOptions()
-_OK, _BAD_ARGUMENT, _BAD_TOKEN, _NO_MEMORY = 0, 1, 2, 3
+_OK, _BAD_TOKEN, _NO_MEMORY = 0, 2, 3  # the C side's statuses; any other: refused arguments
 # scores, vocab, count, rows, penalties, offsets, tokens, threads
 _PENALTY_ARGTYPES = (
     [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 4 + [ctypes.c_int32]
@@ -51,7 +51,6 @@ class SamplingKernels:
         self._draw = library.draw
         self._draw.argtypes = _DRAW_ARGTYPES
         self._draw.restype = ctypes.c_int
-        self.where: str = library._name  # the library's path
 
     def repetition_penalty(
         self,
