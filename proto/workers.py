@@ -207,5 +207,6 @@ class WorkerEvents:
     # worker has listed for a while ended there, and the event saying so was lost.
     roll_call: bool = False
     # With a roll call: the decode worker's seconds per step lately (the time between two
-    # tokens of a decoding request, TPOT as it happens); None when it has not been stepping.
+    # tokens of a decoding request, TPOT as it happens: the mean over its last steps in a row,
+    # about one answer's decode); None when it has not stepped enough in a row to say.
     step_s: float | None = None

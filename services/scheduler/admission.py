@@ -23,7 +23,9 @@ How many may run at once is itself measured (`limit`, which the planner obeys to
 the TPOT targets of what runs, from two signals:
 
 - the decode worker's mean step time, reported every roll call (~2 s): the inter-token time
-  every running request sees now. The median of the last STEP_WINDOWS reports over the
+  every running request sees now, averaged over the worker's last 64 steps in a row (about
+  one answer's decode, the span a TPOT is averaged over, so that the prefill-heavy start of a
+  burst does not read as slow decoding). The median of the last STEP_WINDOWS reports over the
   tightest TPOT target decides, so one window with a long prefill step in it says nothing;
 - each finished request's TPOT. One late now and then (it decoded through long prefills) says
   nothing about the batch size either: only more than MISS_SHARE of the last TPOT_WINDOW

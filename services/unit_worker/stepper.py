@@ -33,6 +33,24 @@ from duetserve.services.unit_worker.step_log import StepLog
 
 logger = logging.getLogger(__name__)
 
+# The step time a roll call reports (WorkerEvents.step_s, which the scheduler's running limit
+# holds against the TPOT targets) is the mean interval over the last STEP_TIME_STEPS steps in
+# a row: about one answer's decode, the span a TPOT is averaged over. Over a fixed 2 s window,
+# the prefill-heavy start of every burst read as a step time over the target (a burst of 32
+# ShareGPT-sized prompts: 5-7 steps in its first second, two of them 0.4-1.0 s mixed steps),
+# and back-to-back bursts cut the limit below the burst's size every other burst.
+STEP_TIME_STEPS = 64
+MIN_STEP_TIME_STEPS = 16  # fewer steps in a row than this say nothing yet
+
+
+def mean_step_s(ends: Sequence[float]) -> float | None:
+    """Seconds per step over the last STEP_TIME_STEPS of `ends` (the end times of steps run
+    in a row, oldest first); None when there are fewer than MIN_STEP_TIME_STEPS."""
+    if len(ends) < MIN_STEP_TIME_STEPS:
+        return None
+    first = ends[max(0, len(ends) - STEP_TIME_STEPS)]
+    return (ends[-1] - first) / (min(len(ends), STEP_TIME_STEPS) - 1)
+
 
 @dataclass(frozen=True, slots=True)
 class _PendingPrefill:
@@ -72,7 +90,8 @@ class DecodeStepper:
         self._prefills: list[_PendingPrefill] = []
         self._frozen = False  # a hand-over: no step starts any more
         self._idle = asyncio.Event()  # set once the loop has seen _frozen
-        self._step_ends: deque[float] = deque(maxlen=256)  # perf_counter, steps in a row
+        # perf_counter at the end of each step, steps in a row (an idle gap clears it)
+        self._step_ends: deque[float] = deque(maxlen=STEP_TIME_STEPS)
         self.step_log = StepLog(settings.step_log_dir, "decode")
 
     async def prefill(self, batch: workers.PrefillBatch) -> PrefillOutput:
@@ -386,10 +405,8 @@ class DecodeStepper:
         await self._events((), roll_call=True)
 
     def recent_step_s(self) -> float | None:
-        """Seconds per step over the last roll-call period (None: fewer than two steps)."""
-        now = time.perf_counter()
-        ends = [t for t in self._step_ends if now - t <= workers.ROLL_CALL_S]
-        return (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) >= 2 else None
+        """Seconds per step lately (mean_step_s), None before enough steps in a row."""
+        return mean_step_s(self._step_ends)
 
     # --- kv_manager and the scheduler -----------------------------------------------------
 
