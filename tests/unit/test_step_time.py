@@ -44,23 +44,21 @@ def roll_calls(
     would report them while it runs `step_times` (a list of busy periods, `idle_s` apart; the
     worker's steps in a row restart after each idle gap) with roll calls every ROLL_CALL_S
     from `phase_s` on."""
-    events: list[tuple[float, str, float]] = []
+    events: list[tuple[float, str]] = []
     now = 0.0
     for period in step_times:
         for step in period:
             now += step
-            events.append((now, "step", 0.0))
+            events.append((now, "step"))
+        events.append((now + 1e-6, "idle"))
         now += idle_s
-        events.append((now - idle_s + 1e-6, "idle", 0.0))
-    calls = []
     t = phase_s
     while t < now:
-        calls.append(t)
+        events.append((t, "call"))
         t += ROLL_CALL_S
     ends: deque[float] = deque(maxlen=STEP_TIME_STEPS)
     reports = []
-    items = sorted([(at, kind) for at, kind, _ in events] + [(c, "call") for c in calls])
-    for at, kind in items:
+    for at, kind in sorted(events):
         if kind == "step":
             ends.append(at)
         elif kind == "idle":
