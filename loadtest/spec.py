@@ -17,11 +17,12 @@ class SloSpec:
     tpot_ms: float | None = None
     deadline_ms: float | None = None
     group: str | None = None
+    group_size: int | None = None  # compound: how many calls the group makes
 
     def to_request(self) -> dict[str, object]:
         """The `duet.slo` object of a request body."""
         body: dict[str, object] = {"kind": self.kind}
-        for name in ("ttft_ms", "tpot_ms", "deadline_ms", "group"):
+        for name in ("ttft_ms", "tpot_ms", "deadline_ms", "group", "group_size"):
             value = getattr(self, name)
             if value is not None:
                 body[name] = value

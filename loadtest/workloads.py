@@ -324,15 +324,17 @@ def compound_groups(
     specs: Sequence[RequestSpec], size: int, deadline_ms: float, prefix: str = "group"
 ) -> list[RequestSpec]:
     """Consecutive runs of `size` specs made into compound groups `{prefix}-0`, ... (the last
-    one may be smaller), each with one deadline from its first member's arrival."""
+    one may be smaller), each with one deadline from its first member's arrival and its size
+    stated (so the server can judge the group when its last member finishes)."""
     if size < 1:
         raise ValueError(f"group size must be positive, got {size}")
-    return [
-        replace(
-            spec, slo=SloSpec("compound", deadline_ms=deadline_ms, group=f"{prefix}-{i // size}")
-        )
-        for i, spec in enumerate(specs)
-    ]
+    out = []
+    for i, spec in enumerate(specs):
+        first = i - i % size
+        members = min(size, len(specs) - first)
+        slo = SloSpec("compound", deadline_ms=deadline_ms, group=f"{prefix}-{i // size}")
+        out.append(replace(spec, slo=replace(slo, group_size=members)))
+    return out
 
 
 def over_context(specs: Sequence[RequestSpec], max_context: int) -> list[RequestSpec]:

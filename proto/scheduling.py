@@ -26,6 +26,9 @@ class Slo:
     tpot_ms: float | None = None
     deadline_ms: float | None = None
     group: str | None = None
+    # Compound: how many calls the group makes, when the caller knows. The group's attainment
+    # is then judged when its last member finishes; without it, each member alone.
+    group_size: int | None = None
     # False: the server's default SLO, given to a request that stated none. It is scheduled
     # for like any other, but never the reason a request is refused (admission.py).
     from_request: bool = True
@@ -43,6 +46,11 @@ class Slo:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.group_size is not None:
+            if self.kind != SloKind.COMPOUND:
+                raise ValueError("group_size belongs to a compound SLO")
+            if self.group_size < 1:
+                raise ValueError("group_size must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +85,9 @@ class SubmitRequest:
     # Resubmitted (its scheduler lost it): the output its client already has. It continues from
     # there; with the same seed, the rest is what it would have been.
     output_token_ids: tuple[int, ...] = ()
+    # A conservative upper bound of its output tokens (ingress's length predictor,
+    # common/lengths.py; max_tokens itself with ignore_eos); None: unknown, max_tokens bounds it.
+    output_bound: int | None = None
 
     def __post_init__(self) -> None:
         check_token(self.request_id, "request id")
@@ -87,6 +98,8 @@ class SubmitRequest:
             raise ValueError("output_token_ids must be fewer than max_tokens")
         if not 0 <= self.public_prefix_tokens <= len(self.prompt_token_ids):
             raise ValueError("public_prefix_tokens must be within the prompt")
+        if self.output_bound is not None and not 1 <= self.output_bound <= self.sampling.max_tokens:
+            raise ValueError("output_bound must be within [1, max_tokens]")
 
 
 @message("sched.submit.ok")

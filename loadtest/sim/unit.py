@@ -101,6 +101,10 @@ class Unit:
         start = time.perf_counter()
         plan = self.planner.plan(self.view, now, decode_tokens)
         self.plan_seconds.append(time.perf_counter() - start)
+        for victim in self.planner.policy.preemptions():  # as the live scheduler does
+            record = self.records.get(victim)
+            if record is not None and record.seq.phase == Phase.DECODING:
+                self._preempt(record.seq)
         for rejection in plan.reject:
             seq = self.records[rejection.request_id].seq
             self.view.waiting.remove(seq)

@@ -72,10 +72,18 @@ class DuetSlo(_Lenient):
     tpot_ms: Annotated[float, Field(gt=0)] | None = None
     deadline_ms: Annotated[float, Field(gt=0)] | None = None
     group: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    group_size: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
 
     def to_proto(self) -> Slo:
         try:
-            return Slo(SloKind(self.kind), self.ttft_ms, self.tpot_ms, self.deadline_ms, self.group)
+            return Slo(
+                SloKind(self.kind),
+                self.ttft_ms,
+                self.tpot_ms,
+                self.deadline_ms,
+                self.group,
+                self.group_size,
+            )
         except ValueError as err:
             raise ValueError(f"duet.slo: {err}") from None
 

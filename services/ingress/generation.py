@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Gauge
 
+from duetserve.common.lengths import LengthPredictor
 from duetserve.common.nats_bus import Bus, BusNoResponders, BusTimeout
 from duetserve.proto import codec, subjects
 from duetserve.proto.common import ErrorReply
@@ -29,11 +30,13 @@ from duetserve.proto.scheduling import (
     CancelReason,
     CancelRequest,
     ResumeRequest,
+    SloKind,
     SubmitAccepted,
     SubmitRequest,
 )
 from duetserve.proto.tokens import FinishReason, TokenChunk
 from duetserve.runtime.tokenizer import Tokenizer
+from duetserve.services.ingress.attainment import CompoundGroups, SloOutcome, latency_met
 from duetserve.services.ingress.errors import ApiError
 from duetserve.services.ingress.metrics import IngressMetrics, RequestTiming
 from duetserve.services.ingress.output import OutputAssembler, Piece
@@ -71,6 +74,8 @@ class GenerationContext:
     tokenizer: Tokenizer
     metrics: IngressMetrics
     submit_timeout_s: float
+    groups: CompoundGroups  # the compound SLO groups this ingress has seen
+    lengths: LengthPredictor | None  # output-length bounds (None: DUET_PREDICT_LENGTHS=false)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +111,11 @@ class Generation:
         self._first_token_at: float | None = None
         self._submitted = False
         self._failure_code: str | None = None  # why ingress itself ended it, if it did
+        self.slo_outcome: SloOutcome | None = None  # set once it finished or failed
+        self._group_first_s = arrival.monotonic  # a compound SLO counts from its group's first
+        if prompt.slo.kind == SloKind.COMPOUND:
+            context.metrics.observe_groups(0, context.groups.expire(arrival.monotonic))
+            self._group_first_s = context.groups.arrive(tenant, prompt.slo, arrival.monotonic)
         self.unknown_strikes = 0  # status queries in a row that the scheduler did not know it
         self._token_ids: list[int] = []  # the output handed out so far, in order
         self.migrations = 0  # times its worker was lost and it went on elsewhere
@@ -122,11 +132,13 @@ class Generation:
             stream=context.router.stream,
             slo=prompt.slo,
             public_prefix_tokens=prompt.public_prefix_tokens,
+            output_bound=prompt.output_bound,
         )
 
     @property
     def usage(self) -> Usage:
-        return Usage(len(self.prompt.prompt_ids), self._output.num_tokens, self.cached_tokens)
+        prompt_tokens = len(self.prompt.prompt_ids)
+        return Usage(prompt_tokens, self._output.num_tokens, self.cached_tokens, self.slo_outcome)
 
     async def start(self) -> None:
         """Submit; an ApiError if the scheduler refuses."""
@@ -173,6 +185,7 @@ class Generation:
             # Ended by ingress itself (shut_down): still running at the scheduler, so close()
             # must cancel it; ended by the scheduler or a worker: nothing left to cancel.
             self.finished = self._failure_code is None
+            self._judge(None, time.monotonic(), ok=False)
             raise GenerationFailed(chunk.error or "generation failed", self._failure_code)
         piece = self._output.add(chunk)
         if piece.finish_reason is not None:
@@ -203,13 +216,36 @@ class Generation:
 
     def _observe(self) -> None:
         first = self._first_token_at
+        now = time.monotonic()
         timing = RequestTiming(
             ttft_s=None if first is None else first - self._arrival.monotonic,
-            e2e_s=time.monotonic() - self._arrival.monotonic,
+            e2e_s=now - self._arrival.monotonic,
             prompt_tokens=len(self.prompt.prompt_ids),
             completion_tokens=self._output.num_tokens,
         )
         self._context.metrics.observe_generation(timing)
+        self._judge(timing, now, ok=True)
+
+    def _judge(self, timing: RequestTiming | None, now: float, ok: bool) -> None:
+        """Its SLO's verdict (attainment.py), into its usage and /metrics; once."""
+        if self.slo_outcome is not None:
+            return
+        slo, context = self.prompt.slo, self._context
+        if slo.kind == SloKind.COMPOUND:
+            verdict = context.groups.finish(self.tenant, slo, self._group_first_s, now, ok)
+            met = verdict.member_met
+            if verdict.group_met is not None:
+                context.metrics.observe_groups(int(verdict.group_met), int(not verdict.group_met))
+            context.metrics.observe_groups(0, context.groups.expire(now))
+        elif timing is None:
+            met = False
+        elif slo.kind == SloKind.DEADLINE:
+            assert slo.deadline_ms is not None
+            met = timing.e2e_s * 1000 <= slo.deadline_ms
+        else:
+            met = latency_met(slo, timing.ttft_s, timing.e2e_s, timing.completion_tokens)
+        self.slo_outcome = SloOutcome(slo.kind, met and ok, slo.from_request)
+        context.metrics.observe_slo(self.slo_outcome)
 
     def shut_down(self) -> None:
         """End the generation now with a `shutting_down` error (the drain's deadline came);

@@ -100,7 +100,11 @@ class Handlers:
             req = await self._parse(request, CompletionRequest)
             # In a thread: a long prompt's tokenizing must not stop every other request.
             prompt = await asyncio.to_thread(
-                prepare_completion, req, self._context.tokenizer, self._limits
+                prepare_completion,
+                req,
+                self._context.tokenizer,
+                self._limits,
+                self._context.lengths,
             )
             return await self._run(request, arrival, tenant, prompt, CompletionFormat(), req)
 
@@ -110,7 +114,7 @@ class Handlers:
             tenant = self._tenant(request)
             req = await self._parse(request, ChatCompletionRequest)
             prompt = await asyncio.to_thread(
-                prepare_chat, req, self._context.tokenizer, self._limits
+                prepare_chat, req, self._context.tokenizer, self._limits, self._context.lengths
             )
             return await self._run(request, arrival, tenant, prompt, ChatFormat(), req)
 
@@ -259,7 +263,11 @@ class Handlers:
                 logprobs = None
                 if wants_logprobs:
                     logprobs = fmt.logprobs(self._context.tokenizer, piece.logprobs, text_offset)
-                await response.write(responses.sse(fmt.stream_chunk(head, piece, logprobs)))
+                chunk = fmt.stream_chunk(head, piece, logprobs)
+                if finished and generation.slo_outcome is not None:
+                    # The last chunk with choices says whether it met its SLO (as usage does).
+                    chunk["duet"] = {"slo": generation.slo_outcome.body()}
+                await response.write(responses.sse(chunk))
             text_offset += len(piece.text)
             if finished:
                 return

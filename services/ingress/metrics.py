@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from duetserve.proto.scheduling import SchedulerStats
 from duetserve.proto.supervision import SupervisorReport
+from duetserve.services.ingress.attainment import SloOutcome
 
 __all__ = ["CONTENT_TYPE_LATEST", "IngressMetrics", "RequestTiming"]
 
@@ -91,6 +92,20 @@ class IngressMetrics:
             "duet_ingress_tokens",
             "Tokens of finished generations, by kind (prompt, completion).",
             ["kind"],
+            registry=self.registry,
+        )
+        self.slo_requests = Counter(
+            "duet_ingress_slo_requests",
+            "Finished and failed generations by SLO kind (latency, deadline, compound) and "
+            "result (met, missed); attainment = met / (met + missed).",
+            ["kind", "result"],
+            registry=self.registry,
+        )
+        self.slo_groups = Counter(
+            "duet_ingress_slo_groups",
+            "Compound groups of a stated size, by result: met (every member within the shared "
+            "deadline) or missed (a member late or failed, or the group never completed).",
+            ["result"],
             registry=self.registry,
         )
         self.quota_refusals = Counter(
@@ -195,6 +210,16 @@ class IngressMetrics:
         self.ttft.observe(timing.ttft_s)
         if timing.completion_tokens > 1:
             self.tpot.observe((timing.e2e_s - timing.ttft_s) / (timing.completion_tokens - 1))
+
+    def observe_slo(self, outcome: SloOutcome) -> None:
+        result = "met" if outcome.met else "missed"
+        self.slo_requests.labels(kind=outcome.kind.value, result=result).inc()
+
+    def observe_groups(self, met: int, missed: int) -> None:
+        if met:
+            self.slo_groups.labels(result="met").inc(met)
+        if missed:
+            self.slo_groups.labels(result="missed").inc(missed)
 
     def render(self) -> bytes:
         """The registry in Prometheus' text format."""

@@ -43,9 +43,17 @@ _FINISH = _nullable({"type": "string", "enum": ["stop", "length", "abort"]})
 
 def response_schemas() -> dict[str, dict[str, Any]]:
     """What the routes answer with, by component name."""
+    slo_outcome = _object(
+        {
+            "kind": {"enum": ["latency", "deadline", "compound"]},
+            "met": {"type": "boolean"},
+            "default": {"type": "boolean"},
+        }
+    )
+    duet = _object({"slo": slo_outcome})  # Duet's extension: did the request meet its SLO
     usage = _object(
         {"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT},
-        {"prompt_tokens_details": _object({"cached_tokens": _INT})},
+        {"prompt_tokens_details": _object({"cached_tokens": _INT}), "duet": duet},
     )
     head = {"id": _STRING, "created": _INT, "model": _STRING}
     text_choice = _object(
@@ -80,7 +88,7 @@ def response_schemas() -> dict[str, dict[str, Any]]:
                 "object": {"const": "text_completion"},
                 "choices": {**choices, "items": text_choice},
             },
-            {"usage": _nullable(_ref("Usage"))},
+            {"usage": _nullable(_ref("Usage")), "duet": duet},
         ),
         "ChatCompletion": _object(
             {
@@ -96,7 +104,7 @@ def response_schemas() -> dict[str, dict[str, Any]]:
                 "object": {"const": "chat.completion.chunk"},
                 "choices": {**choices, "items": chunk_choice},
             },
-            {"usage": _ref("Usage")},
+            {"usage": _ref("Usage"), "duet": duet},
         ),
         "ModelList": _object(
             {

@@ -6,9 +6,10 @@ must lie in the vocabulary); chats are rendered with the model's chat template. 
 its output budget must fit the context window, worded as vLLM words it.
 """
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
+from duetserve.common.lengths import LengthPredictor
 from duetserve.proto.scheduling import Sampling, Slo, SloKind
 from duetserve.runtime.errors import UnsupportedModelError
 from duetserve.runtime.tokenizer import ChatTemplateError, Tokenizer
@@ -36,10 +37,14 @@ class PreparedPrompt:
     slo: Slo
     public_prefix_tokens: int
     stops: tuple[str, ...]
+    output_bound: int | None = None  # its output's predicted upper bound (output_bound below)
 
 
 def prepare_completion(
-    req: CompletionRequest, tokenizer: Tokenizer, limits: ModelLimits
+    req: CompletionRequest,
+    tokenizer: Tokenizer,
+    limits: ModelLimits,
+    lengths: LengthPredictor | None = None,
 ) -> PreparedPrompt:
     prompt = req.prompt_text_or_ids
     if isinstance(prompt, str):
@@ -50,11 +55,18 @@ def prepare_completion(
     # An omitted max_tokens (16) shrinks to fit; one the client asked for is checked as given.
     fit = "max_tokens" not in req.model_fields_set
     max_tokens = output_budget(len(ids), req.max_tokens, limits.context_len, "prompt", fit)
-    return _prepared(req, ids, req.sampling(max_tokens, req.logprobs), limits)
+    prepared = _prepared(req, ids, req.sampling(max_tokens, req.logprobs), limits)
+    if lengths is None:
+        return prepared
+    text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
+    return replace(prepared, output_bound=output_bound(lengths, text, prepared.sampling))
 
 
 def prepare_chat(
-    req: ChatCompletionRequest, tokenizer: Tokenizer, limits: ModelLimits
+    req: ChatCompletionRequest,
+    tokenizer: Tokenizer,
+    limits: ModelLimits,
+    lengths: LengthPredictor | None = None,
 ) -> PreparedPrompt:
     try:
         ids = tokenizer.encode_chat(
@@ -71,7 +83,28 @@ def prepare_chat(
     max_tokens = output_budget(
         len(ids), requested, limits.context_len, "messages", fit=requested is None
     )
-    return _prepared(req, ids, req.sampling(max_tokens, req.logprobs_count), limits)
+    prepared = _prepared(req, ids, req.sampling(max_tokens, req.logprobs_count), limits)
+    if lengths is None:
+        return prepared
+    text = question_text(req.template_messages())
+    return replace(prepared, output_bound=output_bound(lengths, text, prepared.sampling))
+
+
+def question_text(messages: Sequence[Mapping[str, str]]) -> str:
+    """What a chat's answer answers: its last user message (the predictor was trained on
+    single questions), else everything said."""
+    for message in reversed(messages):
+        if message["role"] == "user":
+            return message["content"]
+    return "\n".join(message["content"] for message in messages)
+
+
+def output_bound(lengths: LengthPredictor, text: str, sampling: Sampling) -> int:
+    """A conservative upper bound of the answer's tokens: exactly max_tokens when EOS is
+    ignored, else the predictor's, within [min_tokens, max_tokens]."""
+    if sampling.ignore_eos:
+        return sampling.max_tokens
+    return lengths.bound(text, sampling.max_tokens, sampling.min_tokens)
 
 
 def _prepared(

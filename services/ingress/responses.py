@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from duetserve.proto.tokens import TokenLogprob
+from duetserve.services.ingress.attainment import SloOutcome
 
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -21,14 +22,18 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    slo: SloOutcome | None = None  # known once the request finished
 
     def body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
+        if self.slo is not None:  # Duet's extension, named as the request's `duet` object
+            body["duet"] = {"slo": self.slo.body()}
+        return body
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from duetserve.common.health import serve_health
+from duetserve.common.lengths import LengthPredictor
 from duetserve.common.lifecycle import cancel_tasks, critical_task
 from duetserve.common.nats_bus import Bus
 from duetserve.proto import codec, subjects
@@ -25,6 +26,7 @@ from duetserve.proto.common import HealthReply, HealthStatus
 from duetserve.proto.supervision import LAUNCHER_REPORT, SupervisorReport
 from duetserve.runtime.config import ModelConfig
 from duetserve.runtime.tokenizer import Tokenizer
+from duetserve.services.ingress.attainment import CompoundGroups
 from duetserve.services.ingress.generation import Admission, GenerationContext
 from duetserve.services.ingress.handlers import Handlers, HealthCheck
 from duetserve.services.ingress.metrics import IngressMetrics
@@ -87,8 +89,17 @@ class IngressService:
         stream = subjects.stream_name(self.instance, secrets.token_hex(4))
         self._router = router = StreamRouter(self._bus, stream, self.metrics.token_replays)
         await router.start()
+        lengths = None
+        if settings.predict_lengths:
+            lengths = await asyncio.to_thread(LengthPredictor, settings.length_model)
         context = GenerationContext(
-            self._bus, router, tokenizer, self.metrics, settings.submit_timeout_s
+            self._bus,
+            router,
+            tokenizer,
+            self.metrics,
+            settings.submit_timeout_s,
+            CompoundGroups(),
+            lengths,
         )
         handlers = Handlers(
             settings.model_id, limits, context, tenants, self.admission, self._health_check()

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from duetserve.common.lengths import MODEL_PATH
 from duetserve.common.settings import ServingSettings
 from duetserve.proto.subjects import check_token
 
@@ -40,6 +41,10 @@ class IngressSettings(ServingSettings):
     # The SLO of a request that brings none of its own.
     default_ttft_ms: float = Field(default=1000.0, gt=0)
     default_tpot_ms: float = Field(default=100.0, gt=0)
+    # Each request's output-length bound (common/lengths.py), sent to the scheduler: a LightGBM
+    # text model with its card beside it (the same name, .json).
+    predict_lengths: bool = True
+    length_model: Path = MODEL_PATH
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     # How long the scheduler has to accept or refuse a request (generation itself is unbounded).
     submit_timeout_s: float = Field(default=5.0, gt=0)

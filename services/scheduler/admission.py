@@ -9,7 +9,8 @@ unit has been doing (pure arithmetic, no I/O):
   first batch, which warms the worker up, does not count);
 - a place to run: with `limit` requests running already, the queue ahead of it has to
   drain first, one request per finish: the k-th place comes free when the k-th running
-  request has decoded what it has left (its max_tokens, at the decode worker's step time),
+  request has decoded what it has left (its predicted output bound, refined as it decodes, or
+  what its max_tokens leaves; at the decode worker's step time),
   or, before a step time is known, at the rate requests finished over FINISH_WINDOW_S.
 
 The longer of the two, compared with the request's TTFT target (its SLO's, or its deadline),
@@ -195,7 +196,7 @@ class AdmissionControl:
             return prefill
         rate = self.finish_rate()
         if self.step_s is not None and running:
-            left = sorted(max(s.max_tokens - s.num_output, 0) for s in running)
+            left = sorted(s.remaining_output for s in running)
             rounds, index = divmod(behind - 1, len(left))
             room = (rounds * left[-1] + left[index]) * self.step_s
         elif rate is not None:

@@ -32,6 +32,7 @@ from duetserve.proto.scheduling import SubmitRequest
 from duetserve.proto.tokens import FinishReason, TokenChunk
 from duetserve.services.scheduler.admission import AdmissionControl
 from duetserve.services.scheduler.planner import Admission, Planner, PrefillChunk
+from duetserve.services.scheduler.policy.base import Rates
 from duetserve.services.scheduler.requests import RequestRecord
 from duetserve.services.scheduler.split_tuner import SplitTuner
 from duetserve.services.scheduler.state import KvTransfers, Phase, UnitView
@@ -130,6 +131,7 @@ class SchedulerCore:
         self.batches_out: deque[BatchOut] = deque()  # oldest first, as the worker runs them
         self._last_answer_at = 0.0  # monotonic: when the last batch settled was answered
         self._prefill_s_per_token: float | None = None  # the slowest recent batch's
+        self.policy_preemptions = 0  # decoding requests the policy preempted
 
     @property
     def disagg(self) -> bool:
@@ -215,7 +217,9 @@ class SchedulerCore:
             finishing = sum(c.is_last for out in self.batches_out for c in out.chunks)
             decode_tokens = len(self.view.decoding) + finishing
         now = time.monotonic()
+        self.planner.rates = self._rates()
         plan = self.planner.plan(self.view, now, decode_tokens)
+        await self._preempt_for_policy(self.planner.policy.preemptions())
         for rejection in plan.reject:
             if (rejected := self.records.get(rejection.request_id)) is not None:
                 await self.fail(rejected, rejection.reason)
@@ -235,6 +239,24 @@ class SchedulerCore:
             )
             return True, some_rejected
         return False, some_rejected
+
+    def _rates(self) -> Rates | None:
+        step_s, per_token = self.admission.step_s, self.admission.prefill_s_per_token
+        return None if step_s is None or per_token is None else Rates(step_s, per_token)
+
+    async def _preempt_for_policy(self, victims: tuple[str, ...]) -> None:
+        """Decoding requests the policy wants out (to run better ones): the decode worker
+        stops them and reports how far each got; they come back as PREEMPTED events and wait
+        to be recomputed, as after a memory preemption."""
+        decoding = [
+            v for v in victims if (r := self.records.get(v)) and r.seq.phase == Phase.DECODING
+        ]
+        if not decoding:
+            return
+        logger.info("preempting for the policy", extra={"victims": decoding})
+        self.policy_preemptions += len(decoding)
+        control = workers.DecodeControl(workers.ControlKind.PREEMPT, tuple(decoding))
+        await self.bus.publish(workers.decode_control_subject(self.unit), encode(control))
 
     def _still_prefilling(self, request_id: str, admitted: set[str]) -> bool:
         record = self.records.get(request_id)

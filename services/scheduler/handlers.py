@@ -157,7 +157,7 @@ class SchedulerHandlers:
             decoding=len(view.decoding),
             free_blocks=view.free_blocks,
             total_blocks=view.total_blocks,
-            preemptions=self.preemptions,
+            preemptions=self.preemptions + self.core.policy_preemptions,
             prefill_share=core.tuner.prefill_share,
             split_moves=core.tuner.moves,
             decode_free_blocks=decode_pool.free_blocks if core.disagg else None,

@@ -10,7 +10,7 @@ out, requests are preempted by recompute in the policy's order.
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from duetserve.services.scheduler.policy.base import Policy
+from duetserve.services.scheduler.policy.base import Policy, Rates
 from duetserve.services.scheduler.state import SeqState, UnitView
 
 
@@ -71,6 +71,7 @@ class Planner:
         # Requests that may run at once now, when something measures it (admission.py);
         # never above config.max_running.
         self.running_limit: int | None = None
+        self.rates: Rates | None = None  # the unit's step and prefill times, once measured
 
     @property
     def max_running(self) -> int:
@@ -83,6 +84,7 @@ class Planner:
     def plan(self, unit: UnitView, now: float, decode_tokens: int = 0) -> Plan:
         """The next step. `decode_tokens` are tokens of the same forward pass spent on decodes
         (a unified worker); they come out of the prefill budget first."""
+        self.policy.rank(unit, now, self.max_running, self.rates)
         admit, reject, admitted = self._admit(unit, now)
         budget = self.config.max_prefill_tokens - decode_tokens
         prefill = self._prefill([*unit.prefilling, *admitted], budget, now)

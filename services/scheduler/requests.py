@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from duetserve.proto.scheduling import SubmitRequest
 from duetserve.proto.workers import SamplingState
 from duetserve.services.scheduler.state import Phase, SeqState
+from duetserve.services.scheduler.targets import slo_targets
 
 
 @dataclass(slots=True)
@@ -77,5 +78,7 @@ class RequestRecord:
             max_tokens=submit.sampling.max_tokens,
             num_output=len(output),
             phase=Phase.WAITING,
+            output_bound=submit.output_bound,
+            targets=slo_targets(submit.slo, arrival),
         )
         return cls(submit, seq, output_token_ids=list(output), holder=holder)

@@ -15,7 +15,7 @@ from duetserve.services.scheduler.admission import AdmissionControl
 from duetserve.services.scheduler.core import SchedulerCore
 from duetserve.services.scheduler.handlers import SchedulerHandlers
 from duetserve.services.scheduler.planner import Planner, PlannerConfig
-from duetserve.services.scheduler.policy.fcfs import FcfsPolicy
+from duetserve.services.scheduler.policy import make_policy
 from duetserve.services.scheduler.settings import SchedulerSettings
 from duetserve.services.scheduler.split_controller import SplitController, SplitControllerConfig
 from duetserve.services.scheduler.split_tuner import SplitTuner
@@ -61,7 +61,7 @@ class SchedulerService:
             max_running=s.max_running,
             decode_reserve_blocks=s.decode_reserve_blocks,
         )
-        planner = Planner(config, FcfsPolicy())
+        planner = Planner(config, make_policy(s.policy))
         outbox = TokenOutbox(bus, self.instance)
         await outbox.start()
         self.tuner = tuner = SplitTuner(bus, s.unit, split_controller(s), s.prefill_share)

@@ -13,7 +13,10 @@ class SchedulerSettings(ServingSettings):
     # unified: one worker runs prefill chunks and decode steps in the same forward pass,
     # within one token budget; disagg: decode has its own KV pool (preemption runs against
     # it) and a static split.
-    policy: Literal["fcfs"] = "fcfs"
+    # Who runs first (scheduler/policy/): "fcfs" in arrival order; "jitserve" the most work
+    # that meets its SLO per second left, by predicted output lengths, preempting for it;
+    # "spf" the least work left first (predicted), blind to SLOs.
+    policy: Literal["fcfs", "jitserve", "spf"] = "fcfs"
     max_prefill_tokens: int = Field(2048, gt=0)
     max_prefill_seqs: int = Field(64, gt=0)
     # Which admitted prompts a prefill batch takes first (planner.PlannerConfig): "shortest"

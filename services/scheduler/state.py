@@ -8,7 +8,18 @@ The simulator drives the same objects from its cost model.
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from duetserve.common.lengths import remaining_tokens
 from duetserve.proto.workers import DecodeAdmitted, ResidentSize
+
+
+@dataclass(frozen=True, slots=True)
+class SloTargets:
+    """A request's SLO as a policy measures it: seconds, and its whole answer's deadline on the
+    scheduler's clock (a deadline or compound SLO). None: no such target."""
+
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    deadline_at: float | None = None
 
 
 class Phase(StrEnum):
@@ -32,10 +43,21 @@ class SeqState:
     # A chunk of it is in a prefill batch not answered yet: the next batch leaves it out
     # (its next chunk starts where that one ends, known only from the answer).
     in_flight: bool = False
+    # Its output's predicted upper bound (SubmitRequest.output_bound); None: max_tokens.
+    output_bound: int | None = None
+    targets: SloTargets | None = None  # None: no SLO (the simulator's plain requests)
 
     @property
     def num_uncomputed(self) -> int:
         return self.prompt_len - self.num_computed
+
+    @property
+    def remaining_output(self) -> int:
+        """Output tokens it is still expected to produce: its bound refined by what it has
+        produced so far (common/lengths.py), or what max_tokens leaves when it has none."""
+        if self.output_bound is None:
+            return max(self.max_tokens - self.num_output, 0)
+        return remaining_tokens(self.output_bound, self.num_output, self.max_tokens)
 
 
 @dataclass(slots=True)

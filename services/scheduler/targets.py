@@ -3,6 +3,7 @@ the compute-split controller measure each request against. A request that stated
 carries the server's default one (ingress fills it in), so every request has targets."""
 
 from duetserve.proto.scheduling import Slo, SloKind
+from duetserve.services.scheduler.state import SloTargets
 
 
 def ttft_target_s(slo: Slo | None) -> float | None:
@@ -22,3 +23,15 @@ def tpot_target_s(slo: Slo | None) -> float | None:
     if slo is None or slo.kind != SloKind.LATENCY or slo.tpot_ms is None:
         return None
     return slo.tpot_ms / 1000
+
+
+def slo_targets(slo: Slo | None, arrival: float) -> SloTargets | None:
+    """What a policy measures the request against; `arrival` on the scheduler's clock, from
+    which a deadline counts (a compound member's counts from its own arrival here: the group's
+    first arrival is known to ingress, which judges the group)."""
+    if slo is None:
+        return None
+    deadline_at = None if slo.deadline_ms is None else arrival + slo.deadline_ms / 1000
+    if slo.kind == SloKind.LATENCY:
+        return SloTargets(ttft_target_s(slo), tpot_target_s(slo), None)
+    return SloTargets(None, None, deadline_at)

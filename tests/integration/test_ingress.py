@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import format_trace_id
 
 from duetserve.common.health import serve_health
+from duetserve.common.lengths import LengthPredictor
 from duetserve.common.nats_bus import Bus
 from duetserve.common.nats_server import NatsServer
 from duetserve.common.settings import CommonSettings
@@ -124,6 +125,8 @@ async def test_completion_and_chat_return_the_scripted_text(
     assert submit.prompt_token_ids == tuple(tokenizer.encode("Say it"))
     assert submit.tenant == "default" and submit.slo is not None
     assert submit.slo.kind == SloKind.LATENCY
+    # The predicted bound of its output, from the prompt's text (common/lengths.py).
+    assert submit.output_bound == LengthPredictor().bound("Say it", submit.sampling.max_tokens)
     assert completion.usage is not None
     assert completion.usage.prompt_tokens == len(submit.prompt_token_ids)
     assert completion.usage.completion_tokens == len(text_ids)
@@ -426,6 +429,84 @@ async def test_models_and_metrics(
     assert _ttft_count(text) == before + 1
     assert 'duet_ingress_requests_total{endpoint="/v1/completions",status="200"}' in text
     assert "duet_ingress_requests_in_flight 0.0" in text
+
+
+async def test_usage_and_metrics_say_whether_each_request_met_its_slo(
+    ingress: IngressService,
+    client: openai.AsyncOpenAI,
+    http: aiohttp.ClientSession,
+    scheduler: ScriptedScheduler,
+) -> None:
+    # ~20 tokens, 30 ms apart: TPOT ~30 ms, the whole answer > 0.5 s.
+    scheduler.script = replace(scheduler.script, delay_s=0.03)
+    slos = {
+        "loose": {"kind": "latency", "ttft_ms": 60_000, "tpot_ms": 10_000},
+        "tpot": {"kind": "latency", "ttft_ms": 60_000, "tpot_ms": 5},
+        "deadline_met": {"kind": "deadline", "deadline_ms": 60_000},
+        "deadline_missed": {"kind": "deadline", "deadline_ms": 100},
+    }
+
+    async def slo_of(slo: dict[str, Any] | None) -> dict[str, Any]:
+        extra = {} if slo is None else {"duet": {"slo": slo}}
+        completion = await client.completions.create(
+            model=model_id(ingress), prompt="Hi", extra_body=extra
+        )
+        assert completion.usage is not None and completion.usage.model_extra is not None
+        return completion.usage.model_extra["duet"]["slo"]
+
+    async def group(name: str, deadline_ms: float) -> list[dict[str, Any]]:
+        slo = {"kind": "compound", "group": name, "group_size": 2, "deadline_ms": deadline_ms}
+        return list(await asyncio.gather(slo_of(slo), slo_of(slo)))
+
+    before = await _metrics(http)
+    outcomes = await asyncio.gather(*(slo_of(slo) for slo in slos.values()), slo_of(None))
+    judged = dict(zip([*slos, "default"], outcomes, strict=True))
+    assert judged["loose"] == {"kind": "latency", "met": True, "default": False}
+    assert judged["tpot"] == {"kind": "latency", "met": False, "default": False}
+    assert judged["deadline_met"] == {"kind": "deadline", "met": True, "default": False}
+    assert judged["deadline_missed"] == {"kind": "deadline", "met": False, "default": False}
+    assert judged["default"]["kind"] == "latency" and judged["default"]["default"] is True
+    # A compound member counts from its group's first arrival; the group when its last is done.
+    assert [o["met"] for o in await group("fast", 60_000)] == [True, True]
+    assert [o["met"] for o in await group("slow", 300)] == [False, False]
+
+    after = await _metrics(http)
+    counted = {
+        ("latency", "met"): 1 + judged["default"]["met"],
+        ("latency", "missed"): 1 + (not judged["default"]["met"]),
+        ("deadline", "met"): 1,
+        ("deadline", "missed"): 1,
+        ("compound", "met"): 2,
+        ("compound", "missed"): 2,
+    }
+    for (kind, result), count in counted.items():
+        name = f'duet_ingress_slo_requests_total{{kind="{kind}",result="{result}"}}'
+        assert _sample(after, name) - _sample(before, name) == count, name
+    for result in ("met", "missed"):
+        name = f'duet_ingress_slo_groups_total{{result="{result}"}}'
+        assert _sample(after, name) - _sample(before, name) == 1, name
+
+    # A stream says it in its last chunk with a choice, and in its usage chunk.
+    stream = await client.chat.completions.create(
+        model=model_id(ingress),
+        messages=[{"role": "user", "content": "Hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"duet": {"slo": slos["tpot"]}},
+    )
+    chunks = [chunk async for chunk in stream]
+    last_choice = next(c for c in reversed(chunks) if c.choices)
+    assert last_choice.model_extra is not None
+    assert last_choice.model_extra["duet"]["slo"]["met"] is False
+    usage = chunks[-1].usage
+    assert usage is not None and usage.model_extra is not None
+    assert usage.model_extra["duet"]["slo"] == judged["tpot"]
+
+
+def _sample(text: str, name: str) -> float:
+    """A sample's value in a /metrics page; 0 when absent (a counter not yet incremented)."""
+    line = next((x for x in text.splitlines() if x.startswith(name + " ")), None)
+    return 0.0 if line is None else float(line.split()[-1])
 
 
 async def _metrics(http: aiohttp.ClientSession) -> str:

@@ -186,6 +186,20 @@ def test_with_a_step_time_places_come_free_as_the_running_requests_finish_decodi
     assert refusal is not None and abs(refusal.retry_after_s - 2.0) < 1e-9
 
 
+def test_places_come_free_when_the_running_are_expected_to_finish_not_at_max_tokens() -> None:
+    """A request's predicted output bound (refined as it decodes) says when its place comes
+    free; max_tokens, often the context's whole room, would keep the queue out for long."""
+    control = AdmissionControl(max_waiting=100, max_running=1)
+    control.on_step_time(0.05, 0.1, 1)
+    running = SeqState("a", 0.0, 10, max_tokens=2000, num_output=40, phase=Phase.DECODING)
+    full = UnitView(100, 100, decoding=[running])
+    assert control.expected_start_s(full) == 1960 * 0.05
+    running.output_bound = 100
+    assert control.expected_start_s(full) == 60 * 0.05
+    running.num_output = 150  # past its bound: the bound doubles to 200
+    assert control.expected_start_s(full) == 50 * 0.05
+
+
 def test_only_an_slo_the_request_stated_refuses_it() -> None:
     """The server's default SLO schedules a request that stated none, but never refuses it
     for an expected late start: it waits. The queue bound still holds."""

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from duetserve.common.lengths import LengthPredictor
 from duetserve.proto.common import HealthReply, HealthStatus
 from duetserve.proto.scheduling import SloKind
 from duetserve.proto.tokens import FinishReason, TokenChunk
@@ -20,6 +21,7 @@ from duetserve.services.ingress.prompts import (
     output_budget,
     prepare_chat,
     prepare_completion,
+    question_text,
 )
 from duetserve.services.ingress.settings import DEFAULT_HEALTH_SERVICES, IngressSettings
 from duetserve.services.ingress.streams import ChunkOrderer
@@ -171,6 +173,32 @@ def test_chat_prompt_cache_hint_and_default_budget(tokenizer: Tokenizer) -> None
     assert prepared.prompt_ids == tuple(tokenizer.encode_chat(messages))
     assert prepared.sampling.max_tokens == 64 - len(prepared.prompt_ids)
     assert prepared.public_prefix_tokens == len(prepared.prompt_ids)  # clamped to the prompt
+
+
+def test_each_prompt_gets_an_output_bound_from_its_question(tokenizer: Tokenizer) -> None:
+    lengths = LengthPredictor()
+    plain = prepare_completion(CompletionRequest(model="tiny", prompt="hi"), tokenizer, LIMITS)
+    assert plain.output_bound is None  # no predictor: max_tokens bounds it
+    req = CompletionRequest(model="tiny", prompt="Write a long story.", max_tokens=40)
+    bounded = prepare_completion(req, tokenizer, LIMITS, lengths)
+    assert bounded.output_bound == lengths.bound("Write a long story.", 40)
+    # ignore_eos: the length is known, max_tokens exactly.
+    exact = CompletionRequest(model="tiny", prompt="hi", max_tokens=30, ignore_eos=True)
+    assert prepare_completion(exact, tokenizer, LIMITS, lengths).output_bound == 30
+    ids = CompletionRequest(model="tiny", prompt=tokenizer.encode("Hi there", False))
+    from_ids = prepare_completion(ids, tokenizer, LIMITS, lengths)
+    assert from_ids.output_bound == lengths.bound("Hi there", from_ids.sampling.max_tokens)
+    # A chat's bound is its last question's.
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Write a long story."},
+        {"role": "assistant", "content": "Once."},
+        {"role": "user", "content": "Thanks!"},
+    ]
+    chat = ChatCompletionRequest.model_validate({"model": "tiny", "messages": messages})
+    prepared = prepare_chat(chat, tokenizer, LIMITS, lengths)
+    assert prepared.output_bound == lengths.bound("Thanks!", prepared.sampling.max_tokens)
+    assert question_text([{"role": "system", "content": "a"}]) == "a"
 
 
 def test_output_budget_words_like_vllm() -> None:

@@ -169,6 +169,8 @@ def test_slos_groups_and_arrivals() -> None:
     assert [s.slo.group for s in grouped if s.slo] == ["group-0"] * 2 + ["group-1"] * 2 + [
         "group-2"
     ]
+    assert [s.slo.group_size for s in grouped if s.slo] == [2, 2, 2, 2, 1]  # the last is short
+    assert grouped[0].slo is not None and grouped[0].slo.to_request()["group_size"] == 2
     timed = workloads.assign_arrivals(specs, [0.0, 0.5, 1.0, 1.5, 2.0])
     assert [s.arrival_s for s in timed] == [0.0, 0.5, 1.0, 1.5, 2.0]
     with pytest.raises(ValueError):

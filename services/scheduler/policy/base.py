@@ -1,13 +1,24 @@
 """What a scheduling policy decides; the planner does the arithmetic around it."""
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-from duetserve.services.scheduler.state import SeqState
+from duetserve.services.scheduler.state import SeqState, UnitView
+
+
+class Rates(NamedTuple):
+    """What the unit has been doing lately, for policies that project when requests finish."""
+
+    step_s: float  # one decode step at the batch running now
+    prefill_s_per_token: float
 
 
 class Policy(Protocol):
     name: str
+
+    def rank(self, unit: UnitView, now: float, batch_size: int, rates: Rates | None) -> None:
+        """Look at every request of the unit before a plan (a policy may do so less often)."""
+        ...
 
     def admission_order(self, waiting: Sequence[SeqState], now: float) -> list[SeqState]:
         """Waiting requests in the order they should get blocks."""
@@ -20,4 +31,9 @@ class Policy(Protocol):
 
     def preemption_order(self, decoding: Sequence[SeqState], now: float) -> list[SeqState]:
         """Decoding requests in the order they give up their blocks when memory runs out."""
+        ...
+
+    def preemptions(self) -> tuple[str, ...]:
+        """Decoding requests to preempt now to make room for better ones (recompute), as the
+        last `rank` chose them; each is returned once."""
         ...

@@ -2,7 +2,8 @@
 
 from collections.abc import Sequence
 
-from duetserve.services.scheduler.state import SeqState
+from duetserve.services.scheduler.policy.base import Rates
+from duetserve.services.scheduler.state import SeqState, UnitView
 
 
 class FcfsPolicy:
@@ -10,6 +11,9 @@ class FcfsPolicy:
     oldest requests keep their progress and nothing waits forever behind newer work."""
 
     name = "fcfs"
+
+    def rank(self, unit: UnitView, now: float, batch_size: int, rates: Rates | None) -> None:
+        return None
 
     def admission_order(self, waiting: Sequence[SeqState], now: float) -> list[SeqState]:
         return sorted(waiting, key=lambda s: (s.arrival, s.request_id))
@@ -19,3 +23,6 @@ class FcfsPolicy:
 
     def preemption_order(self, decoding: Sequence[SeqState], now: float) -> list[SeqState]:
         return sorted(decoding, key=lambda s: (s.arrival, s.request_id), reverse=True)
+
+    def preemptions(self) -> tuple[str, ...]:
+        return ()  # only memory preempts

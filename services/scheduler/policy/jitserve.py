@@ -1,0 +1,151 @@
+"""JITServe: the most work that meets its SLO, with output lengths known only as bounds.
+
+Every request's priority is the reward it brings per second of work it still needs:
+
+    priority = reward x slo_factor / time_left_s
+    reward = prompt tokens + OUTPUT_WEIGHT x output tokens (produced + still expected)
+    time_left_s = prompt tokens left x prefill s/token + output tokens expected x step s
+
+Output tokens expected come from the request's predicted bound, refined as it decodes
+(common/lengths.py). A decoded token is worth OUTPUT_WEIGHT = 8 prompt tokens, as in JITServe's
+code: on every backend a prompt token costs a fraction of a decode step's token, so counting
+them alike would favour long prompts that are cheap to serve.
+
+`slo_factor` is 1 while the request is projected to meet its SLO and (target / projected) **
+MISS_POWER (100) once it is not: at 5% late its priority falls ~130x, at 10% ~38,000x, so
+the unit stops spending on requests that will miss anyway and gives the time to those that
+can still make it, which is what goodput counts. What is projected: for a latency SLO whose
+first token is not out yet, TTFT as the time waited plus the prompt's prefill; TPOT as the
+step time now (the same for every running request: it moves all latency requests alike);
+for a deadline, the end as now plus time_left_s.
+
+Every RANK_INTERVAL_S the policy ranks every request of the unit (waiting, prefilling,
+decoding): it keeps the best WINDOW_FACTOR x batch size by priority, sorts them by time left,
+and picks the contiguous window of batch-size requests with the highest summed priority (the
+"group": requests of similar length, so a batch is not held up by one long member). Waiting
+requests of the group are admitted first. When the unit is full, decoding requests outside
+the group are preempted (recompute) to make room for waiting members of the group, at most
+MAX_PREEMPTIONS a ranking, lowest priority first. Between rankings, waiting requests are
+admitted by their priority at the last rates; one waiting over STARVED_S goes first, so every
+accepted request runs in the end (JITServe has no such rule: its requests time out instead).
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from duetserve.services.scheduler.policy.base import Rates
+from duetserve.services.scheduler.state import SeqState, UnitView
+
+OUTPUT_WEIGHT = 8.0
+MISS_POWER = 100.0
+WINDOW_FACTOR = 2
+RANK_INTERVAL_S = 0.5
+MAX_PREEMPTIONS = 2
+# A request waiting this long goes first whatever its priority: one whose SLO is out of reach
+# ranks last for good, and under sustained overload would otherwise never run.
+STARVED_S = 30.0
+# Until the unit has measured itself (the first steps and batches): a small model on a CPU.
+DEFAULT_RATES = Rates(step_s=0.05, prefill_s_per_token=0.0005)
+_EPSILON_S = 1e-3
+
+
+def time_left_s(seq: SeqState, rates: Rates) -> float:
+    """Seconds of work it still needs: its prompt's prefill, then its expected output."""
+    prefill = seq.num_uncomputed * rates.prefill_s_per_token
+    return prefill + seq.remaining_output * rates.step_s
+
+
+def slo_factor(seq: SeqState, now: float, rates: Rates) -> float:
+    """1 while it is projected to meet its SLO; (target / projected) ** MISS_POWER when not."""
+    targets = seq.targets
+    if targets is None:
+        return 1.0
+    ratios = []
+    if targets.ttft_s is not None and seq.num_output == 0:
+        ttft = now - seq.arrival + seq.num_uncomputed * rates.prefill_s_per_token
+        ratios.append(targets.ttft_s / max(ttft, _EPSILON_S))
+    if targets.tpot_s is not None:
+        ratios.append(targets.tpot_s / max(rates.step_s, _EPSILON_S))
+    if targets.deadline_at is not None:
+        allowed = targets.deadline_at - seq.arrival
+        projected = now + time_left_s(seq, rates) - seq.arrival
+        ratios.append(allowed / max(projected, _EPSILON_S))
+    worst = min(ratios, default=1.0)
+    return 1.0 if worst >= 1.0 else worst**MISS_POWER
+
+
+def priority(seq: SeqState, now: float, rates: Rates) -> float:
+    """Reward per second of work left, cut steeply when its SLO is out of reach (module doc).
+    After a preemption its recomputed output counts as prompt too: it is work again."""
+    reward = seq.prompt_len + OUTPUT_WEIGHT * (seq.num_output + seq.remaining_output)
+    left = max(time_left_s(seq, rates), _EPSILON_S)
+    return reward * slo_factor(seq, now, rates) / left
+
+
+def select_group(
+    candidates: Sequence[SeqState], now: float, batch_size: int, rates: Rates
+) -> list[SeqState]:
+    """The best WINDOW_FACTOR x batch_size by priority, sorted by time left; of those, the
+    contiguous batch_size with the highest summed priority."""
+    scored = sorted(((priority(s, now, rates), s) for s in candidates), key=lambda p: -p[0])
+    top = sorted(scored[: WINDOW_FACTOR * batch_size], key=lambda p: time_left_s(p[1], rates))
+    if len(top) <= batch_size:
+        return [seq for _, seq in top]
+    window = sum(score for score, _ in top[:batch_size])
+    best, best_start = window, 0
+    for start in range(1, len(top) - batch_size + 1):
+        window += top[start + batch_size - 1][0] - top[start - 1][0]
+        if window > best:
+            best, best_start = window, start
+    return [seq for _, seq in top[best_start : best_start + batch_size]]
+
+
+@dataclass(slots=True)
+class JitServePolicy:
+    name: str = "jitserve"
+    rates: Rates = DEFAULT_RATES
+    _group: frozenset[str] = frozenset()
+    _next_rank: float = float("-inf")
+    _preempt: tuple[str, ...] = ()
+
+    def rank(self, unit: UnitView, now: float, batch_size: int, rates: Rates | None) -> None:
+        if rates is not None:
+            self.rates = rates
+        if now < self._next_rank:
+            return
+        self._next_rank = now + RANK_INTERVAL_S
+        everyone = [*unit.waiting, *unit.prefilling, *unit.decoding]
+        group = select_group(everyone, now, max(batch_size, 1), self.rates)
+        self._group = frozenset(seq.request_id for seq in group)
+        self._preempt = self._victims(unit, now, batch_size)
+
+    def _victims(self, unit: UnitView, now: float, batch_size: int) -> tuple[str, ...]:
+        """Decoding requests outside the group, for waiting members that find the unit full."""
+        if len(unit.prefilling) + len(unit.decoding) < batch_size:
+            return ()
+        waiting_members = sum(seq.request_id in self._group for seq in unit.waiting)
+        outside = [seq for seq in unit.decoding if seq.request_id not in self._group]
+        outside.sort(key=lambda seq: priority(seq, now, self.rates))
+        count = min(MAX_PREEMPTIONS, waiting_members, len(outside))
+        return tuple(seq.request_id for seq in outside[:count])
+
+    def preemptions(self) -> tuple[str, ...]:
+        victims, self._preempt = self._preempt, ()
+        return victims
+
+    def admission_order(self, waiting: Sequence[SeqState], now: float) -> list[SeqState]:
+        starved = now - STARVED_S
+
+        def key(seq: SeqState) -> tuple[bool, bool, float, float]:
+            if seq.arrival <= starved:  # oldest first, before everything else
+                return (False, False, seq.arrival, 0.0)
+            member = seq.request_id in self._group
+            return (True, not member, -priority(seq, now, self.rates), seq.arrival)
+
+        return sorted(waiting, key=key)
+
+    def skip_when_blocked(self) -> bool:
+        return True  # a prompt too big for the room now must not hold back better work
+
+    def preemption_order(self, decoding: Sequence[SeqState], now: float) -> list[SeqState]:
+        return sorted(decoding, key=lambda seq: priority(seq, now, self.rates))

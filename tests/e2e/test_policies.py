@@ -1,0 +1,67 @@
+"""The JITServe policy live (DUET_POLICY=jitserve): with every place taken by answers that will
+miss their deadline anyway, requests that can still meet their SLO run first and the others are
+preempted for them; every request, preempted or not, ends with exactly the tokens it gets
+alone, and says whether it met its SLO."""
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from tests.conftest import ModelDirs
+from tests.e2e.conftest import alone_outputs, start_stack, stop_stack
+from tests.model_specs import TINY
+
+LONG_TOKENS = 1500  # seconds of decoding on `tiny`: the short ones arrive while it runs
+SHORT_TOKENS = 8
+TEMPERATURE = 0.9
+HOPELESS = {"kind": "deadline", "deadline_ms": 50}
+LOOSE = {"kind": "latency", "ttft_ms": 60_000, "tpot_ms": 10_000}
+
+
+def test_jitserve_preempts_hopeless_answers_for_ones_that_can_still_make_it(
+    model_dirs: ModelDirs, tmp_path: Path
+) -> None:
+    model_dir = model_dirs.get(TINY)
+    longs = ["Story 0: once upon a time", "Story 1: once upon a time"]
+    shorts = [f"Note {i}: remember the" for i in range(4)]
+    stack = start_stack(model_dir, tmp_path, DUET_POLICY="jitserve", DUET_MAX_RUNNING="2")
+    try:
+        api = openai.AsyncOpenAI(base_url=stack.base_url, api_key="x", max_retries=0, timeout=120)
+        finished: dict[str, float] = {}
+
+        async def one(name: str, prompt: str, seed: int, tokens: int, slo: dict[str, Any]) -> Any:
+            answer = await api.completions.create(
+                model=model_dir.name,
+                prompt=prompt,
+                max_tokens=tokens,
+                temperature=TEMPERATURE,
+                seed=seed,
+                extra_body={"ignore_eos": True, "duet": {"slo": slo}},
+            )
+            finished[name] = time.monotonic()
+            return answer
+
+        async def run() -> list[Any]:
+            hopeless = [one(f"long{i}", p, i, LONG_TOKENS, HOPELESS) for i, p in enumerate(longs)]
+            started = [asyncio.ensure_future(c) for c in hopeless]
+            await asyncio.sleep(0.5)  # both decoding: every place is taken
+            rest = [one(f"short{i}", p, i, SHORT_TOKENS, LOOSE) for i, p in enumerate(shorts)]
+            try:
+                return list(await asyncio.gather(*started, *rest))
+            finally:
+                await api.close()
+
+        answers = asyncio.run(run())
+    finally:
+        assert stop_stack(stack) == 0
+    alone = alone_outputs(model_dir, longs, LONG_TOKENS, TEMPERATURE)
+    alone += alone_outputs(model_dir, shorts, SHORT_TOKENS, TEMPERATURE)
+    assert [a.choices[0].text for a in answers] == alone
+    assert max(finished[f"short{i}"] for i in range(4)) < min(finished["long0"], finished["long1"])
+    verdicts = [a.usage.model_extra["duet"]["slo"]["met"] for a in answers]
+    assert verdicts == [False, False, True, True, True, True]
+    log = (stack.var_dir / "logs" / "scheduler.log").read_text()
+    assert "preempting for the policy" in log and "policy jitserve" in log

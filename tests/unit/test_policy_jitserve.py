@@ -1,0 +1,146 @@
+"""The JITServe policy (scheduler/policy/jitserve.py) and shortest-predicted-first on hand-built
+units: priorities, the group window, who is admitted first and who is preempted."""
+
+import pytest
+
+from duetserve.services.scheduler.planner import Planner, PlannerConfig
+from duetserve.services.scheduler.policy import make_policy
+from duetserve.services.scheduler.policy.base import Rates
+from duetserve.services.scheduler.policy.jitserve import (
+    MAX_PREEMPTIONS,
+    STARVED_S,
+    JitServePolicy,
+    priority,
+    select_group,
+    slo_factor,
+    time_left_s,
+)
+from duetserve.services.scheduler.policy.spf import ShortestPredictedFirstPolicy
+from duetserve.services.scheduler.state import Phase, SeqState, SloTargets, UnitView
+
+RATES = Rates(step_s=0.01, prefill_s_per_token=0.001)  # 10 ms a token out, 1 ms a token in
+
+
+def seq(
+    name: str,
+    prompt: int = 100,
+    bound: int = 100,
+    arrival: float = 0.0,
+    targets: SloTargets | None = None,
+    phase: Phase = Phase.WAITING,
+    output: int = 0,
+) -> SeqState:
+    computed = prompt if phase == Phase.DECODING else 0
+    return SeqState(
+        name,
+        arrival,
+        prompt,
+        max_tokens=1000,
+        num_computed=computed,
+        num_output=output,
+        phase=phase,
+        output_bound=bound,
+        targets=targets,
+    )
+
+
+def test_time_left_is_the_prefill_then_the_expected_output() -> None:
+    assert time_left_s(seq("a", prompt=200, bound=50), RATES) == pytest.approx(0.2 + 0.5)
+    decoding = seq("b", prompt=200, bound=50, phase=Phase.DECODING, output=20)
+    assert time_left_s(decoding, RATES) == pytest.approx(0.3)
+
+
+def test_less_work_for_the_same_reward_rate_ranks_higher() -> None:
+    short, long = seq("s", bound=20), seq("l", bound=400)
+    assert priority(short, 0.0, RATES) > priority(long, 0.0, RATES)
+
+
+def test_a_request_that_will_miss_its_deadline_falls_far_behind_one_that_can_make_it() -> None:
+    # Both need 1.1 s; one has 2 s, the other 1 s (10% late).
+    makes_it = seq("ok", bound=100, targets=SloTargets(deadline_at=2.0))
+    misses = seq("late", bound=100, targets=SloTargets(deadline_at=1.0))
+    assert slo_factor(makes_it, 0.0, RATES) == 1.0
+    assert slo_factor(misses, 0.0, RATES) < 1e-3
+    assert priority(misses, 0.0, RATES) < priority(makes_it, 0.0, RATES) / 1000
+
+
+def test_ttft_counts_only_until_the_first_token() -> None:
+    targets = SloTargets(ttft_s=0.5, tpot_s=0.05)
+    waited = seq("w", targets=targets)
+    assert slo_factor(waited, 0.3, RATES) == 1.0  # 0.3 s waited + 0.1 s of prefill
+    assert slo_factor(waited, 0.6, RATES) < 1e-6
+    started = seq("d", targets=targets, phase=Phase.DECODING, output=5)
+    assert slo_factor(started, 0.6, RATES) == 1.0
+    assert slo_factor(started, 0.6, Rates(0.06, 0.001)) < 1e-6  # steps over its TPOT
+
+
+def test_the_group_is_the_contiguous_window_by_length_with_the_most_priority() -> None:
+    # Four short ones outweigh the rest; the group of two is two of them, not the long one.
+    requests = [seq(f"s{i}", bound=10 + i) for i in range(4)] + [seq("long", bound=900)]
+    group = select_group(requests, 0.0, batch_size=2, rates=RATES)
+    assert [s.request_id for s in group] == ["s0", "s1"]
+    assert len(select_group(requests, 0.0, batch_size=8, rates=RATES)) == 5
+
+
+def test_waiting_members_of_the_group_are_admitted_first() -> None:
+    policy = JitServePolicy()
+    waiting = [seq("long", bound=900), seq("short", bound=10)]
+    unit = UnitView(100, 100, waiting=waiting)
+    policy.rank(unit, 0.0, batch_size=1, rates=RATES)
+    assert [s.request_id for s in policy.admission_order(waiting, 0.0)] == ["short", "long"]
+    assert policy.preemptions() == ()  # nothing runs: no one to preempt
+
+
+def test_a_request_waiting_too_long_goes_first_whatever_its_priority() -> None:
+    policy = JitServePolicy()
+    old = seq("old", bound=900, arrival=0.0, targets=SloTargets(deadline_at=1.0))
+    new = seq("new", bound=10, arrival=STARVED_S)
+    now = STARVED_S + 1
+    assert [s.request_id for s in policy.admission_order([new, old], now)] == ["old", "new"]
+
+
+def test_a_full_unit_preempts_decoding_requests_outside_the_group_a_few_at_a_time() -> None:
+    policy = JitServePolicy()
+    decoding = [seq(f"d{i}", bound=800, phase=Phase.DECODING, output=10) for i in range(4)]
+    waiting = [seq(f"w{i}", bound=10) for i in range(4)]
+    unit = UnitView(0, 100, waiting=waiting, decoding=decoding)
+    policy.rank(unit, 0.0, batch_size=4, rates=RATES)
+    victims = policy.preemptions()
+    assert len(victims) == MAX_PREEMPTIONS and set(victims) <= {s.request_id for s in decoding}
+    assert policy.preemptions() == ()  # handed out once
+    policy.rank(unit, 0.1, batch_size=4, rates=RATES)  # before the next ranking: nothing new
+    assert policy.preemptions() == ()
+    # Room for everyone: no preemption, whatever the priorities.
+    roomy = JitServePolicy()
+    roomy.rank(unit, 0.0, batch_size=16, rates=RATES)
+    assert roomy.preemptions() == ()
+
+
+def test_memory_preempts_the_lowest_priority_first() -> None:
+    policy = JitServePolicy()
+    cheap = seq("cheap", bound=20, phase=Phase.DECODING, output=10)
+    costly = seq("costly", bound=900, phase=Phase.DECODING, output=10)
+    assert [s.request_id for s in policy.preemption_order([cheap, costly], 0.0)] == [
+        "costly",
+        "cheap",
+    ]
+
+
+def test_shortest_predicted_first_orders_by_work_left() -> None:
+    policy = ShortestPredictedFirstPolicy()
+    requests = [seq("a", prompt=10, bound=300), seq("b", prompt=1000, bound=10), seq("c", 10, 5)]
+    policy.rank(UnitView(10, 10), 0.0, 4, RATES)
+    assert [s.request_id for s in policy.admission_order(requests, 0.0)] == ["c", "b", "a"]
+    assert [s.request_id for s in policy.preemption_order(requests, 0.0)] == ["a", "b", "c"]
+
+
+def test_the_planner_admits_past_a_prompt_that_does_not_fit_under_jitserve() -> None:
+    config = PlannerConfig(block_size=16)
+    big, small = seq("big", prompt=1600, bound=10), seq("small", prompt=100, bound=500)
+    unit = UnitView(free_blocks=10, total_blocks=200, waiting=[big, small])
+    fcfs = Planner(config, make_policy("fcfs")).plan(unit, 0.0)
+    assert fcfs.admit == ()  # big first, and it does not fit
+    jitserve = Planner(config, make_policy("jitserve")).plan(unit, 0.0)
+    assert [a.request_id for a in jitserve.admit] == ["small"]
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("lottery")
