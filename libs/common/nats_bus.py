@@ -9,7 +9,6 @@ handler that must not hold up the next message hands its work to a task of its o
 """
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -28,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[Msg], Awaitable[None]]
 DRAIN_TIMEOUT_S = 2.0  # a drain the server does not complete by then closes instead
+STOP_RECONNECT_TRIES = 50  # cancels of a reconnect loop that outlived close(), 0.1 s apart
 
 
 class BusError(Exception):
@@ -220,15 +220,37 @@ class Bus:
             return
         error = draining.exception() if draining in done and not draining.cancelled() else None
         logger.warning("drain failed; closing", extra={"error": repr(error or "timed out")})
-        await self.close()
-        if not draining.done():
-            draining.cancel()
-            await asyncio.wait({draining}, timeout=1.0)
+        try:
+            await self.close()
+        finally:
+            if not draining.done():
+                draining.cancel()
+                await asyncio.wait({draining}, timeout=1.0)
 
     async def close(self) -> None:
-        """Close the connection at once, dropping what is still queued. Safe twice."""
-        with contextlib.suppress(nats.errors.Error):
+        """Close the connection at once, dropping what is still queued. Safe twice, and when
+        the server went away under it."""
+        try:
             await self.nc.close()
+        except nats.errors.Error:
+            pass
+        except RuntimeError as err:  # uvloop: its transport closed as nats-py flushed to it
+            logger.warning("closed over a lost connection", extra={"error": repr(err)})
+        await self._stop_reconnecting()
+
+    async def _stop_reconnecting(self) -> None:
+        """Leave no reconnect loop running. nats-py cancels its loop once; a cancel that lands
+        as a connection attempt fails is lost inside asyncio.wait_for (Python 3.11), and the
+        loop, which never looks at the client's state, then retries a dead server forever:
+        the process never exits, its event loop waiting on that task at shutdown (a killed
+        launcher's kv_manager did). Cancelled again until it is done, within a bound."""
+        task = self.nc._reconnection_task
+        for _ in range(STOP_RECONNECT_TRIES):
+            if task is None or task.done():
+                return
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+        logger.error("the NATS reconnect loop would not stop")
 
 
 def _outgoing_headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:

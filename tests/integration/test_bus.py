@@ -263,6 +263,42 @@ async def test_drain_and_close_are_safe_twice(nats_server: NatsServer) -> None:
     assert not short_lived.is_connected
 
 
+async def test_closing_with_nats_gone_leaves_no_reconnect_loop_even_past_a_lost_cancel(
+    tmp_path: Path,
+) -> None:
+    """Found by a killed launcher: its kv_manager never exited, its event loop waiting at
+    shutdown on nats-py's reconnect loop, which had lost its one cancel (Python 3.11's wait_for
+    drops a cancel that lands as a connection attempt fails) and retried the dead server
+    forever. The loss is caused here by a loop in its place that drops its first cancel."""
+    server = NatsServer(tmp_path).start()
+    orphan = await Bus.connect(server.url, "test-gone", reconnect_time_wait_s=0.05)
+    server.stop()
+    await _wait_until(lambda: not orphan.is_connected, timeout_s=2.0)
+    real = orphan.nc._reconnection_task
+    while real is not None and not real.done():  # retrying the dead server now
+        real.cancel()
+        await asyncio.wait({real}, timeout=0.1)
+
+    async def loses_a_cancel() -> None:
+        lost = False
+        while True:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                if lost:
+                    raise
+                lost = True
+
+    stubborn = asyncio.ensure_future(loses_a_cancel())
+    orphan.nc._reconnection_task = stubborn
+    await asyncio.sleep(0.01)  # running, inside its try: a cancel before its start is not lost
+    try:
+        await orphan.close()
+        assert stubborn.done()
+    finally:
+        stubborn.cancel()
+
+
 async def _wait_until(condition: Callable[[], bool], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
