@@ -38,6 +38,9 @@ class RequestSpec:
     arrival_s: float  # when to send, from the run's start
     slo: SloSpec | None = None
     conversation: str | None = None  # multi-turn: turns of one conversation share this
+    seed: int | None = None  # sent as the request's seed (None: the server draws one)
+    # Sent as Duet's `duet.expected_output_tokens` (oracle lengths in the policy benchmark).
+    expected_output_tokens: int | None = None
 
 
 @dataclass(slots=True)

@@ -43,8 +43,15 @@ def request_body(spec: RequestSpec, options: BodyOptions) -> dict[str, Any]:
     if options.force_length:
         body["ignore_eos"] = True
         body["min_tokens"] = spec.output_tokens
+    if spec.seed is not None:
+        body["seed"] = spec.seed
+    duet: dict[str, Any] = {}
     if options.send_duet_slo and spec.slo is not None:
-        body["duet"] = {"slo": spec.slo.to_request()}
+        duet["slo"] = spec.slo.to_request()
+    if spec.expected_output_tokens is not None:
+        duet["expected_output_tokens"] = spec.expected_output_tokens
+    if duet:
+        body["duet"] = duet
     return body
 
 

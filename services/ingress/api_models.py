@@ -97,6 +97,10 @@ class DuetExtension(_Lenient):
 
     slo: DuetSlo | None = None
     cache: DuetCache | None = None
+    # The client's own estimate of its answer's tokens (an agent that knows its tool's output
+    # format, a benchmark with oracle lengths): the scheduler's bound, in place of ingress's
+    # prediction, within [min_tokens, max_tokens].
+    expected_output_tokens: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
 
 
 class StreamOptions(_Lenient):

@@ -56,10 +56,11 @@ def prepare_completion(
     fit = "max_tokens" not in req.model_fields_set
     max_tokens = output_budget(len(ids), req.max_tokens, limits.context_len, "prompt", fit)
     prepared = _prepared(req, ids, req.sampling(max_tokens, req.logprobs), limits)
-    if lengths is None:
+    if lengths is None and stated_length(req.duet) is None:
         return prepared
     text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
-    return replace(prepared, output_bound=output_bound(lengths, text, prepared.sampling))
+    bound = output_bound(lengths, text, prepared.sampling, stated_length(req.duet))
+    return replace(prepared, output_bound=bound)
 
 
 def prepare_chat(
@@ -84,10 +85,11 @@ def prepare_chat(
         len(ids), requested, limits.context_len, "messages", fit=requested is None
     )
     prepared = _prepared(req, ids, req.sampling(max_tokens, req.logprobs_count), limits)
-    if lengths is None:
+    if lengths is None and stated_length(req.duet) is None:
         return prepared
     text = question_text(req.template_messages())
-    return replace(prepared, output_bound=output_bound(lengths, text, prepared.sampling))
+    bound = output_bound(lengths, text, prepared.sampling, stated_length(req.duet))
+    return replace(prepared, output_bound=bound)
 
 
 def question_text(messages: Sequence[Mapping[str, str]]) -> str:
@@ -99,11 +101,22 @@ def question_text(messages: Sequence[Mapping[str, str]]) -> str:
     return "\n".join(message["content"] for message in messages)
 
 
-def output_bound(lengths: LengthPredictor, text: str, sampling: Sampling) -> int:
+def stated_length(duet: DuetExtension | None) -> int | None:
+    return None if duet is None else duet.expected_output_tokens
+
+
+def output_bound(
+    lengths: LengthPredictor | None, text: str, sampling: Sampling, stated: int | None = None
+) -> int | None:
     """A conservative upper bound of the answer's tokens: exactly max_tokens when EOS is
-    ignored, else the predictor's, within [min_tokens, max_tokens]."""
+    ignored, else what the client stated, else the predictor's (None without one); within
+    [min_tokens, max_tokens]."""
     if sampling.ignore_eos:
         return sampling.max_tokens
+    if stated is not None:
+        return max(1, sampling.min_tokens, min(stated, sampling.max_tokens))
+    if lengths is None:
+        return None
     return lengths.bound(text, sampling.max_tokens, sampling.min_tokens)
 
 

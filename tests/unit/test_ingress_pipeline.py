@@ -199,6 +199,12 @@ def test_each_prompt_gets_an_output_bound_from_its_question(tokenizer: Tokenizer
     prepared = prepare_chat(chat, tokenizer, LIMITS, lengths)
     assert prepared.output_bound == lengths.bound("Thanks!", prepared.sampling.max_tokens)
     assert question_text([{"role": "system", "content": "a"}]) == "a"
+    # A client's own estimate goes in place of the prediction, within max_tokens.
+    for stated, bound in ((12, 12), (500, 40)):
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 40}
+        req = CompletionRequest.model_validate({**body, "duet": {"expected_output_tokens": stated}})
+        assert prepare_completion(req, tokenizer, LIMITS, lengths).output_bound == bound
+        assert prepare_completion(req, tokenizer, LIMITS).output_bound == bound
 
 
 def test_output_budget_words_like_vllm() -> None:

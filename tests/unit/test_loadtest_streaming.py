@@ -3,6 +3,7 @@ servers that ignore forced lengths, streams cut short, errors in the stream and 
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 import pytest
 from aiohttp import web
@@ -113,3 +114,12 @@ def test_bodies_for_chat_without_forcing_or_slo() -> None:
     assert body["messages"] == [{"role": "user", "content": "Hello there"}]
     assert body["max_tokens"] == 4 and body["stream_options"] == {"include_usage": True}
     assert not {"ignore_eos", "min_tokens", "duet", "prompt"} & body.keys()
+
+
+def test_a_seeded_spec_with_an_oracle_length_sends_both() -> None:
+    spec = replace(SPEC, seed=7, expected_output_tokens=3)
+    body = request_body(spec, BodyOptions("m", force_length=False))
+    assert body["seed"] == 7
+    assert body["duet"] == {"slo": SPEC.slo.to_request(), "expected_output_tokens": 3}
+    plain = request_body(replace(spec, slo=None), BodyOptions("m", send_duet_slo=False))
+    assert plain["duet"] == {"expected_output_tokens": 3}
