@@ -22,7 +22,9 @@ output tokens per second.
 import argparse
 import asyncio
 import json
+import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -180,8 +182,6 @@ def run(args: argparse.Namespace) -> PolicyRun:
 
 
 def _cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 
@@ -216,8 +216,6 @@ def report(run: PolicyRun) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     go = sub.add_parser("run")
