@@ -210,3 +210,6 @@ class WorkerEvents:
     # tokens of a decoding request, TPOT as it happens: the mean over its last steps in a row,
     # about one answer's decode); None when it has not stepped enough in a row to say.
     step_s: float | None = None
+    # The mean number of requests in those steps: with step_s, one point of the step time
+    # against batch size, which policies project finishes from (scheduler/step_model.py).
+    step_batch: float | None = None

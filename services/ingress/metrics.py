@@ -138,7 +138,8 @@ class IngressMetrics:
         self.running_limit = Gauge(
             "duet_scheduler_running_limit",
             "Requests the scheduler lets run at once now: the most that held their TPOT lately "
-            "(admission), never above DUET_MAX_RUNNING.",
+            "(admission), or fewer where the policy caps them (JITServe's group size), never "
+            "above DUET_MAX_RUNNING.",
             registry=self.registry,
         )
         self.preemptions = Gauge(

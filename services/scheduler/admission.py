@@ -4,14 +4,16 @@ come back, instead of queued to miss it (and to make every request behind it mis
 At submit, when the request could start is estimated from what is ahead of it and what the
 unit has been doing (pure arithmetic, no I/O):
 
-- prefill: every prompt token still to compute ahead of it (waiting and prefilling requests),
-  at the prefill throughput of the last PREFILL_WINDOW batches (seconds over tokens; the
-  first batch, which warms the worker up, does not count);
-- a place to run: with `limit` requests running already, the queue ahead of it has to
-  drain first, one request per finish: the k-th place comes free when the k-th running
-  request has decoded what it has left (its predicted output bound, refined as it decodes, or
-  what its max_tokens leaves; at the decode worker's step time),
-  or, before a step time is known, at the rate requests finished over FINISH_WINDOW_S.
+- prefill: every prompt token still to compute ahead of it (prefilling requests, and the
+  waiting requests its scheduling policy admits before it: all of them under FCFS, those of
+  higher priority under JITServe), at the prefill throughput of the last PREFILL_WINDOW
+  batches (seconds over tokens; the first batch, which warms the worker up, does not count);
+- a place to run: with `limit` requests running already (or the policy's own cap, when it
+  has one: JITServe's group size), the queue ahead of it has to drain first, one request per
+  finish: the k-th place comes free when the k-th running request has decoded what it has
+  left (its predicted output bound, refined as it decodes, or what its max_tokens leaves; at
+  the decode worker's step time), or, before a step time is known, at the rate requests
+  finished over FINISH_WINDOW_S.
 
 The longer of the two, compared with the request's TTFT target (its SLO's, or its deadline),
 decides. Only an SLO the request stated itself can refuse it: one that stated none runs on the
@@ -50,11 +52,12 @@ import math
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from duetserve.proto.scheduling import SubmitRequest
-from duetserve.services.scheduler.state import UnitView
+from duetserve.services.scheduler.state import SeqState, UnitView
+from duetserve.services.scheduler.step_model import StepModel
 from duetserve.services.scheduler.targets import ttft_target_s
 
 DECREASE_GAP_S = 2.0  # the running limit drops at most this often
@@ -94,6 +97,7 @@ class AdmissionControl:
         self.clock = clock
         self.limit = max_running  # requests that may run at once now (see the docstring)
         self.step_s: float | None = None  # the decode worker's seconds per step, lately
+        self.steps = StepModel()  # step time against batch size, for the policies
         self._last_decrease = -math.inf
         self._late: deque[bool] = deque(maxlen=TPOT_WINDOW)  # finishes since the last cut
         self._step_ratios: deque[float] = deque(maxlen=STEP_WINDOWS)  # step_s / target
@@ -137,10 +141,15 @@ class AdmissionControl:
             reason = f"{share:.0%} of the last {len(self._late)} finished requests missed TPOT"
             self._cut(running, reason)
 
-    def on_step_time(self, step_s: float, target_s: float | None, running: int) -> None:
-        """The decode worker's seconds per step lately, against the tightest TPOT target of
-        what decodes: what late finishes would say, sooner."""
+    def on_step_time(
+        self, step_s: float, target_s: float | None, running: int, batch: float | None = None
+    ) -> None:
+        """The decode worker's seconds per step lately, at a mean of `batch` requests a step
+        (None: not reported), against the tightest TPOT target of what decodes (None: none
+        has one): what late finishes would say, sooner."""
         self.step_s = step_s
+        if batch is not None:
+            self.steps.observe(batch, step_s)
         if target_s is None or not self.slo_aware:
             return
         self._step_ratios.append(step_s / target_s)
@@ -182,16 +191,25 @@ class AdmissionControl:
         span = max(now - self._finishes[0], 1.0)
         return len(self._finishes) / span
 
-    def expected_start_s(self, view: UnitView) -> float:
-        """Seconds until a request submitted now could start prefilling."""
+    def expected_start_s(
+        self,
+        view: UnitView,
+        ahead: Sequence[SeqState] | None = None,
+        limit: int | None = None,
+    ) -> float:
+        """Seconds until a request submitted now could start prefilling, behind `ahead` (the
+        waiting requests its policy admits before it; None: all of them) with at most `limit`
+        running (None: the running limit)."""
+        waiting = view.waiting if ahead is None else ahead
+        limit = self.limit if limit is None else limit
         prefill = 0.0
         per_token = self.prefill_s_per_token
         if per_token is not None:
-            ahead = sum(s.num_uncomputed for s in (*view.waiting, *view.prefilling))
-            prefill = ahead * per_token
+            ahead_tokens = sum(s.num_uncomputed for s in (*waiting, *view.prefilling))
+            prefill = ahead_tokens * per_token
         room = 0.0
         running = [*view.prefilling, *view.decoding]
-        behind = len(view.waiting) + 1 - max(self.limit - len(running), 0)
+        behind = len(waiting) + 1 - max(limit - len(running), 0)
         if behind <= 0:
             return prefill
         rate = self.finish_rate()
@@ -203,8 +221,15 @@ class AdmissionControl:
             room = behind / rate
         return max(prefill, room)
 
-    def check(self, submit: SubmitRequest, view: UnitView) -> Refusal | None:
-        """None: let it in. A refusal: why, and when to come back."""
+    def check(
+        self,
+        submit: SubmitRequest,
+        view: UnitView,
+        ahead: Sequence[SeqState] | None = None,
+        limit: int | None = None,
+    ) -> Refusal | None:
+        """None: let it in. A refusal: why, and when to come back. `ahead` and `limit` as
+        for expected_start_s."""
         if len(view.waiting) >= self.max_waiting:
             self.refused += 1
             return Refusal(
@@ -214,7 +239,7 @@ class AdmissionControl:
         target = _ttft_target_s(submit) if self.slo_aware else None
         if target is None:
             return None
-        expected = self.expected_start_s(view)
+        expected = self.expected_start_s(view, ahead, limit)
         if expected <= self.factor * target:
             return None
         self.refused += 1

@@ -47,6 +47,7 @@ RETRY_WAITING_S = 0.5
 PREFILL_WAIT_FACTOR = 8.0
 PREFILL_WAIT_FLOOR_S = 10.0
 PREFILL_ATTEMPTS = 3
+CAP_LOG_S = 5.0  # the policy's running cap is logged at most this often
 # Prefill batches out at once: one computing, the next already at the worker.
 MAX_BATCHES_OUT = 2
 # A migrating request whose client has not said how far it got by then is forgotten (its
@@ -132,6 +133,8 @@ class SchedulerCore:
         self._last_answer_at = 0.0  # monotonic: when the last batch settled was answered
         self._prefill_s_per_token: float | None = None  # the slowest recent batch's
         self.policy_preemptions = 0  # decoding requests the policy preempted
+        self._logged_cap: int | None = None
+        self._cap_logged_at = -CAP_LOG_S
 
     @property
     def disagg(self) -> bool:
@@ -219,6 +222,7 @@ class SchedulerCore:
         now = time.monotonic()
         self.planner.rates = self._rates()
         plan = self.planner.plan(self.view, now, decode_tokens)
+        self._log_cap(now)
         await self._preempt_for_policy(self.planner.policy.preemptions())
         for rejection in plan.reject:
             if (rejected := self.records.get(rejection.request_id)) is not None:
@@ -240,9 +244,29 @@ class SchedulerCore:
             return True, some_rejected
         return False, some_rejected
 
+    def _log_cap(self, now: float) -> None:
+        """Say what the policy caps the running requests at, when it changes (at most every
+        CAP_LOG_S: it may change every ranking)."""
+        cap = self.planner.policy.running_cap()
+        if cap == self._logged_cap or now - self._cap_logged_at < CAP_LOG_S:
+            return
+        self._logged_cap, self._cap_logged_at = cap, now
+        rates = self.planner.rates
+        line = None if rates is None else rates.line
+        step = "unmeasured" if line is None else f"{line.fixed_s:.4f}s + {line.per_request_s:.5f}s"
+        logger.info(
+            "the policy caps running requests at %s (%d running, %d waiting; step %s a request)",
+            cap,
+            len(self.view.prefilling) + len(self.view.decoding),
+            len(self.view.waiting),
+            step,
+        )
+
     def _rates(self) -> Rates | None:
         step_s, per_token = self.admission.step_s, self.admission.prefill_s_per_token
-        return None if step_s is None or per_token is None else Rates(step_s, per_token)
+        if step_s is None or per_token is None:
+            return None
+        return Rates(step_s, per_token, self.admission.steps.line())
 
     async def _preempt_for_policy(self, victims: tuple[str, ...]) -> None:
         """Decoding requests the policy wants out (to run better ones): the decode worker

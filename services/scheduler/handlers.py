@@ -61,11 +61,11 @@ class SchedulerHandlers:
             error = ErrorReply("duplicate_request", f"request {submit.request_id} already exists")
             await self.bus.reply(msg, encode(error))
             return
-        refusal = self._refusal(submit)
+        record = RequestRecord.new(submit, time.monotonic(), self.holder)
+        refusal = self._refusal(submit, record)
         if refusal is not None:
             await self.bus.reply(msg, encode(refusal))
             return
-        record = RequestRecord.new(submit, time.monotonic(), self.holder)
         record.traceparent = current_traceparent()  # the handler runs in the submit's trace
         self.core.records[submit.request_id] = record
         self.core.view.waiting.append(record.seq)
@@ -73,15 +73,22 @@ class SchedulerHandlers:
         await self.bus.reply(msg, encode(SubmitAccepted(submit.request_id)))
         self.core.wake.set()
 
-    def _refusal(self, submit: SubmitRequest) -> ErrorReply | None:
+    def _refusal(self, submit: SubmitRequest, record: RequestRecord) -> ErrorReply | None:
         """Why not to take this request: it can never run here, or not within its SLO now (a
-        resubmission, already accepted once, is let in)."""
+        resubmission, already accepted once, is let in). When it would start is reckoned
+        behind what the policy would admit before it, and under the policy's running cap."""
         too_long = self.core.too_long(submit)
         if too_long is not None:
             return ErrorReply("prompt_too_long", too_long)
         if submit.output_token_ids:
             return None
-        refusal = self.core.admission.check(submit, self.core.view)
+        core = self.core
+        view, planner = core.view, core.planner
+        order = planner.policy.admission_order([*view.waiting, record.seq], record.seq.arrival)
+        ahead = order[: order.index(record.seq)]
+        cap = planner.policy.running_cap()
+        limit = None if cap is None else min(cap, core.admission.limit)
+        refusal = core.admission.check(submit, view, ahead, limit)
         if refusal is None:
             return None
         logger.info("refused %s: %s", submit.request_id, refusal.message)
@@ -165,7 +172,7 @@ class SchedulerHandlers:
             kv_copies=transfers.copies,
             kv_copied_bytes=transfers.nbytes,
             kv_copy_s=transfers.seconds,
-            running_limit=core.admission.limit,
+            running_limit=core.planner.max_running,
         )
         await self.bus.reply(msg, encode(stats))
 
@@ -185,7 +192,7 @@ class SchedulerHandlers:
         if events.roll_call:
             await self.core.roll_call(events.source, {r.request_id for r in events.residents})
             if events.step_s is not None:
-                self._observe_steps(events.step_s)
+                self._observe_steps(events.step_s, events.step_batch)
         for event in events.events:
             await self._on_event(event)
         self.core.wake.set()
@@ -234,19 +241,19 @@ class SchedulerHandlers:
         admission.on_tpot(decode_s / (tokens - 1), target, running, record.first_token_at)
         self.core.planner.running_limit = admission.limit
 
-    def _observe_steps(self, step_s: float) -> None:
-        """The decode worker's seconds per step, against the tightest TPOT target of the
-        requests decoding: what a finish would say, said every roll call (admission.py)."""
+    def _observe_steps(self, step_s: float, batch: float | None) -> None:
+        """The decode worker's seconds per step at its mean batch, against the tightest TPOT
+        target of the requests decoding: what a finish would say, said every roll call
+        (admission.py); and one more point of the step time against batch size."""
         targets = [
             r.submit.slo.tpot_ms / 1000
             for r in self.core.records.values()
             if r.seq.phase == Phase.DECODING and r.submit.slo and r.submit.slo.tpot_ms
         ]
-        if not targets:
-            return
         view = self.core.view
         running = len(view.prefilling) + len(view.decoding)
-        self.core.admission.on_step_time(step_s, min(targets), running)
+        target = min(targets) if targets else None
+        self.core.admission.on_step_time(step_s, target, running, batch)
         self.core.planner.running_limit = self.core.admission.limit
 
     def _requeue(self, record: RequestRecord, output_token_ids: tuple[int, ...]) -> None:

@@ -74,9 +74,16 @@ class Planner:
         self.rates: Rates | None = None  # the unit's step and prefill times, once measured
 
     @property
-    def max_running(self) -> int:
+    def ceiling(self) -> int:
+        """Requests that may run at once by the configuration and the measured limit."""
         limit = self.running_limit
         return self.config.max_running if limit is None else min(limit, self.config.max_running)
+
+    @property
+    def max_running(self) -> int:
+        """The ceiling, or fewer where the policy caps it (JITServe's group size)."""
+        cap = self.policy.running_cap()
+        return self.ceiling if cap is None else max(1, min(cap, self.ceiling))
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.config.block_size)
@@ -84,7 +91,7 @@ class Planner:
     def plan(self, unit: UnitView, now: float, decode_tokens: int = 0) -> Plan:
         """The next step. `decode_tokens` are tokens of the same forward pass spent on decodes
         (a unified worker); they come out of the prefill budget first."""
-        self.policy.rank(unit, now, self.max_running, self.rates)
+        self.policy.rank(unit, now, self.ceiling, self.rates)
         admit, reject, admitted = self._admit(unit, now)
         budget = self.config.max_prefill_tokens - decode_tokens
         prefill = self._prefill([*unit.prefilling, *admitted], budget, now)

@@ -92,6 +92,7 @@ class DecodeStepper:
         self._idle = asyncio.Event()  # set once the loop has seen _frozen
         # perf_counter at the end of each step, steps in a row (an idle gap clears it)
         self._step_ends: deque[float] = deque(maxlen=STEP_TIME_STEPS)
+        self._step_batches: deque[int] = deque(maxlen=STEP_TIME_STEPS)  # requests in each
         self.step_log = StepLog(settings.step_log_dir, "decode")
 
     async def prefill(self, batch: workers.PrefillBatch) -> PrefillOutput:
@@ -283,6 +284,7 @@ class DecodeStepper:
             if not active and not self._prefills:
                 self.compute.set_active(False)  # its cores are the other worker's meanwhile
                 self._step_ends.clear()  # an idle gap is no step's time
+                self._step_batches.clear()
                 self._work.clear()
                 stalled = bool(self.residents)
                 with_timeout = self.settings.needs_blocks_repeat_s if stalled else None
@@ -351,6 +353,7 @@ class DecodeStepper:
     async def _after_step(self, active: list[Resident], outcome: StepOutcome) -> None:
         """Publish the new tokens (one batch per stream); release and report the finished."""
         self._step_ends.append(time.perf_counter())
+        self._step_batches.append(len(active))
         for resident, chunk in zip(active, outcome.tokens, strict=True):
             self.outbox.add(resident.stream, chunk)
         await self.outbox.flush()
@@ -408,6 +411,12 @@ class DecodeStepper:
         """Seconds per step lately (mean_step_s), None before enough steps in a row."""
         return mean_step_s(self._step_ends)
 
+    def recent_step_batch(self) -> float | None:
+        """Requests per step over the same steps as recent_step_s (None when it is)."""
+        if mean_step_s(self._step_ends) is None:
+            return None
+        return sum(self._step_batches) / len(self._step_batches)
+
     # --- kv_manager and the scheduler -----------------------------------------------------
 
     async def _allocate(self, owner: str, count: int) -> list[int]:
@@ -457,15 +466,15 @@ class DecodeStepper:
     ) -> None:
         """Report `events`; with `roll_call`, the size of every resident too."""
         sizes: tuple[workers.ResidentSize, ...] = ()
-        step_s = None
+        step_s = step_batch = None
         if roll_call:
             sizes = tuple(
                 workers.ResidentSize(r.request_id, len(r.output), len(r.block_table))
                 for r in self.residents.values()
             )
-            step_s = self.recent_step_s()
+            step_s, step_batch = self.recent_step_s(), self.recent_step_batch()
         message = workers.WorkerEvents(
-            self.holder, events, self._free_blocks, self.pool, sizes, roll_call, step_s
+            self.holder, events, self._free_blocks, self.pool, sizes, roll_call, step_s, step_batch
         )
         try:
             await self.bus.publish(workers.worker_events_subject(self.unit), encode(message))

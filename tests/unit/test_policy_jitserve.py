@@ -10,6 +10,8 @@ from duetserve.services.scheduler.policy.jitserve import (
     MAX_PREEMPTIONS,
     STARVED_S,
     JitServePolicy,
+    group_size,
+    max_step_s,
     priority,
     select_group,
     slo_factor,
@@ -17,6 +19,7 @@ from duetserve.services.scheduler.policy.jitserve import (
 )
 from duetserve.services.scheduler.policy.spf import ShortestPredictedFirstPolicy
 from duetserve.services.scheduler.state import Phase, SeqState, SloTargets, UnitView
+from duetserve.services.scheduler.step_model import PRIOR_FIXED_SHARE, StepLine, StepModel
 
 RATES = Rates(step_s=0.01, prefill_s_per_token=0.001)  # 10 ms a token out, 1 ms a token in
 
@@ -144,3 +147,94 @@ def test_the_planner_admits_past_a_prompt_that_does_not_fit_under_jitserve() -> 
     assert [a.request_id for a in jitserve.admit] == ["small"]
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("lottery")
+
+
+# A step of 10 ms plus 1 ms a request: a batch of k steps in (10 + k) ms.
+LINE = StepLine(fixed_s=0.010, per_request_s=0.001)
+LINED = Rates(step_s=0.02, prefill_s_per_token=0.001, line=LINE)
+
+
+def deadline_seq(name: str, deadline_at: float, bound: int = 100) -> SeqState:
+    return seq(name, prompt=10, bound=bound, targets=SloTargets(deadline_at=deadline_at))
+
+
+def test_the_group_is_as_large_as_keeps_its_members_within_their_slos() -> None:
+    # 100 tokens in 2.005 s (after a 10 ms prefill): steps of 20 ms at most, so a batch of 10.
+    requests = [deadline_seq(f"r{i}", deadline_at=2.015) for i in range(30)]
+    assert max_step_s(requests[0], 0.0, LINED) == pytest.approx(0.02005)
+    assert group_size(requests, 0.0, ceiling=256, rates=LINED) == 10
+    # A looser deadline for all: 30 ms steps, 20 at once.
+    relaxed = [deadline_seq(f"r{i}", deadline_at=3.015) for i in range(30)]
+    assert group_size(relaxed, 0.0, ceiling=256, rates=LINED) == 20
+    # The unit's own limit still holds.
+    assert group_size(relaxed, 0.0, ceiling=8, rates=LINED) == 8
+
+
+def test_no_cap_when_everyone_fits_or_nobody_can_make_it() -> None:
+    loose = [deadline_seq(f"r{i}", deadline_at=60.0) for i in range(30)]
+    assert group_size(loose, 0.0, ceiling=256, rates=LINED) == 256
+    hopeless = [deadline_seq(f"r{i}", deadline_at=0.5) for i in range(30)]
+    assert max_step_s(hopeless[0], 0.0, LINED) < LINE.at(1)
+    assert group_size(hopeless, 0.0, ceiling=256, rates=LINED) == 256
+    # Unmeasured: no line, no cap.
+    tight = [deadline_seq(f"r{i}", deadline_at=2.015) for i in range(30)]
+    assert group_size(tight, 0.0, ceiling=256, rates=RATES) == 256
+
+
+def test_requests_that_cannot_make_it_are_not_worth_slowing_those_that_can() -> None:
+    # 10 deadline requests that make it at steps up to 20 ms (a batch of 10), worth 810
+    # each; 10 that cannot at any step; latency requests with a 25 ms TPOT (a batch of 15),
+    # worth 1,610 each but ranked after the deadlines (801 a second against 802). At 10 the
+    # deadlines' 8,100 is met; at 15 only the first 5 latency ones' 8,050.
+    makes_it = [deadline_seq(f"ok{i}", deadline_at=2.015) for i in range(10)]
+    hopeless = [deadline_seq(f"late{i}", deadline_at=0.2) for i in range(10)]
+    latency = [seq(f"lat{i}", 10, bound=200, targets=SloTargets(tpot_s=0.025)) for i in range(10)]
+    size = group_size([*hopeless, *latency, *makes_it], 0.0, ceiling=256, rates=LINED)
+    assert size == 10
+    # Without the deadlines, the latency requests and the hopeless: 10 latency ones at once.
+    assert group_size([*hopeless, *latency], 0.0, ceiling=256, rates=LINED) == 15
+    policy = JitServePolicy()
+    unit = UnitView(1000, 1000, waiting=[*hopeless, *makes_it])
+    policy.rank(unit, 0.0, batch_size=256, rates=LINED)
+    assert policy.running_cap() == 10
+    planner = Planner(PlannerConfig(block_size=16), policy)
+    planner.rates = LINED
+    admitted = {a.request_id for a in planner.plan(unit, 0.0).admit}
+    assert admitted == {s.request_id for s in makes_it}
+
+
+def test_a_unit_over_the_group_size_preempts_outside_the_group() -> None:
+    # 12 decoding that will miss their deadlines whatever runs; 10 waiting that can make it.
+    late = SloTargets(deadline_at=1.0)
+    running = [
+        seq(f"d{i}", 10, bound=800, targets=late, phase=Phase.DECODING, output=10)
+        for i in range(12)
+    ]
+    waiting = [deadline_seq(f"w{i}", deadline_at=2.015) for i in range(10)]
+    policy = JitServePolicy()
+    policy.rank(UnitView(1000, 1000, waiting=waiting, decoding=running), 0.0, 256, LINED)
+    assert policy.running_cap() == 10
+    victims = policy.preemptions()
+    assert len(victims) == MAX_PREEMPTIONS
+    assert set(victims) <= {s.request_id for s in running}
+
+
+def test_the_step_line_is_fitted_from_reports_at_several_batch_sizes() -> None:
+    model = StepModel()
+    assert model.line() is None
+    model.observe(16, 0.026)  # one batch size only: the prior, through it
+    prior = model.line()
+    assert prior is not None and prior.at(16) == pytest.approx(0.026)
+    assert prior.fixed_s == pytest.approx(PRIOR_FIXED_SHARE * 0.026)
+    for batch in (1, 8, 32, 64):
+        model.observe(batch, LINE.at(batch))
+    fitted = model.line()
+    assert fitted is not None
+    assert fitted.fixed_s == pytest.approx(LINE.fixed_s, rel=0.2)
+    assert fitted.per_request_s == pytest.approx(LINE.per_request_s, rel=0.2)
+    # Reports that slope down (noise) are not believed: the prior through the latest.
+    falling = StepModel()
+    for batch, step_s in ((4, 0.05), (40, 0.03)):
+        falling.observe(batch, step_s)
+    line = falling.line()
+    assert line is not None and line.per_request_s > 0 and line.at(40) == pytest.approx(0.03)

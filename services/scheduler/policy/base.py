@@ -4,6 +4,7 @@ from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 from duetserve.services.scheduler.state import SeqState, UnitView
+from duetserve.services.scheduler.step_model import StepLine
 
 
 class Rates(NamedTuple):
@@ -11,6 +12,8 @@ class Rates(NamedTuple):
 
     step_s: float  # one decode step at the batch running now
     prefill_s_per_token: float
+    # The step time against batch size (scheduler/step_model.py); None: not measured yet.
+    line: StepLine | None = None
 
 
 class Policy(Protocol):
@@ -36,4 +39,9 @@ class Policy(Protocol):
     def preemptions(self) -> tuple[str, ...]:
         """Decoding requests to preempt now to make room for better ones (recompute), as the
         last `rank` chose them; each is returned once."""
+        ...
+
+    def running_cap(self) -> int | None:
+        """At most this many requests should run (hold blocks) now, as the last `rank` chose;
+        None: no cap of the policy's own (the planner's running limit holds)."""
         ...

@@ -26,3 +26,6 @@ class FcfsPolicy:
 
     def preemptions(self) -> tuple[str, ...]:
         return ()  # only memory preempts
+
+    def running_cap(self) -> int | None:
+        return None

@@ -20,16 +20,25 @@ step time now (the same for every running request: it moves all latency requests
 for a deadline, the end as now plus time_left_s.
 
 Every RANK_INTERVAL_S the policy ranks every request of the unit (waiting, prefilling,
-decoding): it keeps the best WINDOW_FACTOR x batch size by priority, sorts them by time left,
-and picks the contiguous window of batch-size requests with the highest summed priority (the
-"group": requests of similar length, so a batch is not held up by one long member). Waiting
-requests of the group are admitted first. When the unit is full, decoding requests outside
-the group are preempted (recompute) to make room for waiting members of the group, at most
-MAX_PREEMPTIONS a ranking, lowest priority first. Between rankings, waiting requests are
-admitted by their priority at the last rates; one waiting over STARVED_S goes first, so every
-accepted request runs in the end (JITServe has no such rule: its requests time out instead).
+decoding) and first sizes the batch (`group_size`): every request added to a batch slows the
+step of all of them (scheduler/step_model.py), so it takes the requests by priority, best
+first, and for each count k projects who would still meet their SLO at the step time of a batch
+of k (a TPOT target is a step time; a deadline allows its time left over the tokens it still
+expects); the size is the k with the most reward that meets its SLO (the larger on a tie, so
+requests that cannot make it anyway still run where they cost the others nothing). Then it
+keeps the best WINDOW_FACTOR x that size by priority, sorts them by time left, and picks the
+contiguous window of that size with the highest summed priority (the "group": requests of
+similar length, so a batch is not held up by one long member). The group size caps how many run
+(hold blocks); waiting requests of the group are admitted first. When the unit is at the cap,
+decoding requests outside the group are preempted (recompute) to make room for waiting members
+of the group, at most MAX_PREEMPTIONS a ranking, lowest priority first. Between rankings,
+waiting requests are admitted by their priority at the last rates; one waiting over STARVED_S
+goes first, so every accepted request runs in the end (JITServe has no such rule: its requests
+time out instead).
 """
 
+import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,9 +86,57 @@ def slo_factor(seq: SeqState, now: float, rates: Rates) -> float:
 def priority(seq: SeqState, now: float, rates: Rates) -> float:
     """Reward per second of work left, cut steeply when its SLO is out of reach (module doc).
     After a preemption its recomputed output counts as prompt too: it is work again."""
-    reward = seq.prompt_len + OUTPUT_WEIGHT * (seq.num_output + seq.remaining_output)
     left = max(time_left_s(seq, rates), _EPSILON_S)
-    return reward * slo_factor(seq, now, rates) / left
+    return reward(seq) * slo_factor(seq, now, rates) / left
+
+
+def max_step_s(seq: SeqState, now: float, rates: Rates) -> float:
+    """The slowest decode step at which it still meets its SLO (-inf: at none, inf: any)."""
+    targets = seq.targets
+    if targets is None:
+        return math.inf
+    prefill_s = seq.num_uncomputed * rates.prefill_s_per_token
+    limit = math.inf
+    waited_s = now - seq.arrival
+    if targets.ttft_s is not None and seq.num_output == 0 and waited_s + prefill_s > targets.ttft_s:
+        return -math.inf
+    if targets.tpot_s is not None:
+        limit = targets.tpot_s
+    if targets.deadline_at is not None:
+        left_s = targets.deadline_at - now - prefill_s
+        if left_s <= 0:
+            return -math.inf
+        limit = min(limit, left_s / max(seq.remaining_output, 1))
+    return limit
+
+
+def reward(seq: SeqState) -> float:
+    return seq.prompt_len + OUTPUT_WEIGHT * (seq.num_output + seq.remaining_output)
+
+
+def group_size(candidates: Sequence[SeqState], now: float, ceiling: int, rates: Rates) -> int:
+    """How many should run at once (module doc): the count k of the best requests by
+    priority whose members that meet their SLO at a batch of k bring the most reward, the
+    larger k on a tie. `ceiling` when that is all of them, or no step line is measured yet."""
+    count = min(len(candidates), ceiling)
+    if rates.line is None or count == 0:
+        return ceiling
+    ranked = sorted(candidates, key=lambda s: -priority(s, now, rates))[:count]
+    meeting: list[tuple[float, int, float]] = []  # (its slowest step, index, its reward)
+    value = best_value = 0.0
+    best = count
+    for k, seq in enumerate(ranked, start=1):
+        step_s = rates.line.at(k)
+        slowest = max_step_s(seq, now, rates)
+        if slowest >= step_s:
+            worth = reward(seq)
+            heapq.heappush(meeting, (slowest, k, worth))
+            value += worth
+        while meeting and meeting[0][0] < step_s:  # steps only slow as k grows: gone for good
+            value -= heapq.heappop(meeting)[2]
+        if value >= best_value:
+            best_value, best = value, k
+    return ceiling if best == count else best  # all of them: no cap, newcomers too
 
 
 def select_group(
@@ -107,17 +164,24 @@ class JitServePolicy:
     _group: frozenset[str] = frozenset()
     _next_rank: float = float("-inf")
     _preempt: tuple[str, ...] = ()
+    _cap: int | None = None
 
     def rank(self, unit: UnitView, now: float, batch_size: int, rates: Rates | None) -> None:
+        """`batch_size`: the most that may run by the unit's own limits."""
         if rates is not None:
             self.rates = rates
         if now < self._next_rank:
             return
         self._next_rank = now + RANK_INTERVAL_S
         everyone = [*unit.waiting, *unit.prefilling, *unit.decoding]
-        group = select_group(everyone, now, max(batch_size, 1), self.rates)
+        size = max(group_size(everyone, now, max(batch_size, 1), self.rates), 1)
+        group = select_group(everyone, now, size, self.rates)
         self._group = frozenset(seq.request_id for seq in group)
-        self._preempt = self._victims(unit, now, batch_size)
+        self._cap = size if size < batch_size else None
+        self._preempt = self._victims(unit, now, size)
+
+    def running_cap(self) -> int | None:
+        return self._cap
 
     def _victims(self, unit: UnitView, now: float, batch_size: int) -> tuple[str, ...]:
         """Decoding requests outside the group, for waiting members that find the unit full."""

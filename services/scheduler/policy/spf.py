@@ -38,3 +38,6 @@ class ShortestPredictedFirstPolicy:
 
     def preemptions(self) -> tuple[str, ...]:
         return ()  # only memory preempts
+
+    def running_cap(self) -> int | None:
+        return None
