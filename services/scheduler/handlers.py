@@ -207,6 +207,8 @@ class SchedulerHandlers:
             return
         kind = event.kind
         if kind in (workers.EventKind.FINISHED, workers.EventKind.FAILED):
+            # Its final count, for the policy's last look at it (fairness charges it).
+            record.seq.num_output = max(record.seq.num_output, event.num_output_tokens)
             if kind == workers.EventKind.FINISHED and record.first_token_at is not None:
                 decode_s = time.monotonic() - record.first_token_at
                 self.core.tuner.on_finished(

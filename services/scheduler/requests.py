@@ -80,5 +80,6 @@ class RequestRecord:
             phase=Phase.WAITING,
             output_bound=submit.output_bound,
             targets=slo_targets(submit.slo, arrival),
+            tenant=submit.tenant,
         )
         return cls(submit, seq, output_token_ids=list(output), holder=holder)

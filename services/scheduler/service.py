@@ -61,7 +61,8 @@ class SchedulerService:
             max_running=s.max_running,
             decode_reserve_blocks=s.decode_reserve_blocks,
         )
-        planner = Planner(config, make_policy(s.policy))
+        policy = make_policy(s.policy, s.fairness, config.block_size, s.jitserve_group)
+        planner = Planner(config, policy)
         outbox = TokenOutbox(bus, self.instance)
         await outbox.start()
         self.tuner = tuner = SplitTuner(bus, s.unit, split_controller(s), s.prefill_share)

@@ -17,6 +17,14 @@ class SchedulerSettings(ServingSettings):
     # that meets its SLO per second left, by predicted output lengths, preempting for it;
     # "spf" the least work left first (predicted), blind to SLOs.
     policy: Literal["fcfs", "jitserve", "spf"] = "fcfs"
+    # Between tenants: "vtc" serves the backlogged tenant with the least service first (a
+    # virtual token counter), `policy` within each tenant (policy/fairness.py); "none": the
+    # policy alone, across all tenants.
+    fairness: Literal["none", "vtc"] = "none"
+    # How many JITServe lets run at once: "limit", the running limit; "measured", the count
+    # whose members meeting their SLOs at the measured step time bring the most reward
+    # (policy/jitserve.py; on a CPU it loses: docs/benchmarks.md).
+    jitserve_group: Literal["limit", "measured"] = "limit"
     max_prefill_tokens: int = Field(2048, gt=0)
     max_prefill_seqs: int = Field(64, gt=0)
     # Which admitted prompts a prefill batch takes first (planner.PlannerConfig): "shortest"

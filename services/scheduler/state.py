@@ -46,6 +46,7 @@ class SeqState:
     # Its output's predicted upper bound (SubmitRequest.output_bound); None: max_tokens.
     output_bound: int | None = None
     targets: SloTargets | None = None  # None: no SLO (the simulator's plain requests)
+    tenant: str = ""  # whose service it counts as (fairness: policy/fairness.py)
 
     @property
     def num_uncomputed(self) -> int:

@@ -65,3 +65,57 @@ def test_jitserve_preempts_hopeless_answers_for_ones_that_can_still_make_it(
     assert verdicts == [False, False, True, True, True, True]
     log = (stack.var_dir / "logs" / "scheduler.log").read_text()
     assert "preempting for the policy" in log and "policy jitserve" in log
+
+
+FAIR_TOKENS = 300  # about a second of decoding on `tiny`, two at a time
+
+
+def test_vtc_serves_a_light_tenant_before_a_heavy_tenants_backlog(
+    model_dirs: ModelDirs, tmp_path: Path
+) -> None:
+    """Two places; the heavy tenant queues six answers, the light one two, a moment later.
+    In arrival order the light ones would end last; by virtual token counters they run as soon
+    as the heavy tenant's first two answers end (its counter is then ahead by their output)."""
+    model_dir = model_dirs.get(TINY)
+    stack = start_stack(
+        model_dir,
+        tmp_path,
+        DUET_FAIRNESS="vtc",
+        DUET_MAX_RUNNING="2",
+        DUET_API_KEYS="key-heavy:heavy,key-light:light",
+    )
+    try:
+        finished: list[str] = []
+
+        async def one(api: openai.AsyncOpenAI, name: str) -> None:
+            await api.completions.create(
+                model=model_dir.name,
+                prompt=f"{name}: once upon a time",
+                max_tokens=FAIR_TOKENS,
+                extra_body={"ignore_eos": True},
+            )
+            finished.append(name)
+
+        async def run() -> None:
+            clients = {
+                tenant: openai.AsyncOpenAI(
+                    base_url=stack.base_url, api_key=f"key-{tenant}", max_retries=0, timeout=120
+                )
+                for tenant in ("heavy", "light")
+            }
+            heavy = [asyncio.ensure_future(one(clients["heavy"], f"h{i}")) for i in range(6)]
+            await asyncio.sleep(0.3)
+            light = [one(clients["light"], f"l{i}") for i in range(2)]
+            try:
+                await asyncio.gather(*heavy, *light)
+            finally:
+                for api in clients.values():
+                    await api.close()
+
+        asyncio.run(run())
+    finally:
+        assert stop_stack(stack) == 0
+    assert len(finished) == 8
+    assert sorted(finished[2:4]) == ["l0", "l1"], finished
+    log = (stack.var_dir / "logs" / "scheduler.log").read_text()
+    assert "policy fcfs+vtc" in log

@@ -193,10 +193,13 @@ def test_requests_that_cannot_make_it_are_not_worth_slowing_those_that_can() -> 
     assert size == 10
     # Without the deadlines, the latency requests and the hopeless: 10 latency ones at once.
     assert group_size([*hopeless, *latency], 0.0, ceiling=256, rates=LINED) == 15
-    policy = JitServePolicy()
+    policy = JitServePolicy(group="measured")
     unit = UnitView(1000, 1000, waiting=[*hopeless, *makes_it])
     policy.rank(unit, 0.0, batch_size=256, rates=LINED)
     assert policy.running_cap() == 10
+    by_limit = JitServePolicy()  # the default: the group is as large as the running limit
+    by_limit.rank(unit, 0.0, batch_size=256, rates=LINED)
+    assert by_limit.running_cap() is None
     planner = Planner(PlannerConfig(block_size=16), policy)
     planner.rates = LINED
     admitted = {a.request_id for a in planner.plan(unit, 0.0).admit}
@@ -211,7 +214,7 @@ def test_a_unit_over_the_group_size_preempts_outside_the_group() -> None:
         for i in range(12)
     ]
     waiting = [deadline_seq(f"w{i}", deadline_at=2.015) for i in range(10)]
-    policy = JitServePolicy()
+    policy = JitServePolicy(group="measured")
     policy.rank(UnitView(1000, 1000, waiting=waiting, decoding=running), 0.0, 256, LINED)
     assert policy.running_cap() == 10
     victims = policy.preemptions()

@@ -1,6 +1,7 @@
 """Scheduling policies (policy/base.py says what one decides), chosen by DUET_POLICY."""
 
 from duetserve.services.scheduler.policy.base import Policy
+from duetserve.services.scheduler.policy.fairness import FairPolicy
 from duetserve.services.scheduler.policy.fcfs import FcfsPolicy
 from duetserve.services.scheduler.policy.jitserve import JitServePolicy
 from duetserve.services.scheduler.policy.spf import ShortestPredictedFirstPolicy
@@ -8,8 +9,28 @@ from duetserve.services.scheduler.policy.spf import ShortestPredictedFirstPolicy
 POLICIES = {"fcfs": FcfsPolicy, "jitserve": JitServePolicy, "spf": ShortestPredictedFirstPolicy}
 
 
-def make_policy(name: str) -> Policy:
-    try:
-        return POLICIES[name]()
-    except KeyError:
-        raise ValueError(f"unknown policy {name!r}: one of {', '.join(POLICIES)}") from None
+FAIRNESS = ("none", "vtc")
+
+
+GROUPS = ("limit", "measured")
+
+
+def make_policy(
+    name: str, fairness: str = "none", block_size: int = 16, group: str = "limit"
+) -> Policy:
+    """The policy `name`; with fairness "vtc", between tenants by their virtual token counters
+    and by `name` within each (policy/fairness.py). `group`: how JITServe sizes its group
+    (policy/jitserve.py)."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown group sizing {group!r}: one of {', '.join(GROUPS)}")
+    if name == "jitserve":
+        policy: Policy = JitServePolicy(group=group)
+    elif name in POLICIES:
+        policy = POLICIES[name]()
+    else:
+        raise ValueError(f"unknown policy {name!r}: one of {', '.join(POLICIES)}")
+    if fairness == "vtc":
+        return FairPolicy(policy, block_size)
+    if fairness != "none":
+        raise ValueError(f"unknown fairness {fairness!r}: one of {', '.join(FAIRNESS)}")
+    return policy

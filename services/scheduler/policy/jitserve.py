@@ -20,21 +20,22 @@ step time now (the same for every running request: it moves all latency requests
 for a deadline, the end as now plus time_left_s.
 
 Every RANK_INTERVAL_S the policy ranks every request of the unit (waiting, prefilling,
-decoding) and first sizes the batch (`group_size`): every request added to a batch slows the
-step of all of them (scheduler/step_model.py), so it takes the requests by priority, best
-first, and for each count k projects who would still meet their SLO at the step time of a batch
-of k (a TPOT target is a step time; a deadline allows its time left over the tokens it still
-expects); the size is the k with the most reward that meets its SLO (the larger on a tie, so
-requests that cannot make it anyway still run where they cost the others nothing). Then it
-keeps the best WINDOW_FACTOR x that size by priority, sorts them by time left, and picks the
-contiguous window of that size with the highest summed priority (the "group": requests of
-similar length, so a batch is not held up by one long member). The group size caps how many run
-(hold blocks); waiting requests of the group are admitted first. When the unit is at the cap,
-decoding requests outside the group are preempted (recompute) to make room for waiting members
-of the group, at most MAX_PREEMPTIONS a ranking, lowest priority first. Between rankings,
-waiting requests are admitted by their priority at the last rates; one waiting over STARVED_S
-goes first, so every accepted request runs in the end (JITServe has no such rule: its requests
-time out instead).
+decoding). The group's size is the unit's running limit (`group="limit"`, the default:
+JITServe's code takes vLLM's batch size), or, with `group="measured"`, sized first
+(`group_size`): every request added to a batch slows the step of all of them
+(scheduler/step_model.py), so it takes the requests by priority, best first, and for each count
+k projects who would still meet their SLO at the step time of a batch of k (a TPOT target is a
+step time; a deadline allows its time left over the tokens it still expects); the size is the k
+with the most reward that meets its SLO (the larger on a tie, so requests that cannot make it
+anyway still run where they cost the others nothing). Then it keeps the best WINDOW_FACTOR x
+that size by priority, sorts them by time left, and picks the contiguous window of that size
+with the highest summed priority (the "group": requests of similar length, so a batch is not
+held up by one long member). The group size caps how many run (hold blocks); waiting requests
+of the group are admitted first. When the unit is at the cap, decoding requests outside the
+group are preempted (recompute) to make room for waiting members of the group, at most
+MAX_PREEMPTIONS a ranking, lowest priority first. Between rankings, waiting requests are
+admitted by their priority at the last rates; one waiting over STARVED_S goes first, so every
+accepted request runs in the end (JITServe has no such rule: its requests time out instead).
 """
 
 import heapq
@@ -48,6 +49,9 @@ from duetserve.services.scheduler.state import SeqState, UnitView
 OUTPUT_WEIGHT = 8.0
 MISS_POWER = 100.0
 WINDOW_FACTOR = 2
+# The group caps how many run only when its members meeting their SLOs bring this many times
+# the reward of everyone running: a cap costs throughput the projection does not count.
+CAP_GAIN = 1.2
 RANK_INTERVAL_S = 0.5
 MAX_PREEMPTIONS = 2
 # A request waiting this long goes first whatever its priority: one whose SLO is out of reach
@@ -136,7 +140,11 @@ def group_size(candidates: Sequence[SeqState], now: float, ceiling: int, rates: 
             value -= heapq.heappop(meeting)[2]
         if value >= best_value:
             best_value, best = value, k
-    return ceiling if best == count else best  # all of them: no cap, newcomers too
+    # All of them, or not clearly better than all of them (the projection is rough, and a
+    # held request's SLO may still be met after): no cap, so newcomers are admitted too.
+    if best == count or best_value < CAP_GAIN * value:
+        return ceiling
+    return best
 
 
 def select_group(
@@ -165,6 +173,9 @@ class JitServePolicy:
     _next_rank: float = float("-inf")
     _preempt: tuple[str, ...] = ()
     _cap: int | None = None
+    # The group's size: "limit", the unit's running limit (as JITServe's code takes vLLM's
+    # batch size); "measured", `group_size` over the measured step line.
+    group: str = "limit"
 
     def rank(self, unit: UnitView, now: float, batch_size: int, rates: Rates | None) -> None:
         """`batch_size`: the most that may run by the unit's own limits."""
@@ -174,7 +185,9 @@ class JitServePolicy:
             return
         self._next_rank = now + RANK_INTERVAL_S
         everyone = [*unit.waiting, *unit.prefilling, *unit.decoding]
-        size = max(group_size(everyone, now, max(batch_size, 1), self.rates), 1)
+        size = max(batch_size, 1)
+        if self.group == "measured":
+            size = max(group_size(everyone, now, size, self.rates), 1)
         group = select_group(everyone, now, size, self.rates)
         self._group = frozenset(seq.request_id for seq in group)
         self._cap = size if size < batch_size else None
