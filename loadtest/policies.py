@@ -38,7 +38,7 @@ from duetserve.loadtest.modes_live import serving
 from duetserve.loadtest.sharegpt import sharegpt
 from duetserve.loadtest.spec import RequestResult, RequestSpec, SloSpec
 from duetserve.loadtest.sweep import Target, measure
-from duetserve.loadtest.workloads import assign_arrivals
+from duetserve.loadtest.workloads import CountTokens, assign_arrivals
 
 POLICIES = ("fcfs", "spf", "jitserve", "jitserve-oracle")
 LATENCY = SloSpec("latency", ttft_ms=1000.0, tpot_ms=100.0)  # the server's default SLO
@@ -74,11 +74,27 @@ def workload(
 ) -> list[RequestSpec]:
     """`n` ShareGPT questions at `rate`, a third of each SLO kind, all with one max_tokens;
     only questions the length predictor was not trained on (its held-out fifth)."""
-    drawn = sharegpt(None, 8 * n, seed, token_counter(model))
+    specs = slo_workload(
+        token_counter(model), n, rate, seed, args.deadline_ms, args.group_deadline_ms
+    )
+    return [replace(s, output_tokens=args.max_tokens) for s in specs]
+
+
+def slo_workload(
+    count_tokens: CountTokens | None,
+    n: int,
+    rate: float,
+    seed: int,
+    deadline_ms: float,
+    group_deadline_ms: float,
+) -> list[RequestSpec]:
+    """The workload with each request's output_tokens its reference answer's length (where
+    the simulator ends it; a live run asks every request for one max_tokens instead)."""
+    drawn = sharegpt(None, 8 * n, seed, count_tokens)
     specs = [s for s in drawn if isinstance(s.prompt, str) and held_out(s.prompt.strip())][:n]
     if len(specs) < n:
         raise ValueError(f"only {len(specs)} held-out ShareGPT questions among {len(drawn)}")
-    deadline = SloSpec("deadline", deadline_ms=args.deadline_ms)
+    deadline = SloSpec("deadline", deadline_ms=deadline_ms)
     out = []
     for i, spec in enumerate(specs):
         kind = i % 3
@@ -88,9 +104,9 @@ def workload(
             slo = deadline
         else:  # the compound thirds, GROUP_SIZE in a row by arrival form one group
             group = i // 3 // GROUP_SIZE
-            slo = SloSpec("compound", deadline_ms=args.group_deadline_ms, group=f"g{seed}-{group}")
+            slo = SloSpec("compound", deadline_ms=group_deadline_ms, group=f"g{seed}-{group}")
             slo = replace(slo, group_size=_group_members(n, group))
-        out.append(replace(spec, index=i, output_tokens=args.max_tokens, slo=slo, seed=i))
+        out.append(replace(spec, index=i, slo=slo, seed=i))
     return assign_arrivals(out, arrivals.poisson(rate, n, seed))
 
 

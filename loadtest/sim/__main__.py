@@ -13,6 +13,11 @@
     python -m duetserve.loadtest.sim modes --requests 600
         unified, disagg and semi-pd (best static split, and the partition controller) on an
         8B Llama on one H100: the highest rate each holds at 90% attainment
+    python -m duetserve.loadtest.sim policies --units 64 --rates 640,960 --requests 8000 \
+        --out docs/bench/sim_policies_gpu.json
+        the scheduling policies (FCFS, shortest predicted first, JITServe by the running
+        limit, by the measured step line, and with oracle lengths) on the live policy
+        benchmark's workload, with the H100 roofline profile; goodput and decision times
     python -m duetserve.loadtest.sim replay RUN.json [RUN.json ...] --profile PROFILE.json
         serve the requests of live runs in the simulator; predicted vs measured p50/p90 of
         TTFT and TPOT
@@ -24,6 +29,7 @@ from pathlib import Path
 from duetserve.loadtest.arrivals import poisson
 from duetserve.loadtest.metrics import summarize
 from duetserve.loadtest.report import format_summary, read_run
+from duetserve.loadtest.sim import policies as sim_policies
 from duetserve.loadtest.sim.cost import (
     KV_BYTES_PER_TOKEN,
     GpuRooflineProfile,
@@ -154,6 +160,18 @@ def modes(args: argparse.Namespace) -> None:
         print(format_results(f"{title} ({factor}x unified alone)", slo, results), end="\n\n")
 
 
+def policies(args: argparse.Namespace) -> None:
+    profile = GpuRooflineProfile()
+    unknown = set(args.policies) - set(sim_policies.VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown policies {sorted(unknown)}: of {list(sim_policies.VARIANTS)}")
+    run = sim_policies.run(args, profile, profile.kv_blocks(PlannerConfig().block_size))
+    print(sim_policies.report(run))
+    if args.out is not None:
+        sim_policies.write(run, args.out)
+        print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m duetserve.loadtest.sim",
@@ -219,7 +237,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="disagg's KV copy, seconds per token (default: 25 GB/s between the devices)",
     )
     three.set_defaults(handler=modes)
+    ranked = commands.add_parser(
+        "policies", help="the scheduling policies on mixed SLO kinds, on the H100 profile"
+    )
+    ranked.add_argument("--units", type=int, default=64)
+    ranked.add_argument(
+        "--rates", type=_floats, required=True, help="cluster request rates, comma-separated"
+    )
+    ranked.add_argument("--requests", type=int, default=4000, help="per rate")
+    ranked.add_argument(
+        "--policies",
+        type=lambda text: text.split(","),
+        default=list(sim_policies.VARIANTS),
+        help=f"comma-separated, of {', '.join(sim_policies.VARIANTS)}",
+    )
+    ranked.add_argument("--mode", choices=["semi-pd", "unified", "disagg"], default="unified")
+    ranked.add_argument("--max-tokens", type=int, default=1024)
+    ranked.add_argument("--deadline-ms", type=float, default=10_000.0)
+    ranked.add_argument("--group-deadline-ms", type=float, default=20_000.0)
+    ranked.add_argument("--seed", type=int, default=0)
+    ranked.add_argument("--out", type=Path)
+    ranked.set_defaults(handler=policies)
     return parser
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
 
 
 def main() -> None:

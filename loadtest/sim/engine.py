@@ -20,9 +20,9 @@ from duetserve.loadtest.sim.cost import CostModel
 from duetserve.loadtest.sim.unit import Mode, Record, Unit, UnitSetup
 from duetserve.loadtest.spec import RequestResult, RequestSpec
 from duetserve.services.scheduler.planner import Planner, PlannerConfig
-from duetserve.services.scheduler.policy.fcfs import FcfsPolicy
+from duetserve.services.scheduler.policy import make_policy
 from duetserve.services.scheduler.split_controller import SplitController, SplitControllerConfig
-from duetserve.services.scheduler.state import SeqState
+from duetserve.services.scheduler.state import SeqState, SloTargets
 
 UNFINISHED = "unfinished when the simulation stopped"
 
@@ -73,9 +73,47 @@ class Simulation:
     final_splits: tuple[float, ...] = ()  # each unit's prefill share at the end
 
 
-def _record(spec: RequestSpec) -> Record:
-    seq = SeqState(str(spec.index), spec.arrival_s, spec.prompt_tokens, max(spec.output_tokens, 1))
-    return Record(seq, RequestResult(spec, sent_s=spec.arrival_s), spec.prompt_tokens)
+def _record(
+    spec: RequestSpec, max_tokens: int | None, bound: int | None, group_start: float | None
+) -> Record:
+    """Without `max_tokens` the request asks for its own length (a forced-length run); with
+    it, every request asks for `max_tokens` and its answer ends at its own length unseen."""
+    asked = max(spec.output_tokens, 1) if max_tokens is None else max_tokens
+    seq = SeqState(
+        str(spec.index),
+        spec.arrival_s,
+        spec.prompt_tokens,
+        asked,
+        output_bound=bound,
+        targets=_targets(spec, group_start),
+    )
+    result = RequestResult(spec, sent_s=spec.arrival_s)
+    return Record(seq, result, spec.prompt_tokens, max(spec.output_tokens, 1))
+
+
+def _targets(spec: RequestSpec, group_start: float | None) -> SloTargets | None:
+    """Its SLO as the planner measures it; a compound member's deadline counts from its
+    group's first arrival (which a live scheduler does not know yet: only its ingress)."""
+    slo = spec.slo
+    if slo is None:
+        return None
+    if slo.kind == "latency":
+        ttft = None if slo.ttft_ms is None else slo.ttft_ms / 1000
+        tpot = None if slo.tpot_ms is None else slo.tpot_ms / 1000
+        return SloTargets(ttft, tpot, None)
+    if slo.deadline_ms is None:
+        return None
+    start = group_start if slo.kind == "compound" and group_start is not None else spec.arrival_s
+    return SloTargets(None, None, start + slo.deadline_ms / 1000)
+
+
+def _group_starts(specs: Sequence[RequestSpec]) -> dict[str, float]:
+    starts: dict[str, float] = {}
+    for spec in specs:
+        group = spec.slo.group if spec.slo is not None else None
+        if group is not None:
+            starts[group] = min(starts.get(group, spec.arrival_s), spec.arrival_s)
+    return starts
 
 
 def _least_loaded(units: Sequence[Unit]) -> Unit:
@@ -119,17 +157,38 @@ def run_simulation(
     dispatch_s: float = 0.0,
     controller: SplitControllerConfig | None = None,
     control_interval_s: float = 0.5,
+    policy: str = "fcfs",
+    fairness: str = "none",
+    group: str = "limit",
+    max_tokens: int | None = None,
+    bounds: Sequence[int | None] | None = None,
 ) -> Simulation:
     """Serve `specs` on `units` units of `num_blocks` KV blocks each (disagg: that many per
     worker); each request reaches its unit `dispatch_s` after it is sent. With `controller`
     (semi-pd), each unit runs the scheduler's partition controller every `control_interval_s`,
-    starting from `share`.
+    starting from `share`. Each unit's planner runs `policy` (with `fairness` and `group`:
+    scheduler/policy/). With `max_tokens`, every request asks for that many and ends at its
+    spec's length, which the planner does not see; `bounds` (one per spec) are the predicted
+    upper bounds of their lengths it sees instead (None: max_tokens).
     Requests still running at `until_s` fail with UNFINISHED."""
     config = planner_config or PlannerConfig()
     setup = UnitSetup(mode, share, num_blocks, transfer_s_per_token)
     queue = EventQueue()
-    cluster = [Unit(setup, Planner(config, FcfsPolicy()), profile, queue.at) for _ in range(units)]
-    records = [_record(spec) for spec in specs]
+    cluster = [
+        Unit(
+            setup,
+            Planner(config, make_policy(policy, fairness, config.block_size, group)),
+            profile,
+            queue.at,
+        )
+        for _ in range(units)
+    ]
+    starts = _group_starts(specs)
+    bounds = [None] * len(specs) if bounds is None else bounds
+    records = [
+        _record(spec, max_tokens, bound, starts.get(spec.slo.group or "") if spec.slo else None)
+        for spec, bound in zip(specs, bounds, strict=True)
+    ]
     for record in records:
         queue.at(record.seq.arrival + dispatch_s, partial(_route, cluster, record))
     if controller is not None and mode == "semi-pd":

@@ -19,8 +19,10 @@ from typing import Literal
 from duetserve.loadtest.sim.cost import CostModel, attended_keys
 from duetserve.loadtest.spec import RequestResult
 from duetserve.services.scheduler.planner import Planner, PrefillChunk
+from duetserve.services.scheduler.policy.base import Rates
 from duetserve.services.scheduler.split_controller import SplitController
 from duetserve.services.scheduler.state import Phase, SeqState, UnitView
+from duetserve.services.scheduler.step_model import StepModel
 
 Mode = Literal["semi-pd", "unified", "disagg"]
 Schedule = Callable[[float, Callable[[float], None]], None]  # (time, action(now))
@@ -31,6 +33,9 @@ class Record:
     seq: SeqState
     result: RequestResult
     prompt_tokens: int  # the original prompt (seq.prompt_len grows with recompute)
+    # Where its answer ends (its EOS), hidden from the planner, which sees seq.max_tokens and
+    # seq.output_bound as a live scheduler does; None: at seq.max_tokens.
+    output_tokens: int | None = None
 
     def kv_tokens(self) -> int:
         """Tokens whose KV a decoding sequence holds: prompt and every output but the last."""
@@ -61,6 +66,11 @@ class Unit:
         self.prefill_busy = self.decode_busy = False
         self.handoffs: list[SeqState] = []  # disagg: waiting for room in the decode pool
         self.plan_seconds: list[float] = []
+        # What the unit measures of itself for the policies, as the live scheduler does: its
+        # steps' time against their batch, and prefill seconds per token.
+        self.steps = StepModel()
+        self._step_s: float | None = None
+        self._prefill_s_per_token: float | None = None
 
     @property
     def load(self) -> int:
@@ -97,7 +107,22 @@ class Unit:
 
     # --- planning and blocks ---
 
+    def _observe_step(self, batch: int, seconds: float) -> None:
+        self._step_s = seconds
+        self.steps.observe(batch, seconds)
+
+    def _observe_prefill(self, tokens: int, seconds: float) -> None:
+        if tokens > 0:
+            rate, known = seconds / tokens, self._prefill_s_per_token
+            self._prefill_s_per_token = rate if known is None else 0.9 * known + 0.1 * rate
+
+    def _rates(self) -> Rates | None:
+        if self._step_s is None or self._prefill_s_per_token is None:
+            return None
+        return Rates(self._step_s, self._prefill_s_per_token, self.steps.line())
+
     def _plan(self, now: float, decode_tokens: int) -> tuple[PrefillChunk, ...]:
+        self.planner.rates = self._rates()
         start = time.perf_counter()
         plan = self.planner.plan(self.view, now, decode_tokens)
         self.plan_seconds.append(time.perf_counter() - start)
@@ -176,7 +201,8 @@ class Unit:
             result.first_token_s = now
             if self.controller is not None:
                 self.controller.observe_ttft(now - result.sent_s)
-        if seq.num_output >= seq.max_tokens:
+        end = self.records[seq.request_id].output_tokens or seq.max_tokens
+        if seq.num_output >= min(end, seq.max_tokens):
             self._close(seq, now)
             return True
         return False
@@ -194,6 +220,7 @@ class Unit:
             return
         share = 1.0 if self.setup.mode == "disagg" else self.share[0]
         seconds = self.cost.prefill_s(*self._prefill_work(chunks), share)
+        self._observe_prefill(self._prefill_work(chunks)[0], seconds)
         if self.controller is not None:
             self.controller.observe_prefill_batch(self._prefill_work(chunks)[0], seconds, share)
         if self.setup.mode == "semi-pd" and self.decode_busy:
@@ -241,6 +268,7 @@ class Unit:
         busy = self.prefill_busy or self.view.waiting or self.view.prefilling
         if self.setup.mode == "semi-pd" and busy:
             seconds *= self.cost.contention("decode")  # prompts waiting: prefill starts next
+        self._observe_step(len(batch), seconds)
         self.decode_busy = True
         self.schedule(now + seconds, lambda t: self._decode_done(batch, t))
 
@@ -260,6 +288,11 @@ class Unit:
             return
         tokens, keys = self._prefill_work(chunks)
         seconds = self.cost.mixed_s(tokens, keys, len(batch), self._decode_work(batch), 1.0)
+        if batch:
+            self._observe_step(len(batch), seconds)
+        if tokens:  # the step's prefill share, as the live scheduler's batch timing sees it
+            prefill_alone = self.cost.mixed_s(tokens, keys, 0, 0, 1.0)
+            self._observe_prefill(tokens, prefill_alone)
         self.prefill_busy = True
         self.schedule(now + seconds, lambda t: self._unified_done(batch, chunks, t))
 

@@ -114,13 +114,16 @@ class Planner:
         admitted: list[SeqState] = []
         free = unit.free_blocks - self.config.decode_reserve_blocks
         running = len(unit.prefilling) + len(unit.decoding)
+        limit, skip = self.max_running, self.policy.skip_when_blocked()
         for seq in self.policy.admission_order(unit.waiting, now):
-            needed = self._new_blocks(seq)
+            if running >= limit:
+                break  # nobody more runs now (a prompt too long for the pool: refused at submit)
             if self.blocks_for(seq.prompt_len) > unit.total_blocks:
                 reject.append(Rejection(seq.request_id, self._too_long(seq, unit)))
                 continue
-            if running >= self.max_running or needed > free:
-                if self.policy.skip_when_blocked():
+            needed = self._new_blocks(seq)
+            if needed > free:
+                if skip:
                     continue
                 break
             admit.append(Admission(seq.request_id, needed))

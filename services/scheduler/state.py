@@ -28,7 +28,8 @@ class Phase(StrEnum):
     DECODING = "decoding"  # handed to the decode worker
 
 
-@dataclass(slots=True)
+# One per request: compared by identity, as list.remove and `in` need (and fast).
+@dataclass(slots=True, eq=False)
 class SeqState:
     request_id: str
     arrival: float  # seconds, the scheduler's clock

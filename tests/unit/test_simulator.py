@@ -200,3 +200,50 @@ def test_mode_comparison_sets_slos_from_unified_alone_and_finds_rates() -> None:
     assert bench.attainment(Setting("unified", "unified"), 1000.0, slo) < 0.9
     table = format_results("tight", slo, [ModeResult("unified", unified)])
     assert "| unified |" in table and "1.00x" in table
+
+
+def test_policies_run_in_the_simulator_without_seeing_true_lengths() -> None:
+    """Every request asks for one max_tokens and ends at its own length; the planner sees the
+    cap and the bounds it is given, and JITServe ranks with the unit's measured rates."""
+    from duetserve.loadtest.sim.engine import _group_starts, _targets
+    from duetserve.loadtest.spec import SloSpec
+    from duetserve.services.scheduler.policy.jitserve import JitServePolicy
+
+    specs = _random_specs(80, rate=400.0, seed=3)
+    deadline = SloSpec("deadline", deadline_ms=2000.0)
+    specs = [
+        RequestSpec(s.index, s.prompt, s.prompt_tokens, s.output_tokens, s.arrival_s, deadline)
+        for s in specs
+    ]
+    seen: list[int] = []
+    original = JitServePolicy.rank
+
+    def spy(self, unit, now, batch_size, rates):  # type: ignore[no-untyped-def]
+        seen.extend(s.max_tokens for s in unit.waiting)
+        assert rates is None or rates.line is not None  # measured by the unit itself
+        return original(self, unit, now, batch_size, rates)
+
+    JitServePolicy.rank = spy  # type: ignore[method-assign]
+    try:
+        sim = run_simulation(
+            specs,
+            SYNTHETIC,
+            mode="unified",
+            num_blocks=4096,
+            policy="jitserve",
+            max_tokens=512,
+            bounds=[300] * len(specs),
+        )
+    finally:
+        JitServePolicy.rank = original  # type: ignore[method-assign]
+    assert set(seen) == {512}
+    assert [r.output_tokens for r in sim.results] == [s.output_tokens for s in specs]
+    assert all(r.ok for r in sim.results) and sim.leaked_blocks == 0
+    assert sim.decisions.count > 0
+    # A compound member's deadline counts from its group's first arrival.
+    group = SloSpec("compound", deadline_ms=1000.0, group="g")
+    members = [RequestSpec(i, "x", 10, 10, 0.5 * i, group) for i in range(3)]
+    starts = _group_starts(members)
+    targets = _targets(members[2], starts["g"])
+    assert targets is not None and targets.deadline_at == pytest.approx(1.0)
+    assert _targets(RequestSpec(9, "x", 10, 10, 3.0, deadline), None).deadline_at == 5.0

@@ -34,14 +34,15 @@ held up by one long member). The group size caps how many run (hold blocks); wai
 of the group are admitted first. When the unit is at the cap, decoding requests outside the
 group are preempted (recompute) to make room for waiting members of the group, at most
 MAX_PREEMPTIONS a ranking, lowest priority first. Between rankings, waiting requests are
-admitted by their priority at the last rates; one waiting over STARVED_S goes first, so every
-accepted request runs in the end (JITServe has no such rule: its requests time out instead).
+admitted by their priority at the last ranking (one that arrived since, at its first look); one
+waiting over STARVED_S goes first, so every accepted request runs in the end (JITServe has no
+such rule: its requests time out instead).
 """
 
 import heapq
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from duetserve.services.scheduler.policy.base import Rates
 from duetserve.services.scheduler.state import SeqState, UnitView
@@ -70,28 +71,36 @@ def time_left_s(seq: SeqState, rates: Rates) -> float:
 
 def slo_factor(seq: SeqState, now: float, rates: Rates) -> float:
     """1 while it is projected to meet its SLO; (target / projected) ** MISS_POWER when not."""
+    prefill_s = seq.num_uncomputed * rates.prefill_s_per_token
+    left_s = prefill_s + seq.remaining_output * rates.step_s
+    return _slo_factor(seq, now, rates.step_s, prefill_s, left_s)
+
+
+def _slo_factor(seq: SeqState, now: float, step_s: float, prefill_s: float, left_s: float) -> float:
     targets = seq.targets
     if targets is None:
         return 1.0
-    ratios = []
+    worst = 1.0
     if targets.ttft_s is not None and seq.num_output == 0:
-        ttft = now - seq.arrival + seq.num_uncomputed * rates.prefill_s_per_token
-        ratios.append(targets.ttft_s / max(ttft, _EPSILON_S))
+        worst = min(worst, targets.ttft_s / max(now - seq.arrival + prefill_s, _EPSILON_S))
     if targets.tpot_s is not None:
-        ratios.append(targets.tpot_s / max(rates.step_s, _EPSILON_S))
+        worst = min(worst, targets.tpot_s / max(step_s, _EPSILON_S))
     if targets.deadline_at is not None:
         allowed = targets.deadline_at - seq.arrival
-        projected = now + time_left_s(seq, rates) - seq.arrival
-        ratios.append(allowed / max(projected, _EPSILON_S))
-    worst = min(ratios, default=1.0)
+        worst = min(worst, allowed / max(now + left_s - seq.arrival, _EPSILON_S))
     return 1.0 if worst >= 1.0 else worst**MISS_POWER
 
 
 def priority(seq: SeqState, now: float, rates: Rates) -> float:
     """Reward per second of work left, cut steeply when its SLO is out of reach (module doc).
-    After a preemption its recomputed output counts as prompt too: it is work again."""
-    left = max(time_left_s(seq, rates), _EPSILON_S)
-    return reward(seq) * slo_factor(seq, now, rates) / left
+    After a preemption its recomputed output counts as prompt too: it is work again. (Ranking
+    runs it for every request of the unit: each term is computed once.)"""
+    out_left = seq.remaining_output
+    prefill_s = (seq.prompt_len - seq.num_computed) * rates.prefill_s_per_token
+    left_s = prefill_s + out_left * rates.step_s
+    worth = seq.prompt_len + OUTPUT_WEIGHT * (seq.num_output + out_left)
+    factor = _slo_factor(seq, now, rates.step_s, prefill_s, left_s)
+    return worth * factor / max(left_s, _EPSILON_S)
 
 
 def max_step_s(seq: SeqState, now: float, rates: Rates) -> float:
@@ -118,14 +127,21 @@ def reward(seq: SeqState) -> float:
     return seq.prompt_len + OUTPUT_WEIGHT * (seq.num_output + seq.remaining_output)
 
 
-def group_size(candidates: Sequence[SeqState], now: float, ceiling: int, rates: Rates) -> int:
+def group_size(
+    candidates: Sequence[SeqState],
+    now: float,
+    ceiling: int,
+    rates: Rates,
+    scores: dict[str, float] | None = None,
+) -> int:
     """How many should run at once (module doc): the count k of the best requests by
     priority whose members that meet their SLO at a batch of k bring the most reward, the
     larger k on a tie. `ceiling` when that is all of them, or no step line is measured yet."""
     count = min(len(candidates), ceiling)
     if rates.line is None or count == 0:
         return ceiling
-    ranked = sorted(candidates, key=lambda s: -priority(s, now, rates))[:count]
+    scores = scores if scores is not None else _scores(candidates, now, rates)
+    ranked = sorted(candidates, key=lambda s: -scores[s.request_id])[:count]
     meeting: list[tuple[float, int, float]] = []  # (its slowest step, index, its reward)
     value = best_value = 0.0
     best = count
@@ -147,12 +163,22 @@ def group_size(candidates: Sequence[SeqState], now: float, ceiling: int, rates: 
     return best
 
 
+def _scores(candidates: Sequence[SeqState], now: float, rates: Rates) -> dict[str, float]:
+    return {seq.request_id: priority(seq, now, rates) for seq in candidates}
+
+
 def select_group(
-    candidates: Sequence[SeqState], now: float, batch_size: int, rates: Rates
+    candidates: Sequence[SeqState],
+    now: float,
+    batch_size: int,
+    rates: Rates,
+    scores: dict[str, float] | None = None,
 ) -> list[SeqState]:
     """The best WINDOW_FACTOR x batch_size by priority, sorted by time left; of those, the
-    contiguous batch_size with the highest summed priority."""
-    scored = sorted(((priority(s, now, rates), s) for s in candidates), key=lambda p: -p[0])
+    contiguous batch_size with the highest summed priority. `scores`: the candidates'
+    priorities, when known already."""
+    scores = scores if scores is not None else _scores(candidates, now, rates)
+    scored = sorted(((scores[s.request_id], s) for s in candidates), key=lambda p: -p[0])
     top = sorted(scored[: WINDOW_FACTOR * batch_size], key=lambda p: time_left_s(p[1], rates))
     if len(top) <= batch_size:
         return [seq for _, seq in top]
@@ -173,6 +199,7 @@ class JitServePolicy:
     _next_rank: float = float("-inf")
     _preempt: tuple[str, ...] = ()
     _cap: int | None = None
+    _scores: dict[str, float] = field(default_factory=dict)  # priorities at the last ranking
     # The group's size: "limit", the unit's running limit (as JITServe's code takes vLLM's
     # batch size); "measured", `group_size` over the measured step line.
     group: str = "limit"
@@ -185,10 +212,11 @@ class JitServePolicy:
             return
         self._next_rank = now + RANK_INTERVAL_S
         everyone = [*unit.waiting, *unit.prefilling, *unit.decoding]
+        self._scores = scores = _scores(everyone, now, self.rates)
         size = max(batch_size, 1)
         if self.group == "measured":
-            size = max(group_size(everyone, now, size, self.rates), 1)
-        group = select_group(everyone, now, size, self.rates)
+            size = max(group_size(everyone, now, size, self.rates, scores), 1)
+        group = select_group(everyone, now, size, self.rates, scores)
         self._group = frozenset(seq.request_id for seq in group)
         self._cap = size if size < batch_size else None
         self._preempt = self._victims(unit, now, size)
@@ -202,7 +230,7 @@ class JitServePolicy:
             return ()
         waiting_members = sum(seq.request_id in self._group for seq in unit.waiting)
         outside = [seq for seq in unit.decoding if seq.request_id not in self._group]
-        outside.sort(key=lambda seq: priority(seq, now, self.rates))
+        outside.sort(key=lambda seq: self._scores[seq.request_id])
         count = min(MAX_PREEMPTIONS, waiting_members, len(outside))
         return tuple(seq.request_id for seq in outside[:count])
 
@@ -217,7 +245,10 @@ class JitServePolicy:
             if seq.arrival <= starved:  # oldest first, before everything else
                 return (False, False, seq.arrival, 0.0)
             member = seq.request_id in self._group
-            return (True, not member, -priority(seq, now, self.rates), seq.arrival)
+            score = self._scores.get(seq.request_id)
+            if score is None:  # arrived since the last ranking
+                score = self._scores[seq.request_id] = priority(seq, now, self.rates)
+            return (True, not member, -score, seq.arrival)
 
         return sorted(waiting, key=key)
 
