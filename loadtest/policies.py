@@ -43,6 +43,7 @@ from duetserve.loadtest.workloads import CountTokens, assign_arrivals
 POLICIES = ("fcfs", "spf", "jitserve", "jitserve-oracle")
 LATENCY = SloSpec("latency", ttft_ms=1000.0, tpot_ms=100.0)  # the server's default SLO
 GROUP_SIZE = 3
+SHAREGPT_DRAWS = 15_000  # of the package's 15,292 usable conversations
 
 
 @dataclass(slots=True)
@@ -87,13 +88,16 @@ def slo_workload(
     seed: int,
     deadline_ms: float,
     group_deadline_ms: float,
+    repeat: bool = False,
 ) -> list[RequestSpec]:
     """The workload with each request's output_tokens its reference answer's length (where
-    the simulator ends it; a live run asks every request for one max_tokens instead)."""
-    drawn = sharegpt(None, 8 * n, seed, count_tokens)
-    specs = [s for s in drawn if isinstance(s.prompt, str) and held_out(s.prompt.strip())][:n]
-    if len(specs) < n:
-        raise ValueError(f"only {len(specs)} held-out ShareGPT questions among {len(drawn)}")
+    the simulator ends it; a live run asks every request for one max_tokens instead). With
+    `repeat`, more requests than there are held-out questions (~3,000) ask them again."""
+    drawn = sharegpt(None, min(8 * n, SHAREGPT_DRAWS), seed, count_tokens)
+    questions = [s for s in drawn if isinstance(s.prompt, str) and held_out(s.prompt.strip())]
+    if len(questions) < n and not repeat:
+        raise ValueError(f"only {len(questions)} held-out ShareGPT questions among {len(drawn)}")
+    specs = [questions[i % len(questions)] for i in range(n)]
     deadline = SloSpec("deadline", deadline_ms=deadline_ms)
     out = []
     for i, spec in enumerate(specs):

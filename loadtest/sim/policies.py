@@ -64,7 +64,7 @@ class SimPolicyRun:
 def specs_and_bounds(
     n: int, rate: float, seed: int, args: argparse.Namespace, predictor: LengthPredictor
 ) -> tuple[list[RequestSpec], list[int]]:
-    specs = slo_workload(None, n, rate, seed, args.deadline_ms, args.group_deadline_ms)
+    specs = slo_workload(None, n, rate, seed, args.deadline_ms, args.group_deadline_ms, repeat=True)
     bounds = [predictor.bound(str(s.prompt), args.max_tokens) for s in specs]
     return specs, bounds
 
