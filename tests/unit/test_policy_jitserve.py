@@ -182,10 +182,10 @@ def test_no_cap_when_everyone_fits_or_nobody_can_make_it() -> None:
 
 
 def test_requests_that_cannot_make_it_are_not_worth_slowing_those_that_can() -> None:
-    # 10 deadline requests that make it at steps up to 20 ms (a batch of 10), worth 810
-    # each; 10 that cannot at any step; latency requests with a 25 ms TPOT (a batch of 15),
-    # worth 1,610 each but ranked after the deadlines (801 a second against 802). At 10 the
-    # deadlines' 8,100 is met; at 15 only the first 5 latency ones' 8,050.
+    # 10 deadline requests that make it at steps up to 20 ms (a batch of 10); 10 that cannot
+    # at any step; latency requests with a 25 ms TPOT (a batch of 15) but twice the work
+    # left, so ranked after the deadlines. At 10 all 10 deadlines are met; at 15 only 5
+    # latency ones (the deadlines miss at a batch of 15).
     makes_it = [deadline_seq(f"ok{i}", deadline_at=2.015) for i in range(10)]
     hopeless = [deadline_seq(f"late{i}", deadline_at=0.2) for i in range(10)]
     latency = [seq(f"lat{i}", 10, bound=200, targets=SloTargets(tpot_s=0.025)) for i in range(10)]
