@@ -88,6 +88,9 @@ class SubmitRequest:
     # A conservative upper bound of its output tokens (ingress's length predictor,
     # common/lengths.py; max_tokens itself with ignore_eos); None: unknown, max_tokens bounds it.
     output_bound: int | None = None
+    # A compound member: how long before its own arrival its group's first member arrived at
+    # ingress (its shared deadline counts from there); 0 for the first, or any other SLO.
+    group_age_s: float = 0.0
 
     def __post_init__(self) -> None:
         check_token(self.request_id, "request id")
@@ -100,6 +103,8 @@ class SubmitRequest:
             raise ValueError("public_prefix_tokens must be within the prompt")
         if self.output_bound is not None and not 1 <= self.output_bound <= self.sampling.max_tokens:
             raise ValueError("output_bound must be within [1, max_tokens]")
+        if not 0.0 <= self.group_age_s < float("inf"):
+            raise ValueError("group_age_s must be a finite number >= 0")
 
 
 @message("sched.submit.ok")

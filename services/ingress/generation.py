@@ -133,6 +133,7 @@ class Generation:
             slo=prompt.slo,
             public_prefix_tokens=prompt.public_prefix_tokens,
             output_bound=prompt.output_bound,
+            group_age_s=max(arrival.monotonic - self._group_first_s, 0.0),
         )
 
     @property

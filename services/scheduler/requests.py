@@ -79,7 +79,7 @@ class RequestRecord:
             num_output=len(output),
             phase=Phase.WAITING,
             output_bound=submit.output_bound,
-            targets=slo_targets(submit.slo, arrival),
+            targets=slo_targets(submit.slo, arrival, submit.group_age_s),
             tenant=submit.tenant,
         )
         return cls(submit, seq, output_token_ids=list(output), holder=holder)

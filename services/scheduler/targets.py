@@ -25,13 +25,14 @@ def tpot_target_s(slo: Slo | None) -> float | None:
     return slo.tpot_ms / 1000
 
 
-def slo_targets(slo: Slo | None, arrival: float) -> SloTargets | None:
+def slo_targets(slo: Slo | None, arrival: float, group_age_s: float = 0.0) -> SloTargets | None:
     """What a policy measures the request against; `arrival` on the scheduler's clock, from
-    which a deadline counts (a compound member's counts from its own arrival here: the group's
-    first arrival is known to ingress, which judges the group)."""
+    which a deadline counts; a compound member's from its group's first arrival, `group_age_s`
+    earlier (ingress, which judges the group, says how long: SubmitRequest.group_age_s)."""
     if slo is None:
         return None
-    deadline_at = None if slo.deadline_ms is None else arrival + slo.deadline_ms / 1000
+    start = arrival - group_age_s if slo.kind == SloKind.COMPOUND else arrival
+    deadline_at = None if slo.deadline_ms is None else start + slo.deadline_ms / 1000
     if slo.kind == SloKind.LATENCY:
         return SloTargets(ttft_target_s(slo), tpot_target_s(slo), None)
     return SloTargets(None, None, deadline_at)

@@ -469,6 +469,13 @@ async def test_usage_and_metrics_say_whether_each_request_met_its_slo(
     # A compound member counts from its group's first arrival; the group when its last is done.
     assert [o["met"] for o in await group("fast", 60_000)] == [True, True]
     assert [o["met"] for o in await group("slow", 300)] == [False, False]
+    # The scheduler hears how long before each member its group began (its deadline's start).
+    lagged = {"kind": "compound", "group": "lagged", "group_size": 2, "deadline_ms": 60_000}
+    first = asyncio.ensure_future(slo_of(lagged))
+    await asyncio.sleep(0.3)
+    await asyncio.gather(first, slo_of(lagged))
+    ages = [s.group_age_s for s in scheduler.submits if s.slo and s.slo.group == "lagged"]
+    assert ages[0] == 0.0 and 0.3 <= ages[1] < 5.0, ages
 
     after = await _metrics(http)
     counted = {
@@ -476,15 +483,15 @@ async def test_usage_and_metrics_say_whether_each_request_met_its_slo(
         ("latency", "missed"): 1 + (not judged["default"]["met"]),
         ("deadline", "met"): 1,
         ("deadline", "missed"): 1,
-        ("compound", "met"): 2,
+        ("compound", "met"): 4,
         ("compound", "missed"): 2,
     }
     for (kind, result), count in counted.items():
         name = f'duet_ingress_slo_requests_total{{kind="{kind}",result="{result}"}}'
         assert _sample(after, name) - _sample(before, name) == count, name
-    for result in ("met", "missed"):
+    for result, groups in (("met", 2), ("missed", 1)):
         name = f'duet_ingress_slo_groups_total{{result="{result}"}}'
-        assert _sample(after, name) - _sample(before, name) == 1, name
+        assert _sample(after, name) - _sample(before, name) == groups, name
 
     # A stream says it in its last chunk with a choice, and in its usage chunk.
     stream = await client.chat.completions.create(

@@ -241,3 +241,15 @@ def test_the_step_line_is_fitted_from_reports_at_several_batch_sizes() -> None:
         falling.observe(batch, step_s)
     line = falling.line()
     assert line is not None and line.per_request_s > 0 and line.at(40) == pytest.approx(0.03)
+
+
+def test_a_compound_members_deadline_counts_from_its_groups_first_arrival() -> None:
+    from duetserve.proto.scheduling import Slo, SloKind
+    from duetserve.services.scheduler.targets import slo_targets
+
+    compound = Slo(SloKind.COMPOUND, deadline_ms=10_000.0, group="g", group_size=3)
+    targets = slo_targets(compound, arrival=100.0, group_age_s=4.0)
+    assert targets is not None and targets.deadline_at == pytest.approx(106.0)
+    deadline = Slo(SloKind.DEADLINE, deadline_ms=10_000.0)
+    plain = slo_targets(deadline, arrival=100.0, group_age_s=4.0)  # not a group: its own
+    assert plain is not None and plain.deadline_at == pytest.approx(110.0)
