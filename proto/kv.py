@@ -11,9 +11,12 @@ from enum import StrEnum
 from duetserve.proto.codec import message
 
 # The pools of a unit, as `subjects.kv(unit, verb, pool)` names them. Every mode has the unit
-# pool; disagg mode adds the decode worker's own pool (and its own weight copy).
+# pool; disagg mode adds the decode worker's own pool (and its own weight copy); with
+# DUET_HOST_KV_MB, the host tier: KV blocks only, in host memory, where preempted requests'
+# KV is swapped to (owned, leased and freed like the others).
 UNIT_POOL = ""
 DECODE_POOL = "decode"
+HOST_POOL = "host"
 
 
 @message("kv.alloc")

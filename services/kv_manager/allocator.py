@@ -20,7 +20,9 @@ blocks may be someone else's by now; it starts over as a new holder. kv_manager 
 fails those requests with a reason.
 
 Free list: LIFO. The block freed last is handed out first (its memory is the most likely to be
-in cache), and a fresh allocator hands out 0, 1, 2, ... in order.
+in cache), and a fresh allocator hands out 0, 1, 2, ... in order. One grant is sorted, so the
+blocks of a request freed together come back to the next one as a contiguous run ("block
+groups": one copy moves the run in a hand-off or a swap).
 
 Every refused call raises a typed `AllocatorError` and changes nothing: batches are validated
 whole before any state is touched.
@@ -85,7 +87,9 @@ class BlockAllocator:
         self._check_lease(holder, now)
         if count > len(self._free):
             raise OutOfBlocks(owner, count, len(self._free), self._num_total)
-        blocks = [self._free.pop() for _ in range(count)]
+        # In ascending order: blocks freed together (one request's) come back as a run, and a
+        # copy of runs moves many blocks at once (kv_transfer.runs: hand-offs, swaps).
+        blocks = sorted(self._free.pop() for _ in range(count))
         for block in blocks:
             self._holders_of_block[block] = {owner}
         self._add_references(owner, blocks, now)

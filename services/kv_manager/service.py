@@ -1,6 +1,8 @@
 """The kv_manager service: the unit's storage (KV pool and weights), its block allocator and
 leases, served over NATS. In disagg mode it serves two of each, the unit pool and the decode
 worker's pool (`kv(unit, verb, "decode")`), each storage with its own copy of the weights.
+With DUET_HOST_KV_MB, also the host tier (`kv(unit, verb, "host")`): KV blocks of the same
+shape in a host memory region of their own, no weights, its own allocator and leases.
 
 Start: load the weights in the run dtype, on the CPU re-lay the linear ones out for oneDNN
 (runtime/layers/prepack.py: packed once here, read in place by every worker), pack them after
@@ -44,11 +46,12 @@ from duetserve.services.kv_manager.handlers import KVHandlers
 from duetserve.services.kv_manager.poison import PoisonCheck
 from duetserve.services.kv_manager.replacements import Replacements
 from duetserve.services.kv_manager.settings import KVManagerSettings
-from duetserve.services.kv_manager.storage import Storage, open_storage
+from duetserve.services.kv_manager.storage import CpuSharedStorage, Storage, open_storage
 from duetserve.services.kv_manager.unit_storage import (
     KV_POOL,
     PoolGeometry,
     fill_storage,
+    host_layout,
     load_stored_weights,
     unit_layout,
 )
@@ -62,7 +65,7 @@ class ServedPool:
     """One KV pool the unit serves: its storage (the pool and a copy of the weights), its
     allocator, and the handlers of `subjects.kv(unit, verb, name)`."""
 
-    name: str  # kv.UNIT_POOL or kv.DECODE_POOL
+    name: str  # kv.UNIT_POOL, kv.DECODE_POOL or kv.HOST_POOL
     storage: Storage
     description: kv.StorageDescription
     allocator: BlockAllocator
@@ -179,6 +182,34 @@ class KVManagerService:
             self.pools[name] = ServedPool(name, storage, description, allocator)
         del weights  # the storages hold the copies now
         gc.collect()
+        host_blocks = s.host_blocks(kv_bytes_per_block(config, s.block_size, dtype))
+        if host_blocks > 0:
+            pool = PoolGeometry(host_blocks, s.block_size, dtype)
+            region = f"{s.region_name()}-{kv.HOST_POOL}"
+            storage, description = await self._open_host_storage(config, pool, region)
+            allocator = BlockAllocator(description.num_blocks, s.lease_s)
+            self.pools[kv.HOST_POOL] = ServedPool(kv.HOST_POOL, storage, description, allocator)
+        elif s.host_kv_mb > 0:
+            raise ValueError(f"host_kv_mb={s.host_kv_mb:g} holds no KV block")
+
+    async def _open_host_storage(
+        self, config: ModelConfig, pool: PoolGeometry, region: str
+    ) -> tuple[Storage, kv.StorageDescription]:
+        """The host tier: always host memory (/dev/shm), zeroed. On a GPU the workers copy to
+        and from it through their mappings; registering those as pinned memory (for copies
+        that overlap compute on a stream of their own) is not done yet."""
+        s = self.settings
+        storage = CpuSharedStorage.create(region, host_layout(config, pool))
+        await asyncio.to_thread(storage.tensors[KV_POOL].zero_)
+        logger.info("host tier of %.1f MiB in /dev/shm/%s", storage.layout.nbytes / 2**20, region)
+        description = describe(
+            storage.handle(),
+            block_size=pool.block_size,
+            num_blocks=pool.num_blocks,
+            model_dir=str(s.model.resolve()),
+            dtype=s.dtype,
+        )
+        return storage, description
 
     def _packed_for_cpu(self, config: ModelConfig, weights: Weights, dtype: torch.dtype) -> Weights:
         """The weights with their linear ones packed for oneDNN, when workers will run them on

@@ -29,6 +29,9 @@ class KVManagerSettings(ServingSettings):
     cuda_device: int = Field(0, ge=0)
     region: str | None = None  # the /dev/shm name on the CPU; see region_name
     decode_pool_share: float = Field(0.5, gt=0, lt=1)  # disagg: the decode pool's blocks
+    # The host tier (kv.HOST_POOL), in MiB: KV blocks of the same shape in a host memory
+    # region of their own (/dev/shm), for KV swapped out of the device pool; 0: none.
+    host_kv_mb: float = Field(0.0, ge=0)
     # On the CPU: keep the linear weights in oneDNN's packed layout (runtime/layers/prepack.py),
     # 1.2-3x faster matmuls; false keeps the plain layout (for comparisons).
     prepack_weights: bool = True
@@ -51,6 +54,10 @@ class KVManagerSettings(ServingSettings):
                 f"kv_cache_mb={self.kv_cache_mb:g} holds no block of {bytes_per_block} bytes"
             )
         return blocks
+
+    def host_blocks(self, bytes_per_block: int) -> int:
+        """How many KV blocks the host tier holds (0: no host tier)."""
+        return int(self.host_kv_mb * 2**20) // bytes_per_block
 
     def split_blocks(self, total: int) -> tuple[int, int]:
         """disagg: (unit pool, decode pool) blocks out of the unit's `total`, each >= 1."""

@@ -45,6 +45,12 @@ def unit_layout(
     return StorageLayout.pack(entries)
 
 
+def host_layout(config: ModelConfig, pool: PoolGeometry) -> StorageLayout:
+    """The host tier: a KV pool of the unit pool's block shape, and nothing else."""
+    pool_shape = kv_pool_shape(config, pool.num_blocks, pool.block_size)
+    return StorageLayout.pack([(KV_POOL, dtype_name(pool.dtype), pool_shape)])
+
+
 def fill_storage(tensors: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> None:
     """Copy every weight into its storage tensor once and zero the KV pool."""
     for name, weight in weights.items():

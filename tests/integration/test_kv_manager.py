@@ -23,6 +23,7 @@ from duetserve.proto.codec import decode, encode
 from duetserve.proto.common import ErrorReply
 from duetserve.proto.workers import EventKind, WorkerEvents, worker_events_subject
 from duetserve.runtime.config import ModelConfig
+from duetserve.runtime.kv_pool import kv_bytes_per_block
 from duetserve.runtime.layers.prepack import unpack_linear_weights
 from duetserve.runtime.weights import load_weights
 from duetserve.services.kv_manager.settings import KVManagerSettings
@@ -47,6 +48,7 @@ import torch
 from duetserve.proto import kv
 from duetserve.proto.codec import decode
 from duetserve.runtime.config import ModelConfig
+from duetserve.runtime.kv_pool import kv_bytes_per_block
 from duetserve.runtime.loader import parse_dtype
 from duetserve.runtime.layers.prepack import PACKED, unpack_linear_weights
 from duetserve.runtime.weights import load_weights
@@ -236,6 +238,43 @@ async def test_disagg_serves_two_pools_with_their_own_weights_and_allocators(
         await bus.subscribe(worker_events_subject(unit), on_events)
         report = await asyncio.wait_for(events.get(), timeout=3.0)
         assert report.kv_pool == kv.DECODE_POOL and report.free_blocks == 6
+        assert [(e.kind, e.request_id) for e in report.events] == [(EventKind.LEASES_EXPIRED, "r1")]
+
+
+async def test_the_host_tier_is_a_pool_of_its_own_with_leases(
+    nats_server: NatsServer, bus: Bus, tiny: Path
+) -> None:
+    config = ModelConfig.from_dir(tiny)
+    per_block = kv_bytes_per_block(config, 16, torch.float32)
+    megabytes = 12 * per_block / 2**20  # room for 12 blocks
+    async with running_kv_manager(
+        nats_server.url, tiny, num_blocks=8, host_kv_mb=megabytes, lease_s=0.3
+    ) as service:
+        unit = service.settings.unit
+        query = kv.StorageQuery("test")
+        device, host = [
+            await ask_ok(bus, subjects.kv(unit, "storage", pool), query, kv.StorageDescription)
+            for pool in (kv.UNIT_POOL, kv.HOST_POOL)
+        ]
+        assert (device.num_blocks, host.num_blocks) == (8, 12)
+        assert host.region != device.region and [t.name for t in host.tensors] == ["kv_pool"]
+        pools = {p: service.pools[p].storage.tensors["kv_pool"] for p in (kv.UNIT_POOL, "host")}
+        assert pools["host"].shape[2] == 12 and pools["host"].shape[3:] == pools[""].shape[3:]
+        assert not pools["host"].any()
+        # Its own allocator: filling it leaves the device pool alone.
+        alloc = subjects.kv(unit, "alloc", kv.HOST_POOL)
+        full = await ask_ok(bus, alloc, kv.AllocateBlocks("w/r1", 12), kv.BlocksGranted)
+        assert full.block_ids == tuple(range(12)) and full.num_free == 0
+        assert await num_free(bus, unit) == 8
+        # Leased like the device pool: a holder that stops beating loses them, and says so.
+        events: asyncio.Queue[WorkerEvents] = asyncio.Queue()
+
+        async def on_events(msg: Msg) -> None:
+            events.put_nowait(decode(msg.data, WorkerEvents))
+
+        await bus.subscribe(worker_events_subject(unit), on_events)
+        report = await asyncio.wait_for(events.get(), timeout=3.0)
+        assert report.kv_pool == kv.HOST_POOL and report.free_blocks == 12
         assert [(e.kind, e.request_id) for e in report.events] == [(EventKind.LEASES_EXPIRED, "r1")]
 
 

@@ -48,6 +48,19 @@ def test_free_list_is_lifo() -> None:
     assert alloc.allocate("a/2", 2, now=0.0) == [0, 2]  # freed last, handed out first
 
 
+def test_blocks_freed_together_come_back_as_one_ascending_run() -> None:
+    """Block groups: a request's blocks, freed together, are the next grant's contiguous run,
+    whatever order they were freed in, so one copy moves them (hand-offs, swaps)."""
+    alloc = BlockAllocator(64, LEASE)
+    first = alloc.allocate("sched/a", 8, now=0.0)
+    alloc.allocate("sched/b", 8, now=0.0)
+    alloc.release("sched/a", list(reversed(first)))
+    assert alloc.allocate("sched/c", 8, now=0.0) == first == list(range(8))
+    alloc.release("sched/b", alloc.held_by("sched/b"))
+    again = alloc.allocate("sched/d", 5, now=0.0)
+    assert again == sorted(again) and again[-1] - again[0] == 4
+
+
 def test_allocate_is_all_or_nothing() -> None:
     alloc = BlockAllocator(4, LEASE)
     alloc.allocate("a/1", 3, now=0.0)

@@ -30,6 +30,21 @@ def test_runs_group_blocks_consecutive_in_both_tables() -> None:
     assert runs([], []) == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_copies_are_bit_for_bit_in_every_dtype(dtype: torch.dtype) -> None:
+    """The copy moves raw bits (as integers of the element's size): NaNs, infinities and
+    negative zeros come through as they were."""
+    source, target = _pool(6, dtype), _pool(6, dtype)
+    source.tensor.copy_(torch.randn(source.tensor.shape))
+    specials = torch.tensor([float("nan"), float("inf"), -0.0, -float("inf")], dtype=dtype)
+    source.tensor[1, 1, 2, 0, 0, :4] = specials
+    copy_blocks(source, target, [1, 2, 3], [3, 4, 5])  # one run
+    copy_blocks(source, target, [5], [0])
+    as_bits = {torch.float32: torch.int32}.get(dtype, torch.int16)
+    moved = target.tensor[:, :, [3, 4, 5, 0]].view(as_bits)
+    assert torch.equal(moved, source.tensor[:, :, [1, 2, 3, 5]].view(as_bits))
+
+
 def test_copied_blocks_hold_the_source_kv_and_nothing_else_changes() -> None:
     source, target = _pools(10, 8)
     source_ids, target_ids = [7, 8, 2, 3], [0, 1, 5, 4]
