@@ -120,6 +120,10 @@ class DecodeItem:
     # scheduler gave up on it (its hand-off timed out) is refused, never writes blocks that
     # were freed and handed to another request meanwhile.
     owner: str = ""
+    # Swapped out on preemption: block_table's first len(host_block_ids) blocks are to be
+    # filled from these blocks of the host tier (kv.HOST_POOL, held by `owner` too) before
+    # it decodes on; nothing is prefilled.
+    host_block_ids: tuple[int, ...] = ()
 
 
 @message("decode.admit")
@@ -133,6 +137,9 @@ class Refusal:
     request_id: str
     reason: str
     retry: bool = False  # no room now (resident limit, decode pool full): ask again later
+    # Its swapped-out KV could not be brought back (the host tier is gone, a copy failed):
+    # recompute it instead, into the same blocks.
+    swap_failed: bool = False
 
 
 @message("decode.admitted")
@@ -159,10 +166,15 @@ class DecodeControl:
     request_ids: tuple[str, ...]
     finish_reason: FinishReason = FinishReason.ABORT  # for CANCEL: how the stream ends
     error: str | None = None  # set exactly when finish_reason is ERROR
+    # PREEMPT: for each request (when given), the owner to swap its KV out to the host tier
+    # under ("" for that request: recompute it); empty: recompute all.
+    swap_owners: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.error is not None) != (self.finish_reason == FinishReason.ERROR):
             raise ValueError("error is set exactly when finish_reason is 'error'")
+        if self.swap_owners and len(self.swap_owners) != len(self.request_ids):
+            raise ValueError("swap_owners must name one owner (or '') per request")
 
 
 class EventKind(StrEnum):
@@ -181,6 +193,10 @@ class WorkerEvent:
     blocks_needed: int = 0
     reason: str = ""
     num_output_tokens: int = 0  # FINISHED: tokens the request generated in all
+    # PREEMPTED with a swap: the host-tier blocks now holding its KV (prompt + output[:-1]),
+    # held by the owner the control named, and how long the copy took.
+    host_block_ids: tuple[int, ...] = ()
+    swap_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

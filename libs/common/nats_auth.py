@@ -32,7 +32,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from duetserve.proto import compute, subjects, workers
-from duetserve.proto.kv import DECODE_POOL, UNIT_POOL
+from duetserve.proto.kv import DECODE_POOL, HOST_POOL, UNIT_POOL
 from duetserve.proto.supervision import LAUNCHER_REPORT
 from duetserve.proto.units import UNITS_BUCKET
 
@@ -162,7 +162,7 @@ def permissions(role: str, mode: str, units: Sequence[str] = ("unit0",)) -> Perm
     decode_sub = _per_unit(units, workers.decode_admit_subject, workers.decode_control_subject)
     if role == "kv_manager":
         verbs = ("alloc", "retain", "release", "heartbeat", "storage", "stats", "shared")
-        sub += _kv(units, pools, verbs)
+        sub += _kv(units, (*pools, HOST_POOL), verbs)
         sub += _per_unit(units, compute.replace_worker_subject)
         pub += [*_per_unit(units, events), *_role_lease()]
     elif role == "cache_index":
@@ -172,6 +172,8 @@ def permissions(role: str, mode: str, units: Sequence[str] = ("unit0",)) -> Perm
     elif role == "scheduler":
         pub += _kv(units, (UNIT_POOL,), ("alloc", "release", "heartbeat"))
         pub += _kv(units, pools, ("storage", "stats"))
+        # The host tier: swapped-out KV held under its owners (DUET_HOST_KV_MB).
+        pub += _kv(units, (HOST_POOL,), ("release", "heartbeat", "stats"))
         pub += [*subjects.CACHE_SUBJECTS, tokens]
         pub += _per_unit(
             units,
@@ -189,13 +191,16 @@ def permissions(role: str, mode: str, units: Sequence[str] = ("unit0",)) -> Perm
         pub += _kv(units, (UNIT_POOL,), ("retain", "release", "heartbeat", "storage"))
         pub += worker_common_pub
         sub += [*worker_common_sub, *_per_unit(units, workers.prefill_batch_subject)]
-        if mode == "unified":  # it decodes too
+        if mode == "unified":  # it decodes too, and swaps out and in
             pub += [*_kv(units, (UNIT_POOL,), ("alloc",)), *decode_pub]
+            pub += _kv(units, (HOST_POOL,), ("alloc", "release", "storage"))
             sub += decode_sub
     elif role == "decode_worker":
         own = (DECODE_POOL,) if mode == "disagg" else (UNIT_POOL,)
         pub += _kv(units, own, ("alloc", "retain", "release", "heartbeat", "storage"))
         pub += _kv(units, (UNIT_POOL,), ("storage",))
+        if mode != "disagg":  # swaps out to the host tier and back
+            pub += _kv(units, (HOST_POOL,), ("alloc", "release", "storage"))
         pub += [*worker_common_pub, *decode_pub]
         sub += [*worker_common_sub, *decode_sub]
     elif role == "ingress":

@@ -77,6 +77,10 @@ class ServingSettings(CommonSettings):
 
     mode: Mode = "semi-pd"  # DUET_MODE; unset or `auto`: see serving_config.choose
     dtype: Dtype = "float32"  # DUET_DTYPE; likewise
+    # DUET_HOST_KV_MB: the host tier's size in MiB (kv.HOST_POOL: KV blocks in a host memory
+    # region of their own, which preempted requests' KV is swapped to and back from); 0: no
+    # host tier, and preemption recomputes.
+    host_kv_mb: float = Field(0.0, ge=0)
     # Why `auto` became what it did (filled in when parsing; None when both were set by hand).
     auto_choice: str | None = Field(default=None, exclude=True)
 

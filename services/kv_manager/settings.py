@@ -29,9 +29,6 @@ class KVManagerSettings(ServingSettings):
     cuda_device: int = Field(0, ge=0)
     region: str | None = None  # the /dev/shm name on the CPU; see region_name
     decode_pool_share: float = Field(0.5, gt=0, lt=1)  # disagg: the decode pool's blocks
-    # The host tier (kv.HOST_POOL), in MiB: KV blocks of the same shape in a host memory
-    # region of their own (/dev/shm), for KV swapped out of the device pool; 0: none.
-    host_kv_mb: float = Field(0.0, ge=0)
     # On the CPU: keep the linear weights in oneDNN's packed layout (runtime/layers/prepack.py),
     # 1.2-3x faster matmuls; false keeps the plain layout (for comparisons).
     prepack_weights: bool = True

@@ -63,6 +63,27 @@ ROLL_CALL_FRESH_S = 3 * workers.ROLL_CALL_S
 ROLL_CALL_MISSING_S = 2 * workers.ROLL_CALL_S
 
 
+# Until a swap is measured: a copy of the KV of one token one way (SmolLM2 in bfloat16 holds
+# 23 KB a token; host memory copies it at ~10 GB/s here, loadtest/swap_copy.py).
+SWAP_S_PER_TOKEN_PRIOR = 2.5e-6
+
+
+@dataclass(slots=True)
+class SwapStats:
+    """Preemptions by swap: how many, and what a swap costs per token (what the decode
+    workers reported, a moving average)."""
+
+    swapped_out: int = 0
+    swapped_in: int = 0
+    failed: int = 0  # swap-ins that did not come back (recomputed)
+    s_per_token: float = SWAP_S_PER_TOKEN_PRIOR
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        self.swapped_out += 1
+        if tokens > 0 and seconds > 0:
+            self.s_per_token = 0.8 * self.s_per_token + 0.2 * seconds / tokens
+
+
 @dataclass(slots=True)
 class BatchOut:
     """A prefill batch sent and not settled yet."""
@@ -133,6 +154,9 @@ class SchedulerCore:
         self._last_answer_at = 0.0  # monotonic: when the last batch settled was answered
         self._prefill_s_per_token: float | None = None  # the slowest recent batch's
         self.policy_preemptions = 0  # decoding requests the policy preempted
+        # The unit has a host tier: preemption may swap KV out to it (`swap_owners`).
+        self.host_tier = False
+        self.swaps = SwapStats()
         self._logged_cap: int | None = None
         self._cap_logged_at = -CAP_LOG_S
 
@@ -231,6 +255,9 @@ class SchedulerCore:
         if not plan.admit and self.view.waiting and await self._reclaim_for_waiting(now):
             return True, some_rejected
         admitted = {a.request_id for a in plan.admit if await self._admit(a)}
+        swapped_in = [r for a in admitted if (r := self.records.get(a)) is not None and r.swapped]
+        if swapped_in:  # straight to decode, its KV copied back there
+            await self._hand_off(swapped_in)
         # Planned again: an admission that hit the prefix cache starts past the cached tokens,
         # and a chunk planned from before it would recompute them and overshoot the prompt.
         prefill = self.planner.prefill_chunks(self.view, now, decode_tokens)
@@ -279,7 +306,10 @@ class SchedulerCore:
             return
         logger.info("preempting for the policy", extra={"victims": decoding})
         self.policy_preemptions += len(decoding)
-        control = workers.DecodeControl(workers.ControlKind.PREEMPT, tuple(decoding))
+        ids = tuple(decoding)
+        control = workers.DecodeControl(
+            workers.ControlKind.PREEMPT, ids, swap_owners=self.swap_owners(ids)
+        )
         await self.bus.publish(workers.decode_control_subject(self.unit), encode(control))
 
     def _still_prefilling(self, request_id: str, admitted: set[str]) -> bool:
@@ -298,7 +328,10 @@ class SchedulerCore:
             return await self._admit_traced(record)
 
     async def _admit_traced(self, record: RequestRecord) -> bool:
-        matched = await self._match_prefix(record)
+        if record.swapped:  # its KV comes back from the host tier: no prefix, no prefill
+            matched = cache.PrefixMatch((), 0)
+        else:
+            matched = await self._match_prefix(record)
         needed = self.planner.blocks_for(len(record.kv_token_ids)) - len(matched.block_ids)
         granted = await self._allocate(record.owner, needed)
         if granted is None or self.records.get(record.request_id) is not record:
@@ -307,6 +340,8 @@ class SchedulerCore:
         seq = record.seq
         record.block_table = [*matched.block_ids, *granted]
         seq.num_cached = seq.num_computed = matched.num_tokens
+        if record.swapped:
+            seq.num_computed = seq.prompt_len  # once swapped in
         seq.num_blocks = len(record.block_table)
         seq.phase = Phase.PREFILLING
         self.view.waiting.remove(seq)
@@ -617,6 +652,7 @@ class SchedulerCore:
                 r.sampling_state(),
                 r.traceparent,
                 owner=r.owner,
+                host_block_ids=r.swapped,
             )
             for r in records
         )
@@ -653,11 +689,25 @@ class SchedulerCore:
             if refusal is not None and refusal.retry:  # no room yet: it waits, holding its blocks
                 self.handoffs.append(record)
                 continue
+            if refusal is not None and refusal.swap_failed and record.swapped:
+                # Its KV did not come back: recomputed into the blocks it holds.
+                logger.warning(
+                    "swap-in of %s failed (%s): recomputed", record.request_id, refusal.reason
+                )
+                await self.drop_swapped(record)
+                record.seq.num_computed = record.seq.num_cached = 0
+                self.swaps.failed += 1
+                self.wake.set()
+                continue
             reason = refusal.reason if refusal is not None else "no reason"
             await self.fail(record, f"decode refused: {reason}")
 
     async def _handed_off(self, record: RequestRecord) -> None:
         await self.release(record.owner)  # the decode worker holds its own references now
+        if record.swapped:  # copied back by the decode worker before it said yes
+            logger.info("swapped back in %s", record.request_id)
+            await self.drop_swapped(record)
+            self.swaps.swapped_in += 1
         if (
             self.records.get(record.request_id) is not record
             or record.seq.phase != Phase.PREFILLING
@@ -761,11 +811,38 @@ class SchedulerCore:
         self.unlist(record)
 
     async def finish(self, record: RequestRecord) -> None:
-        """Ended while the scheduler held it: give its blocks back."""
+        """Ended while the scheduler held it: give its blocks back (host-tier ones too)."""
         self.forget(record)
         if record.seq.phase != Phase.DECODING:
             await self.release(record.owner)
+        await self.drop_swapped(record)
         self.wake.set()
+
+    async def drop_swapped(self, record: RequestRecord) -> None:
+        """Give back the host-tier blocks holding its swapped-out KV, if any."""
+        if record.swapped:
+            record.swapped = ()
+            await release_blocks(self.bus, self.unit, record.owner, kv.HOST_POOL)
+
+    def swap_owners(self, victims: tuple[str, ...]) -> tuple[str, ...]:
+        """For a PREEMPT of `victims`: the owner to swap each one's KV out under, or "" to
+        recompute it (DecodeControl.swap_owners). The cost rule: a swap copies the KV out and
+        back (twice its bytes at the measured swap rate); recompute prefills it again (at the
+        measured prefill rate). Swap when that is cheaper and the unit has a host tier."""
+        if not self.host_tier:
+            return ()
+        prefill = self.admission.prefill_s_per_token
+        owners = []
+        for victim in victims:
+            record = self.records.get(victim)
+            if record is None:
+                owners.append("")
+                continue
+            tokens = len(record.kv_token_ids)
+            swap_s = 2 * tokens * self.swaps.s_per_token
+            recompute_s = tokens * prefill if prefill is not None else float("inf")
+            owners.append(record.owner if swap_s < recompute_s else "")
+        return tuple(owners)
 
     async def fail(self, record: RequestRecord, reason: str) -> None:
         """Fail a request: the client gets the reason on its stream. A decoding request is the

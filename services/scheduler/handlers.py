@@ -182,6 +182,9 @@ class SchedulerHandlers:
         except ProtoError as err:
             logger.warning("dropped malformed worker events: %s", err)
             return
+        if events.kv_pool == kv.HOST_POOL:
+            await self._host_tier_events(events)
+            return
         if events.free_blocks is not None:
             view = self.core.pool_view(events.kv_pool)
             if view is not None:
@@ -195,6 +198,20 @@ class SchedulerHandlers:
                 self._observe_steps(events.step_s, events.step_batch)
         for event in events.events:
             await self._on_event(event)
+        self.core.wake.set()
+
+    async def _host_tier_events(self, events: workers.WorkerEvents) -> None:
+        """kv_manager on the host tier: the only news is swapped-out KV lost with a lapsed
+        lease (the scheduler's). Those requests are recomputed instead; nothing else of
+        theirs is lost."""
+        for event in events.events:
+            record = self.core.records.get(event.request_id)
+            lost = event.kind == workers.EventKind.LEASES_EXPIRED
+            if lost and record is not None and record.swapped:
+                logger.warning("swapped KV of %s lost: recomputed", record.request_id)
+                record.swapped = ()
+                if record.seq.phase == Phase.PREFILLING:  # admitted: prefill its blocks
+                    record.seq.num_computed = record.seq.num_cached = 0
         self.core.wake.set()
 
     async def _on_event(self, event: workers.WorkerEvent) -> None:
@@ -227,6 +244,15 @@ class SchedulerHandlers:
             if record.seq.phase != Phase.DECODING:  # as above: recomputed into new blocks
                 await self.core.release(record.owner)
             self._requeue(record, event.output_token_ids)
+            if event.host_block_ids:  # its KV waits in the host tier to come back
+                record.swapped = event.host_block_ids
+                self.core.swaps.observe(len(record.kv_token_ids), event.swap_s)
+                logger.info(
+                    "swapped out %s: %d host blocks in %.1f ms",
+                    record.request_id,
+                    len(event.host_block_ids),
+                    1e3 * event.swap_s,
+                )
         elif kind == workers.EventKind.NEEDS_BLOCKS:
             await self._preempt_for(record, event.blocks_needed)
         elif kind == workers.EventKind.LEASES_EXPIRED:
@@ -276,12 +302,16 @@ class SchedulerHandlers:
         for failure in result.fail:
             await self.core.fail(self.core.records[failure.request_id], failure.reason)
         if result.victims:
+            owners = self.core.swap_owners(result.victims)
             logger.info(
-                "preempting by recompute",
+                "preempting by %s",
+                "swap" if any(owners) else "recompute",
                 extra={"victims": list(result.victims), "for": record.request_id},
             )
             self.preemptions += len(result.victims)
-            control = workers.DecodeControl(workers.ControlKind.PREEMPT, result.victims)
+            control = workers.DecodeControl(
+                workers.ControlKind.PREEMPT, result.victims, swap_owners=owners
+            )
             await self.bus.publish(workers.decode_control_subject(self.unit), encode(control))
 
     async def _lost(self, record: RequestRecord, reason: str) -> None:

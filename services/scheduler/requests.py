@@ -26,6 +26,9 @@ class RequestRecord:
     no_worker_since: float | None = None  # monotonic: first found no worker to take it
     decoding_since: float | None = None  # monotonic: handed off to a decode worker
     unlisted_since: float | None = None  # monotonic: decoding, yet in no worker's roll call
+    # Preempted by a swap: the host-tier blocks (held by `owner` in kv.HOST_POOL) holding the
+    # KV of kv_token_ids; it is brought back at its next admission instead of prefilled.
+    swapped: tuple[int, ...] = ()
 
     @property
     def request_id(self) -> str:

@@ -103,6 +103,12 @@ class SchedulerService:
             ),
             critical_task(self.role.keep(), "scheduler-role"),
         ]
+        if s.host_kv_mb > 0 and s.mode != "disagg":
+            # Swapped-out KV waits in the host tier under the scheduler's owners (policy and
+            # memory preemptions swap when that is cheaper than recomputing: core.swap_owners).
+            self.core.host_tier = True
+            host_lease = Lease(bus, s.unit, self.instance, s.heartbeat_interval_s, kv.HOST_POOL)
+            self._tasks.append(critical_task(host_lease.keep(), "scheduler-host-lease"))
         await serve_health(bus, SERVICE, self.instance, lambda: self.status)
         self.status = HealthStatus.READY
         logger.info(

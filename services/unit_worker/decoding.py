@@ -13,13 +13,13 @@ from nats.aio.subscription import Subscription
 from duetserve.common.lifecycle import cancel_tasks, critical_task
 from duetserve.common.nats_bus import Bus
 from duetserve.common.token_outbox import TokenOutbox
-from duetserve.common.unit_client import Lease, LeaseLost
+from duetserve.common.unit_client import Lease, LeaseLost, fetch_storage
 from duetserve.proto import kv, workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
 from duetserve.runtime.kv_pool import KVPool
 from duetserve.services.unit_worker.compute import WorkerCompute
-from duetserve.services.unit_worker.model_host import ModelHost
+from duetserve.services.unit_worker.model_host import MappedPool, ModelHost, map_pool
 from duetserve.services.unit_worker.settings import UnitWorkerSettings
 from duetserve.services.unit_worker.stepper import DecodeStepper
 
@@ -53,9 +53,17 @@ class Decoding:
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._admissions: Subscription | None = None
+        self.compute = compute
+        self.host_tier: MappedPool | None = None
 
     async def start(self) -> None:
         s = self.settings
+        if s.host_kv_mb > 0 and self.pool == kv.UNIT_POOL:
+            # Preempted requests' KV goes to the host tier and comes back from it (swaps).
+            # disagg mode keeps recomputing: its KV already moves between two pools.
+            description = await fetch_storage(self.bus, s.unit, self.holder, kv.HOST_POOL)
+            self.host_tier = await self.compute.run(map_pool, description)
+            self.stepper.host_tier = self.host_tier.pool
         await self.outbox.start()
         self._admissions = await self.bus.subscribe(
             workers.decode_admit_subject(s.unit), self.on_admit, queue=QUEUE
@@ -128,5 +136,10 @@ class Decoding:
     async def stop(self) -> None:
         """Stop the loop and the heartbeat, give back every block still held."""
         await cancel_tasks(self._tasks)
+        await self.stepper.finish_swaps()
         await self.stepper.release_all("the decode worker stopped before the request finished")
         self.stepper.step_log.close()
+        if self.host_tier is not None:
+            self.stepper.host_tier = None
+            self.host_tier.close()
+            self.host_tier = None

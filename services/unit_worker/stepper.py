@@ -94,6 +94,10 @@ class DecodeStepper:
         self._step_ends: deque[float] = deque(maxlen=STEP_TIME_STEPS)
         self._step_batches: deque[int] = deque(maxlen=STEP_TIME_STEPS)  # requests in each
         self.step_log = StepLog(settings.step_log_dir, "decode")
+        # The unit's host tier, mapped (None: none, or disagg mode): preemption may swap KV
+        # out to it, and an admission bring it back (`_swap_out`, `_swap_in`).
+        self.host_tier: KVPool | None = None
+        self._swaps: set[asyncio.Task[None]] = set()
 
     async def prefill(self, batch: workers.PrefillBatch) -> PrefillOutput:
         """Unified mode: compute this batch in the next step, beside the decoding requests."""
@@ -149,6 +153,9 @@ class DecodeStepper:
                 refusal = await self._retain(request_id, retain)
                 if refusal is not None:
                     return refusal
+                if item.host_block_ids and (why := await self._swap_in(item, block_table)):
+                    await release_blocks(self.bus, self.unit, owner, self.pool)
+                    return workers.Refusal(request_id, why, swap_failed=True)
             else:
                 taken = await self._copy_in(owner, item)
                 if isinstance(taken, workers.Refusal):
@@ -260,15 +267,80 @@ class DecodeStepper:
     async def _apply_controls(self) -> None:
         controls, self._controls = self._controls, []
         for control in controls:
-            for request_id in control.request_ids:
+            owners = control.swap_owners or ("",) * len(control.request_ids)
+            for request_id, swap_owner in zip(control.request_ids, owners, strict=True):
                 resident = self.residents.pop(request_id, None)
                 if resident is None:
                     continue
-                await self._release(resident)
-                if control.kind == workers.ControlKind.PREEMPT:
-                    await self._events((resident.preempted_event(),))
-                else:
+                if control.kind != workers.ControlKind.PREEMPT:
+                    await self._release(resident)
                     await self._end_stream(resident, control.finish_reason, control.error)
+                    continue
+                if swap_owner and self.host_tier is not None:
+                    # Copied on a thread of its own while the next steps run (FastSwitch): its
+                    # blocks go back, and the scheduler hears, once the copy is done.
+                    swap = asyncio.create_task(self._preempt_by_swap(resident, swap_owner))
+                    self._swaps.add(swap)
+                    swap.add_done_callback(self._swaps.discard)
+                    continue
+                await self._release(resident)
+                await self._events((resident.preempted_event(),))
+
+    async def _preempt_by_swap(self, resident: Resident, owner: str) -> None:
+        event = await self._swap_out(resident, owner) or resident.preempted_event()
+        await self._release(resident)
+        await self._events((event,))
+
+    async def finish_swaps(self) -> None:
+        """Wait for the swap-outs under way (each ends by releasing and reporting)."""
+        if self._swaps:
+            await asyncio.gather(*self._swaps, return_exceptions=True)
+
+    async def _swap_out(self, resident: Resident, owner: str) -> workers.WorkerEvent | None:
+        """Copy the request's KV into host-tier blocks taken for `owner` (the scheduler's),
+        before its own blocks go back; the PREEMPTED event that says where it is. None when
+        it cannot (no host tier, no room there, a failed copy): it is recomputed instead."""
+        tier = self.host_tier
+        if tier is None or resident.num_computed <= 0:
+            return None
+        count = -(-resident.num_computed // self.host.pool.block_size)
+        granted = await self._allocate(owner, count, kv.HOST_POOL)
+        if not granted:
+            return None
+        try:
+            copied = await asyncio.to_thread(
+                copy_blocks, self.host.pool, tier, resident.block_table[:count], granted
+            )
+        except (TransferError, RuntimeError) as err:
+            logger.warning(
+                "swap-out of %s failed, recomputed instead: %s", resident.request_id, err
+            )
+            await release_blocks(self.bus, self.unit, owner, kv.HOST_POOL)
+            return None
+        return workers.WorkerEvent(
+            workers.EventKind.PREEMPTED,
+            resident.request_id,
+            output_token_ids=tuple(resident.output),
+            host_block_ids=tuple(granted),
+            swap_s=copied.seconds,
+        )
+
+    async def _swap_in(self, item: workers.DecodeItem, block_table: list[int]) -> str | None:
+        """Fill the request's first blocks from the host tier (its swapped-out KV); why not,
+        or None once done. The scheduler releases the host blocks after the admission."""
+        tier = self.host_tier
+        if tier is None:
+            return "this decode worker has no host tier"
+        count = len(item.host_block_ids)
+        if count > len(block_table):
+            return f"{count} swapped blocks for a table of {len(block_table)}"
+        try:
+            await self.compute.run(
+                copy_blocks, tier, self.host.pool, item.host_block_ids, block_table[:count]
+            )
+        except (TransferError, RuntimeError) as err:
+            return f"swap-in failed: {err}"
+        return None
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -419,10 +491,12 @@ class DecodeStepper:
 
     # --- kv_manager and the scheduler -----------------------------------------------------
 
-    async def _allocate(self, owner: str, count: int) -> list[int]:
+    async def _allocate(self, owner: str, count: int, pool: str | None = None) -> list[int]:
+        """`count` blocks of this worker's pool (or of `pool`) for `owner`; [] when refused."""
+        target = self.pool if pool is None else pool
         try:
             reply = await self.bus.request(
-                subjects.kv(self.unit, "alloc", self.pool), encode(kv.AllocateBlocks(owner, count))
+                subjects.kv(self.unit, "alloc", target), encode(kv.AllocateBlocks(owner, count))
             )
             answer = decode(reply.data, kv.BlocksGranted, ErrorReply)
         except (BusTimeout, ProtoError) as err:
@@ -430,7 +504,8 @@ class DecodeStepper:
             return []
         if isinstance(answer, ErrorReply):
             return []
-        self._free_blocks = answer.num_free
+        if target == self.pool:
+            self._free_blocks = answer.num_free
         return list(answer.block_ids)
 
     async def _release(self, resident: Resident) -> None:

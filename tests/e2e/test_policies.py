@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import pytest
 
+from duetserve.proto import kv
 from tests.conftest import ModelDirs
 from tests.e2e.conftest import alone_outputs, start_stack, stop_stack
+from tests.e2e.kv_probe import allocated_blocks, kv_stats
 from tests.model_specs import TINY
 
 LONG_TOKENS = 1500  # seconds of decoding on `tiny`: the short ones arrive while it runs
@@ -21,13 +24,22 @@ HOPELESS = {"kind": "deadline", "deadline_ms": 50}
 LOOSE = {"kind": "latency", "ttft_ms": 60_000, "tpot_ms": 10_000}
 
 
+@pytest.mark.parametrize("host_kv_mb", ["0", "16"], ids=["recompute", "swap"])
 def test_jitserve_preempts_hopeless_answers_for_ones_that_can_still_make_it(
-    model_dirs: ModelDirs, tmp_path: Path
+    model_dirs: ModelDirs, tmp_path: Path, host_kv_mb: str
 ) -> None:
+    """With a host tier, the preempted answers' KV is swapped out and back instead of
+    recomputed (FastSwitch), with the same outputs, and every block of both tiers returns."""
     model_dir = model_dirs.get(TINY)
     longs = ["Story 0: once upon a time", "Story 1: once upon a time"]
     shorts = [f"Note {i}: remember the" for i in range(4)]
-    stack = start_stack(model_dir, tmp_path, DUET_POLICY="jitserve", DUET_MAX_RUNNING="2")
+    stack = start_stack(
+        model_dir,
+        tmp_path,
+        DUET_POLICY="jitserve",
+        DUET_MAX_RUNNING="2",
+        DUET_HOST_KV_MB=host_kv_mb,
+    )
     try:
         api = openai.AsyncOpenAI(base_url=stack.base_url, api_key="x", max_retries=0, timeout=120)
         finished: dict[str, float] = {}
@@ -55,6 +67,11 @@ def test_jitserve_preempts_hopeless_answers_for_ones_that_can_still_make_it(
                 await api.close()
 
         answers = asyncio.run(run())
+        held = asyncio.run(allocated_blocks(stack.nats_url, settle_s=5.0))
+        assert all(h.startswith("cache_index") for h in held), held
+        if host_kv_mb != "0":
+            host = asyncio.run(kv_stats(stack.nats_url, pool=kv.HOST_POOL))
+            assert host.num_free == host.num_total, host.references_by_holder
     finally:
         assert stop_stack(stack) == 0
     alone = alone_outputs(model_dir, longs, LONG_TOKENS, TEMPERATURE)
@@ -65,6 +82,8 @@ def test_jitserve_preempts_hopeless_answers_for_ones_that_can_still_make_it(
     assert verdicts == [False, False, True, True, True, True]
     log = (stack.var_dir / "logs" / "scheduler.log").read_text()
     assert "preempting for the policy" in log and "policy jitserve" in log
+    swapped = "swapped out" in log and "swapped back in" in log
+    assert swapped == (host_kv_mb != "0"), log[-3000:]
 
 
 FAIR_TOKENS = 300  # about a second of decoding on `tiny`, two at a time
