@@ -68,6 +68,17 @@ ROLL_CALL_MISSING_S = 2 * workers.ROLL_CALL_S
 SWAP_S_PER_TOKEN_PRIOR = 2.5e-6
 
 
+def prefer_swap(tokens: int, swap_s_per_token: float, prefill_s_per_token: float | None) -> bool:
+    """Swap a preempted request's KV (out now, back later: twice the copy) rather than
+    recompute it (prefill its tokens again), when that costs less. Before any prefill is
+    measured, swap: a copy of a token's KV is far cheaper than computing it on every backend."""
+    if tokens <= 0:
+        return False
+    if prefill_s_per_token is None:
+        return True
+    return 2 * tokens * swap_s_per_token < tokens * prefill_s_per_token
+
+
 @dataclass(slots=True)
 class SwapStats:
     """Preemptions by swap: how many, and what a swap costs per token (what the decode
@@ -838,10 +849,8 @@ class SchedulerCore:
             if record is None:
                 owners.append("")
                 continue
-            tokens = len(record.kv_token_ids)
-            swap_s = 2 * tokens * self.swaps.s_per_token
-            recompute_s = tokens * prefill if prefill is not None else float("inf")
-            owners.append(record.owner if swap_s < recompute_s else "")
+            swap = prefer_swap(len(record.kv_token_ids), self.swaps.s_per_token, prefill)
+            owners.append(record.owner if swap else "")
         return tuple(owners)
 
     async def fail(self, record: RequestRecord, reason: str) -> None:
