@@ -305,7 +305,8 @@ class DecodeStepper:
             return None
         count = -(-resident.num_computed // self.host.pool.block_size)
         granted = await self._allocate(owner, count, kv.HOST_POOL)
-        if not granted:
+        if not granted:  # refused, or unanswered: what a lost answer granted goes back
+            await release_blocks(self.bus, self.unit, owner, kv.HOST_POOL)
             return None
         try:
             copied = await asyncio.to_thread(
