@@ -62,6 +62,7 @@ class FairnessRun:
     ratio: float
     seconds: float
     max_tokens: int
+    max_running: int = 256
     modes: dict[str, dict[str, TenantRun]] = field(default_factory=dict)
 
 
@@ -144,6 +145,7 @@ def run(args: argparse.Namespace) -> FairnessRun:
         ratio=args.ratio,
         seconds=args.seconds,
         max_tokens=args.max_tokens,
+        max_running=args.max_running,
     )
     specs = workloads(args)
     for mode in args.modes:
@@ -151,6 +153,7 @@ def run(args: argparse.Namespace) -> FairnessRun:
             "DUET_MODEL": str(args.model.resolve()),
             "DUET_FAIRNESS": mode,
             "DUET_API_KEYS": ",".join(f"key-{t}:{t}" for t in TENANTS),
+            "DUET_MAX_RUNNING": str(args.max_running),
         }
         with serving(env, args.var_dir / mode, args.port, args.ready_timeout_s) as url:
             started = time.monotonic()
@@ -195,7 +198,8 @@ def report(run: FairnessRun) -> str:
         f"Measured {run.started} on {run.machine}; {run.model}. The heavy tenant sends "
         f"{run.heavy_rate:g} req/s, the light one {run.heavy_rate / run.ratio:g} req/s "
         f"({run.ratio:g}:1), for {run.seconds:g} s (Poisson; held-out ShareGPT questions, chat, "
-        f"max_tokens {run.max_tokens}, answers ending at EOS; FCFS within a tenant). Service: "
+        f"max_tokens {run.max_tokens}, answers ending at EOS; at most {run.max_running} "
+        f"running at once, the rest queued; FCFS within a tenant). Service: "
         f"prompt tokens x {PROMPT_WEIGHT:g} + output tokens x {OUTPUT_WEIGHT:g}. "
         f"Command: `{run.command}`."
     )
@@ -230,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     go.add_argument("--ratio", type=float, default=10.0)
     go.add_argument("--seconds", type=float, default=40.0)
     go.add_argument("--max-tokens", type=int, default=256)
+    # Requests that run at once (vLLM's max_num_seqs): beyond it they queue, and the order
+    # they leave the queue in is what fairness decides.
+    go.add_argument("--max-running", type=int, default=16)
     go.add_argument("--seed", type=int, default=0)
     go.add_argument("--port", type=int, default=8322)
     go.add_argument("--var-dir", type=Path, default=Path("/tmp/duet-fairness"))

@@ -235,6 +235,34 @@ def report(run: PolicyRun) -> str:
     return intro + "\n\n" + "\n".join(lines)
 
 
+def plot_goodput(
+    curves: dict[str, list[tuple[float, float, float]]], path: Path, title: str
+) -> Path:
+    """Goodput (requests per second that met their SLO) and attainment against the offered
+    rate, one line per policy; `curves`: policy -> [(rate, goodput, attainment)]."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4))
+    FigureCanvasAgg(figure)
+    goodput, attainment = figure.subplots(1, 2)
+    for policy, points in curves.items():
+        rates = [p[0] for p in points]
+        goodput.plot(rates, [p[1] for p in points], marker="o", label=policy)
+        attainment.plot(rates, [100 * p[2] for p in points], marker="o", label=policy)
+    goodput.set_ylabel("goodput (req/s within SLO)")
+    attainment.set_ylabel("SLO attainment (%)")
+    for axes in (goodput, attainment):
+        axes.set_xlabel("offered rate (req/s)")
+        axes.grid(alpha=0.3)
+    goodput.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -256,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     show = sub.add_parser("report")
     show.add_argument("json", type=Path)
     show.add_argument("--write", type=Path, default=None)
+    show.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.command == "run":
         args.argv = sys.argv[1:] if argv is None else argv
@@ -266,6 +295,13 @@ def main(argv: list[str] | None = None) -> None:
         data = json.loads(args.json.read_text())
         policies = {k: [Point(**p) for p in v] for k, v in data.pop("policies").items()}
         text = report(PolicyRun(**data, policies=policies))
+        if args.plot is not None:
+            curves = {
+                k: [(p.rate, p.goodput, p.attainment) for p in v] for k, v in policies.items()
+            }
+            plot_goodput(curves, args.plot, f"Policies live: {data['model']}, {data['machine']}")
+            where = args.write.parent if args.write is not None else Path.cwd()
+            text += f"\n\n![goodput against rate]({os.path.relpath(args.plot, where)})"
         if args.write is not None:
             write_section(args.write, "policies", "Scheduling policies on mixed SLO kinds", text)
     print(text)

@@ -165,11 +165,19 @@ def policies(args: argparse.Namespace) -> None:
     unknown = set(args.policies) - set(sim_policies.VARIANTS)
     if unknown:
         raise SystemExit(f"unknown policies {sorted(unknown)}: of {list(sim_policies.VARIANTS)}")
-    run = sim_policies.run(args, profile, profile.kv_blocks(PlannerConfig().block_size))
+    if args.from_json is None and not args.rates:
+        raise SystemExit("policies: give --rates (or --from-json with a run written before)")
+    if args.from_json is not None:
+        run = sim_policies.read(args.from_json)
+    else:
+        run = sim_policies.run(args, profile, profile.kv_blocks(PlannerConfig().block_size))
     print(sim_policies.report(run))
     if args.out is not None:
         sim_policies.write(run, args.out)
         print(f"wrote {args.out}")
+    if args.plot is not None:
+        sim_policies.plot(run, args.plot)
+        print(f"wrote {args.plot}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ranked.add_argument("--units", type=int, default=64)
     ranked.add_argument(
-        "--rates", type=_floats, required=True, help="cluster request rates, comma-separated"
+        "--rates", type=_floats, default=[], help="cluster request rates, comma-separated"
     )
     ranked.add_argument("--requests", type=int, default=4000, help="per rate")
     ranked.add_argument(
@@ -257,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     ranked.add_argument("--group-deadline-ms", type=float, default=20_000.0)
     ranked.add_argument("--seed", type=int, default=0)
     ranked.add_argument("--out", type=Path)
+    ranked.add_argument("--plot", type=Path, help="goodput against rate, one line a policy")
+    ranked.add_argument(
+        "--from-json", type=Path, help="report (and plot) a run written before, run nothing"
+    )
     ranked.set_defaults(handler=policies)
     return parser
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from duetserve.common.lengths import LengthPredictor
-from duetserve.loadtest.policies import Point, point, slo_workload
+from duetserve.loadtest.policies import Point, plot_goodput, point, slo_workload
 from duetserve.loadtest.sim.cost import CostModel
 from duetserve.loadtest.sim.engine import run_simulation
 from duetserve.loadtest.sim.unit import Mode
@@ -157,3 +157,21 @@ def report(run: SimPolicyRun) -> str:
 def write(run: SimPolicyRun, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(asdict(run), indent=1) + "\n")
+
+
+def read(path: Path) -> SimPolicyRun:
+    data = json.loads(path.read_text())
+    policies = {
+        name: [SimPoint(**{**p, "point": Point(**p["point"])}) for p in points]
+        for name, points in data.pop("policies").items()
+    }
+    return SimPolicyRun(**data, policies=policies)
+
+
+def plot(run: SimPolicyRun, path: Path) -> Path:
+    curves = {
+        name: [(p.point.rate, p.point.goodput, p.point.attainment) for p in points]
+        for name, points in run.policies.items()
+    }
+    title = f"Policies simulated: {run.units} units, {run.profile}, {run.mode}"
+    return plot_goodput(curves, path, title)
