@@ -832,7 +832,7 @@ class SchedulerCore:
     async def drop_swapped(self, record: RequestRecord) -> None:
         """Give back the host-tier blocks holding its swapped-out KV, if any."""
         if record.swapped:
-            record.swapped = ()
+            record.swapped, record.seq.swapped = (), False
             await release_blocks(self.bus, self.unit, record.owner, kv.HOST_POOL)
 
     def swap_owners(self, victims: tuple[str, ...]) -> tuple[str, ...]:

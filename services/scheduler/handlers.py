@@ -209,7 +209,7 @@ class SchedulerHandlers:
             lost = event.kind == workers.EventKind.LEASES_EXPIRED
             if lost and record is not None and record.swapped:
                 logger.warning("swapped KV of %s lost: recomputed", record.request_id)
-                record.swapped = ()
+                record.swapped, record.seq.swapped = (), False
                 if record.seq.phase == Phase.PREFILLING:  # admitted: prefill its blocks
                     record.seq.num_computed = record.seq.num_cached = 0
         self.core.wake.set()
@@ -246,6 +246,7 @@ class SchedulerHandlers:
             self._requeue(record, event.output_token_ids)
             if event.host_block_ids:  # its KV waits in the host tier to come back
                 record.swapped = event.host_block_ids
+                record.seq.swapped = True
                 self.core.swaps.observe(len(record.kv_token_ids), event.swap_s)
                 logger.info(
                     "swapped out %s: %d host blocks in %.1f ms",

@@ -122,7 +122,10 @@ class Planner:
                 reject.append(Rejection(seq.request_id, self._too_long(seq, unit)))
                 continue
             needed = self._new_blocks(seq)
-            if needed > free:
+            # A swapped request decodes at once: it comes back only with a block to spare for
+            # each decoding request, or its first steps would preempt another (a thrash).
+            spare = len(unit.decoding) if seq.swapped else 0
+            if needed + spare > free:
                 if skip:
                     continue
                 break

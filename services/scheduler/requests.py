@@ -62,6 +62,7 @@ class RequestRecord:
         seq.num_output = len(output_token_ids)
         seq.num_cached = seq.num_computed = seq.num_blocks = 0
         seq.phase = Phase.WAITING
+        seq.swapped = False  # until its PREEMPTED event says its KV went to the host tier
         seq.in_flight = False  # a batch still out with it is for its old blocks (see _settle)
         seq.num_preemptions += 1
 

@@ -48,6 +48,8 @@ class SeqState:
     output_bound: int | None = None
     targets: SloTargets | None = None  # None: no SLO (the simulator's plain requests)
     tenant: str = ""  # whose service it counts as (fairness: policy/fairness.py)
+    # Preempted by a swap: its KV waits in the host tier, and comes back without a prefill.
+    swapped: bool = False
 
     @property
     def num_uncomputed(self) -> int:
