@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -306,17 +307,31 @@ class SchedulerCore:
             return None
         return Rates(step_s, per_token, self.admission.steps.line())
 
+    def mark_preempting(self, victims: Iterable[str]) -> None:
+        """A PREEMPT is on its way to these: no victim twice, their blocks as good as free,
+        until the PREEMPTED event (or, if the control was lost, a roll call that still lists
+        them ROLL_CALL_FRESH_S later: `roll_call`)."""
+        now = time.monotonic()
+        for victim in victims:
+            record = self.records.get(victim)
+            if record is not None:
+                record.seq.preempting = True
+                record.preempt_sent_at = now
+
     async def _preempt_for_policy(self, victims: tuple[str, ...]) -> None:
         """Decoding requests the policy wants out (to run better ones): the decode worker
         stops them and reports how far each got; they come back as PREEMPTED events and wait
         to be recomputed, as after a memory preemption."""
         decoding = [
-            v for v in victims if (r := self.records.get(v)) and r.seq.phase == Phase.DECODING
+            v
+            for v in victims
+            if (r := self.records.get(v)) and r.seq.phase == Phase.DECODING and not r.seq.preempting
         ]
         if not decoding:
             return
         logger.info("preempting for the policy", extra={"victims": decoding})
         self.policy_preemptions += len(decoding)
+        self.mark_preempting(decoding)
         ids = tuple(decoding)
         control = workers.DecodeControl(
             workers.ControlKind.PREEMPT, ids, swap_owners=self.swap_owners(ids)
@@ -747,6 +762,13 @@ class SchedulerCore:
         for record in list(self.records.values()):
             if record.seq.phase != Phase.DECODING or record.decoding_since is None:
                 continue
+            sent = record.preempt_sent_at
+            if (
+                record.request_id in resident
+                and sent is not None
+                and now - sent > ROLL_CALL_FRESH_S
+            ):
+                record.seq.preempting, record.preempt_sent_at = False, None  # the PREEMPT was lost
             if record.request_id in listed or now - record.decoding_since < ROLL_CALL_FRESH_S:
                 record.unlisted_since = None
                 continue

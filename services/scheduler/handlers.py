@@ -310,6 +310,7 @@ class SchedulerHandlers:
                 extra={"victims": list(result.victims), "for": record.request_id},
             )
             self.preemptions += len(result.victims)
+            self.core.mark_preempting(result.victims)
             control = workers.DecodeControl(
                 workers.ControlKind.PREEMPT, result.victims, swap_owners=owners
             )

@@ -186,9 +186,13 @@ class Planner:
                 f"sequence of {length} tokens outgrew the KV pool of {unit.total_blocks} blocks"
             )
             return Preemption((), (Rejection(requester.request_id, reason),))
-        free = unit.free_blocks
+        # Blocks of requests already told to stop come back soon: count them, pick no one
+        # twice (the requester asks again while it waits).
+        stopping = [seq for seq in unit.decoding if seq.preempting]
+        free = unit.free_blocks + sum(seq.num_blocks for seq in stopping)
         victims: list[str] = []
-        for seq in self.policy.preemption_order(unit.decoding, now):
+        running = [seq for seq in unit.decoding if not seq.preempting]
+        for seq in self.policy.preemption_order(running, now):
             if free >= blocks_needed:
                 break
             victims.append(seq.request_id)

@@ -29,6 +29,7 @@ class RequestRecord:
     # Preempted by a swap: the host-tier blocks (held by `owner` in kv.HOST_POOL) holding the
     # KV of kv_token_ids; it is brought back at its next admission instead of prefilled.
     swapped: tuple[int, ...] = ()
+    preempt_sent_at: float | None = None  # monotonic: a PREEMPT went out (SeqState.preempting)
 
     @property
     def request_id(self) -> str:
@@ -63,6 +64,7 @@ class RequestRecord:
         seq.num_cached = seq.num_computed = seq.num_blocks = 0
         seq.phase = Phase.WAITING
         seq.swapped = False  # until its PREEMPTED event says its KV went to the host tier
+        seq.preempting, self.preempt_sent_at = False, None
         seq.in_flight = False  # a batch still out with it is for its old blocks (see _settle)
         seq.num_preemptions += 1
 

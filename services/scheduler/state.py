@@ -50,6 +50,9 @@ class SeqState:
     tenant: str = ""  # whose service it counts as (fairness: policy/fairness.py)
     # Preempted by a swap: its KV waits in the host tier, and comes back without a prefill.
     swapped: bool = False
+    # Told to stop (PREEMPT sent), not heard back yet: not a victim again, and its blocks are
+    # as good as free (a swap releases them only once its copy is done).
+    preempting: bool = False
 
     @property
     def num_uncomputed(self) -> int:
