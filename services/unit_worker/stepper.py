@@ -335,8 +335,10 @@ class DecodeStepper:
         count = len(item.host_block_ids)
         if count > len(block_table):
             return f"{count} swapped blocks for a table of {len(block_table)}"
-        try:
-            await self.compute.run(
+        try:  # on a thread of its own: the blocks are new to this request, no step reads
+            # them yet, and waiting for the model thread would hold the scheduler's loop for a
+            # whole step (a mixed one: up to a second on a CPU)
+            await asyncio.to_thread(
                 copy_blocks, tier, self.host.pool, item.host_block_ids, block_table[:count]
             )
         except (TransferError, RuntimeError) as err:
