@@ -120,10 +120,12 @@ class DecodeItem:
     # scheduler gave up on it (its hand-off timed out) is refused, never writes blocks that
     # were freed and handed to another request meanwhile.
     owner: str = ""
-    # Swapped out on preemption: block_table's first len(host_block_ids) blocks are to be
-    # filled from these blocks of the host tier (kv.HOST_POOL, held by `owner` too) before
-    # it decodes on; nothing is prefilled.
+    # Swapped out on preemption: block_table[host_start:host_start + len(host_block_ids)] is
+    # to be filled from these blocks of the host tier (kv.HOST_POOL, held by `owner` too)
+    # before it decodes on (the blocks before host_start came from the prefix cache); nothing
+    # is prefilled.
     host_block_ids: tuple[int, ...] = ()
+    host_start: int = 0
 
 
 @message("decode.admit")

@@ -354,10 +354,9 @@ class SchedulerCore:
             return await self._admit_traced(record)
 
     async def _admit_traced(self, record: RequestRecord) -> bool:
-        if record.swapped:  # its KV comes back from the host tier: no prefix, no prefill
-            matched = cache.PrefixMatch((), 0)
-        else:
-            matched = await self._match_prefix(record)
+        # A swapped request's KV comes back from the host tier, past what the prefix cache
+        # still holds of it (whole blocks: the same KV, computed by the same prefill).
+        matched = await self._match_prefix(record)
         needed = self.planner.blocks_for(len(record.kv_token_ids)) - len(matched.block_ids)
         granted = await self._allocate(record.owner, needed)
         if granted is None or self.records.get(record.request_id) is not record:
@@ -373,6 +372,13 @@ class SchedulerCore:
         self.view.waiting.remove(seq)
         self.view.prefilling.append(seq)
         return True
+
+    def _cached_blocks(self, record: RequestRecord) -> int:
+        """Blocks at the start of its table the prefix cache gave it (a swapped request's
+        KV is copied back only after them)."""
+        if not record.swapped:
+            return 0
+        return min(record.seq.num_cached // self.planner.config.block_size, len(record.swapped))
 
     async def _match_prefix(self, record: RequestRecord) -> cache.PrefixMatch:
         query = cache.PrefixMatchQuery(
@@ -678,7 +684,8 @@ class SchedulerCore:
                 r.sampling_state(),
                 r.traceparent,
                 owner=r.owner,
-                host_block_ids=r.swapped,
+                host_block_ids=r.swapped[self._cached_blocks(r) :],
+                host_start=self._cached_blocks(r),
             )
             for r in records
         )

@@ -332,15 +332,14 @@ class DecodeStepper:
         tier = self.host_tier
         if tier is None:
             return "this decode worker has no host tier"
-        count = len(item.host_block_ids)
-        if count > len(block_table):
-            return f"{count} swapped blocks for a table of {len(block_table)}"
+        start, count = item.host_start, len(item.host_block_ids)
+        if start < 0 or start + count > len(block_table):
+            return f"{count} swapped blocks from {start} for a table of {len(block_table)}"
+        targets = block_table[start : start + count]
         try:  # on a thread of its own: the blocks are new to this request, no step reads
             # them yet, and waiting for the model thread would hold the scheduler's loop for a
             # whole step (a mixed one: up to a second on a CPU)
-            await asyncio.to_thread(
-                copy_blocks, tier, self.host.pool, item.host_block_ids, block_table[:count]
-            )
+            await asyncio.to_thread(copy_blocks, tier, self.host.pool, item.host_block_ids, targets)
         except (TransferError, RuntimeError) as err:
             return f"swap-in failed: {err}"
         return None
