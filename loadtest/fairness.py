@@ -33,7 +33,7 @@ from duetserve.loadtest.bench_report import write_section
 from duetserve.loadtest.client import run_requests
 from duetserve.loadtest.length_train import held_out
 from duetserve.loadtest.metrics import tpot_ms, ttft_ms
-from duetserve.loadtest.modes_live import serving
+from duetserve.loadtest.modes_live import add_stack_arguments, serving
 from duetserve.loadtest.sharegpt import sharegpt
 from duetserve.loadtest.spec import RequestResult, RequestSpec
 from duetserve.services.scheduler.policy.fairness import OUTPUT_WEIGHT, PROMPT_WEIGHT
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     go = sub.add_parser("run")
-    go.add_argument("--model", type=Path, default=Path("models/SmolLM2-135M-Instruct"))
+    add_stack_arguments(go, port=8322, var_dir="/tmp/duet-fairness", drain_timeout_s=120.0)
     go.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES))
     go.add_argument("--heavy-rate", type=float, default=4.0)
     go.add_argument("--ratio", type=float, default=10.0)
@@ -237,13 +237,6 @@ def main(argv: list[str] | None = None) -> None:
     # Requests that run at once (vLLM's max_num_seqs): beyond it they queue, and the order
     # they leave the queue in is what fairness decides.
     go.add_argument("--max-running", type=int, default=16)
-    go.add_argument("--seed", type=int, default=0)
-    go.add_argument("--port", type=int, default=8322)
-    go.add_argument("--var-dir", type=Path, default=Path("/tmp/duet-fairness"))
-    go.add_argument("--ready-timeout-s", type=float, default=300.0)
-    go.add_argument("--drain-timeout-s", type=float, default=120.0)
-    go.add_argument("--pause-s", type=float, default=3.0)
-    go.add_argument("--out", type=Path, required=True)
     show = sub.add_parser("report")
     show.add_argument("json", type=Path)
     show.add_argument("--write", type=Path, default=None)

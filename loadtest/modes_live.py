@@ -305,6 +305,22 @@ def setup_env(name: str, tight: Slo) -> dict[str, str]:
     return {"DUET_MODE": "semi-pd", "DUET_SPLIT_CONTROL": "static", "DUET_PREFILL_SHARE": split}
 
 
+def add_stack_arguments(
+    parser: argparse.ArgumentParser, port: int, var_dir: str, drain_timeout_s: float
+) -> None:
+    """The options every live benchmark command that starts its own stacks shares: the model,
+    the seed, where the stack listens and keeps its files, how long to wait for it to be
+    ready and for the last answers, the pause between runs, and the JSON to write."""
+    parser.add_argument("--model", type=Path, default=Path("models/SmolLM2-135M-Instruct"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--var-dir", type=Path, default=Path(var_dir))
+    parser.add_argument("--ready-timeout-s", type=float, default=300.0)
+    parser.add_argument("--drain-timeout-s", type=float, default=drain_timeout_s)
+    parser.add_argument("--pause-s", type=float, default=3.0)
+    parser.add_argument("--out", type=Path, required=True)
+
+
 @contextlib.contextmanager
 def serving(env: Mapping[str, str], var_dir: Path, port: int, timeout_s: float) -> Iterator[str]:
     """The stack started by the launcher with `env`; its API base URL until the block ends,

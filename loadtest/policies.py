@@ -34,7 +34,7 @@ from duetserve.loadtest.autotune import token_counter
 from duetserve.loadtest.bench_report import write_section
 from duetserve.loadtest.length_train import held_out
 from duetserve.loadtest.metrics import summarize
-from duetserve.loadtest.modes_live import serving
+from duetserve.loadtest.modes_live import add_stack_arguments, serving
 from duetserve.loadtest.sharegpt import sharegpt
 from duetserve.loadtest.spec import RequestResult, RequestSpec, SloSpec
 from duetserve.loadtest.sweep import Target, measure
@@ -267,20 +267,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     go = sub.add_parser("run")
-    go.add_argument("--model", type=Path, default=Path("models/SmolLM2-135M-Instruct"))
+    add_stack_arguments(go, port=8321, var_dir="/tmp/duet-policies", drain_timeout_s=60.0)
     go.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
     go.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], required=True)
     go.add_argument("--requests", type=int, default=150)
     go.add_argument("--max-tokens", type=int, default=512)
     go.add_argument("--deadline-ms", type=float, default=10_000.0)
     go.add_argument("--group-deadline-ms", type=float, default=20_000.0)
-    go.add_argument("--seed", type=int, default=0)
-    go.add_argument("--port", type=int, default=8321)
-    go.add_argument("--var-dir", type=Path, default=Path("/tmp/duet-policies"))
-    go.add_argument("--ready-timeout-s", type=float, default=300.0)
-    go.add_argument("--drain-timeout-s", type=float, default=60.0)
-    go.add_argument("--pause-s", type=float, default=3.0)
-    go.add_argument("--out", type=Path, required=True)
     show = sub.add_parser("report")
     show.add_argument("json", type=Path)
     show.add_argument("--write", type=Path, default=None)

@@ -32,7 +32,7 @@ from duetserve.loadtest.bench_report import write_section
 from duetserve.loadtest.client import run_requests
 from duetserve.loadtest.length_train import held_out
 from duetserve.loadtest.metrics import tpot_ms, ttft_ms
-from duetserve.loadtest.modes_live import serving
+from duetserve.loadtest.modes_live import add_stack_arguments, serving
 from duetserve.loadtest.sharegpt import sharegpt
 from duetserve.loadtest.spec import RequestSpec
 
@@ -178,20 +178,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     go = sub.add_parser("run")
-    go.add_argument("--model", type=Path, default=Path("models/SmolLM2-135M-Instruct"))
+    add_stack_arguments(go, port=8323, var_dir="/tmp/duet-preemption", drain_timeout_s=180.0)
     go.add_argument("--ways", type=lambda s: s.split(","), default=list(WAYS))
     go.add_argument("--kv-cache-mb", type=float, default=24.0)
     go.add_argument("--host-kv-mb", type=float, default=256.0)
     go.add_argument("--rate", type=float, default=4.0)
     go.add_argument("--requests", type=int, default=120)
     go.add_argument("--max-tokens", type=int, default=256)
-    go.add_argument("--seed", type=int, default=0)
-    go.add_argument("--port", type=int, default=8323)
-    go.add_argument("--var-dir", type=Path, default=Path("/tmp/duet-preemption"))
-    go.add_argument("--ready-timeout-s", type=float, default=300.0)
-    go.add_argument("--drain-timeout-s", type=float, default=180.0)
-    go.add_argument("--pause-s", type=float, default=3.0)
-    go.add_argument("--out", type=Path, required=True)
     show = sub.add_parser("report")
     show.add_argument("json", type=Path)
     show.add_argument("--write", type=Path, default=None)

@@ -198,18 +198,21 @@ class KVManagerService:
         """The host tier: always host memory (/dev/shm), zeroed. On a GPU the workers copy to
         and from it through their mappings; registering those as pinned memory (for copies
         that overlap compute on a stream of their own) is not done yet."""
-        s = self.settings
         storage = CpuSharedStorage.create(region, host_layout(config, pool))
         await asyncio.to_thread(storage.tensors[KV_POOL].zero_)
         logger.info("host tier of %.1f MiB in /dev/shm/%s", storage.layout.nbytes / 2**20, region)
-        description = describe(
+        return storage, self._describe(storage, pool)
+
+    def _describe(self, storage: Storage, pool: PoolGeometry) -> kv.StorageDescription:
+        """What workers need to map `storage` and to know what is in it."""
+        s = self.settings
+        return describe(
             storage.handle(),
             block_size=pool.block_size,
             num_blocks=pool.num_blocks,
             model_dir=str(s.model.resolve()),
             dtype=s.dtype,
         )
-        return storage, description
 
     def _packed_for_cpu(self, config: ModelConfig, weights: Weights, dtype: torch.dtype) -> Weights:
         """The weights with their linear ones packed for oneDNN, when workers will run them on
@@ -248,14 +251,7 @@ class KVManagerService:
         except BaseException:
             storage.close()
             raise
-        description = describe(
-            storage.handle(),
-            block_size=pool.block_size,
-            num_blocks=pool.num_blocks,
-            model_dir=str(s.model.resolve()),
-            dtype=s.dtype,
-        )
-        return storage, description
+        return storage, self._describe(storage, pool)
 
     async def _on_replace(self, msg: Msg) -> None:
         """Start a replacement worker (see proto/compute.py); the reply names its pid."""
