@@ -728,7 +728,7 @@ class SchedulerCore:
                     "swap-in of %s failed (%s): recomputed", record.request_id, refusal.reason
                 )
                 await self.drop_swapped(record)
-                record.seq.num_computed = record.seq.num_cached = 0
+                record.seq.num_computed = record.seq.num_cached  # the cache's blocks stay good
                 self.swaps.failed += 1
                 self.wake.set()
                 continue

@@ -210,8 +210,8 @@ class SchedulerHandlers:
             if lost and record is not None and record.swapped:
                 logger.warning("swapped KV of %s lost: recomputed", record.request_id)
                 record.swapped, record.seq.swapped = (), False
-                if record.seq.phase == Phase.PREFILLING:  # admitted: prefill its blocks
-                    record.seq.num_computed = record.seq.num_cached = 0
+                if record.seq.phase == Phase.PREFILLING:  # admitted: prefill past the cache's
+                    record.seq.num_computed = record.seq.num_cached
         self.core.wake.set()
 
     async def _on_event(self, event: workers.WorkerEvent) -> None:

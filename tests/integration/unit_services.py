@@ -153,7 +153,10 @@ async def running_scheduler(
     """A scheduler (semi-pd, a static split, unless `overrides` say otherwise) over a
     kv_manager and a cache_index of a unit of its own; the unit's name until the block ends.
     Its workers are the test's to play."""
-    async with running_kv_manager(nats_url, model_dir, num_blocks=num_blocks) as kv_manager:
+    host_kv_mb = overrides.get("host_kv_mb", 0.0)  # a host tier: kv_manager serves it
+    async with running_kv_manager(
+        nats_url, model_dir, num_blocks=num_blocks, host_kv_mb=host_kv_mb
+    ) as kv_manager:
         unit = kv_manager.settings.unit
         async with running_cache_index(nats_url, unit):
             options: dict[str, Any] = {"mode": "semi-pd", "split_control": "static"}
