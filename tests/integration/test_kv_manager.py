@@ -230,13 +230,7 @@ async def test_disagg_serves_two_pools_with_their_own_weights_and_allocators(
         assert isinstance(refused, ErrorReply) and refused.code == "out_of_blocks"
         # a holder that stops beating on the decode pool loses its blocks there, and the
         # report says which pool its free count is of
-        events: asyncio.Queue[WorkerEvents] = asyncio.Queue()
-
-        async def on_events(msg: Msg) -> None:
-            events.put_nowait(decode(msg.data, WorkerEvents))
-
-        await bus.subscribe(worker_events_subject(unit), on_events)
-        report = await asyncio.wait_for(events.get(), timeout=3.0)
+        report = await next_report(bus, unit)
         assert report.kv_pool == kv.DECODE_POOL and report.free_blocks == 6
         assert [(e.kind, e.request_id) for e in report.events] == [(EventKind.LEASES_EXPIRED, "r1")]
 
@@ -267,15 +261,23 @@ async def test_the_host_tier_is_a_pool_of_its_own_with_leases(
         assert full.block_ids == tuple(range(12)) and full.num_free == 0
         assert await num_free(bus, unit) == 8
         # Leased like the device pool: a holder that stops beating loses them, and says so.
-        events: asyncio.Queue[WorkerEvents] = asyncio.Queue()
-
-        async def on_events(msg: Msg) -> None:
-            events.put_nowait(decode(msg.data, WorkerEvents))
-
-        await bus.subscribe(worker_events_subject(unit), on_events)
-        report = await asyncio.wait_for(events.get(), timeout=3.0)
+        report = await next_report(bus, unit)
         assert report.kv_pool == kv.HOST_POOL and report.free_blocks == 12
         assert [(e.kind, e.request_id) for e in report.events] == [(EventKind.LEASES_EXPIRED, "r1")]
+
+
+async def next_report(bus: Bus, unit: str, timeout_s: float = 3.0) -> WorkerEvents:
+    """The next WorkerEvents the unit's kv_manager publishes (a lease sweep's report)."""
+    events: asyncio.Queue[WorkerEvents] = asyncio.Queue()
+
+    async def on_events(msg: Msg) -> None:
+        events.put_nowait(decode(msg.data, WorkerEvents))
+
+    subscription = await bus.subscribe(worker_events_subject(unit), on_events)
+    try:
+        return await asyncio.wait_for(events.get(), timeout=timeout_s)
+    finally:
+        await subscription.unsubscribe()
 
 
 def test_disagg_needs_blocks_for_two_pools() -> None:
