@@ -51,7 +51,44 @@ def read_conversations(path: str | Path) -> list[Conversation]:
     return list(_conversations(Path(path).read_text(encoding="utf-8")))
 
 
+def read_dialogues(path: str | Path) -> list[list[Conversation]]:
+    """Every whole record as its exchanges in order: each human turn with the gpt answer
+    that follows it (a record's exchanges stop at the first turn out of that order)."""
+    return [
+        dialogue
+        for record in _records(Path(path).read_text(encoding="utf-8"))
+        if (dialogue := _exchanges(record))
+    ]
+
+
+def _exchanges(record: object) -> list[Conversation]:
+    turns = record.get("conversations") if isinstance(record, dict) else None
+    if not isinstance(turns, list):
+        return []
+    out: list[Conversation] = []
+    expected = "human"
+    prompt = ""
+    for turn in turns:
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            break
+        if turn.get("from") != expected:
+            break
+        if expected == "human":
+            prompt, expected = turn["value"], "gpt"
+        else:
+            out.append(Conversation(prompt, turn["value"]))
+            expected = "human"
+    return out
+
+
 def _conversations(text: str) -> Iterator[Conversation]:
+    for record in _records(text):
+        conversation = _first_exchange(record)
+        if conversation is not None:
+            yield conversation
+
+
+def _records(text: str) -> Iterator[object]:
     decoder = json.JSONDecoder()
     start = text.find("[")
     if start < 0:
@@ -66,9 +103,7 @@ def _conversations(text: str) -> Iterator[Conversation]:
             record, position = decoder.raw_decode(text, position)
         except json.JSONDecodeError:
             return  # the cut-off tail: everything before it was whole
-        conversation = _first_exchange(record)
-        if conversation is not None:
-            yield conversation
+        yield record
 
 
 def _first_exchange(record: object) -> Conversation | None:

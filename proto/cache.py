@@ -5,6 +5,12 @@ matched blocks for the asking owner in kv_manager BEFORE it answers, and cache_i
 message at a time, so a matched block can never be evicted, freed and reused in between.
 Eviction drops the index's own references; a block that requests still use stays allocated
 until they release it.
+
+With a host tier (DUET_HOST_KV_MB), the index keeps a second radix over host-tier blocks: KV a
+request took there by a swap and left behind when it ended (the earlier turns of a
+conversation). A match may extend past the pool's blocks with host blocks, which the scheduler
+loads back instead of recomputing; the same blocks stay the request's host copy, so a later
+swap-out copies only what is new.
 """
 
 from dataclasses import dataclass
@@ -19,15 +25,21 @@ class PrefixMatchQuery:
     tenant: str
     token_ids: tuple[int, ...]
     public_prefix_tokens: int = 0
+    host: bool = False  # also match the host tier's index (host_block_ids)
 
 
 @message("cache.match.ok")
 @dataclass(frozen=True, slots=True)
 class PrefixMatch:
-    """The longest cached run of full blocks, already retained for the query's owner."""
+    """The longest cached run of full blocks, already retained for the query's owner.
+
+    host_block_ids (asked for with `host`): the longest run of the host tier's blocks holding
+    the prompt's first blocks, retained for the owner in kv.HOST_POOL; it may be shorter or
+    longer than block_ids (num_tokens counts block_ids only)."""
 
     block_ids: tuple[int, ...]
     num_tokens: int
+    host_block_ids: tuple[int, ...] = ()
 
 
 @message("cache.insert")
@@ -40,6 +52,7 @@ class PrefixInsert:
     token_ids: tuple[int, ...]
     block_ids: tuple[int, ...]
     public_prefix_tokens: int = 0
+    pool: str = ""  # kv.UNIT_POOL, or kv.HOST_POOL for blocks of the host tier
 
 
 @message("cache.inserted")

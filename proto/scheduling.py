@@ -153,6 +153,13 @@ class SchedulerStats:
     kv_copy_s: float = 0.0
     # How many requests may run at once now, as admission measured it (scheduler/admission.py)
     running_limit: int | None = None
+    # The host tier since the start: swap-outs and swap-ins, the blocks swap-outs copied and
+    # those they did not copy (held there already), and earlier turns' blocks loaded back.
+    swaps_out: int = 0
+    swaps_in: int = 0
+    swap_blocks_copied: int = 0
+    swap_blocks_kept: int = 0
+    host_blocks_loaded: int = 0
 
 
 @message("sched.status.query")

@@ -37,6 +37,12 @@ def decode_control_subject(unit: str) -> str:
     return f"{ROOT}.decode.{check_token(unit, 'unit')}.control"
 
 
+def kv_load_subject(unit: str) -> str:
+    """Request/reply: scheduler -> the unit's decode worker, which copies KV from the host
+    tier into blocks of the unit pool (KvLoad)."""
+    return f"{ROOT}.decode.{check_token(unit, 'unit')}.load"
+
+
 BATCH_PREFIX = "batch-"
 
 
@@ -126,6 +132,32 @@ class DecodeItem:
     # is prefilled.
     host_block_ids: tuple[int, ...] = ()
     host_start: int = 0
+    # The host tier holds a copy of block_table[:host_kept] already (under `owner`, from an
+    # earlier swap or an earlier turn of its conversation): a swap-out copies only the rest.
+    host_kept: int = 0
+
+
+@message("decode.load")
+@dataclass(frozen=True, slots=True)
+class KvLoad:
+    """Fill blocks of the unit pool that `owner` holds with the KV of host-tier blocks it holds
+    too (a prompt's earlier turns, found in the host tier's prefix index), before its prefill
+    computes the rest. The worker writes only while `owner` still holds the blocks."""
+
+    owner: str
+    host_block_ids: tuple[int, ...]
+    block_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.host_block_ids) != len(self.block_ids):
+            raise ValueError("one unit-pool block per host block")
+
+
+@message("decode.loaded")
+@dataclass(frozen=True, slots=True)
+class KvLoaded:
+    blocks: int
+    seconds: float
 
 
 @message("decode.admit")
@@ -199,6 +231,9 @@ class WorkerEvent:
     # held by the owner the control named, and how long the copy took.
     host_block_ids: tuple[int, ...] = ()
     swap_s: float = 0.0
+    # ... and the blocks it did not copy: the first host_kept were in the host tier already
+    # (DecodeItem.host_kept); host_block_ids hold the blocks after them.
+    host_kept: int = 0
 
 
 @dataclass(frozen=True, slots=True)

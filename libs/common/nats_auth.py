@@ -159,14 +159,22 @@ def permissions(role: str, mode: str, units: Sequence[str] = ("unit0",)) -> Perm
     ]
     # A decode worker hands its residents over to its replacement as admissions.
     decode_pub = _per_unit(units, events, workers.decode_admit_subject)
-    decode_sub = _per_unit(units, workers.decode_admit_subject, workers.decode_control_subject)
+    decode_sub = _per_unit(
+        units,
+        workers.decode_admit_subject,
+        workers.decode_control_subject,
+        workers.kv_load_subject,
+    )
     if role == "kv_manager":
         verbs = ("alloc", "retain", "release", "heartbeat", "storage", "stats", "shared")
         sub += _kv(units, (*pools, HOST_POOL), verbs)
         sub += _per_unit(units, compute.replace_worker_subject)
         pub += [*_per_unit(units, events), *_role_lease()]
     elif role == "cache_index":
-        pub += _kv(units, (UNIT_POOL,), ("retain", "release", "shared", "heartbeat", "storage"))
+        # Its references: to blocks of the unit pool, and to host-tier blocks (earlier turns).
+        pub += _kv(
+            units, (UNIT_POOL, HOST_POOL), ("retain", "release", "shared", "heartbeat", "storage")
+        )
         sub += subjects.CACHE_SUBJECTS
         sub += _per_unit(units, events)
     elif role == "scheduler":
@@ -180,6 +188,7 @@ def permissions(role: str, mode: str, units: Sequence[str] = ("unit0",)) -> Perm
             workers.prefill_batch_subject,
             workers.decode_admit_subject,
             workers.decode_control_subject,
+            workers.kv_load_subject,
             compute.compute_split_subject,
         )
         pub += _role_lease()

@@ -10,6 +10,11 @@ before anything can match it again.
 Invariant: the index names only blocks it holds a kv_manager reference to (as `holder`). An
 insert therefore retains the blocks the index would adopt BEFORE indexing them: a refused retain
 leaves the index as it was, with nothing to undo.
+
+The host tier (kv.HOST_POOL) has a radix of its own (`host_radix`), under the same protocol and
+lock, over the host blocks requests left there (cache.py). It keeps at most a share of the
+host tier's blocks (DUET_HOST_CACHE_SHARE), least recently used out first, so that swaps find
+room.
 """
 
 import asyncio
@@ -21,7 +26,7 @@ from typing import TypeVar
 from nats.aio.msg import Msg
 
 from duetserve.common.nats_bus import Bus
-from duetserve.proto import cache
+from duetserve.proto import cache, kv
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
 from duetserve.proto.workers import EventKind, WorkerEvents
@@ -42,6 +47,8 @@ class CacheHandlers:
         kv: KVClient,
         holder: str,
         clock: Clock = time.monotonic,
+        host_radix: RadixIndex | None = None,
+        host_limit: int = 0,
     ) -> None:
         self.bus = bus
         self.radix = radix
@@ -49,6 +56,11 @@ class CacheHandlers:
         self.holder = holder  # kv_manager owner of the index's references
         self.clock = clock  # monotonic: the index refuses time that goes backwards
         self.lock = asyncio.Lock()
+        # The host tier's index (None: the unit has none), kept to at most host_limit blocks
+        # (a share of the tier: the rest stays for swaps, which never wait for an eviction;
+        # one that finds no room recomputes instead).
+        self.host_radix = host_radix
+        self.host_limit = host_limit
 
     # ---- subjects ----------------------------------------------------------------------
 
@@ -76,7 +88,10 @@ class CacheHandlers:
         ):
             return
         async with self.lock:
-            self.forget_all(f"lease of {self.holder} expired")
+            if report.kv_pool == kv.HOST_POOL:
+                self.forget_host(f"host-tier lease of {self.holder} expired")
+            else:
+                self.forget_all(f"lease of {self.holder} expired")
 
     def forget_all(self, why: str) -> None:
         """kv_manager dropped the index's references: every block it names may be free or
@@ -89,34 +104,67 @@ class CacheHandlers:
             )
         self.radix = RadixIndex(self.radix.block_size)
 
+    def forget_host(self, why: str) -> None:
+        """The same for the host tier's references. Call under `lock`."""
+        if self.host_radix is None:
+            return
+        if self.host_radix.num_blocks:
+            logger.error(
+                "kv_manager dropped the index's host-tier references (%s): forgetting %d blocks",
+                why,
+                self.host_radix.num_blocks,
+            )
+        self.host_radix = RadixIndex(self.host_radix.block_size)
+
     # ---- what each does ----------------------------------------------------------------
 
     async def _match(self, query: cache.PrefixMatchQuery) -> cache.PrefixMatch:
-        found = self.radix.match(
-            query.tenant, query.token_ids, query.public_prefix_tokens, now=self.clock()
-        )
-        if not found.block_ids:
+        now = self.clock()
+        found = self.radix.match(query.tenant, query.token_ids, query.public_prefix_tokens, now=now)
+        block_ids: tuple[int, ...] = ()
+        if found.block_ids:
+            try:
+                await self.kv.retain(query.owner, found.block_ids)
+                block_ids = tuple(found.block_ids)
+            except KVCallFailed as err:
+                logger.warning("match for %s not retained, answering none: %s", query.owner, err)
+        host_ids: tuple[int, ...] = ()
+        if query.host and self.host_radix is not None:
+            await self._trim_host()
+            on_host = self.host_radix.match(
+                query.tenant, query.token_ids, query.public_prefix_tokens, now=now
+            )
+            if on_host.block_ids:
+                try:
+                    await self.kv.retain(query.owner, on_host.block_ids, kv.HOST_POOL)
+                    host_ids = tuple(on_host.block_ids)
+                except KVCallFailed as err:
+                    logger.warning("host match for %s not retained: %s", query.owner, err)
+        if not block_ids and not host_ids:
             return NO_MATCH
-        try:
-            await self.kv.retain(query.owner, found.block_ids)
-        except KVCallFailed as err:
-            logger.warning("match for %s not retained, answering none: %s", query.owner, err)
-            return NO_MATCH
-        return cache.PrefixMatch(tuple(found.block_ids), found.num_tokens)
+        return cache.PrefixMatch(block_ids, len(block_ids) * self.radix.block_size, host_ids)
 
     async def _insert(self, insert: cache.PrefixInsert) -> cache.PrefixInserted:
+        pool = insert.pool
+        if pool not in (kv.UNIT_POOL, kv.HOST_POOL):
+            raise ValueError(f"no index of pool {pool!r}")
+        radix = self.radix if pool == kv.UNIT_POOL else self.host_radix
+        if radix is None:
+            raise ValueError("this unit has no host tier")
+        if pool == kv.HOST_POOL and self.host_limit == 0:
+            return cache.PrefixInserted(0)  # DUET_HOST_CACHE_SHARE=0: it keeps none
         now = self.clock()
-        adopt = self._blocks_to_adopt(insert, now)
+        adopt = self._blocks_to_adopt(radix, insert, now)
         if adopt:
             try:
-                await self.kv.retain(self.holder, adopt)
+                await self.kv.retain(self.holder, adopt, pool)
             except KVCallFailed as err:
                 logger.warning("insert of %d blocks not retained, skipped: %s", len(adopt), err)
                 if err.uncertain:
-                    await self._release(adopt)
+                    await self._release(adopt, pool)
                 return cache.PrefixInserted(0)
         try:
-            result = self.radix.insert(
+            result = radix.insert(
                 insert.tenant,
                 insert.token_ids,
                 insert.block_ids,
@@ -124,27 +172,47 @@ class CacheHandlers:
                 now=now,
             )
         except ValueError:
-            await self._release(adopt)
+            await self._release(adopt, pool)
             raise
         surplus = set(adopt) - set(result.adopted)
         if surplus:  # never expected: retained but not adopted
             logger.error("retained blocks the index did not adopt: %s", sorted(surplus))
-            await self._release(sorted(surplus))
+            await self._release(sorted(surplus), pool)
+        if pool == kv.HOST_POOL:
+            await self._trim_host()
         return cache.PrefixInserted(result.num_new)
 
-    def _blocks_to_adopt(self, insert: cache.PrefixInsert, now: float) -> list[int]:
+    async def _trim_host(self) -> None:
+        """Evict the host index's least recently used blocks down to `host_limit`. Blocks a
+        request holds (loaded back, its host copy, just inserted) stay: they would not come
+        free. After each host insert, and before each host match (by then an inserter has
+        let go of what it inserted)."""
+        radix = self.host_radix
+        if radix is None or radix.num_blocks <= self.host_limit:
+            return
+        try:
+            in_use = await self.kv.shared(self.holder, radix.block_ids(), kv.HOST_POOL)
+        except KVCallFailed as err:
+            logger.warning("could not ask which host blocks are in use: %s", err)
+            return
+        evicted = radix.evict(radix.num_blocks - self.host_limit, keep=in_use.__contains__)
+        await self._release(evicted, kv.HOST_POOL)
+
+    def _blocks_to_adopt(
+        self, radix: RadixIndex, insert: cache.PrefixInsert, now: float
+    ) -> list[int]:
         """The ids `radix.insert` would adopt: the full blocks past the cached prefix.
 
         The lookup appends one token so that `match` (which always leaves the last prompt token
         to compute) may cover every full block; a block's key depends on its own and earlier
         tokens only, so the extra token changes nothing else.
         """
-        block_size = self.radix.block_size
+        block_size = radix.block_size
         num_full = len(insert.token_ids) // block_size
         if len(insert.block_ids) < num_full:
             raise ValueError(f"{num_full} full blocks but only {len(insert.block_ids)} block ids")
         probe = (*insert.token_ids[: num_full * block_size], 0)
-        cached = self.radix.match(insert.tenant, probe, insert.public_prefix_tokens, now=now)
+        cached = radix.match(insert.tenant, probe, insert.public_prefix_tokens, now=now)
         return list(insert.block_ids[len(cached.block_ids) : num_full])
 
     async def _evict(self, query: cache.EvictQuery) -> cache.Evicted:
@@ -160,13 +228,13 @@ class CacheHandlers:
             await self._release(evicted)
         return cache.Evicted(tuple(evicted))
 
-    async def _release(self, block_ids: list[int]) -> None:
+    async def _release(self, block_ids: list[int], pool: str = kv.UNIT_POOL) -> None:
         """Drop the index's references; a failure is logged (the blocks stay held by the
         index's owner until it is released whole, at the next start or a lapsed lease)."""
         if not block_ids:
             return
         try:
-            await self.kv.release(self.holder, block_ids)
+            await self.kv.release(self.holder, block_ids, pool)
         except KVCallFailed as err:
             logger.error("could not release %d blocks: %s", len(block_ids), err)
 

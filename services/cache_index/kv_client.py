@@ -24,24 +24,30 @@ class KVClient:
         self.bus = bus
         self.unit = unit
 
-    async def retain(self, owner: str, block_ids: Sequence[int]) -> kv.BlocksGranted:
+    async def retain(
+        self, owner: str, block_ids: Sequence[int], pool: str = kv.UNIT_POOL
+    ) -> kv.BlocksGranted:
         """One more reference, held by `owner`, to each block; all or nothing."""
         request = kv.RetainBlocks(owner, tuple(block_ids))
-        return await self._call("retain", request, kv.BlocksGranted)
+        return await self._call("retain", request, kv.BlocksGranted, pool)
 
-    async def release(self, owner: str, block_ids: Sequence[int] = ()) -> kv.BlocksReleased:
+    async def release(
+        self, owner: str, block_ids: Sequence[int] = (), pool: str = kv.UNIT_POOL
+    ) -> kv.BlocksReleased:
         """Drop `owner`'s references to the blocks, or to all of its blocks if none given."""
         request = kv.ReleaseBlocks(owner, tuple(block_ids))
-        return await self._call("release", request, kv.BlocksReleased)
+        return await self._call("release", request, kv.BlocksReleased, pool)
 
-    async def shared(self, owner: str, block_ids: Sequence[int]) -> set[int]:
+    async def shared(
+        self, owner: str, block_ids: Sequence[int], pool: str = kv.UNIT_POOL
+    ) -> set[int]:
         """The blocks among `block_ids` that someone besides `owner` holds."""
         request = kv.SharedBlocksQuery(owner, tuple(block_ids))
-        return set((await self._call("shared", request, kv.SharedBlocks)).block_ids)
+        return set((await self._call("shared", request, kv.SharedBlocks, pool)).block_ids)
 
-    async def _call(self, verb: str, request: object, expected: type[T]) -> T:
+    async def _call(self, verb: str, request: object, expected: type[T], pool: str) -> T:
         try:
-            reply = await self.bus.request(subjects.kv(self.unit, verb), encode(request))
+            reply = await self.bus.request(subjects.kv(self.unit, verb, pool), encode(request))
         except BusNoResponders as err:
             raise KVCallFailed(verb, "no_responders", str(err)) from None
         except BusTimeout as err:

@@ -20,7 +20,7 @@ from nats.aio.subscription import Subscription
 from duetserve.common.health import serve_health
 from duetserve.common.nats_bus import Bus
 from duetserve.common.unit_client import Lease, LeaseLost, fetch_storage
-from duetserve.proto import subjects
+from duetserve.proto import kv, subjects
 from duetserve.proto.common import HealthStatus
 from duetserve.proto.workers import worker_events_subject
 from duetserve.services.cache_index.handlers import CacheHandlers
@@ -43,6 +43,7 @@ class CacheIndexService:
         self._subscriptions: list[Subscription] = []
         self._heartbeat: asyncio.Task[None] | None = None
         self.holder = settings.holder or self.instance
+        self.pools: tuple[str, ...] = (kv.UNIT_POOL,)  # with the host tier's, if the unit has one
 
     async def start(self) -> None:
         s = self.settings
@@ -54,8 +55,22 @@ class CacheIndexService:
         )
         block_size = (await fetch_storage(bus, s.unit, self.instance)).block_size
         self.kv = KVClient(bus, s.unit)
+        pools = [kv.UNIT_POOL]
+        host_radix, host_blocks = None, 0
+        if s.host_kv_mb > 0:
+            host_blocks = (await fetch_storage(bus, s.unit, self.instance, kv.HOST_POOL)).num_blocks
+            host_radix = RadixIndex(block_size)
+            pools.append(kv.HOST_POOL)
+        self.pools = tuple(pools)
         await self._release_all("left by a previous holder of that name")
-        self.handlers = handlers = CacheHandlers(bus, RadixIndex(block_size), self.kv, self.holder)
+        self.handlers = handlers = CacheHandlers(
+            bus,
+            RadixIndex(block_size),
+            self.kv,
+            self.holder,
+            host_radix=host_radix,
+            host_limit=int(host_blocks * s.host_cache_share),
+        )
         self._heartbeat = asyncio.create_task(self._keep_lease(), name="cache-lease")
         served = {
             subjects.CACHE_MATCH: handlers.match,
@@ -82,24 +97,32 @@ class CacheIndexService:
         s = self.settings
         base = self.holder
         for incarnation in range(1, 2**31):
-            lease = Lease(self.bus, s.unit, self.holder, s.heartbeat_interval_s)
-            try:
-                await lease.keep()
-            except LeaseLost as err:
+            leases = [
+                Lease(self.bus, s.unit, self.holder, s.heartbeat_interval_s, pool)
+                for pool in self.pools
+            ]
+            try:  # one lease per pool; either lost, the new holder starts empty in both
+                async with asyncio.TaskGroup() as beats:
+                    for lease in leases:
+                        beats.create_task(lease.keep())
+            except* LeaseLost as group:
                 async with self.handlers.lock:
-                    self.handlers.forget_all(str(err))
+                    await self._release_all("of a holder fenced off")
+                    self.handlers.forget_all(str(group.exceptions[0]))
+                    self.handlers.forget_host(str(group.exceptions[0]))
                     self.holder = self.handlers.holder = f"{base}.{incarnation}"
                 logger.warning("carrying on as %s", self.holder)
 
     async def _release_all(self, why: str) -> None:
         assert self.kv is not None
-        try:
-            released = await self.kv.release(self.holder)
-        except KVCallFailed as err:
-            logger.warning("could not release the index's references (%s): %s", why, err)
-            return
-        if released.num_freed:
-            logger.info("released %d blocks %s", released.num_freed, why)
+        for pool in self.pools:
+            try:
+                released = await self.kv.release(self.holder, pool=pool)
+            except KVCallFailed as err:
+                logger.warning("could not release the index's references (%s): %s", why, err)
+                continue
+            if released.num_freed:
+                logger.info("released %d blocks %s", released.num_freed, why)
 
     async def ready(self) -> bool:
         beating = self._heartbeat is not None and not self._heartbeat.done()

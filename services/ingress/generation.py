@@ -223,6 +223,7 @@ class Generation:
             e2e_s=now - self._arrival.monotonic,
             prompt_tokens=len(self.prompt.prompt_ids),
             completion_tokens=self._output.num_tokens,
+            cached_tokens=self.cached_tokens,
         )
         self._context.metrics.observe_generation(timing)
         self._judge(timing, now, ok=True)

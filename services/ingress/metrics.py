@@ -32,6 +32,7 @@ class RequestTiming:
     e2e_s: float
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens not computed: from the prefix cache or host tier
 
 
 class RestartCounts(Collector):
@@ -90,7 +91,8 @@ class IngressMetrics:
         )
         self.tokens = Counter(
             "duet_ingress_tokens",
-            "Tokens of finished generations, by kind (prompt, completion).",
+            "Tokens of finished generations, by kind (prompt, completion; cached: prompt "
+            "tokens whose KV came from the prefix cache or the host tier, not computed).",
             ["kind"],
             registry=self.registry,
         )
@@ -148,6 +150,22 @@ class IngressMetrics:
             registry=self.registry,
         )
 
+        self.swaps = Gauge(
+            "duet_scheduler_swaps",
+            "Preemptions by swap since the scheduler started, by direction (out: KV copied to "
+            "the host tier; in: copied back).",
+            ["direction"],
+            registry=self.registry,
+        )
+        self.host_tier_blocks = Gauge(
+            "duet_kv_host_tier_blocks",
+            "KV blocks moved by the host tier since the scheduler started: copied out by "
+            "swaps (swapped), not copied because the host tier held them already (kept), "
+            "and loaded back for a prompt's earlier turns (loaded).",
+            ["kind"],
+            registry=self.registry,
+        )
+
         self.prefill_share = Gauge(
             "duet_compute_prefill_share",
             "The prefill worker's share of the unit's device, as the scheduler last set it "
@@ -188,6 +206,11 @@ class IngressMetrics:
         self.kv_blocks.labels(state="free").set(stats.free_blocks)
         self.kv_blocks.labels(state="total").set(stats.total_blocks)
         self.preemptions.set(stats.preemptions)
+        self.swaps.labels(direction="out").set(stats.swaps_out)
+        self.swaps.labels(direction="in").set(stats.swaps_in)
+        self.host_tier_blocks.labels(kind="swapped").set(stats.swap_blocks_copied)
+        self.host_tier_blocks.labels(kind="kept").set(stats.swap_blocks_kept)
+        self.host_tier_blocks.labels(kind="loaded").set(stats.host_blocks_loaded)
         if stats.running_limit is not None:
             self.running_limit.set(stats.running_limit)
         self.prefill_share.set(stats.prefill_share)
@@ -206,6 +229,7 @@ class IngressMetrics:
         self.e2e.observe(timing.e2e_s)
         self.tokens.labels(kind="prompt").inc(timing.prompt_tokens)
         self.tokens.labels(kind="completion").inc(timing.completion_tokens)
+        self.tokens.labels(kind="cached").inc(timing.cached_tokens)
         if timing.ttft_s is None:
             return
         self.ttft.observe(timing.ttft_s)

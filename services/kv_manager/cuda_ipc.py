@@ -217,6 +217,34 @@ class DeviceMemory:
         }
 
 
+class PinnedHostMemory:
+    """Host memory of this process (a mapping of the host tier) page-locked for CUDA
+    (cudaHostRegister, portable: pinned for every device's context), so that copies between
+    it and the device are DMA transfers that run on a stream of their own, overlapped with the
+    model's kernels; a copy from pageable memory would be staged and synchronous. Unlocked by
+    `close` (or when garbage) before the mapping goes."""
+
+    def __init__(self, cudart: Cudart, tensor: torch.Tensor) -> None:
+        if tensor.is_cuda or not tensor.is_contiguous():
+            raise StorageError("only a contiguous host tensor can be pinned")
+        self.ptr = tensor.data_ptr()
+        self.nbytes = tensor.numel() * tensor.element_size()
+        flags = cudart.cudaHostRegisterPortable
+        checked("cudaHostRegister", cudart.cudaHostRegister(self.ptr, self.nbytes, flags))
+        self._finalizer = weakref.finalize(self, _unpin, cudart, self.ptr)
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _unpin(cudart: Cudart, ptr: int) -> None:
+    """Finalizer: unregister pinned host memory. Never raises; a failure is logged."""
+    try:
+        checked("cudaHostUnregister", cudart.cudaHostUnregister(ptr))
+    except Exception as err:
+        _log.warning("cudaHostUnregister(0x%x): %s", ptr, err)
+
+
 class _CudaArray:
     """The object torch.as_tensor reads; torch keeps it, and so the memory, alive."""
 

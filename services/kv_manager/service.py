@@ -196,8 +196,8 @@ class KVManagerService:
         self, config: ModelConfig, pool: PoolGeometry, region: str
     ) -> tuple[Storage, kv.StorageDescription]:
         """The host tier: always host memory (/dev/shm), zeroed. On a GPU the workers copy to
-        and from it through their mappings; registering those as pinned memory (for copies
-        that overlap compute on a stream of their own) is not done yet."""
+        and from it through their mappings, which they register as pinned memory (DMA copies
+        on a stream of their own, overlapped with the model's kernels: PinnedHostMemory)."""
         storage = CpuSharedStorage.create(region, host_layout(config, pool))
         await asyncio.to_thread(storage.tensors[KV_POOL].zero_)
         logger.info("host tier of %.1f MiB in /dev/shm/%s", storage.layout.nbytes / 2**20, region)

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,15 +69,22 @@ ROLL_CALL_MISSING_S = 2 * workers.ROLL_CALL_S
 SWAP_S_PER_TOKEN_PRIOR = 2.5e-6
 
 
-def prefer_swap(tokens: int, swap_s_per_token: float, prefill_s_per_token: float | None) -> bool:
-    """Swap a preempted request's KV (out now, back later: twice the copy) rather than
-    recompute it (prefill its tokens again), when that costs less. Before any prefill is
+def prefer_swap(
+    tokens: int,
+    swap_s_per_token: float,
+    prefill_s_per_token: float | None,
+    kept_tokens: int = 0,
+) -> bool:
+    """Swap a preempted request's KV (out now, back later) rather than recompute it (prefill
+    its tokens again), when that costs less. Out copies only what the host tier does not hold
+    yet (`kept_tokens`: RequestRecord.host_copy); back copies it all. Before any prefill is
     measured, swap: a copy of a token's KV is far cheaper than computing it on every backend."""
     if tokens <= 0:
         return False
     if prefill_s_per_token is None:
         return True
-    return 2 * tokens * swap_s_per_token < tokens * prefill_s_per_token
+    copied = 2 * tokens - min(kept_tokens, tokens)
+    return copied * swap_s_per_token < tokens * prefill_s_per_token
 
 
 @dataclass(slots=True)
@@ -89,9 +96,15 @@ class SwapStats:
     swapped_in: int = 0
     failed: int = 0  # swap-ins that did not come back (recomputed)
     s_per_token: float = SWAP_S_PER_TOKEN_PRIOR
+    blocks_out: int = 0  # blocks swap-outs copied to the host tier
+    blocks_kept: int = 0  # blocks swap-outs did not copy: the host tier held them already
+    blocks_loaded: int = 0  # earlier turns' blocks loaded back from the host tier
 
-    def observe(self, tokens: int, seconds: float) -> None:
+    def observe(self, tokens: int, seconds: float, blocks: int = 0, kept: int = 0) -> None:
+        """One swap-out: `tokens` copied in `seconds`, in `blocks` blocks, `kept` not copied."""
         self.swapped_out += 1
+        self.blocks_out += blocks
+        self.blocks_kept += kept
         if tokens > 0 and seconds > 0:
             self.s_per_token = 0.8 * self.s_per_token + 0.2 * seconds / tokens
 
@@ -196,7 +209,7 @@ class SchedulerCore:
                     await asyncio.wait_for(self.wake.wait(), retry_s)
                 self.wake.clear()
                 await self._retry_handoffs()
-                self._forget_unresumed(time.monotonic())
+                await self._forget_unresumed(time.monotonic())
                 while await self._step():
                     pass
         finally:
@@ -356,7 +369,11 @@ class SchedulerCore:
     async def _admit_traced(self, record: RequestRecord) -> bool:
         # A swapped request's KV comes back from the host tier, past what the prefix cache
         # still holds of it (whole blocks: the same KV, computed by the same prefill).
+        # Another request's blocks in the host tier (an earlier turn) come back the same way,
+        # loaded into its new blocks before prefill computes the rest.
         matched = await self._match_prefix(record)
+        if matched.host_block_ids:
+            record.host_copy = matched.host_block_ids
         needed = self.planner.blocks_for(len(record.kv_token_ids)) - len(matched.block_ids)
         granted = await self._allocate(record.owner, needed)
         if granted is None or self.records.get(record.request_id) is not record:
@@ -364,7 +381,13 @@ class SchedulerCore:
             return False
         seq = record.seq
         record.block_table = [*matched.block_ids, *granted]
-        seq.num_cached = seq.num_computed = matched.num_tokens
+        cached = matched.num_tokens
+        if not record.swapped and record.host_copy:
+            cached = await self._load_host_copy(record, len(matched.block_ids), cached)
+            if self.records.get(record.request_id) is not record:
+                await self.release(record.owner)  # it ended while the KV was loaded
+                return False
+        seq.num_cached = seq.num_computed = cached
         if record.swapped:
             seq.num_computed = seq.prompt_len  # once swapped in
         seq.num_blocks = len(record.block_table)
@@ -372,6 +395,34 @@ class SchedulerCore:
         self.view.waiting.remove(seq)
         self.view.prefilling.append(seq)
         return True
+
+    async def _load_host_copy(self, record: RequestRecord, matched: int, cached: int) -> int:
+        """Fill the blocks after the prefix cache's `matched` from the request's host copy
+        (one decode worker copies them); the tokens it need not compute now, `cached` when
+        the copy adds nothing or fails (then they are computed)."""
+        bs = self.planner.config.block_size
+        # At least one token is left to compute: prefill samples from the last one's logits.
+        usable = min(len(record.host_copy), (len(record.kv_token_ids) - 1) // bs)
+        if usable <= matched:
+            return cached
+        load = workers.KvLoad(
+            record.owner,
+            record.host_copy[matched:usable],
+            tuple(record.block_table[matched:usable]),
+        )
+        try:
+            reply = await self.bus.request(workers.kv_load_subject(self.unit), encode(load))
+            answer = decode(reply.data, workers.KvLoaded, ErrorReply)
+        except (BusTimeout, ProtoError) as err:
+            logger.warning("KV of %s not loaded from the host tier: %s", record.request_id, err)
+            return cached
+        if isinstance(answer, ErrorReply):
+            logger.warning(
+                "KV of %s not loaded from the host tier: %s", record.request_id, answer.message
+            )
+            return cached
+        self.swaps.blocks_loaded += answer.blocks
+        return usable * bs
 
     def _cached_blocks(self, record: RequestRecord) -> int:
         """Blocks at the start of its table the prefix cache gave it (a swapped request's
@@ -386,6 +437,8 @@ class SchedulerCore:
             tenant=record.submit.tenant,
             token_ids=record.kv_token_ids,
             public_prefix_tokens=record.submit.public_prefix_tokens,
+            # The host tier's index, for a request with no KV of its own there yet.
+            host=self.host_tier and not record.swapped and not record.host_copy,
         )
         try:
             reply = await self.bus.request(subjects.CACHE_MATCH, encode(query))
@@ -686,6 +739,7 @@ class SchedulerCore:
                 owner=r.owner,
                 host_block_ids=r.swapped[self._cached_blocks(r) :],
                 host_start=self._cached_blocks(r),
+                host_kept=len(r.host_copy),
             )
             for r in records
         )
@@ -727,7 +781,7 @@ class SchedulerCore:
                 logger.warning(
                     "swap-in of %s failed (%s): recomputed", record.request_id, refusal.reason
                 )
-                await self.drop_swapped(record)
+                await self.drop_host(record)
                 record.seq.num_computed = record.seq.num_cached  # the cache's blocks stay good
                 self.swaps.failed += 1
                 self.wake.set()
@@ -739,7 +793,7 @@ class SchedulerCore:
         await self.release(record.owner)  # the decode worker holds its own references now
         if record.swapped:  # copied back by the decode worker before it said yes
             logger.info("swapped back in %s", record.request_id)
-            await self.drop_swapped(record)
+            await self._keep_host_copy(record)
             self.swaps.swapped_in += 1
         if (
             self.records.get(record.request_id) is not record
@@ -805,18 +859,18 @@ class SchedulerCore:
                 record.request_id, len(output_token_ids), (), finish_reason=FinishReason.LENGTH
             )
             await self.outbox.send(record.submit.stream, last)
-            self.forget(record)
+            await self.forget(record)
             return
         record.requeue_after_preemption(output_token_ids)
         self.view.waiting.append(record.seq)
         self.wake.set()
 
-    def _forget_unresumed(self, now: float) -> None:
+    async def _forget_unresumed(self, now: float) -> None:
         for record in list(self.records.values()):
             since = record.migrating_since
             if since is not None and now - since > RESUME_WAIT_S:
                 logger.warning("request %s never resumed: forgotten", record.request_id)
-                self.forget(record)
+                await self.forget(record)
 
     async def cancel_decoding(self, record: RequestRecord) -> None:
         """Stop a request on the decode worker, which releases its blocks and ends its stream
@@ -824,7 +878,7 @@ class SchedulerCore:
         reason = FinishReason.STOP if record.cancelled == "stop_string" else FinishReason.ABORT
         control = workers.DecodeControl(workers.ControlKind.CANCEL, (record.request_id,), reason)
         await self.bus.publish(workers.decode_control_subject(self.unit), encode(control))
-        self.forget(record)
+        await self.forget(record)
 
     # --- endings --------------------------------------------------------------------------
 
@@ -845,24 +899,60 @@ class SchedulerCore:
             if record.seq in group:
                 group.remove(record.seq)
 
-    def forget(self, record: RequestRecord) -> None:
+    async def forget(self, record: RequestRecord) -> None:
+        """It ended: out of every list; its host-tier blocks go to the host tier's index (for
+        the conversation's next turn) or back."""
         if self.records.pop(record.request_id, None) is not None:
             self.admission.on_finished()  # a place to run came free
         self.unlist(record)
+        await self.drop_host(record, keep=True)
 
     async def finish(self, record: RequestRecord) -> None:
         """Ended while the scheduler held it: give its blocks back (host-tier ones too)."""
-        self.forget(record)
+        await self.forget(record)
         if record.seq.phase != Phase.DECODING:
             await self.release(record.owner)
-        await self.drop_swapped(record)
         self.wake.set()
 
-    async def drop_swapped(self, record: RequestRecord) -> None:
-        """Give back the host-tier blocks holding its swapped-out KV, if any."""
-        if record.swapped:
-            record.swapped, record.seq.swapped = (), False
-            await release_blocks(self.bus, self.unit, record.owner, kv.HOST_POOL)
+    async def drop_host(self, record: RequestRecord, *, keep: bool = False) -> None:
+        """Give back its host-tier blocks (swapped-out KV, host copy). With `keep`, its host
+        copy goes to the host tier's index first, which keeps what it has no copy of."""
+        if not record.swapped and not record.host_copy:
+            return
+        copy = record.host_copy
+        record.swapped, record.seq.swapped, record.host_copy = (), False, ()
+        if keep and copy:
+            bs = self.planner.config.block_size
+            insert = cache.PrefixInsert(
+                tenant=record.submit.tenant,
+                token_ids=record.kv_token_ids[: len(copy) * bs],
+                block_ids=copy,
+                public_prefix_tokens=record.submit.public_prefix_tokens,
+                pool=kv.HOST_POOL,
+            )
+            try:  # cache_index retains what it adopts before it answers
+                await self.bus.request(subjects.CACHE_INSERT, encode(insert))
+            except BusTimeout as err:
+                logger.warning("host tier's index did not keep %s: %s", record.request_id, err)
+        await release_blocks(self.bus, self.unit, record.owner, kv.HOST_POOL)
+
+    async def _keep_host_copy(self, record: RequestRecord) -> None:
+        """Swapped back in: its full blocks stay in the host tier as its host copy (a later
+        swap-out copies only past them); the last, partial one goes back."""
+        bs = self.planner.config.block_size
+        full = min((len(record.kv_token_ids) - 1) // bs, len(record.swapped))
+        record.host_copy, surplus = record.swapped[:full], record.swapped[full:]
+        record.swapped, record.seq.swapped = (), False
+        if surplus:
+            await self.release_host(record.owner, surplus)
+
+    async def release_host(self, owner: str, block_ids: Sequence[int]) -> None:
+        """Give back some of an owner's host-tier blocks (all of them go when it ends)."""
+        release = kv.ReleaseBlocks(owner, tuple(block_ids))
+        try:
+            await self.bus.request(subjects.kv(self.unit, "release", kv.HOST_POOL), encode(release))
+        except BusTimeout as err:
+            logger.warning("host blocks of %s not released yet: %s", owner, err)
 
     def swap_owners(self, victims: tuple[str, ...]) -> tuple[str, ...]:
         """For a PREEMPT of `victims`: the owner to swap each one's KV out under, or "" to
@@ -878,7 +968,9 @@ class SchedulerCore:
             if record is None:
                 owners.append("")
                 continue
-            swap = prefer_swap(len(record.kv_token_ids), self.swaps.s_per_token, prefill)
+            bs = self.planner.config.block_size
+            kept = len(record.host_copy) * bs
+            swap = prefer_swap(len(record.kv_token_ids), self.swaps.s_per_token, prefill, kept)
             owners.append(record.owner if swap else "")
         return tuple(owners)
 
@@ -891,7 +983,7 @@ class SchedulerCore:
                 workers.ControlKind.CANCEL, (record.request_id,), FinishReason.ERROR, reason
             )
             await self.bus.publish(workers.decode_control_subject(self.unit), encode(control))
-            self.forget(record)
+            await self.forget(record)
             return
         await self.publish_error(record, reason)
         await self.finish(record)

@@ -8,6 +8,7 @@ from nats.aio.msg import Msg
 
 from duetserve.common.nats_bus import Bus
 from duetserve.common.tracing import current_traceparent
+from duetserve.common.unit_client import release_blocks
 from duetserve.proto import kv, workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
@@ -173,6 +174,11 @@ class SchedulerHandlers:
             kv_copied_bytes=transfers.nbytes,
             kv_copy_s=transfers.seconds,
             running_limit=core.planner.max_running,
+            swaps_out=core.swaps.swapped_out,
+            swaps_in=core.swaps.swapped_in,
+            swap_blocks_copied=core.swaps.blocks_out,
+            swap_blocks_kept=core.swaps.blocks_kept,
+            host_blocks_loaded=core.swaps.blocks_loaded,
         )
         await self.bus.reply(msg, encode(stats))
 
@@ -207,10 +213,11 @@ class SchedulerHandlers:
         for event in events.events:
             record = self.core.records.get(event.request_id)
             lost = event.kind == workers.EventKind.LEASES_EXPIRED
-            if lost and record is not None and record.swapped:
-                logger.warning("swapped KV of %s lost: recomputed", record.request_id)
-                record.swapped, record.seq.swapped = (), False
-                if record.seq.phase == Phase.PREFILLING:  # admitted: prefill past the cache's
+            if lost and record is not None and (record.swapped or record.host_copy):
+                logger.warning("host-tier KV of %s lost: recomputed", record.request_id)
+                swapped = record.swapped
+                record.swapped, record.seq.swapped, record.host_copy = (), False, ()
+                if swapped and record.seq.phase == Phase.PREFILLING:  # prefill past the cache's
                     record.seq.num_computed = record.seq.num_cached
         self.core.wake.set()
 
@@ -221,6 +228,9 @@ class SchedulerHandlers:
             return
         record = self.core.records.get(event.request_id)
         if record is None:
+            if event.host_block_ids:  # swapped out after it ended here (a cancel, a failure)
+                owner = f"{self.holder}/{event.request_id}"
+                await release_blocks(self.bus, self.unit, owner, kv.HOST_POOL)
             return
         kind = event.kind
         if kind in (workers.EventKind.FINISHED, workers.EventKind.FAILED):
@@ -237,27 +247,42 @@ class SchedulerHandlers:
                 )
                 self._observe_tpot(record, decode_s, event.num_output_tokens)
             if record.seq.phase == Phase.DECODING:
-                self.core.forget(record)  # the decode worker gave back what it held
+                await self.core.forget(record)  # the decode worker gave back what it held
             else:  # its hand-off's answer was lost: the scheduler holds its blocks still
                 await self.core.finish(record)
         elif kind == workers.EventKind.PREEMPTED:
             if record.seq.phase != Phase.DECODING:  # as above: recomputed into new blocks
                 await self.core.release(record.owner)
             self._requeue(record, event.output_token_ids)
-            if event.host_block_ids:  # its KV waits in the host tier to come back
-                record.swapped = event.host_block_ids
-                record.seq.swapped = True
-                self.core.swaps.observe(len(record.kv_token_ids), event.swap_s)
-                logger.info(
-                    "swapped out %s: %d host blocks in %.1f ms",
-                    record.request_id,
-                    len(event.host_block_ids),
-                    1e3 * event.swap_s,
-                )
+            if event.host_block_ids or event.host_kept:  # its KV waits in the host tier
+                self._swapped_out(record, event)
         elif kind == workers.EventKind.NEEDS_BLOCKS:
             await self._preempt_for(record, event.blocks_needed)
         elif kind == workers.EventKind.LEASES_EXPIRED:
             await self._lost(record, event.reason)
+
+    def _swapped_out(self, record: RequestRecord, event: workers.WorkerEvent) -> None:
+        """Its KV is in the host tier: the blocks the swap copied after the ones its host copy
+        held already. If the host copy was lost meanwhile (a lapsed host-tier lease), the KV
+        is not whole there: it is recomputed, and its host blocks go back when it ends."""
+        kept = record.host_copy[: event.host_kept]
+        if len(kept) < event.host_kept:
+            logger.warning("host copy of %s lost during its swap: recomputed", record.request_id)
+            record.host_copy = ()
+            return
+        bs = self.core.planner.config.block_size
+        record.swapped = (*kept, *event.host_block_ids)
+        record.seq.swapped = True
+        record.host_copy = record.swapped[: (len(record.kv_token_ids) - 1) // bs]
+        copied = len(event.host_block_ids)
+        self.core.swaps.observe(copied * bs, event.swap_s, copied, len(kept))
+        logger.info(
+            "swapped out %s: %d host blocks in %.1f ms (%d held there already)",
+            record.request_id,
+            copied,
+            1e3 * event.swap_s,
+            len(kept),
+        )
 
     def _observe_tpot(self, record: RequestRecord, decode_s: float, tokens: int) -> None:
         """What its TPOT says of how many may run at once (admission.py)."""

@@ -29,6 +29,12 @@ class RequestRecord:
     # Preempted by a swap: the host-tier blocks (held by `owner` in kv.HOST_POOL) holding the
     # KV of kv_token_ids; it is brought back at its next admission instead of prefilled.
     swapped: tuple[int, ...] = ()
+    # Host-tier blocks (held by `owner` in kv.HOST_POOL) holding the KV of its first full
+    # blocks, block i tokens [i*bs, (i+1)*bs) of kv_token_ids: from a swap (kept after it came
+    # back) or from the host tier's prefix index (an earlier turn). A swap-out copies only the
+    # blocks after them; an admission loads them instead of recomputing; when the request
+    # ends they go to the host tier's index.
+    host_copy: tuple[int, ...] = ()
     preempt_sent_at: float | None = None  # monotonic: a PREEMPT went out (SeqState.preempting)
 
     @property

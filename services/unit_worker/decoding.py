@@ -18,6 +18,7 @@ from duetserve.proto import kv, workers
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
 from duetserve.runtime.kv_pool import KVPool
+from duetserve.services.kv_manager.cuda_ipc import PinnedHostMemory, import_cudart
 from duetserve.services.unit_worker.compute import WorkerCompute
 from duetserve.services.unit_worker.model_host import MappedPool, ModelHost, map_pool
 from duetserve.services.unit_worker.settings import UnitWorkerSettings
@@ -55,6 +56,7 @@ class Decoding:
         self._admissions: Subscription | None = None
         self.compute = compute
         self.host_tier: MappedPool | None = None
+        self.pinned: PinnedHostMemory | None = None  # the host tier, page-locked, on a GPU
 
     async def start(self) -> None:
         s = self.settings
@@ -64,11 +66,16 @@ class Decoding:
             description = await fetch_storage(self.bus, s.unit, self.holder, kv.HOST_POOL)
             self.host_tier = await self.compute.run(map_pool, description)
             self.stepper.host_tier = self.host_tier.pool
+            if self.stepper.host.pool.tensor.is_cuda:  # DMA copies, on a stream of their own
+                tier = self.host_tier.pool.tensor
+                self.pinned = await asyncio.to_thread(PinnedHostMemory, import_cudart(), tier)
         await self.outbox.start()
         self._admissions = await self.bus.subscribe(
             workers.decode_admit_subject(s.unit), self.on_admit, queue=QUEUE
         )
         await self.bus.subscribe(workers.decode_control_subject(s.unit), self.on_control)
+        if self.host_tier is not None:  # earlier turns' KV loaded back from the host tier
+            await self.bus.subscribe(workers.kv_load_subject(s.unit), self.on_load, queue=QUEUE)
         self._tasks = [
             critical_task(self.stepper.run(), "decode-loop"),
             critical_task(self._keep_lease(), "decode-lease"),
@@ -98,6 +105,14 @@ class Decoding:
             return
         admitted = await self.stepper.admit(admit.items)
         await self.bus.reply(msg, encode(admitted))
+
+    async def on_load(self, msg: Msg) -> None:
+        try:
+            load = decode(msg.data, workers.KvLoad)
+        except ProtoError as err:
+            await self.bus.reply(msg, encode(ErrorReply(err.code, str(err))))
+            return
+        await self.bus.reply(msg, encode(await self.stepper.load(load)))
 
     async def on_control(self, msg: Msg) -> None:
         try:
@@ -141,5 +156,8 @@ class Decoding:
         self.stepper.step_log.close()
         if self.host_tier is not None:
             self.stepper.host_tier = None
+            if self.pinned is not None:
+                self.pinned.close()
+                self.pinned = None
             self.host_tier.close()
             self.host_tier = None

@@ -9,6 +9,7 @@ copy over the layers, of the raw bits).
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -51,9 +52,19 @@ def _rows(pool: torch.Tensor) -> torch.Tensor:
 
 
 def copy_blocks(
-    source: KVPool, target: KVPool, source_ids: Sequence[int], target_ids: Sequence[int]
+    source: KVPool,
+    target: KVPool,
+    source_ids: Sequence[int],
+    target_ids: Sequence[int],
+    stream: "torch.cuda.Stream | None" = None,
 ) -> Copied:
-    """Copy the KV of `source_ids` in `source` into `target_ids` in `target` (all layers)."""
+    """Copy the KV of `source_ids` in `source` into `target_ids` in `target` (all layers).
+
+    On a GPU, with `stream`: the copies go on that stream, asynchronous (DMA, for host memory
+    that is pinned: PinnedHostMemory), and only that stream is waited for, not the model's
+    kernels. The caller makes sure no kernel still writes the source blocks (a worker copies
+    between steps, and every step ends synchronized, its tokens read back) and that none
+    reads the target blocks until this returns. Without `stream`, the whole device is."""
     src, dst = source.tensor, target.tensor
     if src.shape[:2] != dst.shape[:2] or src.shape[3:] != dst.shape[3:] or src.dtype != dst.dtype:
         raise TransferError(
@@ -67,10 +78,15 @@ def copy_blocks(
     started = time.perf_counter()
     src_rows, dst_rows = _rows(src), _rows(dst)
     width = src_rows.shape[1] // source.num_blocks  # elements of one block in one row
-    for s, t, n in runs(source_ids, target_ids):
-        dst_rows[:, t * width : (t + n) * width].copy_(src_rows[:, s * width : (s + n) * width])
-    if dst.is_cuda:
-        torch.cuda.synchronize(dst.device)
+    on_device = src.is_cuda or dst.is_cuda
+    with torch.cuda.stream(stream) if stream is not None and on_device else nullcontext():
+        for s, t, n in runs(source_ids, target_ids):
+            stretch = src_rows[:, s * width : (s + n) * width]
+            dst_rows[:, t * width : (t + n) * width].copy_(stretch, non_blocking=on_device)
+    if stream is not None and on_device:
+        stream.synchronize()
+    elif on_device:
+        torch.cuda.synchronize(dst.device if dst.is_cuda else src.device)
     return Copied(
         len(source_ids), len(source_ids) * source.block_nbytes, time.perf_counter() - started
     )

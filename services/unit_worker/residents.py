@@ -23,6 +23,7 @@ class Resident:
     stream: str  # where its tokens go (SamplingState.stream)
     stalled_since: float | None = None  # kv_manager had no block for its next token
     traceparent: str = ""  # the request's trace
+    host_kept: int = 0  # its first blocks the host tier holds a copy of (DecodeItem.host_kept)
 
     def preempted_event(self) -> WorkerEvent:
         """Stopped here, its blocks given back: the scheduler recomputes it from its output so
@@ -37,7 +38,12 @@ class Resident:
             tuple(self.state.prompt_token_ids), tuple(self.output), self.sampling, self.stream
         )
         return DecodeItem(
-            self.request_id, tuple(self.block_table), state, self.traceparent, from_worker=True
+            self.request_id,
+            tuple(self.block_table),
+            state,
+            self.traceparent,
+            from_worker=True,
+            host_kept=self.host_kept,
         )
 
     @property

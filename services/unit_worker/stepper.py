@@ -100,6 +100,9 @@ class DecodeStepper:
         # out to it, and an admission bring it back (`_swap_out`, `_swap_in`).
         self.host_tier: KVPool | None = None
         self._swaps: set[asyncio.Task[None]] = set()
+        self._loads = 0  # KV loads so far (each under an owner of its own)
+        # On a GPU: the copies' own stream, so that they overlap the model's kernels.
+        self._copy_stream: torch.cuda.Stream | None = None
         # Swap copies run on this one thread beside the model's, single-threaded: a copy on a
         # thread of the default pool ran as an OpenMP team of its own, whose threads then spun
         # on the two cores the model's team steps on (decode steps ~50% slower at every batch
@@ -179,6 +182,7 @@ class DecodeStepper:
             item.state.sampling,
             item.state.stream,
             traceparent=item.traceparent,
+            host_kept=item.host_kept,
         )
         self._remember_output(request_id, item.state)
         return copied
@@ -309,38 +313,71 @@ class DecodeStepper:
     async def _copy(
         self, source: KVPool, target: KVPool, source_ids: Sequence[int], target_ids: Sequence[int]
     ) -> Copied:
+        gpu = next((p.tensor.device for p in (source, target) if p.tensor.is_cuda), None)
+        if gpu is not None and self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(gpu)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._copier, copy_blocks, source, target, source_ids, target_ids
+            self._copier, copy_blocks, source, target, source_ids, target_ids, self._copy_stream
         )
 
     async def _swap_out(self, resident: Resident, owner: str) -> workers.WorkerEvent | None:
         """Copy the request's KV into host-tier blocks taken for `owner` (the scheduler's),
-        before its own blocks go back; the PREEMPTED event that says where it is. None when
-        it cannot (no host tier, no room there, a failed copy): it is recomputed instead."""
+        before its own blocks go back; the PREEMPTED event that says where it is. Blocks the
+        host tier holds a copy of already (`host_kept`: an earlier swap, an earlier turn) are
+        not copied again. None when it cannot (no host tier, no room there, a failed copy):
+        it is recomputed instead."""
         tier = self.host_tier
         if tier is None or resident.num_computed <= 0:
             return None
         count = -(-resident.num_computed // self.host.pool.block_size)
-        granted = await self._allocate(owner, count, kv.HOST_POOL)
-        if not granted:  # refused, or unanswered: what a lost answer granted goes back
-            await release_blocks(self.bus, self.unit, owner, kv.HOST_POOL)
-            return None
-        try:
-            copied = await self._copy(self.host.pool, tier, resident.block_table[:count], granted)
-        except (TransferError, RuntimeError) as err:
-            logger.warning(
-                "swap-out of %s failed, recomputed instead: %s", resident.request_id, err
-            )
-            await release_blocks(self.bus, self.unit, owner, kv.HOST_POOL)
-            return None
+        kept = min(resident.host_kept, count)
+        granted: list[int] = []
+        seconds = 0.0
+        if count > kept:
+            granted = await self._allocate(owner, count - kept, kv.HOST_POOL)
+            if not granted:  # refused, or unanswered: what a lost answer granted goes back
+                await release_blocks(self.bus, self.unit, owner, kv.HOST_POOL)
+                return None
+            source = resident.block_table[kept:count]
+            try:
+                seconds = (await self._copy(self.host.pool, tier, source, granted)).seconds
+            except (TransferError, RuntimeError) as err:
+                logger.warning(
+                    "swap-out of %s failed, recomputed instead: %s", resident.request_id, err
+                )
+                await release_blocks(self.bus, self.unit, owner, kv.HOST_POOL)
+                return None
         return workers.WorkerEvent(
             workers.EventKind.PREEMPTED,
             resident.request_id,
             output_token_ids=tuple(resident.output),
             host_block_ids=tuple(granted),
-            swap_s=copied.seconds,
+            swap_s=seconds,
+            host_kept=kept,
         )
+
+    async def load(self, load: workers.KvLoad) -> workers.KvLoaded | ErrorReply:
+        """Copy host-tier blocks into blocks of the unit pool that `load.owner` holds (a
+        prompt's earlier turns: cache.PrefixMatch.host_block_ids). The target blocks are
+        retained under an owner of this worker's for the copy, only while `load.owner` holds
+        them: a late load never writes blocks given to another request meanwhile."""
+        tier = self.host_tier
+        if tier is None:
+            return ErrorReply("unavailable", "this worker has no host tier")
+        self._loads += 1
+        owner = f"{self.holder}/load-{self._loads}"
+        retain = kv.RetainBlocks(owner, load.block_ids, (load.owner,))
+        refusal = await self._retain(owner, retain)
+        if refusal is not None:
+            return ErrorReply("unavailable", refusal.reason)
+        try:
+            copied = await self._copy(tier, self.host.pool, load.host_block_ids, load.block_ids)
+        except (TransferError, RuntimeError) as err:
+            return ErrorReply("internal_error", f"KV load failed: {err}")
+        finally:
+            await release_blocks(self.bus, self.unit, owner, self.pool)
+        return workers.KvLoaded(copied.blocks, copied.seconds)
 
     async def _swap_in(self, item: workers.DecodeItem, block_table: list[int]) -> str | None:
         """Fill the request's first blocks from the host tier (its swapped-out KV); why not,

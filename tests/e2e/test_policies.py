@@ -1,10 +1,12 @@
 """The JITServe policy live (DUET_POLICY=jitserve): with every place taken by answers that will
 miss their deadline anyway, requests that can still meet their SLO run first and the others are
 preempted for them; every request, preempted or not, ends with exactly the tokens it gets
-alone, and says whether it met its SLO."""
+alone, and says whether it met its SLO. With a host tier, a swapped answer's KV stays there
+when it ends, and the conversation's next turn loads it back instead of recomputing it."""
 
 import asyncio
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +69,14 @@ def test_jitserve_preempts_hopeless_answers_for_ones_that_can_still_make_it(
                 await api.close()
 
         answers = asyncio.run(run())
+        if host_kv_mb != "0":
+            turn, turn_answer = asyncio.run(_next_turn(stack, longs[0], answers[0]))
+            loaded = _metric(stack, 'duet_kv_host_tier_blocks{kind="loaded"}')
         held = asyncio.run(allocated_blocks(stack.nats_url, settle_s=5.0))
         assert all(h.startswith("cache_index") for h in held), held
-        if host_kv_mb != "0":
+        if host_kv_mb != "0":  # what is left there is the host tier's index's
             host = asyncio.run(kv_stats(stack.nats_url, pool=kv.HOST_POOL))
-            assert host.num_free == host.num_total, host.references_by_holder
+            assert all(h.startswith("cache_index") for h in host.references_by_holder), host
     finally:
         assert stop_stack(stack) == 0
     alone = alone_outputs(model_dir, longs, LONG_TOKENS, TEMPERATURE)
@@ -84,6 +89,66 @@ def test_jitserve_preempts_hopeless_answers_for_ones_that_can_still_make_it(
     assert "preempting for the policy" in log and "policy jitserve" in log
     swapped = "swapped out" in log and "swapped back in" in log
     assert swapped == (host_kv_mb != "0"), log[-3000:]
+    if host_kv_mb != "0":
+        # The next turn's prompt holds the first turn's swapped-out KV in its first blocks:
+        # loaded from the host tier (not recomputed), and the answer is the one it gets alone.
+        assert loaded >= 1
+        from duetserve.runtime.tokenizer import Tokenizer
+
+        alone_turn = _alone_ids(model_dir, turn, NEXT_TURN_TOKENS, seed=0)
+        assert turn_answer == Tokenizer.from_dir(model_dir).decode(alone_turn)
+
+
+NEXT_TURN_TOKENS = 6
+
+
+async def _next_turn(stack: Any, prompt: str, answer: Any) -> tuple[list[int], str]:
+    """The first answer's conversation goes on: its prompt and answer as token ids (as the
+    runtime produced them alone), and a few more; the new answer."""
+    from duetserve.runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(stack.model_dir)
+    first = tokenizer.encode(prompt)
+    earlier = _alone_ids(stack.model_dir, first, LONG_TOKENS, seed=0)
+    assert tokenizer.decode(earlier) == answer.choices[0].text
+    turn = [*first, *earlier, *tokenizer.encode(" and then")]
+    api = openai.AsyncOpenAI(base_url=stack.base_url, api_key="x", max_retries=0, timeout=120)
+    try:
+        reply = await api.completions.create(
+            model=stack.model_dir.name,
+            prompt=turn,
+            max_tokens=NEXT_TURN_TOKENS,
+            temperature=TEMPERATURE,
+            seed=0,
+            extra_body={"ignore_eos": True, "duet": {"slo": LOOSE}},
+        )
+    finally:
+        await api.close()
+    return turn, reply.choices[0].text
+
+
+def _alone_ids(model_dir: Path, prompt: list[int], max_tokens: int, seed: int) -> list[int]:
+    from duetserve.runtime.kv_pool import KVPool
+    from duetserve.runtime.loader import load_model
+    from duetserve.runtime.offline import OfflineEngine
+    from duetserve.runtime.sampling import SamplingParams
+
+    model = load_model(model_dir)
+    blocks = max(64, -(-(len(prompt) + max_tokens) // 16))
+    engine = OfflineEngine(model, KVPool.allocate(model.config, blocks, 16), frozenset())
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=TEMPERATURE, seed=seed, ignore_eos=True
+    )
+    [out] = engine.generate([prompt], params)
+    return list(out.token_ids)
+
+
+def _metric(stack: Any, name: str) -> float:
+    base = stack.base_url.removesuffix("/v1")
+    body = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    rows = [row.split()[-1] for row in body.splitlines() if row.startswith(name + " ")]
+    assert rows, f"{name} not in /metrics"
+    return float(rows[0])
 
 
 FAIR_TOKENS = 300  # about a second of decoding on `tiny`, two at a time

@@ -7,12 +7,15 @@ from collections.abc import AsyncIterator
 from typing import NamedTuple
 
 import pytest
+import torch
 
 from duetserve.common.nats_bus import Bus
 from duetserve.common.nats_server import NatsServer
 from duetserve.proto import cache, kv, subjects
 from duetserve.proto.codec import decode
 from duetserve.proto.common import ErrorReply
+from duetserve.runtime.config import ModelConfig
+from duetserve.runtime.kv_pool import kv_bytes_per_block
 from duetserve.services.cache_index.service import CacheIndexService
 from tests.conftest import ModelDirs
 from tests.integration.unit_services import (
@@ -161,25 +164,105 @@ async def test_stop_gives_the_index_references_back(
 async def test_a_lapsed_index_lease_clears_the_index(
     nats_server: NatsServer, bus: Bus, model_dirs: ModelDirs
 ) -> None:
-    tiny = model_dirs.get(TINY)
+    """Both of its indexes: the pool's and the host tier's (a lease on each)."""
+    tiny, megabytes = model_dirs.get(TINY), host_tier_mb(model_dirs, 8)
     async with (
-        running_kv_manager(nats_server.url, tiny, lease_s=0.3, block_size=BLOCK) as kvm,
-        running_cache_index(nats_server.url, kvm.settings.unit, heartbeat_interval_s=30) as index,
+        running_kv_manager(
+            nats_server.url,
+            tiny,
+            lease_s=0.3,
+            block_size=BLOCK,
+            host_kv_mb=megabytes,
+            dtype="float32",
+        ) as kvm,
+        running_cache_index(
+            nats_server.url, kvm.settings.unit, heartbeat_interval_s=30, host_kv_mb=megabytes
+        ) as index,
     ):
         unit = Unit(kvm.settings.unit, bus, index)
         ids = await alloc(unit, "sched/r1", 3)
         assert await insert(unit, "tenant-a", PROMPT, ids) == 3
-        assert index.handlers is not None
+        request = kv.AllocateBlocks("sched/r1", 3)
+        host_alloc = subjects.kv(unit.name, "alloc", kv.HOST_POOL)
+        host_ids = (await ask_ok(bus, host_alloc, request, kv.BlocksGranted)).block_ids
+        host_insert = cache.PrefixInsert("tenant-a", PROMPT, host_ids, pool=kv.HOST_POOL)
+        await ask_ok(bus, subjects.CACHE_INSERT, host_insert, cache.PrefixInserted)
+        handlers = index.handlers
+        assert handlers is not None and handlers.host_radix is not None
+        assert handlers.host_radix.num_blocks == 3
         # kv_manager expires both holders within a few lease periods, in either order (they
         # lapse together; one sweep may take one and the next the other): wait for both.
         free = 0
         for _ in range(100):
             await asyncio.sleep(0.05)
             free = await num_free(bus, unit.name)
-            if index.handlers.radix.num_blocks == 0 and free == 8:
+            if (
+                handlers.radix.num_blocks == 0
+                and handlers.host_radix.num_blocks == 0
+                and free == 8
+                and not await host_held(unit)
+            ):
                 break
-        assert index.handlers.radix.num_blocks == 0
+        assert handlers.radix.num_blocks == 0 and handlers.host_radix.num_blocks == 0
         assert free == 8
+        assert not await host_held(unit)
+
+
+def host_tier_mb(model_dirs: ModelDirs, blocks: int) -> float:
+    """DUET_HOST_KV_MB for a host tier of `blocks` blocks of `tiny` (float32, BLOCK tokens)."""
+    config = ModelConfig.from_dir(model_dirs.get(TINY))
+    return blocks * kv_bytes_per_block(config, BLOCK, torch.float32) / 2**20
+
+
+async def host_held(unit: Unit) -> dict[str, int]:
+    subject = subjects.kv(unit.name, "stats", kv.HOST_POOL)
+    return (await ask_ok(unit.bus, subject, kv.KvStatsQuery(), kv.KvStats)).references_by_holder
+
+
+async def test_the_host_tier_has_an_index_of_its_own_kept_to_half_the_tier(
+    nats_server: NatsServer, bus: Bus, model_dirs: ModelDirs
+) -> None:
+    """Blocks a request left in the host tier are indexed there, matched only when asked for
+    (retained for the asker in the host tier), and the index keeps at most half the tier,
+    least recently used out first, never a block a request holds."""
+    tiny, megabytes = model_dirs.get(TINY), host_tier_mb(model_dirs, 8)
+    async with (
+        running_kv_manager(
+            nats_server.url, tiny, block_size=BLOCK, host_kv_mb=megabytes, dtype="float32"
+        ) as kvm,
+        running_cache_index(nats_server.url, kvm.settings.unit, host_kv_mb=megabytes) as index,
+    ):
+        unit = Unit(kvm.settings.unit, bus, index)
+        host_alloc = subjects.kv(unit.name, "alloc", kv.HOST_POOL)
+        host_release = subjects.kv(unit.name, "release", kv.HOST_POOL)
+
+        async def leave_in_host(owner: str, tenant: str, tokens: tuple[int, ...]) -> tuple:
+            request = kv.AllocateBlocks(owner, len(tokens) // BLOCK)
+            ids = (await ask_ok(bus, host_alloc, request, kv.BlocksGranted)).block_ids
+            insert = cache.PrefixInsert(tenant, tokens, ids, pool=kv.HOST_POOL)
+            await ask_ok(bus, subjects.CACHE_INSERT, insert, cache.PrefixInserted)
+            await ask_ok(bus, host_release, kv.ReleaseBlocks(owner), kv.BlocksReleased)
+            return ids
+
+        ids = await leave_in_host("sched/r1", "tenant-a", PROMPT)
+        assert await host_held(unit) == {index.holder: 3}
+        # Asked for, the host blocks come with the (empty) pool match, retained for the asker.
+        query = cache.PrefixMatchQuery("sched/r2", "tenant-a", (*PROMPT, 1), host=True)
+        found = await ask_ok(bus, subjects.CACHE_MATCH, query, cache.PrefixMatch)
+        assert (found.block_ids, found.num_tokens, found.host_block_ids) == ((), 0, ids)
+        assert await host_held(unit) == {index.holder: 3, "sched": 3}
+        assert await match(unit, "sched/r3", "tenant-a", (*PROMPT, 1)) == cache.PrefixMatch((), 0)
+        # Another tenant's three blocks: six are over half the tier, so by the next match the
+        # index has let two go: the newer prefix's, since r2 holds the older one.
+        other = await leave_in_host("sched/r4", "tenant-b", PROMPT)
+        query = cache.PrefixMatchQuery("sched/r5", "tenant-b", (*PROMPT, 1), host=True)
+        found = await ask_ok(bus, subjects.CACHE_MATCH, query, cache.PrefixMatch)
+        assert found.host_block_ids == other[:1]
+        assert index.handlers is not None and index.handlers.host_radix is not None
+        assert index.handlers.host_radix.num_blocks == 4
+        assert await host_held(unit) == {index.holder: 4, "sched": 4}
+        # The tier's pool index is untouched by all this.
+        assert index.handlers.radix.num_blocks == 0
 
 
 async def test_runs_as_a_process_after_waiting_for_kv_manager(

@@ -158,7 +158,7 @@ async def running_scheduler(
         nats_url, model_dir, num_blocks=num_blocks, host_kv_mb=host_kv_mb
     ) as kv_manager:
         unit = kv_manager.settings.unit
-        async with running_cache_index(nats_url, unit):
+        async with running_cache_index(nats_url, unit, host_kv_mb=host_kv_mb):
             options: dict[str, Any] = {"mode": "semi-pd", "split_control": "static"}
             options.update(overrides)
             scheduler = SchedulerService(SchedulerSettings(nats_url=nats_url, unit=unit, **options))

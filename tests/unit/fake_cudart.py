@@ -30,6 +30,7 @@ class FakeCudart:
 
     cudaIpcMemHandle_t = real_cudart.cudaIpcMemHandle_t
     cudaIpcMemLazyEnablePeerAccess = real_cudart.cudaIpcMemLazyEnablePeerAccess
+    cudaHostRegisterPortable = real_cudart.cudaHostRegisterPortable
 
     def __init__(self, device_count: int = 2, fail: dict[str, Err] | None = None) -> None:
         self.device_count = device_count
@@ -38,6 +39,7 @@ class FakeCudart:
         self.current = 0
         self.allocations: dict[int, int] = {}
         self.opened: dict[int, int] = {}  # mapped pointer -> exporter's pointer
+        self.pinned: dict[int, int] = {}  # registered host pointer -> bytes
 
     def _result(self, call: str, *args: Any, error: Err = Err.cudaSuccess) -> tuple[Any, ...]:
         self.calls.append((call, *args))
@@ -92,3 +94,17 @@ class FakeCudart:
 
     def cudaFree(self, ptr: int) -> tuple[Any, ...]:
         return self._result("cudaFree", ptr, error=Err(ptr not in self.allocations))
+
+    def cudaHostRegister(self, ptr: int, nbytes: int, flags: int) -> tuple[Any, ...]:
+        overlaps = any(p < ptr + nbytes and ptr < p + n for p, n in self.pinned.items())
+        ok = nbytes > 0 and not overlaps  # cudaErrorHostMemoryAlreadyRegistered: 712
+        (error,) = self._result("cudaHostRegister", ptr, nbytes, flags, error=Err(0 if ok else 1))
+        if not error:
+            self.pinned[ptr] = nbytes
+        return (error,)
+
+    def cudaHostUnregister(self, ptr: int) -> tuple[Any, ...]:
+        (error,) = self._result("cudaHostUnregister", ptr, error=Err(ptr not in self.pinned))
+        if not error:
+            del self.pinned[ptr]
+        return (error,)

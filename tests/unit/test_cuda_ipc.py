@@ -241,3 +241,25 @@ def test_real_device_memory_is_shared_with_another_process() -> None:
     assert child.returncode == 0, child.stderr
     assert pool[0].tolist() == [2.5] * 8 and pool[1].tolist() == [1.5] * 8
     storage.close()
+
+
+def test_host_memory_is_pinned_whole_and_unpinned_once() -> None:
+    from duetserve.services.kv_manager.cuda_ipc import PinnedHostMemory
+
+    cudart = FakeCudart()
+    pool = torch.zeros(4, 2, 8, 16, dtype=torch.bfloat16)  # as a mapped host tier's KV pool
+    pinned = PinnedHostMemory(cudart, pool)
+    assert cudart.pinned == {pool.data_ptr(): pool.numel() * 2}
+    assert cudart.calls[-1] == ("cudaHostRegister", pool.data_ptr(), pool.numel() * 2, 1)
+    pinned.close()
+    pinned.close()  # once only
+    assert cudart.pinned == {}
+    assert [c[0] for c in cudart.calls].count("cudaHostUnregister") == 1
+    with pytest.raises(StorageError):  # a strided view is not one range of memory
+        PinnedHostMemory(cudart, pool[:, 0])
+    again = PinnedHostMemory(cudart, pool)
+    with pytest.raises(CudaError, match="cudaHostRegister"):  # already registered
+        PinnedHostMemory(cudart, pool)
+    del again
+    gc.collect()
+    assert cudart.pinned == {}  # unpinned when garbage

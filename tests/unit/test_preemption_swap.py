@@ -8,10 +8,15 @@ def test_preemption_swaps_when_a_copy_out_and_back_costs_less_than_recomputing()
     assert not prefer_swap(500, swap_s_per_token=3e-4, prefill_s_per_token=5e-4)  # 2x the copy
     assert prefer_swap(10, 2e-6, None)  # nothing measured yet
     assert not prefer_swap(0, 2e-6, 5e-4)  # nothing to keep
+    # Its host copy holds most of it already: only the rest goes out, all of it comes back.
+    assert not prefer_swap(500, 3e-4, 5e-4, kept_tokens=100)  # 900 tokens' copies: dearer
+    assert prefer_swap(500, 3e-4, 5e-4, kept_tokens=400)  # 600 tokens' copies: cheaper
     stats = SwapStats()
     stats.observe(tokens=1000, seconds=0.01)  # 10 us a token: the average moves towards it
     assert stats.swapped_out == 1
     assert SWAP_S_PER_TOKEN_PRIOR < stats.s_per_token < 1e-5
+    stats.observe(tokens=32, seconds=0.001, blocks=2, kept=5)
+    assert (stats.swapped_out, stats.blocks_out, stats.blocks_kept) == (2, 2, 5)
 
 
 def test_a_swapped_request_comes_back_only_with_a_block_to_spare_per_decoding_request() -> None:
