@@ -41,6 +41,7 @@ class RequestSpec:
     seed: int | None = None  # sent as the request's seed (None: the server draws one)
     # Sent as Duet's `duet.expected_output_tokens` (oracle lengths in the policy benchmark).
     expected_output_tokens: int | None = None
+    tenant: str | None = None  # whose request (the simulator's fairness; live: its API key)
 
 
 @dataclass(slots=True)

@@ -18,17 +18,23 @@
         the scheduling policies (FCFS, shortest predicted first, JITServe by the running
         limit, by the measured step line, and with oracle lengths) on the live policy
         benchmark's workload, with the H100 roofline profile; goodput and decision times
+    python -m duetserve.loadtest.sim fairness --units 64 --heavy-rate 400 --ratio 10 \
+        --seconds 60 --out docs/bench/sim_fairness_gpu.json --plot docs/bench/sim_fairness.png
+        two tenants, one sending 10x the other, FCFS alone and under virtual token counters
+        (the live fairness benchmark's workload): each tenant's TTFT, TPOT and service
     python -m duetserve.loadtest.sim replay RUN.json [RUN.json ...] --profile PROFILE.json
         serve the requests of live runs in the simulator; predicted vs measured p50/p90 of
         TTFT and TPOT
 """
 
 import argparse
+import os
 from pathlib import Path
 
 from duetserve.loadtest.arrivals import poisson
 from duetserve.loadtest.metrics import summarize
 from duetserve.loadtest.report import format_summary, read_run
+from duetserve.loadtest.sim import fairness as sim_fairness
 from duetserve.loadtest.sim import policies as sim_policies
 from duetserve.loadtest.sim.cost import (
     KV_BYTES_PER_TOKEN,
@@ -180,6 +186,28 @@ def policies(args: argparse.Namespace) -> None:
         print(f"wrote {args.plot}")
 
 
+def fairness(args: argparse.Namespace) -> None:
+    from duetserve.loadtest.bench_report import write_section
+    from duetserve.loadtest.fairness import plot
+
+    if args.from_json is not None:
+        result = sim_fairness.read(args.from_json)
+    else:
+        profile = GpuRooflineProfile()
+        result = sim_fairness.run(args, profile, profile.kv_blocks(PlannerConfig().block_size))
+    text = sim_fairness.report(result)
+    if args.out is not None:
+        sim_fairness.write(result, args.out)
+    if args.plot is not None:
+        plot(result.run, args.plot)
+        where = args.write.parent if args.write is not None else Path.cwd()
+        text += f"\n\n![service over time]({os.path.relpath(args.plot, where)})"
+    if args.write is not None:
+        title = "Fairness between tenants, simulated"
+        write_section(args.write, "sim-fairness", title, text)
+    print(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m duetserve.loadtest.sim",
@@ -270,6 +298,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--from-json", type=Path, help="report (and plot) a run written before, run nothing"
     )
     ranked.set_defaults(handler=policies)
+    fair = commands.add_parser(
+        "fairness", help="FCFS and virtual token counters for two tenants, on the H100 profile"
+    )
+    fair.add_argument("--units", type=int, default=64)
+    fair.add_argument("--heavy-rate", type=float, default=400.0, help="cluster req/s")
+    fair.add_argument("--ratio", type=float, default=10.0)
+    fair.add_argument("--seconds", type=float, default=60.0)
+    fair.add_argument("--max-tokens", type=int, default=1024)
+    fair.add_argument("--max-running", type=int, default=16, help="per unit")
+    fair.add_argument("--modes", type=lambda t: t.split(","), default=["none", "vtc"])
+    fair.add_argument("--mode", choices=["semi-pd", "unified", "disagg"], default="unified")
+    fair.add_argument("--seed", type=int, default=0)
+    fair.add_argument("--out", type=Path)
+    fair.add_argument("--write", type=Path, help="the section of docs/benchmarks.md")
+    fair.add_argument("--plot", type=Path, help="each tenant's service over time")
+    fair.add_argument("--from-json", type=Path, help="report a run written before")
+    fair.set_defaults(handler=fairness)
     return parser
 
 

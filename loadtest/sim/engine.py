@@ -86,6 +86,7 @@ def _record(
         asked,
         output_bound=bound,
         targets=_targets(spec, group_start),
+        tenant=spec.tenant or "default",
     )
     result = RequestResult(spec, sent_s=spec.arrival_s)
     return Record(seq, result, spec.prompt_tokens, max(spec.output_tokens, 1))

@@ -410,6 +410,7 @@ class SchedulerCore:
             record.host_copy[matched:usable],
             tuple(record.block_table[matched:usable]),
         )
+        started = time.monotonic()
         try:
             reply = await self.bus.request(workers.kv_load_subject(self.unit), encode(load))
             answer = decode(reply.data, workers.KvLoaded, ErrorReply)
@@ -422,6 +423,13 @@ class SchedulerCore:
             )
             return cached
         self.swaps.blocks_loaded += answer.blocks
+        logger.info(
+            "loaded %d blocks of %s from the host tier in %.1f ms (copy %.1f ms)",
+            answer.blocks,
+            record.request_id,
+            1e3 * (time.monotonic() - started),
+            1e3 * answer.seconds,
+        )
         return usable * bs
 
     def _cached_blocks(self, record: RequestRecord) -> int:
