@@ -85,7 +85,9 @@ class SchedulerHandlers:
             return None
         core = self.core
         view, planner = core.view, core.planner
-        order = planner.policy.admission_order([*view.waiting, record.seq], record.seq.arrival)
+        order = list(
+            planner.policy.admission_order([*view.waiting, record.seq], record.seq.arrival)
+        )
         ahead = order[: order.index(record.seq)]
         cap = planner.policy.running_cap()
         limit = None if cap is None else min(cap, core.admission.limit)

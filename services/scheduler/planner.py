@@ -115,6 +115,10 @@ class Planner:
         free = unit.free_blocks - self.config.decode_reserve_blocks
         running = len(unit.prefilling) + len(unit.decoding)
         limit, skip = self.max_running, self.policy.skip_when_blocked()
+        if running >= limit or free <= 0 or not unit.waiting:
+            # Nobody more runs now (every prompt needs a block; a prompt too long for the
+            # pool is refused at submit): the order is not needed.
+            return admit, reject, admitted
         for seq in self.policy.admission_order(unit.waiting, now):
             if running >= limit:
                 break  # nobody more runs now (a prompt too long for the pool: refused at submit)

@@ -1,6 +1,6 @@
 """What a scheduling policy decides; the planner does the arithmetic around it."""
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple, Protocol
 
 from duetserve.services.scheduler.state import SeqState, UnitView
@@ -23,8 +23,9 @@ class Policy(Protocol):
         """Look at every request of the unit before a plan (a policy may do so less often)."""
         ...
 
-    def admission_order(self, waiting: Sequence[SeqState], now: float) -> list[SeqState]:
-        """Waiting requests in the order they should get blocks."""
+    def admission_order(self, waiting: Sequence[SeqState], now: float) -> Iterable[SeqState]:
+        """Waiting requests in the order they should get blocks (may be produced lazily:
+        the planner mostly reads only the first few)."""
         ...
 
     def skip_when_blocked(self) -> bool:

@@ -138,7 +138,7 @@ class FairPolicy:
         return self.inner.skip_when_blocked()
 
     def admission_order(self, waiting: Sequence[SeqState], now: float) -> list[SeqState]:
-        ordered = self.inner.admission_order(waiting, now)
+        ordered = list(self.inner.admission_order(waiting, now))
         starved = [s for s in ordered if s.arrival <= now - STARVED_S]
         queues: dict[str, list[SeqState]] = {}
         for seq in ordered:

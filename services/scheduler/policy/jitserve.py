@@ -44,7 +44,7 @@ such rule: its requests time out instead).
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from duetserve.services.scheduler.policy.base import Rates
@@ -125,6 +125,30 @@ def max_step_s(seq: SeqState, now: float, rates: Rates) -> float:
     return limit
 
 
+def _first(pair: tuple[tuple[bool, float, float], SeqState]) -> tuple[bool, float, float]:
+    return pair[0]
+
+
+def _heap_in_order(
+    heap: list[tuple[tuple[bool, float, float], int, SeqState]],
+) -> Iterator[tuple[tuple[bool, float, float], SeqState]]:
+    """A heap's entries smallest first, without changing it: O(log k) for the k-th (a
+    frontier of the heap's nodes, by their entries)."""
+    if not heap:
+        return
+    frontier = [(heap[0], 0)]
+    while frontier:
+        (key, _, seq), index = heapq.heappop(frontier)
+        yield key, seq
+        for child in (2 * index + 1, 2 * index + 2):
+            if child < len(heap):
+                heapq.heappush(frontier, (heap[child], child))
+
+
+def _arrival(seq: SeqState) -> float:
+    return seq.arrival
+
+
 def reward(seq: SeqState) -> float:
     return REWARD
 
@@ -202,6 +226,12 @@ class JitServePolicy:
     _preempt: tuple[str, ...] = ()
     _cap: int | None = None
     _scores: dict[str, float] = field(default_factory=dict)  # priorities at the last ranking
+    # The queue at the last ranking as a heap by admission order (not counting starvation)
+    # of (key, tie-break, request), and its ids.
+    _order: list[tuple[tuple[bool, float, float], int, SeqState]] = field(default_factory=list)
+    _ordered: frozenset[str] = frozenset()
+    _ranked_waiting: list[SeqState] | None = None  # the queue at a ranking, not ordered yet
+    _ranked_at: float = 0.0
     # The group's size: "limit", the unit's running limit (as JITServe's code takes vLLM's
     # batch size); "measured", `group_size` over the measured step line.
     group: str = "limit"
@@ -222,6 +252,7 @@ class JitServePolicy:
         self._group = frozenset(seq.request_id for seq in group)
         self._cap = size if size < batch_size else None
         self._preempt = self._victims(unit, now, size)
+        self._ranked_waiting, self._ranked_at = list(unit.waiting), now  # ordered when asked
 
     def running_cap(self) -> int | None:
         return self._cap
@@ -240,19 +271,50 @@ class JitServePolicy:
         victims, self._preempt = self._preempt, ()
         return victims
 
-    def admission_order(self, waiting: Sequence[SeqState], now: float) -> list[SeqState]:
+    def admission_order(self, waiting: Sequence[SeqState], now: float) -> Iterator[SeqState]:
+        """Starved requests first (oldest first), then members of the group, then the rest,
+        each by priority at the last ranking. The planner asks before every plan and takes
+        the first few (a unit under load has room for one or two at a time), while the queue
+        may hold thousands: the queue as it was at the ranking stays sorted (`_order`), only
+        what arrived since is sorted, and the two are merged as the planner reads them."""
+        if self._ranked_waiting is not None and now > self._ranked_at:
+            self._build_order()  # the first look since the ranking (see there)
         starved = now - STARVED_S
+        present = {id(seq) for seq in waiting}
+        new = sorted(
+            (
+                (self._key(seq, now), seq)
+                for seq in waiting
+                if seq.request_id not in self._ordered and seq.arrival > starved
+            ),
+            key=_first,
+        )
+        yield from sorted((seq for seq in waiting if seq.arrival <= starved), key=_arrival)
+        old = (
+            (key, seq)
+            for key, seq in _heap_in_order(self._order)
+            if id(seq) in present and seq.arrival > starved
+        )
+        for _, seq in heapq.merge(old, new, key=_first):
+            yield seq
 
-        def key(seq: SeqState) -> tuple[bool, bool, float, float]:
-            if seq.arrival <= starved:  # oldest first, before everything else
-                return (False, False, seq.arrival, 0.0)
-            member = seq.request_id in self._group
-            score = self._scores.get(seq.request_id)
-            if score is None:  # arrived since the last ranking
-                score = self._scores[seq.request_id] = priority(seq, now, self.rates)
-            return (True, not member, -score, seq.arrival)
+    def _build_order(self) -> None:
+        """The queue as it was at the ranking, as a heap by admission order: built in linear
+        time, read in order only as far as the planner reads (`_heap_in_order`). Built at
+        the first plan after the ranking's (which admits by the order before it), so that no
+        one decision pays for both (a decision's time is what the p99 target counts)."""
+        waiting, now = self._ranked_waiting or [], self._ranked_at
+        self._order = [(self._key(seq, now), i, seq) for i, seq in enumerate(waiting)]
+        heapq.heapify(self._order)
+        self._ordered = frozenset(seq.request_id for seq in waiting)
+        self._ranked_waiting = None
 
-        return sorted(waiting, key=key)
+    def _key(self, seq: SeqState, now: float) -> tuple[bool, float, float]:
+        """Where it goes, not starved: members of the group first, then by priority."""
+        score = self._scores.get(seq.request_id)
+        if score is None:  # arrived since the last ranking: scored at its first look
+            score = self._scores[seq.request_id] = priority(seq, now, self.rates)
+        return (seq.request_id not in self._group, -score, seq.arrival)
 
     def skip_when_blocked(self) -> bool:
         return True  # a prompt too big for the room now must not hold back better work
