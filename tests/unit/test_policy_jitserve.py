@@ -253,3 +253,32 @@ def test_a_compound_members_deadline_counts_from_its_groups_first_arrival() -> N
     deadline = Slo(SloKind.DEADLINE, deadline_ms=10_000.0)
     plain = slo_targets(deadline, arrival=100.0, group_age_s=4.0)  # not a group: its own
     assert plain is not None and plain.deadline_at == pytest.approx(110.0)
+
+
+def test_a_ranking_of_a_long_queue_is_spread_over_plans_and_chooses_as_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over RANK_SLICE requests, a ranking scores a slice a plan; the last slice's plan
+    chooses the same group a ranking in one plan would, and until then the last group holds
+    (and admission goes on by it)."""
+    from duetserve.services.scheduler.policy import jitserve
+
+    monkeypatch.setattr(jitserve, "RANK_SLICE", 4)
+    lengths = [40, 400, 60, 800, 20, 300, 90, 700, 50, 600]
+    waiting = [seq(f"r{i}", bound=b, arrival=0.01 * i) for i, b in enumerate(lengths)]
+    whole = JitServePolicy()
+    monkeypatch.setattr(jitserve, "RANK_SLICE", 100)
+    whole.rank(UnitView(1000, 1000, waiting=list(waiting)), 1.0, 3, RATES)
+    monkeypatch.setattr(jitserve, "RANK_SLICE", 4)
+    sliced = JitServePolicy()
+    unit = UnitView(1000, 1000, waiting=list(waiting))
+    sliced.rank(unit, 1.0, 3, RATES)  # 4 of 10 scored: no group yet
+    assert sliced._group == frozenset() and sliced._round is not None
+    assert [s.request_id for s in sliced.admission_order(unit.waiting, 1.0)][:1] == ["r4"]
+    sliced.rank(unit, 1.0, 3, RATES)  # 8 of 10
+    assert sliced._group == frozenset()
+    sliced.rank(unit, 1.0, 3, RATES)  # all: chosen
+    assert sliced._round is None and sliced._group == whole._group
+    assert sliced._scores == whole._scores
+    order = [s.request_id for s in sliced.admission_order(unit.waiting, 1.5)]
+    assert order == [s.request_id for s in whole.admission_order(unit.waiting, 1.5)]

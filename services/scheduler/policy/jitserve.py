@@ -57,6 +57,7 @@ WINDOW_FACTOR = 2
 # the reward of everyone running: a cap costs throughput the projection does not count.
 CAP_GAIN = 1.2
 RANK_INTERVAL_S = 0.5
+RANK_SLICE = 384  # requests a plan scores of a ranking under way (`JitServePolicy.rank`)
 MAX_PREEMPTIONS = 2
 # A request waiting this long goes first whatever its priority: one whose SLO is out of reach
 # ranks last for good, and under sustained overload would otherwise never run.
@@ -231,20 +232,39 @@ class JitServePolicy:
     _order: list[tuple[tuple[bool, float, float], int, SeqState]] = field(default_factory=list)
     _ordered: frozenset[str] = frozenset()
     _ranked_waiting: list[SeqState] | None = None  # the queue at a ranking, not ordered yet
+    # A ranking under way (`rank`): the requests it ranks, and those scored so far.
+    _round: list[SeqState] | None = None
+    _round_scores: dict[str, float] = field(default_factory=dict)
     _ranked_at: float = 0.0
     # The group's size: "limit", the unit's running limit (as JITServe's code takes vLLM's
     # batch size); "measured", `group_size` over the measured step line.
     group: str = "limit"
 
     def rank(self, unit: UnitView, now: float, batch_size: int, rates: Rates | None) -> None:
-        """`batch_size`: the most that may run by the unit's own limits."""
+        """`batch_size`: the most that may run by the unit's own limits.
+
+        A ranking scores every request of the unit, ~1 us each: with thousands queued (an
+        overload) that is milliseconds, more than one plan should take. So a ranking of more
+        than RANK_SLICE requests is spread over the plans that follow, RANK_SLICE scored in
+        each (the queue as it was when the ranking began; what arrives meanwhile is scored
+        at its first look), and the group is chosen in the plan that scores the last slice.
+        Until then the last ranking's group and order hold."""
         if rates is not None:
             self.rates = rates
-        if now < self._next_rank:
+        if self._round is None:
+            if now < self._next_rank:
+                return
+            self._next_rank = now + RANK_INTERVAL_S
+            self._round = [*unit.waiting, *unit.prefilling, *unit.decoding]
+            self._round_scores = {}
+        everyone = self._round
+        done = len(self._round_scores)
+        for seq in everyone[done : done + RANK_SLICE]:
+            self._round_scores[seq.request_id] = priority(seq, now, self.rates)
+        if len(self._round_scores) < len(everyone):
             return
-        self._next_rank = now + RANK_INTERVAL_S
-        everyone = [*unit.waiting, *unit.prefilling, *unit.decoding]
-        self._scores = scores = _scores(everyone, now, self.rates)
+        self._round = None
+        self._scores = scores = self._round_scores
         size = max(batch_size, 1)
         if self.group == "measured":
             size = max(group_size(everyone, now, size, self.rates, scores), 1)
@@ -263,7 +283,7 @@ class JitServePolicy:
             return ()
         waiting_members = sum(seq.request_id in self._group for seq in unit.waiting)
         outside = [seq for seq in unit.decoding if seq.request_id not in self._group]
-        outside.sort(key=lambda seq: self._scores[seq.request_id])
+        outside.sort(key=lambda seq: self._score(seq, now))
         count = min(MAX_PREEMPTIONS, waiting_members, len(outside))
         return tuple(seq.request_id for seq in outside[:count])
 
@@ -311,10 +331,14 @@ class JitServePolicy:
 
     def _key(self, seq: SeqState, now: float) -> tuple[bool, float, float]:
         """Where it goes, not starved: members of the group first, then by priority."""
+        return (seq.request_id not in self._group, -self._score(seq, now), seq.arrival)
+
+    def _score(self, seq: SeqState, now: float) -> float:
+        """Its priority at the last ranking, or at its first look if it came since."""
         score = self._scores.get(seq.request_id)
-        if score is None:  # arrived since the last ranking: scored at its first look
+        if score is None:
             score = self._scores[seq.request_id] = priority(seq, now, self.rates)
-        return (seq.request_id not in self._group, -score, seq.arrival)
+        return score
 
     def skip_when_blocked(self) -> bool:
         return True  # a prompt too big for the room now must not hold back better work
