@@ -258,9 +258,9 @@ def test_a_compound_members_deadline_counts_from_its_groups_first_arrival() -> N
 def test_a_ranking_of_a_long_queue_is_spread_over_plans_and_chooses_as_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Over RANK_SLICE requests, a ranking scores a slice a plan; the last slice's plan
-    chooses the same group a ranking in one plan would, and until then the last group holds
-    (and admission goes on by it)."""
+    """Over RANK_SLICE requests, a ranking scores a slice a plan; the plan after the last
+    slice chooses the same group a ranking in one plan would, and until then the last group
+    holds (and admission goes on by it)."""
     from duetserve.services.scheduler.policy import jitserve
 
     monkeypatch.setattr(jitserve, "RANK_SLICE", 4)
@@ -276,8 +276,9 @@ def test_a_ranking_of_a_long_queue_is_spread_over_plans_and_chooses_as_one(
     assert sliced._group == frozenset() and sliced._round is not None
     assert [s.request_id for s in sliced.admission_order(unit.waiting, 1.0)][:1] == ["r4"]
     sliced.rank(unit, 1.0, 3, RATES)  # 8 of 10
+    sliced.rank(unit, 1.0, 3, RATES)  # all scored
     assert sliced._group == frozenset()
-    sliced.rank(unit, 1.0, 3, RATES)  # all: chosen
+    sliced.rank(unit, 1.0, 3, RATES)  # chosen, in a plan of its own
     assert sliced._round is None and sliced._group == whole._group
     assert sliced._scores == whole._scores
     order = [s.request_id for s in sliced.admission_order(unit.waiting, 1.5)]

@@ -247,8 +247,9 @@ class JitServePolicy:
         overload) that is milliseconds, more than one plan should take. So a ranking of more
         than RANK_SLICE requests is spread over the plans that follow, RANK_SLICE scored in
         each (the queue as it was when the ranking began; what arrives meanwhile is scored
-        at its first look), and the group is chosen in the plan that scores the last slice.
-        Until then the last ranking's group and order hold."""
+        at its first look), and the group is chosen in the plan after the last slice (and
+        the queue put in order in the plan after that: `_build_order`). Until then the last
+        ranking's group and order hold."""
         if rates is not None:
             self.rates = rates
         if self._round is None:
@@ -261,8 +262,8 @@ class JitServePolicy:
         done = len(self._round_scores)
         for seq in everyone[done : done + RANK_SLICE]:
             self._round_scores[seq.request_id] = priority(seq, now, self.rates)
-        if len(self._round_scores) < len(everyone):
-            return
+        if done < len(everyone) and len(everyone) > RANK_SLICE:
+            return  # a long ranking chooses in a plan of its own, after its last slice
         self._round = None
         self._scores = scores = self._round_scores
         size = max(batch_size, 1)
