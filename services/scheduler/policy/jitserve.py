@@ -57,7 +57,7 @@ WINDOW_FACTOR = 2
 # the reward of everyone running: a cap costs throughput the projection does not count.
 CAP_GAIN = 1.2
 RANK_INTERVAL_S = 0.5
-RANK_SLICE = 384  # requests a plan scores of a ranking under way (`JitServePolicy.rank`)
+RANK_SLICE = 256  # requests a plan scores of a ranking under way (`JitServePolicy.rank`)
 MAX_PREEMPTIONS = 2
 # A request waiting this long goes first whatever its priority: one whose SLO is out of reach
 # ranks last for good, and under sustained overload would otherwise never run.
@@ -97,13 +97,18 @@ def _slo_factor(seq: SeqState, now: float, step_s: float, prefill_s: float, left
 
 def priority(seq: SeqState, now: float, rates: Rates) -> float:
     """Reward per second of work left, cut steeply when its SLO is out of reach (module doc).
-    After a preemption its recomputed output counts as prompt too: it is work again. (Ranking
-    runs it for every request of the unit: each term is computed once.)"""
+    After a preemption its recomputed output counts as prompt too: it is work again."""
+    return priority_and_time_left(seq, now, rates)[0]
+
+
+def priority_and_time_left(seq: SeqState, now: float, rates: Rates) -> tuple[float, float]:
+    """`priority` and `time_left_s` at once. (Ranking runs it for every request of the unit:
+    each term is computed once.)"""
     out_left = seq.remaining_output
     prefill_s = (seq.prompt_len - seq.num_computed) * rates.prefill_s_per_token
     left_s = prefill_s + out_left * rates.step_s
     factor = _slo_factor(seq, now, rates.step_s, prefill_s, left_s)
-    return REWARD * factor / max(left_s, _EPSILON_S)
+    return REWARD * factor / max(left_s, _EPSILON_S), left_s
 
 
 def max_step_s(seq: SeqState, now: float, rates: Rates) -> float:
@@ -200,13 +205,19 @@ def select_group(
     batch_size: int,
     rates: Rates,
     scores: dict[str, float] | None = None,
+    lefts: dict[str, float] | None = None,
 ) -> list[SeqState]:
     """The best WINDOW_FACTOR x batch_size by priority, sorted by time left; of those, the
-    contiguous batch_size with the highest summed priority. `scores`: the candidates'
-    priorities, when known already."""
+    contiguous batch_size with the highest summed priority. `scores` and `lefts`: the
+    candidates' priorities and times left, when known already."""
+    if len(candidates) <= batch_size:
+        return list(candidates)  # all of them, whatever the order
     scores = scores if scores is not None else _scores(candidates, now, rates)
     scored = sorted(((scores[s.request_id], s) for s in candidates), key=lambda p: -p[0])
-    top = sorted(scored[: WINDOW_FACTOR * batch_size], key=lambda p: time_left_s(p[1], rates))
+    if lefts is None:
+        top = sorted(scored[: WINDOW_FACTOR * batch_size], key=lambda p: time_left_s(p[1], rates))
+    else:
+        top = sorted(scored[: WINDOW_FACTOR * batch_size], key=lambda p: lefts[p[1].request_id])
     if len(top) <= batch_size:
         return [seq for _, seq in top]
     window = sum(score for score, _ in top[:batch_size])
@@ -235,6 +246,7 @@ class JitServePolicy:
     # A ranking under way (`rank`): the requests it ranks, and those scored so far.
     _round: list[SeqState] | None = None
     _round_scores: dict[str, float] = field(default_factory=dict)
+    _round_lefts: dict[str, float] = field(default_factory=dict)  # their times left
     _ranked_at: float = 0.0
     # The group's size: "limit", the unit's running limit (as JITServe's code takes vLLM's
     # batch size); "measured", `group_size` over the measured step line.
@@ -257,19 +269,20 @@ class JitServePolicy:
                 return
             self._next_rank = now + RANK_INTERVAL_S
             self._round = [*unit.waiting, *unit.prefilling, *unit.decoding]
-            self._round_scores = {}
-        everyone = self._round
-        done = len(self._round_scores)
+            self._round_scores, self._round_lefts = {}, {}
+        everyone, scores, lefts = self._round, self._round_scores, self._round_lefts
+        done = len(scores)
         for seq in everyone[done : done + RANK_SLICE]:
-            self._round_scores[seq.request_id] = priority(seq, now, self.rates)
+            key = seq.request_id
+            scores[key], lefts[key] = priority_and_time_left(seq, now, self.rates)
         if done < len(everyone) and len(everyone) > RANK_SLICE:
             return  # a long ranking chooses in a plan of its own, after its last slice
         self._round = None
-        self._scores = scores = self._round_scores
+        self._scores = scores
         size = max(batch_size, 1)
         if self.group == "measured":
             size = max(group_size(everyone, now, size, self.rates, scores), 1)
-        group = select_group(everyone, now, size, self.rates, scores)
+        group = select_group(everyone, now, size, self.rates, scores, lefts)
         self._group = frozenset(seq.request_id for seq in group)
         self._cap = size if size < batch_size else None
         self._preempt = self._victims(unit, now, size)
