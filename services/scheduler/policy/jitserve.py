@@ -57,7 +57,7 @@ WINDOW_FACTOR = 2
 # the reward of everyone running: a cap costs throughput the projection does not count.
 CAP_GAIN = 1.2
 RANK_INTERVAL_S = 0.5
-RANK_SLICE = 256  # requests a plan scores of a ranking under way (`JitServePolicy.rank`)
+RANK_SLICE = 128  # requests a plan scores of a ranking under way (`JitServePolicy.rank`)
 MAX_PREEMPTIONS = 2
 # A request waiting this long goes first whatever its priority: one whose SLO is out of reach
 # ranks last for good, and under sustained overload would otherwise never run.
