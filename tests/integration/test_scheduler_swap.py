@@ -8,7 +8,9 @@ A real scheduler, kv_manager and cache_index on a real nats-server; the workers 
 the test."""
 
 import asyncio
+from collections.abc import AsyncIterator
 
+import pytest
 import torch
 from nats.aio.msg import Msg
 
@@ -29,26 +31,27 @@ PROMPT = tuple(range(5, 25))  # 20 tokens: one full block the prefix cache keeps
 OUTPUT = (42, 43, 44)  # what the played decode worker produced before each preemption
 
 
-async def test_a_swapped_request_comes_back_without_prefill_or_is_prefilled_when_it_cannot(
-    nats_server: NatsServer, bus: Bus, model_dirs: ModelDirs
-) -> None:
+@pytest.fixture
+async def unit(nats_server: NatsServer, model_dirs: ModelDirs) -> AsyncIterator[str]:
+    """A scheduler over a unit with a host tier of 8 blocks; its workers are the test's."""
     tiny = model_dirs.get(TINY)
     per_block = kv_bytes_per_block(ModelConfig.from_dir(tiny), 16, torch.float32)
     async with running_scheduler(
         nats_server.url, tiny, host_kv_mb=8 * per_block / 2**20, dtype="float32"
-    ) as unit:
-        await _play(bus, unit)
+    ) as name:
+        yield name
+
+
+async def test_a_swapped_request_comes_back_without_prefill_or_is_prefilled_when_it_cannot(
+    bus: Bus, unit: str
+) -> None:
+    await _play(bus, unit)
 
 
 async def test_a_conversation_s_next_turn_loads_its_earlier_turn_from_the_host_tier(
-    nats_server: NatsServer, bus: Bus, model_dirs: ModelDirs
+    bus: Bus, unit: str
 ) -> None:
-    tiny = model_dirs.get(TINY)
-    per_block = kv_bytes_per_block(ModelConfig.from_dir(tiny), 16, torch.float32)
-    async with running_scheduler(
-        nats_server.url, tiny, host_kv_mb=8 * per_block / 2**20, dtype="float32"
-    ) as unit:
-        await _next_turn(bus, unit)
+    await _next_turn(bus, unit)
 
 
 class PlayedWorkers:
