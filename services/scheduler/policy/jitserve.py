@@ -214,10 +214,8 @@ def select_group(
         return list(candidates)  # all of them, whatever the order
     scores = scores if scores is not None else _scores(candidates, now, rates)
     scored = sorted(((scores[s.request_id], s) for s in candidates), key=lambda p: -p[0])
-    if lefts is None:
-        top = sorted(scored[: WINDOW_FACTOR * batch_size], key=lambda p: time_left_s(p[1], rates))
-    else:
-        top = sorted(scored[: WINDOW_FACTOR * batch_size], key=lambda p: lefts[p[1].request_id])
+    lefts = lefts if lefts is not None else {s.request_id: time_left_s(s, rates) for _, s in scored}
+    top = sorted(scored[: WINDOW_FACTOR * batch_size], key=lambda p: lefts[p[1].request_id])
     if len(top) <= batch_size:
         return [seq for _, seq in top]
     window = sum(score for score, _ in top[:batch_size])
@@ -243,11 +241,12 @@ class JitServePolicy:
     _order: list[tuple[tuple[bool, float, float], int, SeqState]] = field(default_factory=list)
     _ordered: frozenset[str] = frozenset()
     _ranked_waiting: list[SeqState] | None = None  # the queue at a ranking, not ordered yet
+    _ranked_at: float = 0.0
     # A ranking under way (`rank`): the requests it ranks, and those scored so far.
     _round: list[SeqState] | None = None
     _round_scores: dict[str, float] = field(default_factory=dict)
     _round_lefts: dict[str, float] = field(default_factory=dict)  # their times left
-    _ranked_at: float = 0.0
+    _round_done: int = 0  # how many of them are scored
     # The group's size: "limit", the unit's running limit (as JITServe's code takes vLLM's
     # batch size); "measured", `group_size` over the measured step line.
     group: str = "limit"
@@ -269,12 +268,13 @@ class JitServePolicy:
                 return
             self._next_rank = now + RANK_INTERVAL_S
             self._round = [*unit.waiting, *unit.prefilling, *unit.decoding]
-            self._round_scores, self._round_lefts = {}, {}
+            self._round_scores, self._round_lefts, self._round_done = {}, {}, 0
         everyone, scores, lefts = self._round, self._round_scores, self._round_lefts
-        done = len(scores)
+        done = self._round_done
         for seq in everyone[done : done + RANK_SLICE]:
             key = seq.request_id
             scores[key], lefts[key] = priority_and_time_left(seq, now, self.rates)
+        self._round_done = min(done + RANK_SLICE, len(everyone))
         if done < len(everyone) and len(everyone) > RANK_SLICE:
             return  # a long ranking chooses in a plan of its own, after its last slice
         self._round = None
