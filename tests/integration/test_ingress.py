@@ -531,7 +531,9 @@ def _ttft_count(text: str) -> float:
 async def test_health_aggregates_the_required_services(
     start_ingress: StartIngress, bus: Bus
 ) -> None:
-    ingress = await start_ingress(health_services="scheduler,kv_manager")
+    # A timeout far beyond the server's instant "no responders" answer, so
+    # a busy machine cannot turn that answer into a timeout.
+    ingress = await start_ingress(health_services="scheduler,kv_manager", health_timeout_s=5.0)
     ready = lambda: HealthStatus.READY  # noqa: E731
     await serve_health(bus, "scheduler", "scheduler-0", ready)
     kv_manager = await serve_health(bus, "kv_manager", "kv-0", ready)
