@@ -6,6 +6,7 @@ step, or by an earlier request with the same prefix). Prefill (num_cached_tokens
 prefill, decode (one new token) and any mix of them are all the same shape of batch.
 """
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,10 +23,29 @@ class SequenceChunk:
     num_cached_tokens: int  # tokens before them whose K/V are already in the pool
     block_table: Sequence[int]  # pool block ids of this sequence, in position order
     all_logits: bool = False  # logits for every new token, not just the last
+    positions: Sequence[int] | None = None  # a scattered chunk's increasing token positions
+
+    @classmethod
+    def scattered(
+        cls,
+        token_ids: Sequence[int],
+        positions: Sequence[int],
+        block_table: Sequence[int],
+        all_logits: bool = False,
+    ) -> "SequenceChunk":
+        """Tokens at the given increasing positions; the positions between them, up to the
+        last, hold K/V already in the pool."""
+        cached = (positions[-1] + 1 - len(token_ids)) if positions else 0
+        return cls(token_ids, cached, block_table, all_logits, positions)
 
     @property
     def context_len(self) -> int:
         return self.num_cached_tokens + len(self.token_ids)
+
+    def token_positions(self) -> Sequence[int]:
+        if self.positions is not None:
+            return self.positions
+        return range(self.num_cached_tokens, self.context_len)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +59,8 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # int64 [R]: rows of the T tokens that get logits
     query_lens: tuple[int, ...]  # host copy of the per-sequence new-token counts
     context_lens: tuple[int, ...]  # host copy of seq_lens
+    # Some chunk is scattered: query rows sit at `positions`, not at each context's end.
+    scattered: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -82,7 +104,7 @@ class ForwardBatch:
         for chunk in chunks:
             first = len(input_ids)
             input_ids.extend(chunk.token_ids)
-            new_positions = range(chunk.num_cached_tokens, chunk.context_len)
+            new_positions = chunk.token_positions()
             positions.extend(new_positions)
             table = chunk.block_table
             slots.extend(
@@ -108,6 +130,7 @@ class ForwardBatch:
             logits_indices=tensor(logits_indices, torch.int64),
             query_lens=tuple(len(c.token_ids) for c in chunks),
             context_lens=tuple(c.context_len for c in chunks),
+            scattered=any(c.positions is not None for c in chunks),
         )
 
 
@@ -121,6 +144,8 @@ def _validate_chunk(index: int, chunk: SequenceChunk, config: ModelConfig, pool:
         raise ValueError(f"sequence {index}: a chunk needs at least one new token")
     if chunk.num_cached_tokens < 0:
         raise ValueError(f"sequence {index}: num_cached_tokens must be >= 0")
+    if chunk.positions is not None:
+        _validate_positions(index, chunk)
     low, high = min(chunk.token_ids), max(chunk.token_ids)
     if low < 0 or high >= config.vocab_size:
         bad = low if low < 0 else high
@@ -142,4 +167,20 @@ def _validate_chunk(index: int, chunk: SequenceChunk, config: ModelConfig, pool:
     if min(used) < 0 or max(used) >= pool.num_blocks:
         raise BlockTableError(
             f"sequence {index}: block table points outside the pool of {pool.num_blocks} blocks"
+        )
+
+
+def _validate_positions(index: int, chunk: SequenceChunk) -> None:
+    positions = chunk.positions
+    assert positions is not None
+    if len(positions) != len(chunk.token_ids):
+        raise ValueError(
+            f"sequence {index}: {len(positions)} positions for {len(chunk.token_ids)} tokens"
+        )
+    if positions[0] < 0 or any(b <= a for a, b in itertools.pairwise(positions)):
+        raise ValueError(f"sequence {index}: positions must be increasing and >= 0")
+    if positions[-1] + 1 != chunk.context_len:
+        raise ValueError(
+            f"sequence {index}: positions end at {positions[-1]}, the context is "
+            f"{chunk.context_len} tokens (use SequenceChunk.scattered)"
         )

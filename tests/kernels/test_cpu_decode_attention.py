@@ -229,6 +229,43 @@ def test_bfloat16_decode_and_prefill_equal_reference_either_way(
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "positions",
+    [[0, 3, 4, 5, 40, 41, 69], list(range(1, 70, 2)), [69]],
+    ids=["scattered", "every-other-two-tiles", "last-only"],
+)
+def test_prefill_at_given_positions_equals_reference(
+    positions: list[int], dtype: torch.dtype
+) -> None:
+    torch.manual_seed(0)
+    context_len = positions[-1] + 1
+    k_cache, v_cache, tables = build_paged_cache([context_len], 16, 2, dtype, 64)
+    query = random_query(len(positions), 6, 64, dtype)
+    where = torch.tensor(positions, dtype=torch.int64)
+    ours = cpu_paged_prefill_attention(
+        query, k_cache, v_cache, tables[0], context_len, 0.125, positions=where
+    )
+    starts = torch.tensor([0, len(positions)], dtype=torch.int32)
+    lens = torch.tensor([context_len], dtype=torch.int32)
+    expected = paged_attention_ref(query, k_cache, v_cache, tables, starts, lens, 0.125, where)
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(ours, expected, rtol=tolerance, atol=tolerance)
+
+
+@needs_kernel
+def test_prefill_refuses_positions_out_of_order_or_short_of_the_context() -> None:
+    k_cache, v_cache, tables = build_paged_cache([20], 8, 2, torch.float32, 32)
+    query = random_query(3, 4, 32, torch.float32)
+    for bad in ([1, 1, 19], [5, 3, 19], [-1, 3, 19], [1, 2, 18]):
+        where = torch.tensor(bad, dtype=torch.int64)
+        with pytest.raises(BlockTableError):
+            cpu_paged_prefill_attention(
+                query, k_cache, v_cache, tables[0], 20, 0.1, positions=where
+            )
+
+
+@needs_kernel
 def test_prefill_refuses_what_lies_outside_the_table_or_pool() -> None:
     k_cache, v_cache, tables = build_paged_cache([20], 8, 2, torch.float32, 32)
     query = random_query(5, 4, 32, torch.float32)
@@ -419,9 +456,11 @@ def check_backend_on_mixed_batch(
     pools[1].tensor.copy_(pools[0].tensor)
     order = torch.randperm(40).tolist()
     chunks = [SequenceChunk([1], 30, order[0:4]), SequenceChunk([1], 7, order[8:9])]
-    if not decode_only:  # a chunk after a 20-token prefix, and a whole 12-token prompt
+    if not decode_only:  # a chunk after a 20-token prefix, a whole 12-token prompt, and
+        # tokens at scattered positions of an 18-token context (KVShare's recomputation)
         chunks.insert(1, SequenceChunk([1] * 9, 20, order[4:8]))
         chunks.append(SequenceChunk([1] * 12, 0, order[9:11]))
+        chunks.append(SequenceChunk.scattered([1] * 5, [2, 5, 9, 10, 17], order[11:14]))
     batch = ForwardBatch.build(chunks, config, pools[0])
     shape = (batch.num_tokens, -1, config.head_dim)
     q = torch.randn(batch.num_tokens, config.num_q_heads * config.head_dim).to(dtype).view(shape)

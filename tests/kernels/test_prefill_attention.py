@@ -138,3 +138,52 @@ def test_prefill_refuses_cache_geometry(block_size: int, head_dim: int, refused:
     args["query"] = torch.zeros(9, 4, head_dim, device=DEVICE)
     with pytest.raises(ShapeError, match=refused):
         paged_prefill_attention(**args, scale=SCALE, max_query_len=5)
+
+
+SCATTERED_CASES = [
+    # (positions per sequence, seq_lens, num_q_heads, num_kv_heads, block_size, dtype)
+    pytest.param([[3, 9, 10, 39], [0, 5, 69]], [40, 70], 4, 2, 8, torch.float32, id="gqa2-bs8"),
+    pytest.param([[*range(2, 90, 3), 99]], [100], 2, 1, 16, torch.float32, id="tiles"),
+    pytest.param([[7, 8, 30, 31], [12]], [32, 13], 2, 2, 16, torch.bfloat16, id="bfloat16"),
+]
+
+
+@pytest.mark.parametrize(
+    ("positions", "seq_lens", "num_q_heads", "num_kv_heads", "block_size", "dtype"),
+    SCATTERED_CASES,
+)
+def test_scattered_rows_equal_the_same_rows_of_a_whole_prefill(
+    positions: list[list[int]],
+    seq_lens: list[int],
+    num_q_heads: int,
+    num_kv_heads: int,
+    block_size: int,
+    dtype: torch.dtype,
+) -> None:
+    # KVShare's selective recomputation: rows at chosen positions of a context. Each must equal
+    # its row of a prefill of the whole context (every position a query) with the same queries.
+    torch.manual_seed(0)
+    k_cache, v_cache, block_tables = build_paged_cache(
+        seq_lens, block_size, num_kv_heads, dtype, HEAD_DIM
+    )
+    whole_query = random_query(sum(seq_lens), num_q_heads, dtype, HEAD_DIM)
+    whole = paged_args(k_cache, v_cache, block_tables, seq_lens, seq_lens)
+    expected = reference(whole_query, whole)
+    starts = [0, *torch.tensor(seq_lens).cumsum(0).tolist()]
+    picked = [starts[b] + p for b, rows in enumerate(positions) for p in rows]
+    query = whole_query[picked]
+    flat = torch.tensor([p for rows in positions for p in rows], dtype=torch.int64)
+    paged = paged_args(k_cache, v_cache, block_tables, [len(r) for r in positions], seq_lens)
+    tolerance = TOLERANCE[dtype]
+    ref = paged_attention_ref(
+        query.cpu(), **{n: t.cpu() for n, t in paged.items()}, scale=SCALE, positions=flat
+    )
+    torch.testing.assert_close(ref, expected[picked], rtol=tolerance, atol=tolerance)
+    ours = paged_prefill_attention(
+        query,
+        **paged,
+        scale=SCALE,
+        max_query_len=max(len(r) for r in positions),
+        positions=flat.to(DEVICE),
+    )
+    torch.testing.assert_close(ours.cpu(), expected[picked], rtol=tolerance, atol=tolerance)

@@ -8,7 +8,8 @@ A batch holds B sequences. Sequence b owns the query rows query_start_loc[b]:que
 they are the last n_b tokens of a context of seq_lens[b] tokens whose K/V are already stored in
 the cache at the slots its block table names. Query row i of sequence b sits at position
 seq_lens[b] - n_b + i and attends to keys 0..that position (causal). Prefill, chunked prefill,
-decode (n_b == 1) and mixed batches are all this one computation.
+decode (n_b == 1) and mixed batches are all this one computation. Given `positions` (a scattered
+batch: KVShare's selective recomputation), row t sits at positions[t] instead.
 
 Written for clarity, not speed: one sequence at a time, in float32.
 """
@@ -51,6 +52,7 @@ def paged_attention_ref(
     query_start_loc: torch.Tensor,  # int [B + 1]
     seq_lens: torch.Tensor,  # int [B]
     scale: float,
+    positions: torch.Tensor | None = None,  # int [T]: each row's position, when scattered
 ) -> torch.Tensor:  # [T, Hq, D]
     num_q_heads = query.shape[1]
     num_kv_heads = k_cache.shape[2]
@@ -65,7 +67,10 @@ def paged_attention_ref(
         k = k.repeat_interleave(group, dim=1)  # [S, Hq, D]
         v = v.repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,shd->hqs", q, k) * scale  # [Hq, n, S]
-        q_pos = torch.arange(context_len - n, context_len, device=query.device).unsqueeze(1)
+        if positions is None:
+            q_pos = torch.arange(context_len - n, context_len, device=query.device).unsqueeze(1)
+        else:
+            q_pos = positions[starts[b] : starts[b + 1]].long().unsqueeze(1)  # [n, 1]
         k_pos = torch.arange(context_len, device=query.device).unsqueeze(0)  # [1, S]
         scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
         probs = torch.softmax(scores, dim=-1)

@@ -9,9 +9,10 @@ read of each row. OpenMP work items are whole sequences (their blocks then read 
 order), or parts of their kv heads when sequences are too few for the threads. Equals
 attention_ref.paged_attention_ref with one query row per sequence.
 
-Prefill: the last n tokens of one sequence's context, each attending causally to the positions
-up to its own, with the same tile functions: a work item is one kv head and a tile of query
-tokens, whose q heads score each key tile from one read of its rows. Equals
+Prefill: the last n tokens of one sequence's context (or n tokens at given increasing
+positions: KVShare's selective recomputation), each attending causally to the positions up to
+its own, with the same tile functions: a work item is one kv head and a tile of query tokens,
+whose q heads score each key tile from one read of its rows. Equals
 attention_ref.paged_attention_ref for that sequence.
 
 `cpu_kernels_available` says whether the kernels could be built here and, if not, why; callers
@@ -51,7 +52,7 @@ STATUS_ERRORS = {
 _ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 15 + [ctypes.c_float] + [ctypes.c_int32] * 2
 # out, query, k_cache, v_cache, block_table; 15 sizes and strides; scale, dtype, threads
 _PREFILL_ARGTYPES = (
-    [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 15 + [ctypes.c_float] + [ctypes.c_int32] * 2
+    [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 15 + [ctypes.c_float] + [ctypes.c_int32] * 2
 )
 MAX_PREFILL_GROUP_ELEMENTS = 1 << 14  # group * head_dim: the C side's MAX_PREFILL_ITEM_FLOATS
 
@@ -228,10 +229,11 @@ def cpu_paged_prefill_attention(
     out: torch.Tensor | None = None,  # [n, Hq, D], written in place when given
     num_threads: int | None = None,
     options: CompilerOptions = DEFAULT_OPTIONS,
+    positions: torch.Tensor | None = None,  # int64 [n]: increasing, the last context_len - 1
 ) -> torch.Tensor:  # [n, Hq, D]
-    """Causal attention of one sequence's last n tokens. Raises ShapeError on a bad argument,
-    BlockTableError on a context or block id outside the table or pool, KernelUnavailable when
-    the kernel cannot be built here."""
+    """Causal attention of one sequence's last n tokens (or those at `positions`). Raises
+    ShapeError on a bad argument, BlockTableError on a context, position or block id outside
+    the table or pool, KernelUnavailable when the kernel cannot be built here."""
     check_same_device(block_table=block_table, query=query)
     geometry, group = _check_query_and_cache(query, k_cache, v_cache, MAX_PREFILL_GROUP_ELEMENTS)
     check_tensor("block_table", block_table, dtype=torch.int32, shape=(None,))
@@ -243,6 +245,10 @@ def cpu_paged_prefill_attention(
             f"context_len {context_len}: outside {query.shape[0]} .. the table's "
             f"{block_table.shape[0] * geometry.block_size} positions"
         )
+    if positions is not None:
+        check_tensor("positions", positions, dtype=torch.int64, shape=(query.shape[0],))
+        check_same_device(positions=positions, query=query)
+        positions = positions.contiguous()
     kernel = load_decode_kernel(options)
     if kernel.prefill is None:
         raise KernelUnavailable(kernel.reason)
@@ -252,6 +258,7 @@ def cpu_paged_prefill_attention(
         k_cache.data_ptr(),
         v_cache.data_ptr(),
         block_table.data_ptr(),
+        None if positions is None else positions.data_ptr(),
         query.shape[0],
         context_len,
         geometry.num_kv_heads,

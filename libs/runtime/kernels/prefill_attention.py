@@ -2,7 +2,9 @@
 
 Sequence b owns query rows query_start_loc[b]:query_start_loc[b + 1], the last n_b tokens of a
 context of seq_lens[b] tokens whose K/V (the chunk's own included) are already in the cache.
-Row i sits at position seq_lens[b] - n_b + i and attends causally to keys 0..that position.
+Row i sits at position seq_lens[b] - n_b + i and attends causally to keys 0..that position;
+given `positions` (a scattered batch: KVShare's selective recomputation), row t sits at
+positions[t] instead, the rows of a sequence increasing and its last at seq_lens[b] - 1.
 
 One program per (tile of BLOCK_M query rows of one sequence, query head), flash-attention
 style: key tiles of BLOCK_N positions are gathered through the block table, scores and values go
@@ -54,6 +56,7 @@ def _paged_prefill_kernel(
     block_tables_ptr,
     query_start_loc_ptr,
     seq_lens_ptr,
+    positions_ptr,
     qk_scale,
     tiles_per_seq,
     stride_out_t,
@@ -70,6 +73,7 @@ def _paged_prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    SCATTERED: tl.constexpr,
 ):
     seq = (tl.program_id(0) // tiles_per_seq).to(tl.int64)
     tile = tl.program_id(0) % tiles_per_seq
@@ -83,9 +87,14 @@ def _paged_prefill_kernel(
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # row index within the chunk
     row_mask = offs_m < query_len
-    q_pos = context_start + offs_m  # [M] absolute positions
     offs_d = tl.arange(0, HEAD_DIM)
     rows = (query_start + offs_m).to(tl.int64)
+    if SCATTERED:
+        q_pos = tl.load(positions_ptr + rows, mask=row_mask, other=0).to(tl.int32)
+        last_pos = tl.max(q_pos, axis=0)  # rows increase: the tile's last row
+    else:
+        q_pos = context_start + offs_m  # [M] absolute positions
+        last_pos = context_start + (tile + 1) * BLOCK_M - 1
     q = tl.load(
         query_ptr + rows[:, None] * stride_query_t + head * stride_query_h + offs_d[None, :],
         mask=row_mask[:, None],
@@ -98,7 +107,7 @@ def _paged_prefill_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # Keys past the tile's last row are masked for every row: stop there.
-    kv_end = tl.minimum(seq_len, context_start + (tile + 1) * BLOCK_M)
+    kv_end = tl.minimum(seq_len, last_pos + 1)
     for kv_start in range(0, kv_end, BLOCK_N):
         offs_n = kv_start + tl.arange(0, BLOCK_N)  # key positions
         key_mask = offs_n < kv_end
@@ -144,6 +153,7 @@ def paged_prefill_attention(
     seq_lens: torch.Tensor,  # int32 [B]
     scale: float,
     max_query_len: int,
+    positions: torch.Tensor | None = None,  # int64 [T]: each row's position, when scattered
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each sequence's query chunk over its cached context and itself."""
     _, block_size, num_kv_heads, head_dim = check_kv_cache(k_cache, v_cache)
@@ -155,6 +165,9 @@ def paged_prefill_attention(
     num_seqs = seq_lens.shape[0]
     check_tensor("block_tables", block_tables, dtype=torch.int32, shape=(num_seqs, None))
     check_tensor("query_start_loc", query_start_loc, dtype=torch.int32, shape=(num_seqs + 1,))
+    if positions is not None:
+        check_tensor("positions", positions, dtype=torch.int64, shape=(num_tokens,))
+        check_same_device(query=query, positions=positions)
     check_same_device(
         query=query,
         k_cache=k_cache,
@@ -178,6 +191,7 @@ def paged_prefill_attention(
         block_tables,
         query_start_loc,
         seq_lens,
+        seq_lens if positions is None else positions,  # not read unless SCATTERED
         scale * LOG2E,
         tiles_per_seq,
         out.stride(0),
@@ -194,5 +208,6 @@ def paged_prefill_attention(
         BLOCK_M=block_m,
         BLOCK_N=BLOCK_N,
         UPCAST_DOT=INTERPRETED and query.dtype == torch.bfloat16,
+        SCATTERED=positions is not None,
     )
     return out

@@ -68,8 +68,9 @@ class ReferenceAttention:
         assert isinstance(metadata, ForwardBatch)
         b = metadata
         store_kv_ref(k, v, k_cache, v_cache, b.slot_mapping)
+        positions = b.positions if b.scattered else None
         return paged_attention_ref(
-            q, k_cache, v_cache, b.block_tables, b.query_start_loc, b.seq_lens, scale
+            q, k_cache, v_cache, b.block_tables, b.query_start_loc, b.seq_lens, scale, positions
         )
 
 
@@ -78,6 +79,7 @@ class _PrefillChunk:
     rows: slice  # this sequence's query rows: the last n positions of its context
     table: torch.Tensor  # int32 [nb]: its context's blocks, in position order
     context_len: int
+    positions: torch.Tensor | None = None  # int64 [n]: a scattered chunk's row positions
 
 
 @dataclass(slots=True)
@@ -145,7 +147,11 @@ class CpuAttention:
         for b, (n, context) in enumerate(zip(batch.query_lens, batch.context_lens, strict=True)):
             if n > 1:
                 table = batch.block_tables[b, : _cdiv(context, block_size)]
-                prefill.append(_PrefillChunk(slice(starts[b], starts[b + 1]), table, context))
+                rows = slice(starts[b], starts[b + 1])
+                # A scattered chunk's rows are its context's last n only if they are contiguous.
+                scattered = batch.scattered and (int(batch.positions[rows.start]) != context - n)
+                positions = batch.positions[rows] if scattered else None
+                prefill.append(_PrefillChunk(rows, table, context, positions))
         return _CpuMetadata(batch.slot_mapping, _decode_group(batch, block_size), tuple(prefill))
 
     def attend(
@@ -181,6 +187,7 @@ class CpuAttention:
                     chunk.context_len,
                     scale,
                     out=out[chunk.rows],
+                    positions=chunk.positions,
                 )
             else:
                 out[chunk.rows] = _prefill(q[chunk.rows], k_cache, v_cache, chunk, scale)
@@ -203,9 +210,10 @@ def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def _chunk_mask(n: int, context: int) -> torch.Tensor:
-    """The last n positions of a context of `context` tokens see keys up to themselves."""
-    q_pos = torch.arange(context - n, context).unsqueeze(1)
+def _chunk_mask(n: int, context: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The last n positions of a context of `context` tokens (or the given positions) see keys
+    up to themselves."""
+    q_pos = (torch.arange(context - n, context) if positions is None else positions).unsqueeze(1)
     return torch.arange(context).unsqueeze(0) <= q_pos  # [n, S]
 
 
@@ -258,7 +266,8 @@ def _prefill(
     keys = k_cache.index_select(0, blocks).view(shape)[: chunk.context_len]  # [S, Hkv, D]
     values = v_cache.index_select(0, blocks).view(shape)[: chunk.context_len]
     n = q.shape[0]
-    mask = None if n == chunk.context_len else _chunk_mask(n, chunk.context_len)
+    full = n == chunk.context_len and chunk.positions is None
+    mask = None if full else _chunk_mask(n, chunk.context_len, chunk.positions)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0),  # [1, Hq, n, D]
         keys.transpose(0, 1).unsqueeze(0).to(q.dtype),  # [1, Hkv, S, D]
@@ -296,7 +305,7 @@ class TritonAttention:
         assert isinstance(metadata, ForwardBatch)
         b = metadata
         store_kv(k, v, k_cache, v_cache, b.slot_mapping)
-        if b.is_decode_only:
+        if b.is_decode_only:  # a one-token chunk sits at its context's end, scattered or not
             return paged_decode_attention(q, k_cache, v_cache, b.block_tables, b.seq_lens, scale)
         return paged_prefill_attention(
             q,
@@ -307,6 +316,7 @@ class TritonAttention:
             b.seq_lens,
             scale,
             b.max_query_len,
+            b.positions if b.scattered else None,
         )
 
 

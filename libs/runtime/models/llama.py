@@ -6,6 +6,9 @@ query attention and RoPE scaling, which the config carries. Weights arrive in th
 (layers/prepack.py), and then every matmul goes through oneDNN.
 """
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +22,15 @@ from duetserve.runtime.layers.norm import rms_norm
 from duetserve.runtime.layers.prepack import is_packed
 from duetserve.runtime.layers.rotary import RotaryEmbedding
 from duetserve.runtime.weights import Weights
+
+# Sees a layer's rotated q [T, Hq, D], k [T, Hkv, D] and v [T, Hkv, D], and that layer's caches
+# before the rows' K/V are stored in them.
+KVProbe = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class Step(NamedTuple):
+    metadata: object  # the attention backend's, for the batch
+    rope: tuple[torch.Tensor, torch.Tensor]  # rotary tables at the batch's positions
 
 
 class LlamaForCausalLM:
@@ -37,21 +49,46 @@ class LlamaForCausalLM:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
         """Run one step; returns logits [len(batch.logits_indices), V] in float32."""
+        step = self.prepare(batch, pool)
+        residual = self.embed(batch.input_ids)
+        for index in range(len(self.layers)):
+            residual = self.layer(index, residual, step, pool)
+        return self.logits(residual[batch.logits_indices])
+
+    # The pieces of a forward pass, for callers that run layers over different rows
+    # (KVShare's selective recomputation, runtime/kv_reuse.py).
+
+    def prepare(self, batch: ForwardBatch, pool: KVPool) -> "Step":
+        """What every layer of a pass over `batch` needs, made once."""
         pool.check_compatible(self.config, self.dtype)
         metadata = self.attention.prepare(batch, pool.block_size)
-        rope = self.rotary.tables(batch.positions)
-        hidden = F.embedding(batch.input_ids, self.weights["embed_tokens"])  # [T, H]
-        residual = hidden
-        for index, layer in enumerate(self.layers):
-            k_cache, v_cache = pool.layer(index)
-            hidden = rms_norm(residual, layer.input_norm, self.config.rms_norm_eps)
-            hidden = self._attention(layer, hidden, rope, k_cache, v_cache, metadata)
-            residual = residual + hidden
-            hidden = rms_norm(residual, layer.post_attention_norm, self.config.rms_norm_eps)
-            residual = residual + self._mlp(layer, hidden)
-        last = residual[batch.logits_indices]  # [R, H]
-        hidden = rms_norm(last, self.weights["final_norm"], self.config.rms_norm_eps)
-        return self.linear(hidden, self.weights["lm_head"], None).float()  # [R, V]
+        return Step(metadata, self.rotary.tables(batch.positions))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weights["embed_tokens"])  # [T, H]
+
+    def layer(
+        self,
+        index: int,
+        residual: torch.Tensor,  # [T, H]: the residual stream entering the layer
+        step: "Step",
+        pool: KVPool,
+        probe: "KVProbe | None" = None,
+    ) -> torch.Tensor:  # [T, H]: the residual stream leaving it
+        """One decoder layer: stores the rows' K/V at their slots (first showing them to
+        `probe`, when given, while the pool still holds what was there) and attends."""
+        layer = self.layers[index]
+        k_cache, v_cache = pool.layer(index)
+        hidden = rms_norm(residual, layer.input_norm, self.config.rms_norm_eps)
+        hidden = self._attention(layer, hidden, step.rope, k_cache, v_cache, step.metadata, probe)
+        residual = residual + hidden
+        hidden = rms_norm(residual, layer.post_attention_norm, self.config.rms_norm_eps)
+        return residual + self._mlp(layer, hidden)
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """Logits [R, V] in float32 of residual rows [R, H] leaving the last layer."""
+        hidden = rms_norm(rows, self.weights["final_norm"], self.config.rms_norm_eps)
+        return self.linear(hidden, self.weights["lm_head"], None).float()
 
     def _attention(
         self,
@@ -61,6 +98,7 @@ class LlamaForCausalLM:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         metadata: object,
+        probe: "KVProbe | None" = None,
     ) -> torch.Tensor:
         c = self.config
         qkv = self.linear(hidden, layer.qkv_proj, layer.qkv_bias)  # [T, Q + 2 KV]
@@ -68,6 +106,8 @@ class LlamaForCausalLM:
         qk = self.rotary.rotate(qk.view(-1, c.num_q_heads + c.num_kv_heads, c.head_dim), rope)
         q, k = qk.split([c.num_q_heads, c.num_kv_heads], dim=1)  # [T, Hq, D], [T, Hkv, D]
         v = v.view(-1, c.num_kv_heads, c.head_dim)
+        if probe is not None:
+            probe(q, k, v, k_cache, v_cache)
         out = self.attention.attend(q, k, v, k_cache, v_cache, metadata, self.scale)
         return self.linear(out.reshape(-1, c.q_size), layer.o_proj, None)  # [T, H]
 

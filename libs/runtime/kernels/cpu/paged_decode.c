@@ -496,8 +496,10 @@ int paged_decode_attention(
     return status;
 }
 
-/* ---- Prefill: the n query tokens of one sequence, the last n of its context, each attending to
- * the positions up to its own (causal), over the same paged cache and the same tile functions.
+/* ---- Prefill: the n query tokens of one sequence, the last n of its context (or, given
+ * positions, any n increasing positions of it: KVShare's selective recomputation), each
+ * attending to the positions up to its own (causal), over the same paged cache and the same
+ * tile functions.
  *
  * A work item is one kv head and a tile of up to QUERY_TILE consecutive query tokens: the G q
  * heads of each token make the item's query vectors (token-major), and they walk the key tiles
@@ -512,6 +514,7 @@ int paged_decode_attention(
 typedef struct {
     Args a;
     int64_t num_queries, context_len, tile_tokens;
+    const int64_t *positions; /* of each query token, increasing; NULL: the context's last n */
 } PrefillArgs;
 
 /* Query tokens tile * tile_tokens .. of kv head kv: their G q heads each. */
@@ -537,12 +540,12 @@ static int attend_query_tile(const PrefillArgs *p, int64_t kv, int64_t tile) {
             }
             m[v] = -INFINITY;
             l[v] = 0.0f;
-            position[v] = offset + first_token + t;
+            position[v] = p->positions ? p->positions[first_token + t] : offset + first_token + t;
         }
     const int64_t head_bytes = kv * a->stride_head * (a->bf16 ? 2 : 4);
     const char *k_head = (const char *)a->k_cache + head_bytes;
     const char *v_head = (const char *)a->v_cache + head_bytes;
-    const int64_t last = offset + first_token + tokens - 1;
+    const int64_t last = position[V - 1];
     int64_t rows[TILE];
     vf scores[SUBGROUP];
     for (int64_t start = 0; start <= last; start += TILE) {
@@ -581,12 +584,13 @@ static int attend_query_tile(const PrefillArgs *p, int64_t kv, int64_t tile) {
     return OK;
 }
 
-/* out [n, num_kv_heads * group, head_dim] = causal attention of the sequence's last n tokens,
+/* out [n, num_kv_heads * group, head_dim] = causal attention of the sequence's last n tokens
+ * (or the tokens at `positions` [n], increasing, the last context_len - 1; NULL: the last n),
  * queries [n, Hq, D], over its context_len cached positions (theirs among them), the blocks in
  * block_table [table_len]. Returns OK or the largest error code an item met. */
 int paged_prefill_attention(
     void *out, const void *query, const void *k_cache, const void *v_cache,
-    const int32_t *block_table, int64_t num_queries, int64_t context_len,
+    const int32_t *block_table, const int64_t *positions, int64_t num_queries, int64_t context_len,
     int64_t num_kv_heads, int64_t group, int64_t head_dim,
     int64_t num_blocks, int64_t block_size, int64_t table_len,
     int64_t out_stride_tok, int64_t out_stride_head, int64_t q_stride_tok, int64_t q_stride_head,
@@ -597,6 +601,11 @@ int paged_prefill_attention(
     if (group * head_dim > MAX_PREFILL_ITEM_FLOATS) return BAD_ARGUMENT;
     if (dtype != DTYPE_FLOAT32 && dtype != DTYPE_BFLOAT16) return BAD_ARGUMENT;
     if (context_len < num_queries || context_len > table_len * block_size) return BAD_SEQ_LEN;
+    if (positions) {
+        if (positions[0] < 0 || positions[num_queries - 1] != context_len - 1) return BAD_SEQ_LEN;
+        for (int64_t t = 1; t < num_queries; t++)
+            if (positions[t] <= positions[t - 1]) return BAD_SEQ_LEN;
+    }
     int64_t tile_tokens = MAX_PREFILL_ITEM_FLOATS / (group * head_dim);
     tile_tokens = tile_tokens < QUERY_TILE ? tile_tokens : QUERY_TILE;
     const PrefillArgs p = {{query, k_cache, v_cache, out, block_table, NULL,
@@ -604,7 +613,7 @@ int paged_prefill_attention(
                             stride_block, stride_row, stride_head, table_len,
                             num_blocks, table_len, block_size, group, head_dim, scale * LOG2E,
                             dtype == DTYPE_BFLOAT16, use_dp(dtype, head_dim)},
-                           num_queries, context_len, tile_tokens};
+                           num_queries, context_len, tile_tokens, positions};
     const int64_t tiles = (num_queries + tile_tokens - 1) / tile_tokens;
     int status = OK;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) reduction(max : status) \
