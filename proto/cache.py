@@ -11,6 +11,11 @@ request took there by a swap and left behind when it ended (the earlier turns of
 conversation). A match may extend past the pool's blocks with host blocks, which the scheduler
 loads back instead of recomputing; the same blocks stay the request's host copy, so a later
 swap-out copies only what is new.
+
+Spans (KVShare): every prompt indexed in the pool's radix is also indexed by the content of its
+chunks (cache_index/span_cache.py), so a match asked for `spans` also names parts of the prompt
+past the prefix that equal parts of cached prompts wherever they sit; their source blocks are
+retained for the owner like the prefix's, for the prefill that copies from them.
 """
 
 from dataclasses import dataclass
@@ -26,6 +31,19 @@ class PrefixMatchQuery:
     token_ids: tuple[int, ...]
     public_prefix_tokens: int = 0
     host: bool = False  # also match the host tier's index (host_block_ids)
+    spans: bool = False  # also find cached spans anywhere past the prefix (KVShare)
+
+
+@dataclass(frozen=True, slots=True)
+class CachedSpan:
+    """Tokens [start, start + length) of the prompt equal tokens [source_start, source_start +
+    length) of a cached prompt, whose K/V lie in source_block_ids: block i of them holds
+    source positions from (source_start // block_size + i) * block_size on."""
+
+    start: int
+    length: int
+    source_start: int
+    source_block_ids: tuple[int, ...]
 
 
 @message("cache.match.ok")
@@ -40,6 +58,10 @@ class PrefixMatch:
     block_ids: tuple[int, ...]
     num_tokens: int
     host_block_ids: tuple[int, ...] = ()
+    # Asked for with `spans`: cached spans past the prefix, by start, and their source blocks
+    # (those not in block_ids), retained for the owner too until it releases them.
+    spans: tuple[CachedSpan, ...] = ()
+    span_block_ids: tuple[int, ...] = ()
 
 
 @message("cache.insert")
@@ -53,6 +75,7 @@ class PrefixInsert:
     block_ids: tuple[int, ...]
     public_prefix_tokens: int = 0
     pool: str = ""  # kv.UNIT_POOL, or kv.HOST_POOL for blocks of the host tier
+    public_spans: bool = False  # its spans may be found by every tenant (duet.cache.public_spans)
 
 
 @message("cache.inserted")

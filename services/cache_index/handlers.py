@@ -15,6 +15,10 @@ The host tier (kv.HOST_POOL) has a radix of its own (`host_radix`), under the sa
 lock, over the host blocks requests left there (cache.py). It keeps at most a share of the
 host tier's blocks (DUET_HOST_CACHE_SHARE), least recently used out first, so that swaps find
 room.
+
+Spans (KVShare): every prompt the pool's radix indexes is also indexed by its chunks' content
+(`spans`, span_cache.py) over the radix's own blocks, and forgotten block by block as the radix
+lets them go, so a span never names a block the index does not hold.
 """
 
 import asyncio
@@ -32,6 +36,7 @@ from duetserve.proto.common import ErrorReply
 from duetserve.proto.workers import EventKind, WorkerEvents
 from duetserve.services.cache_index.kv_client import KVCallFailed, KVClient
 from duetserve.services.cache_index.radix import RadixIndex
+from duetserve.services.cache_index.span_cache import SpanCache
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,6 +66,7 @@ class CacheHandlers:
         # one that finds no room recomputes instead).
         self.host_radix = host_radix
         self.host_limit = host_limit
+        self.spans = SpanCache(radix.block_size)
 
     # ---- subjects ----------------------------------------------------------------------
 
@@ -103,6 +109,7 @@ class CacheHandlers:
                 self.radix.num_blocks,
             )
         self.radix = RadixIndex(self.radix.block_size)
+        self.spans.clear()
 
     def forget_host(self, why: str) -> None:
         """The same for the host tier's references. Call under `lock`."""
@@ -128,6 +135,10 @@ class CacheHandlers:
                 block_ids = tuple(found.block_ids)
             except KVCallFailed as err:
                 logger.warning("match for %s not retained, answering none: %s", query.owner, err)
+        spans: tuple[cache.CachedSpan, ...] = ()
+        span_ids: tuple[int, ...] = ()
+        if query.spans:
+            spans, span_ids = await self._match_spans(query, block_ids, now)
         host_ids: tuple[int, ...] = ()
         if query.host and self.host_radix is not None:
             await self._trim_host()
@@ -140,9 +151,33 @@ class CacheHandlers:
                     host_ids = tuple(on_host.block_ids)
                 except KVCallFailed as err:
                     logger.warning("host match for %s not retained: %s", query.owner, err)
-        if not block_ids and not host_ids:
+        if not block_ids and not host_ids and not spans:
             return NO_MATCH
-        return cache.PrefixMatch(block_ids, len(block_ids) * self.radix.block_size, host_ids)
+        num_tokens = len(block_ids) * self.radix.block_size
+        return cache.PrefixMatch(block_ids, num_tokens, host_ids, spans, span_ids)
+
+    async def _match_spans(
+        self, query: cache.PrefixMatchQuery, prefix: tuple[int, ...], now: float
+    ) -> tuple[tuple[cache.CachedSpan, ...], tuple[int, ...]]:
+        """Spans past the matched prefix, their source blocks retained for the owner (those
+        the prefix retained already aside); none when the retain is refused."""
+        begin = len(prefix) * self.radix.block_size
+        found = self.spans.match(query.tenant, query.token_ids, begin)
+        if not found:
+            return (), ()
+        held = set(prefix)
+        blocks = list(dict.fromkeys(b for s in found for b in s.source_block_ids if b not in held))
+        if blocks:
+            try:
+                await self.kv.retain(query.owner, blocks)
+            except KVCallFailed as err:
+                logger.warning("spans for %s not retained, answering none: %s", query.owner, err)
+                return (), ()
+        self.radix.touch(blocks, now=now)
+        spans = tuple(
+            cache.CachedSpan(s.start, s.length, s.source_start, s.source_block_ids) for s in found
+        )
+        return spans, tuple(blocks)
 
     async def _insert(self, insert: cache.PrefixInsert) -> cache.PrefixInserted:
         pool = insert.pool
@@ -180,7 +215,18 @@ class CacheHandlers:
             await self._release(sorted(surplus), pool)
         if pool == kv.HOST_POOL:
             await self._trim_host()
+        else:
+            self._index_spans(insert, now)
         return cache.PrefixInserted(result.num_new)
+
+    def _index_spans(self, insert: cache.PrefixInsert, now: float) -> None:
+        """The prompt's full blocks as the radix now holds them (its own copies where it had
+        the content already), indexed by their chunks."""
+        bs = self.radix.block_size
+        num_full = len(insert.token_ids) // bs
+        probe = (*insert.token_ids[: num_full * bs], 0)
+        path = self.radix.match(insert.tenant, probe, insert.public_prefix_tokens, now=now)
+        self.spans.add(insert.tenant, insert.token_ids, path.block_ids, insert.public_spans)
 
     async def _trim_host(self) -> None:
         """Evict the host index's least recently used blocks down to `host_limit`. Blocks a
@@ -225,6 +271,7 @@ class CacheHandlers:
             in_use = set()
         evicted = self.radix.evict(query.num_blocks, keep=in_use.__contains__)
         if evicted:
+            self.spans.forget(evicted)
             await self._release(evicted)
         return cache.Evicted(tuple(evicted))
 

@@ -199,6 +199,17 @@ class RadixIndex:
             if node.evictable_leaf:
                 self._push(node)
 
+    def touch(self, block_ids: Sequence[int], *, now: float) -> None:
+        """Mark these blocks (and so their ancestors) used now, as a match does its path: spans
+        found by their content keep their blocks as a prefix match keeps its. Ids not indexed
+        are skipped."""
+        self._advance(now, 0)
+        for block_id in block_ids:
+            node = self._by_block.get(block_id)
+            while node is not None and node.last_access < now:
+                node.last_access = now
+                node = node.parent
+
     def block_ids(self) -> list[int]:
         """Every block the index holds."""
         return list(self._by_block)

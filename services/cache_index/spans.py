@@ -32,6 +32,9 @@ WINDOW = 8  # tokens a boundary hash looks at
 AVERAGE = 32  # one position in AVERAGE is a boundary, so chunks average about this long
 MIN_CHUNK = 16
 MAX_CHUNK = 128
+# Entries kept per chunk key, the most recent: a chunk every prompt shares (a system prompt)
+# would otherwise make each match walk every entry.
+MAX_HOLDERS = 8
 PERSON = b"duet.span.v1"
 _MASK = (1 << 61) - 1
 _MULTIPLIER = 0x9E3779B97F4A7C15 & _MASK
@@ -112,7 +115,11 @@ class SpanIndex:
             if end - start < MIN_CHUNK:
                 continue  # a short tail would match by chance
             key = chunk_key(tokens[start:end], namespace)
-            self._by_key.setdefault(key, {}).setdefault(entry, start)
+            holders = self._by_key.setdefault(key, {})
+            if entry not in holders:
+                holders[entry] = start
+                if len(holders) > MAX_HOLDERS:  # the oldest goes (dicts keep insertion order)
+                    del holders[next(iter(holders))]
             keys.append(key)
         self._entries[entry] = _Entry(tuple(tokens), tuple(keys))
 
@@ -127,12 +134,16 @@ class SpanIndex:
                 if not holders:
                     del self._by_key[key]
 
-    def match(self, tenant: str, tokens: Sequence[int]) -> list[SpanMatch]:
+    def tokens(self, entry: str) -> tuple[int, ...]:
+        return self._entries[entry].tokens
+
+    def match(self, tenant: str, tokens: Sequence[int], begin: int = 0) -> list[SpanMatch]:
         """The spans of `tokens` found in entries of `tenant` or public ones, not overlapping
-        in `tokens`, longest first; sorted by where they start in `tokens`."""
+        in `tokens`, longest first; sorted by where they start in `tokens`. Chunks that end by
+        `begin` (a prefix the caller has already) are not looked up."""
         found: list[SpanMatch] = []
         for start, end in _chunks(tokens):
-            if end - start < MIN_CHUNK:
+            if end - start < MIN_CHUNK or end <= begin:
                 continue
             piece = tokens[start:end]
             for namespace in (tenant, None):

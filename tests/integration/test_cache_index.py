@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 
@@ -288,3 +289,78 @@ async def test_runs_as_a_process_after_waiting_for_kv_manager(
     finally:
         code = await process.stop()
     assert code == 0, process.output
+
+
+def _doc(seed: int, length: int) -> tuple[int, ...]:
+    return tuple(int(t) for t in np.random.default_rng(seed).integers(10, 4000, length))
+
+
+DOC_A, DOC_B = _doc(1, 160), _doc(2, 160)
+
+
+async def test_spans_are_found_anywhere_retained_and_forgotten_with_their_blocks(
+    nats_server: NatsServer, bus: Bus, model_dirs: ModelDirs
+) -> None:
+    tiny = model_dirs.get(TINY)
+    async with (
+        running_kv_manager(nats_server.url, tiny, num_blocks=128, block_size=BLOCK) as kvm,
+        running_cache_index(nats_server.url, kvm.settings.unit) as index,
+    ):
+        unit = Unit(kvm.settings.unit, bus, index)
+        cached = _doc(3, 8) + DOC_A + DOC_B  # 82 full blocks
+        ids = await alloc(unit, "sched/r1", len(cached) // BLOCK)
+        assert await insert(unit, "tenant-a", cached, ids) == len(ids)
+        await release(unit, "sched/r1")
+
+        prompt = _doc(4, 8) + DOC_B + DOC_A + _doc(5, 6)  # another head: no prefix in common
+        query = cache.PrefixMatchQuery("sched/r2", "tenant-a", prompt, spans=True)
+        found = await ask_ok(unit.bus, subjects.CACHE_MATCH, query, cache.PrefixMatch)
+        assert found.block_ids == () and found.spans
+        assert sum(s.length for s in found.spans) >= 250
+        by_block = {b: cached[i * BLOCK : (i + 1) * BLOCK] for i, b in enumerate(ids)}
+        for span in found.spans:
+            first = span.source_start // BLOCK
+            source = [
+                by_block[span.source_block_ids[p // BLOCK - first]][p % BLOCK]
+                for p in range(span.source_start, span.source_start + span.length)
+            ]
+            assert list(prompt[span.start : span.start + span.length]) == source
+        retained = set(found.span_block_ids)
+        assert retained == {b for s in found.spans for b in s.source_block_ids}
+        # r2 holds the spans' blocks: eviction skips them, and frees the rest.
+        evicted = await evict(unit, len(ids))
+        assert not retained & set(evicted)
+        await release(unit, "sched/r2")
+
+        # Another tenant finds nothing; a matched prefix is not found again as a span.
+        other = cache.PrefixMatchQuery("sched/r3", "tenant-b", prompt, spans=True)
+        assert await ask_ok(unit.bus, subjects.CACHE_MATCH, other, cache.PrefixMatch) == (
+            cache.PrefixMatch((), 0)
+        )
+        # Once the radix lets the blocks go (with the ancestors they kept), no span names them.
+        assert retained <= set(await evict(unit, len(ids)))
+        again = cache.PrefixMatchQuery("sched/r4", "tenant-a", prompt, spans=True)
+        assert await ask_ok(unit.bus, subjects.CACHE_MATCH, again, cache.PrefixMatch) == (
+            cache.PrefixMatch((), 0)
+        )
+        assert await num_free(unit.bus, unit.name) == 128
+
+
+async def test_public_spans_are_found_by_every_tenant(
+    nats_server: NatsServer, bus: Bus, model_dirs: ModelDirs
+) -> None:
+    tiny = model_dirs.get(TINY)
+    async with (
+        running_kv_manager(nats_server.url, tiny, num_blocks=64, block_size=BLOCK) as kvm,
+        running_cache_index(nats_server.url, kvm.settings.unit) as index,
+    ):
+        unit = Unit(kvm.settings.unit, bus, index)
+        cached = _doc(3, 8) + DOC_A
+        ids = await alloc(unit, "sched/r1", len(cached) // BLOCK)
+        request = cache.PrefixInsert("tenant-a", cached, ids, public_spans=True)
+        await ask_ok(unit.bus, subjects.CACHE_INSERT, request, cache.PrefixInserted)
+        await release(unit, "sched/r1")
+        query = cache.PrefixMatchQuery("sched/r2", "tenant-b", _doc(6, 12) + DOC_A, spans=True)
+        found = await ask_ok(unit.bus, subjects.CACHE_MATCH, query, cache.PrefixMatch)
+        assert found.block_ids == () and sum(s.length for s in found.spans) >= 140
+        await release(unit, "sched/r2")

@@ -292,3 +292,14 @@ def test_evict_skips_the_leaves_it_is_told_to_keep() -> None:
     assert index.evict(3, keep={12}.__contains__) == []  # the leaf is kept, so its parents stay
     assert index.num_blocks == 3
     assert index.evict(3) == [12, 11, 10]  # still evictable afterwards, leaves first
+
+
+def test_touch_keeps_blocks_and_their_ancestors_as_a_match_would() -> None:
+    index = RadixIndex(BS)
+    index.insert("a", _tokens(0, 8), [1, 2], now=1.0)
+    index.insert("a", _tokens(100, 8), [3, 4], now=2.0)
+    index.touch([2, 999], now=3.0)  # an id not indexed is skipped
+    index.check_invariants()
+    assert index.evict(2) == [4, 3]  # the untouched path goes first, leaf first
+    with pytest.raises(ValueError, match="backwards"):
+        index.touch([1], now=2.5)

@@ -5,8 +5,10 @@ import itertools
 
 import numpy as np
 
+from duetserve.services.cache_index.span_cache import MIN_SPAN, Span, SpanCache
 from duetserve.services.cache_index.spans import (
     MAX_CHUNK,
+    MAX_HOLDERS,
     MIN_CHUNK,
     SpanIndex,
     SpanMatch,
@@ -95,3 +97,74 @@ def test_a_removed_entry_is_never_found_and_nothing_short_matches() -> None:
     assert index.match("t", Q2 + DOC_A) == []
     assert index.match("t", DOC_B[: MIN_CHUNK - 1]) == []
     assert {m.entry for m in index.match("t", Q1 + DOC_B)} == {"r2"}
+
+
+def test_holders_of_one_chunk_are_capped_at_the_most_recent() -> None:
+    index = SpanIndex()
+    for n in range(MAX_HOLDERS + 4):
+        index.add(f"e{n}", "t", SYSTEM + doc(100 + n, 64))
+    entries = {m.entry for m in index.match("t", SYSTEM + Q1)}
+    assert entries and entries <= {f"e{n}" for n in range(4, MAX_HOLDERS + 4)}
+    # A prefix the caller has already is not looked up.
+    assert index.match("t", SYSTEM + Q1, begin=len(SYSTEM)) == []
+
+
+# ---- SpanCache: entries over the prefix index's blocks ----------------------------------
+
+BS = 16
+
+
+def blocks_of(base: int, tokens: list[int]) -> list[int]:
+    return list(range(base, base + len(tokens) // BS))
+
+
+def source_tokens(cache: SpanCache, sources: dict[int, list[int]], span: Span) -> list[int]:
+    """The tokens the span's source blocks hold at its source positions."""
+    first = span.source_start // BS
+    out = []
+    for p in range(span.source_start, span.source_start + span.length):
+        block = span.source_block_ids[p // BS - first]
+        out.append(sources[block][p % BS])
+    return out
+
+
+def test_span_cache_maps_spans_to_the_blocks_that_hold_them() -> None:
+    cache = SpanCache(BS)
+    cached = SYSTEM + DOC_A + DOC_B + Q1
+    ids = blocks_of(100, cached)
+    cache.add("t", cached, ids)
+    by_block = {b: cached[i * BS : (i + 1) * BS] for i, b in enumerate(ids)}
+    prompt = SYSTEM + DOC_B + DOC_A + Q2
+    spans = cache.match("t", prompt, begin=32)
+    assert spans and all(s.start >= 32 and s.length >= MIN_SPAN for s in spans)
+    for span in spans:
+        assert prompt[span.start : span.start + span.length] == source_tokens(cache, by_block, span)
+    assert sum(s.length for s in spans) >= len(DOC_A) + len(DOC_B) - 64
+    assert cache.match("u", prompt) == []
+
+
+def test_span_cache_forgets_what_the_radix_let_go() -> None:
+    cache = SpanCache(BS)
+    cached = SYSTEM + DOC_A + DOC_B
+    ids = blocks_of(100, cached)
+    cache.add("t", cached, ids)
+    cut = ids[(len(SYSTEM) + len(DOC_A)) // BS]  # DOC_B's blocks go from here on
+    cache.forget([cut])
+    spans = cache.match("t", DOC_B + DOC_A)
+    assert all(cut not in s.source_block_ids for s in spans)
+    assert all(b < cut for s in spans for b in s.source_block_ids)
+    assert sum(s.length for s in spans) >= len(DOC_A) - 64
+    cache.forget([ids[0]])
+    assert len(cache) == 0 and cache.match("t", DOC_A) == []
+
+
+def test_a_longer_prompt_on_the_same_path_replaces_its_prefix() -> None:
+    cache = SpanCache(BS)
+    short = SYSTEM + DOC_A
+    long = short + DOC_B
+    ids = blocks_of(100, long)
+    cache.add("t", short, ids[: len(short) // BS])
+    cache.add("t", long, ids)
+    assert len(cache) == 1
+    cache.add("t", doc(9, 10), [999])  # shorter than a span: not indexed
+    assert len(cache) == 1
