@@ -335,7 +335,15 @@ def _measure(
         for with_stage in (False, True):
             start = time.perf_counter()
             done = prefill_with_reuse(
-                model, pool, tokens, table, shared, spans, fraction, args.check_layer, args.sink
+                model,
+                pool,
+                tokens[shared:],
+                table,
+                shared,
+                spans,
+                fraction,
+                args.check_layer,
+                args.sink,
             )
             seconds = time.perf_counter() - start
             use = stage if with_stage else None

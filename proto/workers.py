@@ -16,6 +16,7 @@ seeded draws, penalties and token indexes continue exactly where they stopped.
 from dataclasses import dataclass
 from enum import StrEnum
 
+from duetserve.proto.cache import CachedSpan
 from duetserve.proto.codec import message
 from duetserve.proto.scheduling import Sampling
 from duetserve.proto.subjects import ROOT, check_token
@@ -88,6 +89,12 @@ class PrefillItem:
     sample: SamplingState | None = None  # set on the chunk that completes the prompt
     traceparent: str = ""  # the request's trace (W3C), since a batch serves many requests
     owner: str = ""  # the kv_manager owner of block_table (the scheduler's, for the request)
+    # KVShare: spans of this chunk (the whole rest of the prompt) whose K/V are placed from
+    # cached prompts' blocks (held by `owner` too) instead of computed; `recompute` of their
+    # tokens, those deviating most at `check_layer`, are computed again in the later layers.
+    reuse: tuple[CachedSpan, ...] = ()
+    recompute: float = 0.0
+    check_layer: int = 1
 
 
 @message("prefill.batch")
@@ -103,6 +110,13 @@ class PrefillResult:
     token: TokenLogprob | None = None  # the sampled token (logprob 0 unless asked for)
     finished: bool = False  # the sampled token already ends the request (EOS, max_tokens=1)
     error: str | None = None
+    # KVShare (an item with `reuse`): tokens whose K/V were placed from spans, those of them
+    # computed again in every layer, where the first placed K/V that stands begins (the
+    # prompt's KV is exact before it; -1: nowhere), and the mean deviation at the check layer.
+    reused: int = 0
+    recomputed: int = 0
+    first_kept: int = -1
+    deviation: float = 0.0
 
 
 @message("prefill.done")

@@ -116,7 +116,7 @@ def place_spans(
 def prefill_with_reuse(
     model: LlamaForCausalLM,
     pool: KVPool,
-    token_ids: Sequence[int],
+    new_tokens: Sequence[int],
     block_table: Sequence[int],
     num_cached: int,
     spans: Sequence[ReusedSpan],
@@ -124,16 +124,17 @@ def prefill_with_reuse(
     check_layer: int = DEFAULT_CHECK_LAYER,
     sink: int = 0,
 ) -> ReusePrefill:
-    """Prefill `token_ids` (its first num_cached already in the pool) reusing the spans' K/V,
-    recomputing `fraction` of their tokens after check_layer (0: none; 1: every one, which
-    equals a prefill without reuse)."""
-    length = len(token_ids)
+    """Prefill the prompt's tokens after its first num_cached (already in the pool), reusing
+    the spans' K/V and recomputing `fraction` of their tokens after check_layer (0: none; 1:
+    every one, which equals a prefill without reuse); `sink`: the first tokens of each span are
+    recomputed besides (EPIC's attention sink)."""
+    length = num_cached + len(new_tokens)
     num_layers = model.config.num_layers
     _check_spans(spans, num_cached, length)
     if not 0 <= check_layer < num_layers:
         raise ValueError(f"check_layer {check_layer} outside the model's {num_layers} layers")
     reused = place_spans(model, pool, block_table, spans)
-    chunk = SequenceChunk(token_ids[num_cached:], num_cached, block_table)
+    chunk = SequenceChunk(new_tokens, num_cached, block_table)
     batch = ForwardBatch.build([chunk], model.config, pool)
     step = model.prepare(batch, pool)
     residual = model.embed(batch.input_ids)
@@ -160,7 +161,8 @@ def prefill_with_reuse(
         if covered:  # go on with the selected rows only, each at its own position
             keep = torch.tensor([p - num_cached for p in selected], device=pool.device)
             residual = residual[keep]
-            chunk = SequenceChunk.scattered([token_ids[p] for p in selected], selected, block_table)
+            picked = [new_tokens[p - num_cached] for p in selected]
+            chunk = SequenceChunk.scattered(picked, selected, block_table)
             batch = ForwardBatch.build([chunk], model.config, pool)
             step = model.prepare(batch, pool)
         for index in range(check_layer + 1, num_layers):

@@ -113,7 +113,14 @@ class PrefillWorkerService:
             return
         started = time.perf_counter()
         owner = workers.batch_owner(self.instance, batch.batch_id)
-        blocks = tuple(sorted({b for item in batch.items for b in item.block_table}))
+        # The blocks it writes, and those reused spans are copied from (held by the requests'
+        # owners as well until the answer).
+        blocks = tuple(
+            sorted(
+                {b for item in batch.items for b in item.block_table}
+                | {b for item in batch.items for s in item.reuse for b in s.source_block_ids}
+            )
+        )
         owners = tuple(sorted({item.owner for item in batch.items if item.owner}))
         refused = await self._hold(owner, blocks, owners)
         if refused is not None:

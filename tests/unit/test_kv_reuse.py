@@ -87,7 +87,9 @@ def test_no_recomputation_of_an_exact_prefix_equals_the_prefix_cache(
     span = ReusedSpan(
         num_cached, slots(source_table, num_cached, len(source) - num_cached), num_cached
     )
-    result = prefill_with_reuse(model, pool, prompt, table, num_cached, [span], fraction=0.0)
+    result = prefill_with_reuse(
+        model, pool, prompt[num_cached:], table, num_cached, [span], fraction=0.0
+    )
     assert result.recomputed == [] and len(result.kept) == len(source) - num_cached
     assert result.deviation.max().item() < 1e-6
     # The prefix cache: the earlier prompt's full blocks in place, the rest computed.
@@ -173,7 +175,7 @@ def test_spans_must_stay_inside_the_prompt_and_apart(model: LlamaForCausalLM) ->
     table = list(range(0, 8))
     prompt = HEAD + DOC_A
     with pytest.raises(ValueError, match="overlaps"):
-        prefill_with_reuse(model, pool, prompt, table, 16, [ReusedSpan(10, [600, 601], 0)])
+        prefill_with_reuse(model, pool, prompt[16:], table, 16, [ReusedSpan(10, [600, 601], 0)])
     with pytest.raises(ValueError, match="past"):
         prefill_with_reuse(model, pool, prompt, table, 0, [ReusedSpan(50, [600] * 5, 0)])
     with pytest.raises(ValueError, match="check_layer"):
