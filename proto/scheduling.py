@@ -82,6 +82,7 @@ class SubmitRequest:
     stream: str  # the token stream of the ingress that holds the client (subjects.tokens)
     slo: Slo | None = None  # None: the server's default SLO
     public_prefix_tokens: int = 0  # leading tokens that may be shared across tenants
+    public_spans: bool = False  # its spans may serve every tenant (KVShare: duet.cache)
     # Resubmitted (its scheduler lost it): the output its client already has. It continues from
     # there; with the same seed, the rest is what it would have been.
     output_token_ids: tuple[int, ...] = ()
@@ -160,6 +161,14 @@ class SchedulerStats:
     swap_blocks_copied: int = 0
     swap_blocks_kept: int = 0
     host_blocks_loaded: int = 0
+    # KVShare since the start: prefills that reused cached spans, their prompts' tokens, the
+    # tokens placed from spans, those of them recomputed, and the sum of each prefill's mean
+    # deviation at the check layer.
+    reuse_prefills: int = 0
+    reuse_prompt_tokens: int = 0
+    reused_tokens: int = 0
+    reuse_recomputed_tokens: int = 0
+    reuse_deviation_sum: float = 0.0
 
 
 @message("sched.status.query")

@@ -90,6 +90,9 @@ class DuetSlo(_Lenient):
 
 class DuetCache(_Lenient):
     public_prefix_tokens: Annotated[int, Field(ge=0, le=MAX_COUNT)] = 0
+    # Spans of this prompt may serve every tenant's prompts (KVShare's reuse of similar
+    # prompts, with DUET_SPAN_REUSE): declare it only for content that is public anyway.
+    public_spans: bool = False
 
 
 class DuetExtension(_Lenient):

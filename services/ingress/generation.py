@@ -132,6 +132,7 @@ class Generation:
             stream=context.router.stream,
             slo=prompt.slo,
             public_prefix_tokens=prompt.public_prefix_tokens,
+            public_spans=prompt.public_spans,
             output_bound=prompt.output_bound,
             group_age_s=max(arrival.monotonic - self._group_first_s, 0.0),
         )

@@ -166,6 +166,22 @@ class IngressMetrics:
             registry=self.registry,
         )
 
+        self.reuse_tokens = Gauge(
+            "duet_kv_reuse_tokens",
+            "KVShare since the scheduler started (DUET_SPAN_REUSE): prompt tokens of the "
+            "prefills that reused cached spans (prompt), the tokens placed from spans (reused; "
+            "hit rate = reused / prompt) and those of them computed again (recomputed; the "
+            "recomputed fraction = recomputed / reused).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.reuse_deviation = Gauge(
+            "duet_kv_reuse_deviation",
+            "KVShare: mean over reusing prefills of their reused tokens' mean squared K/V "
+            "deviation at the check layer (0 until one ran).",
+            registry=self.registry,
+        )
+
         self.prefill_share = Gauge(
             "duet_compute_prefill_share",
             "The prefill worker's share of the unit's device, as the scheduler last set it "
@@ -211,6 +227,11 @@ class IngressMetrics:
         self.host_tier_blocks.labels(kind="swapped").set(stats.swap_blocks_copied)
         self.host_tier_blocks.labels(kind="kept").set(stats.swap_blocks_kept)
         self.host_tier_blocks.labels(kind="loaded").set(stats.host_blocks_loaded)
+        self.reuse_tokens.labels(kind="prompt").set(stats.reuse_prompt_tokens)
+        self.reuse_tokens.labels(kind="reused").set(stats.reused_tokens)
+        self.reuse_tokens.labels(kind="recomputed").set(stats.reuse_recomputed_tokens)
+        if stats.reuse_prefills:
+            self.reuse_deviation.set(stats.reuse_deviation_sum / stats.reuse_prefills)
         if stats.running_limit is not None:
             self.running_limit.set(stats.running_limit)
         self.prefill_share.set(stats.prefill_share)

@@ -38,6 +38,7 @@ class PreparedPrompt:
     public_prefix_tokens: int
     stops: tuple[str, ...]
     output_bound: int | None = None  # its output's predicted upper bound (output_bound below)
+    public_spans: bool = False  # duet.cache.public_spans
 
 
 def prepare_completion(
@@ -141,6 +142,7 @@ def _prepared(
         slo=request_slo(req.duet, limits.default_slo),
         public_prefix_tokens=public_prefix(req.duet, len(ids)),
         stops=req.stop_strings,
+        public_spans=bool(req.duet and req.duet.cache and req.duet.cache.public_spans),
     )
 
 

@@ -87,6 +87,32 @@ def prefer_swap(
     return copied * swap_s_per_token < tokens * prefill_s_per_token
 
 
+@dataclass(frozen=True, slots=True)
+class SpanReuse:
+    """KVShare's reuse of cached spans (DUET_SPAN_REUSE): what each such prefill recomputes."""
+
+    recompute: float  # of the reused tokens, those deviating most
+    check_layer: int  # where deviation is measured
+
+
+@dataclass(slots=True)
+class ReuseStats:
+    """Prefills that reused cached spans, since the start."""
+
+    prefills: int = 0
+    prompt_tokens: int = 0  # of those prefills' prompts
+    reused: int = 0  # tokens whose K/V were placed from spans
+    recomputed: int = 0  # of those, computed again in every layer
+    deviation_sum: float = 0.0  # of each prefill's mean deviation at the check layer
+
+    def observe(self, prompt_tokens: int, result: workers.PrefillResult) -> None:
+        self.prefills += 1
+        self.prompt_tokens += prompt_tokens
+        self.reused += result.reused
+        self.recomputed += result.recomputed
+        self.deviation_sum += result.deviation
+
+
 @dataclass(slots=True)
 class SwapStats:
     """Preemptions by swap: how many, and what a swap costs per token (what the decode
@@ -182,6 +208,10 @@ class SchedulerCore:
         # The unit has a host tier: preemption may swap KV out to it (`swap_owners`).
         self.host_tier = False
         self.swaps = SwapStats()
+        # Spans of cached prompts found anywhere in a prompt are reused (KVShare); None: only
+        # exact prefixes are.
+        self.span_reuse: SpanReuse | None = None
+        self.reuse = ReuseStats()
         self._logged_cap: int | None = None
         self._cap_logged_at = -CAP_LOG_S
 
@@ -388,6 +418,12 @@ class SchedulerCore:
                 await self.release(record.owner)  # it ended while the KV was loaded
                 return False
         seq.num_cached = seq.num_computed = cached
+        # Spans past what is cached now (a host-tier load may have covered some); their
+        # source blocks stay held until the prefill is answered (`_after_chunk`).
+        record.span_blocks = matched.span_block_ids
+        record.spans = tuple(s for s in matched.spans if s.start >= cached)
+        record.first_kept = -1
+        seq.whole = bool(record.spans)
         if record.swapped:
             seq.num_computed = seq.prompt_len  # once swapped in
         seq.num_blocks = len(record.block_table)
@@ -447,6 +483,7 @@ class SchedulerCore:
             public_prefix_tokens=record.submit.public_prefix_tokens,
             # The host tier's index, for a request with no KV of its own there yet.
             host=self.host_tier and not record.swapped and not record.host_copy,
+            spans=self.span_reuse is not None and not record.swapped,
         )
         try:
             reply = await self.bus.request(subjects.CACHE_MATCH, encode(query))
@@ -681,6 +718,10 @@ class SchedulerCore:
     def _prefill_item(self, chunk: PrefillChunk) -> workers.PrefillItem:
         record = self.records[chunk.request_id]
         tokens = record.kv_token_ids[chunk.start : chunk.start + chunk.num_tokens]
+        reuse = self.span_reuse
+        # Spans go with the one chunk that computes the whole rest of the prompt.
+        whole = chunk.is_last and chunk.start == record.seq.num_cached
+        spans = record.spans if reuse is not None and whole else ()
         return workers.PrefillItem(
             request_id=chunk.request_id,
             token_ids=tokens,
@@ -689,6 +730,9 @@ class SchedulerCore:
             sample=record.sampling_state() if chunk.is_last else None,
             traceparent=record.traceparent,
             owner=record.owner,
+            reuse=spans,
+            recompute=reuse.recompute if spans and reuse else 0.0,
+            check_layer=reuse.check_layer if spans and reuse else 1,
         )
 
     async def _after_chunk(
@@ -706,6 +750,11 @@ class SchedulerCore:
             await self.fail(record, reason or "prefill failed")
             return None
         record.seq.num_computed += chunk.num_tokens
+        if record.span_blocks:  # read by the prefill, which is over
+            await self._release_span_blocks(record)
+        if result.reused:
+            record.first_kept = result.first_kept
+            self.reuse.observe(len(record.kv_token_ids), result)
         if record.cancelled is not None:
             await self.finish(record)
             return None
@@ -719,12 +768,29 @@ class SchedulerCore:
         record.seq.num_output = len(record.output_token_ids)
         return result
 
+    async def _release_span_blocks(self, record: RequestRecord) -> None:
+        blocks, record.span_blocks = record.span_blocks, ()
+        release = kv.ReleaseBlocks(record.owner, blocks)
+        try:
+            reply = await self.bus.request(subjects.kv(self.unit, "release"), encode(release))
+            answer = decode(reply.data, kv.BlocksReleased, ErrorReply)
+        except (BusTimeout, ProtoError) as err:  # they go back with the rest at its end
+            logger.warning("spans' blocks of %s kept until it ends: %s", record.request_id, err)
+            return
+        if isinstance(answer, ErrorReply):
+            logger.warning("spans' blocks of %s not released: %s", record.request_id, answer)
+
     async def _insert_prefix(self, record: RequestRecord) -> None:
+        # Only exact KV is indexed: with reused spans, the prompt up to the first placed K/V
+        # that stood (reused KV is never reused again).
+        computed = record.seq.num_computed
+        exact = computed if record.first_kept < 0 else min(computed, record.first_kept)
         insert = cache.PrefixInsert(
             tenant=record.submit.tenant,
-            token_ids=record.kv_token_ids[: record.seq.num_computed],
+            token_ids=record.kv_token_ids[:exact],
             block_ids=tuple(record.block_table),
             public_prefix_tokens=record.submit.public_prefix_tokens,
+            public_spans=record.submit.public_spans,
         )
         try:  # cache_index retains the blocks it adopts before it answers
             await self.bus.request(subjects.CACHE_INSERT, encode(insert))

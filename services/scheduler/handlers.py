@@ -181,6 +181,11 @@ class SchedulerHandlers:
             swap_blocks_copied=core.swaps.blocks_out,
             swap_blocks_kept=core.swaps.blocks_kept,
             host_blocks_loaded=core.swaps.blocks_loaded,
+            reuse_prefills=core.reuse.prefills,
+            reuse_prompt_tokens=core.reuse.prompt_tokens,
+            reused_tokens=core.reuse.reused,
+            reuse_recomputed_tokens=core.reuse.recomputed,
+            reuse_deviation_sum=core.reuse.deviation_sum,
         )
         await self.bus.reply(msg, encode(stats))
 

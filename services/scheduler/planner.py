@@ -172,6 +172,10 @@ class Planner:
             remaining = seq.num_uncomputed
             if remaining <= 0 or seq.in_flight:
                 continue
+            if seq.whole and remaining > budget:
+                if chunks:
+                    continue  # whole or not at all: it goes first in a later batch
+                budget = remaining
             take = min(remaining, budget)
             chunks.append(PrefillChunk(seq.request_id, seq.num_computed, take, take == remaining))
             budget -= take

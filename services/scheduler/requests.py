@@ -3,6 +3,7 @@
 import secrets
 from dataclasses import dataclass, field, replace
 
+from duetserve.proto.cache import CachedSpan
 from duetserve.proto.scheduling import SubmitRequest
 from duetserve.proto.workers import SamplingState
 from duetserve.services.scheduler.state import Phase, SeqState
@@ -36,6 +37,12 @@ class RequestRecord:
     # ends they go to the host tier's index.
     host_copy: tuple[int, ...] = ()
     preempt_sent_at: float | None = None  # monotonic: a PREEMPT went out (SeqState.preempting)
+    # KVShare: cached spans of its prompt past the prefix (from the last admission's match),
+    # their source blocks (held by `owner` until its prefill is answered), and where the first
+    # placed K/V that stood after prefill begins (-1: none; its KV is exact before it).
+    spans: tuple[CachedSpan, ...] = ()
+    span_blocks: tuple[int, ...] = ()
+    first_kept: int = -1
 
     @property
     def request_id(self) -> str:
@@ -68,6 +75,7 @@ class RequestRecord:
         seq.prompt_len = len(self.kv_token_ids)
         seq.num_output = len(output_token_ids)
         seq.num_cached = seq.num_computed = seq.num_blocks = 0
+        self.spans, self.span_blocks, self.first_kept, seq.whole = (), (), -1, False
         seq.phase = Phase.WAITING
         seq.swapped = False  # until its PREEMPTED event says its KV went to the host tier
         seq.preempting, self.preempt_sent_at = False, None

@@ -12,7 +12,7 @@ from duetserve.common.unit_role import UnitRole
 from duetserve.proto import kv, subjects, workers
 from duetserve.proto.common import HealthStatus
 from duetserve.services.scheduler.admission import AdmissionControl
-from duetserve.services.scheduler.core import SchedulerCore
+from duetserve.services.scheduler.core import SchedulerCore, SpanReuse
 from duetserve.services.scheduler.handlers import SchedulerHandlers
 from duetserve.services.scheduler.planner import Planner, PlannerConfig
 from duetserve.services.scheduler.policy import make_policy
@@ -109,6 +109,8 @@ class SchedulerService:
             self.core.host_tier = True
             host_lease = Lease(bus, s.unit, self.instance, s.heartbeat_interval_s, kv.HOST_POOL)
             self._tasks.append(critical_task(host_lease.keep(), "scheduler-host-lease"))
+        if s.span_reuse:
+            self.core.span_reuse = SpanReuse(s.span_recompute, s.span_check_layer)
         await serve_health(bus, SERVICE, self.instance, lambda: self.status)
         self.status = HealthStatus.READY
         logger.info(

@@ -58,3 +58,8 @@ class SchedulerSettings(ServingSettings):
     # After both latencies missed at a split the controller moved to, it goes back to where
     # both held and does not try that move again for this many windows.
     split_recover_block_windows: int = Field(8, ge=0)
+    # KVShare: reuse the KV of cached spans found anywhere in a prompt, not only an exact
+    # prefix. Approximate (docs/benchmarks.md measures how close), so off unless asked for.
+    span_reuse: bool = False
+    span_recompute: float = Field(0.15, ge=0.0, le=1.0)  # of reused tokens, recomputed
+    span_check_layer: int = Field(1, ge=0)  # where their deviation is measured

@@ -53,6 +53,9 @@ class SeqState:
     # Told to stop (PREEMPT sent), not heard back yet: not a victim again, and its blocks are
     # as good as free (a swap releases them only once its copy is done).
     preempting: bool = False
+    # Its prompt's rest is prefilled in one chunk (KVShare's prefill over reused spans cannot
+    # be split): the planner gives it a batch's whole budget, or more when it goes first.
+    whole: bool = False
 
     @property
     def num_uncomputed(self) -> int:

@@ -76,6 +76,22 @@ def test_prefill_is_chunked_under_the_token_budget() -> None:
     assert [(c.request_id, c.num_tokens, c.is_last) for c in plan.prefill] == [("a", 100, False)]
 
 
+def test_a_prompt_reusing_spans_is_prefilled_whole_or_not_yet() -> None:
+    # KVShare's prefill over placed spans cannot be split: the prompt's rest goes in one chunk,
+    # past the budget when it goes first, and waits for a later batch when it would not fit.
+    short = seq("short", 0, 100, phase=Phase.PREFILLING)
+    whole = seq("whole", 1, 400, num_computed=64, phase=Phase.PREFILLING)
+    whole.whole = True
+    unit = UnitView(100, 100, prefilling=[short, whole])
+    plan = planner(max_prefill_tokens=256).plan(unit, now=2.0)
+    assert [(c.request_id, c.num_tokens, c.is_last) for c in plan.prefill] == [("short", 100, True)]
+    unit = UnitView(100, 100, prefilling=[whole])
+    plan = planner(max_prefill_tokens=256).plan(unit, now=2.0)
+    assert [(c.request_id, c.start, c.num_tokens, c.is_last) for c in plan.prefill] == [
+        ("whole", 64, 336, True)
+    ]
+
+
 def test_shortest_first_puts_short_prompts_before_a_long_ones_chunks() -> None:
     long = seq("long", 0, 900, num_computed=256, phase=Phase.PREFILLING)
     unit = UnitView(100, 100, prefilling=[long], waiting=[seq("short", 1, 20), seq("mid", 2, 100)])
