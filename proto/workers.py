@@ -149,6 +149,9 @@ class DecodeItem:
     # The host tier holds a copy of block_table[:host_kept] already (under `owner`, from an
     # earlier swap or an earlier turn of its conversation): a swap-out copies only the rest.
     host_kept: int = 0
+    # KVShare: its prompt's positions whose K/V were placed from cached spans, as [start, end)
+    # pairs flattened (start0, end0, start1, end1, ...): the decode stage re-checks them.
+    reused: tuple[int, ...] = ()
 
 
 @message("decode.load")

@@ -814,6 +814,7 @@ class SchedulerCore:
                 host_block_ids=r.swapped[self._cached_blocks(r) :],
                 host_start=self._cached_blocks(r),
                 host_kept=len(r.host_copy),
+                reused=_span_ranges(r),
             )
             for r in records
         )
@@ -1071,3 +1072,11 @@ class SchedulerCore:
             error=reason,
         )
         await self.outbox.send(record.submit.stream, chunk)
+
+
+def _span_ranges(record: RequestRecord) -> tuple[int, ...]:
+    """Where its prompt's K/V were placed from spans, as DecodeItem.reused's pairs (none when
+    its prefill did not reuse them)."""
+    if record.first_kept < 0:
+        return ()
+    return tuple(p for s in record.spans for p in (s.start, s.start + s.length))

@@ -1,6 +1,6 @@
 """The requests resident on a decode worker, and one decode step over them."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -8,6 +8,7 @@ from duetserve.proto.scheduling import Sampling
 from duetserve.proto.tokens import FinishReason, TokenChunk
 from duetserve.proto.workers import DecodeItem, EventKind, SamplingState, WorkerEvent
 from duetserve.runtime.batch import ForwardBatch, SequenceChunk
+from duetserve.runtime.kv_reuse import recheck
 from duetserve.runtime.sampling import SamplingParams, SequenceSamplingState
 from duetserve.services.unit_worker.model_host import ModelHost
 from duetserve.services.unit_worker.sequences import finish_of, token_chunk
@@ -24,6 +25,9 @@ class Resident:
     stalled_since: float | None = None  # kv_manager had no block for its next token
     traceparent: str = ""  # the request's trace
     host_kept: int = 0  # its first blocks the host tier holds a copy of (DecodeItem.host_kept)
+    # KVShare: prompt positions whose placed K/V still stand (DecodeItem.reused), for the
+    # decode stage's re-checks (`recheck_residents`)
+    reused: list[int] = field(default_factory=list)
 
     def preempted_event(self) -> WorkerEvent:
         """Stopped here, its blocks given back: the scheduler recomputes it from its output so
@@ -44,6 +48,7 @@ class Resident:
             self.traceparent,
             from_worker=True,
             host_kept=self.host_kept,
+            reused=ranges_of(self.reused),
         )
 
     @property
@@ -58,6 +63,67 @@ class Resident:
     @property
     def output(self) -> list[int]:
         return self.state.output_token_ids  # type: ignore[return-value]
+
+
+def positions_of(ranges: tuple[int, ...]) -> list[int]:
+    """DecodeItem.reused's [start, end) pairs as positions."""
+    return [
+        p for start, end in zip(ranges[::2], ranges[1::2], strict=True) for p in range(start, end)
+    ]
+
+
+def ranges_of(positions: list[int]) -> tuple[int, ...]:
+    """Increasing positions as DecodeItem.reused's flattened [start, end) pairs."""
+    out: list[int] = []
+    for p in positions:
+        if out and out[-1] == p:
+            out[-1] = p + 1
+        else:
+            out.extend((p, p + 1))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class RecheckParams:
+    """KVShare's decode stage (the worker's span_recheck_* settings)."""
+
+    interval: int
+    top: int
+    threshold: float
+    layer: int
+
+
+def recheck_due(residents: list[Resident], interval: int) -> list[Resident]:
+    """Residents whose decode stage runs after this step: reused K/V left to check, and a
+    multiple of `interval` tokens generated."""
+    if interval <= 0:
+        return []
+    return [r for r in residents if r.reused and len(r.output) % interval == 0]
+
+
+def recheck_residents(host: ModelHost, residents: list[Resident], params: RecheckParams) -> int:
+    """Run the decode stage for each (runtime/kv_reuse.py's `recheck`); the tokens recomputed
+    in every layer, which are checked no more."""
+    layer = params.layer if params.layer >= 0 else host.config.num_layers * 2 // 3
+    layer = min(layer, host.config.num_layers - 1)
+    recomputed = 0
+    for resident in residents:
+        context = [*resident.state.prompt_token_ids, *resident.output[:-1]]
+        done = recheck(
+            host.model,
+            host.pool,
+            context,
+            resident.block_table,
+            resident.reused,
+            params.top,
+            params.threshold,
+            layer,
+        )
+        if done.recomputed:
+            again = set(done.recomputed)
+            resident.reused = [p for p in resident.reused if p not in again]
+            recomputed += len(again)
+    return recomputed
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,15 @@ class UnitWorkerSettings(ServingSettings):
     growth_blocks: int = Field(4, gt=0)  # blocks taken per allocation, ahead of need
     heartbeat_interval_s: float = Field(1.0, gt=0)
     needs_blocks_repeat_s: float = Field(0.5, gt=0)  # re-ask for a preemption this often
+    # KVShare's decode stage, for requests whose prompt reused cached spans: every
+    # span_recheck_interval tokens (0: never), the span_recheck_top reused tokens the newest
+    # attends to most are computed again up to span_recheck_layer (-1: two thirds of the
+    # model's depth), and those deviating there beyond span_recheck_threshold (relative
+    # squared distance) are recomputed in every layer.
+    span_recheck_interval: int = Field(8, ge=0)
+    span_recheck_top: int = Field(32, gt=0)
+    span_recheck_threshold: float = Field(0.01, ge=0)
+    span_recheck_layer: int = Field(-1, ge=-1)
     # A model call (a prefill batch, a decode step, a share change) running longer than this
     # means the model thread is stuck: the worker stops, and its supervisor starts it again.
     model_call_timeout_s: float = Field(300.0, gt=0)

@@ -28,7 +28,15 @@ from duetserve.services.unit_worker.compute import WorkerCompute
 from duetserve.services.unit_worker.kv_transfer import Copied, TransferError, copy_blocks
 from duetserve.services.unit_worker.model_host import ModelHost
 from duetserve.services.unit_worker.prefill_step import PrefillOutput, mixed_step, streams_of
-from duetserve.services.unit_worker.residents import Resident, StepOutcome, decode_step
+from duetserve.services.unit_worker.residents import (
+    RecheckParams,
+    Resident,
+    StepOutcome,
+    decode_step,
+    positions_of,
+    recheck_due,
+    recheck_residents,
+)
 from duetserve.services.unit_worker.sequences import runtime_state, sampling_params
 from duetserve.services.unit_worker.settings import UnitWorkerSettings
 from duetserve.services.unit_worker.step_log import StepLog
@@ -96,6 +104,13 @@ class DecodeStepper:
         self._step_ends: deque[float] = deque(maxlen=STEP_TIME_STEPS)
         self._step_batches: deque[int] = deque(maxlen=STEP_TIME_STEPS)  # requests in each
         self.step_log = StepLog(settings.step_log_dir, "decode")
+        self.recheck = RecheckParams(
+            settings.span_recheck_interval,
+            settings.span_recheck_top,
+            settings.span_recheck_threshold,
+            settings.span_recheck_layer,
+        )
+        self.recheck_recomputed = 0  # reused tokens the decode stage recomputed, since start
         # The unit's host tier, mapped (None: none, or disagg mode): preemption may swap KV
         # out to it, and an admission bring it back (`_swap_out`, `_swap_in`).
         self.host_tier: KVPool | None = None
@@ -183,6 +198,7 @@ class DecodeStepper:
             item.state.stream,
             traceparent=item.traceparent,
             host_kept=item.host_kept,
+            reused=positions_of(item.reused),
         )
         self._remember_output(request_id, item.state)
         return copied
@@ -449,6 +465,7 @@ class DecodeStepper:
             with traced_as(traces[chunk.request_id], "prefill.first_token"):
                 self.outbox.add(streams[chunk.request_id], chunk)
         await self._after_step(active, outcome)
+        await self._recheck(active, outcome)
 
     async def _step(self, active: list[Resident], started: float) -> None:
         context = sum(r.num_computed + 1 for r in active)
@@ -462,6 +479,21 @@ class DecodeStepper:
         await self._after_step(active, outcome)
         cycle_s = time.perf_counter() - started
         self.step_log.record(len(active), context, forward_s, cycle_s, self.compute.threads)
+        await self._recheck(active, outcome)
+
+    async def _recheck(self, active: list[Resident], outcome: StepOutcome) -> None:
+        """KVShare's decode stage, for the residents it is due for (still decoding here)."""
+        finished = {r.request_id for r in outcome.finished}
+        live = [r for r in active if r.request_id not in finished]
+        due = recheck_due(live, self.recheck.interval)
+        if not due:
+            return
+        try:
+            again = await self.compute.run(recheck_residents, self.host, due, self.recheck)
+        except RuntimeInputError as err:  # left as placed: the answer goes on without it
+            logger.warning("decode stage skipped: %s", err)
+            return
+        self.recheck_recomputed += again
 
     async def _fail_all(self, active: list[Resident], why: str) -> None:
         """End each request with an error saying why (its client sees it) and tell the

@@ -1,8 +1,8 @@
 """KVShare served: with DUET_SPAN_REUSE, a prompt whose documents an earlier prompt held, in
 another order and after another head, reuses their KV through the whole stack (cache_index
 finds the spans, the scheduler hands them to the prefill worker, the worker places and
-recomputes), the client sees the placed tokens as cached, other tenants see nothing, and every
-block comes back."""
+recomputes, the decode worker re-checks while it decodes), the client sees the placed tokens
+as cached, other tenants see nothing, and every block comes back."""
 
 import asyncio
 import random
@@ -64,6 +64,7 @@ def reuse_stack(model_dirs: ModelDirs, tmp_path_factory: pytest.TempPathFactory)
         DUET_API_KEYS=keys,
         DUET_SPAN_REUSE="1",
         DUET_SPAN_RECOMPUTE="0.25",
+        DUET_SPAN_RECHECK_INTERVAL="2",  # the decode stage runs within the 4 tokens asked for
     )
     yield stack
     assert_stops_cleanly(stack)

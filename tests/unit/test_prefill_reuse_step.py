@@ -15,6 +15,15 @@ from duetserve.runtime.loader import load_model
 from duetserve.runtime.models.llama import LlamaForCausalLM
 from duetserve.runtime.sampling import Sampler
 from duetserve.services.unit_worker.prefill_step import mixed_step
+from duetserve.services.unit_worker.residents import (
+    RecheckParams,
+    Resident,
+    positions_of,
+    ranges_of,
+    recheck_due,
+    recheck_residents,
+)
+from duetserve.services.unit_worker.sequences import runtime_state, sampling_params
 from tests.conftest import ModelDirs
 from tests.model_specs import TINY
 
@@ -114,3 +123,28 @@ def test_a_bad_reuse_item_fails_alone_before_any_write(
     (result,) = output.results
     assert result.error is not None and why in result.error
     assert torch.equal(host.pool.tensor, before)
+
+
+def test_the_decode_stage_rechecks_a_residents_placed_tokens(model: LlamaForCausalLM) -> None:
+    host = host_of(model)
+    source = cache_doc(host)
+    item = reuse_item(source, 0.0)
+    output, _ = mixed_step(host, PrefillBatch(1, (item,)), [])  # type: ignore[arg-type]
+    (result,) = output.results
+    assert result.token is not None and result.first_kept == len(HEAD)
+    sampling = item.sample
+    assert sampling is not None
+    params = sampling_params(sampling.sampling, model.config.vocab_size)
+    state = runtime_state(sampling, params)
+    state.output_token_ids.append(result.token.token_id)
+    resident = Resident("r-1", "w/r-1", list(item.block_table), state, GREEDY, "ingress-1")
+    resident.reused = positions_of((len(HEAD), len(HEAD) + len(DOC)))
+    assert ranges_of(resident.reused) == (len(HEAD), len(HEAD) + len(DOC))
+    assert recheck_due([resident], 2) == [] and recheck_due([resident], 1) == [resident]
+    everything = RecheckParams(interval=1, top=1000, threshold=-1.0, layer=-1)
+    assert recheck_residents(host, [resident], everything) == len(DOC)  # type: ignore[arg-type]
+    assert resident.reused == [] and recheck_due([resident], 1) == []
+    nothing = RecheckParams(interval=1, top=8, threshold=1e9, layer=1)
+    resident.reused = [len(HEAD) + 3]
+    assert recheck_residents(host, [resident], nothing) == 0  # type: ignore[arg-type]
+    assert resident.reused == [len(HEAD) + 3]

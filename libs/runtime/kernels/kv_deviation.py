@@ -73,7 +73,10 @@ def _check(
     shape = (num_tokens, num_kv_heads, head_dim)
     check_tensor("k_fresh", k_fresh, dtype=FLOAT_DTYPES, shape=shape)
     check_tensor("v_fresh", v_fresh, dtype=FLOAT_DTYPES, shape=shape)
-    if k_fresh.stride() != v_fresh.stride():
+    # One stride serves both (a dimension of size 1 has none that matters).
+    if any(
+        n > 1 and a != b for n, a, b in zip(shape, k_fresh.stride(), v_fresh.stride(), strict=True)
+    ):
         raise ShapeError("k_fresh and v_fresh: different strides")
     check_same_device(
         k_cache=k_cache, v_cache=v_cache, slots=slots, k_fresh=k_fresh, v_fresh=v_fresh
