@@ -32,6 +32,9 @@ class PrefixMatchQuery:
     public_prefix_tokens: int = 0
     host: bool = False  # also match the host tier's index (host_block_ids)
     spans: bool = False  # also find cached spans anywhere past the prefix (KVShare)
+    # Only say how much would match: nothing retained, no block ids in the answer (its
+    # num_tokens and spans still say what is cached). Scheduling by hit rate asks this.
+    peek: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -128,6 +128,15 @@ class CacheHandlers:
     async def _match(self, query: cache.PrefixMatchQuery) -> cache.PrefixMatch:
         now = self.clock()
         found = self.radix.match(query.tenant, query.token_ids, query.public_prefix_tokens, now=now)
+        if query.peek:  # how much, nothing held
+            prefix = len(found.block_ids) * self.radix.block_size
+            found_spans = (
+                self.spans.match(query.tenant, query.token_ids, prefix) if query.spans else []
+            )
+            cached = tuple(
+                cache.CachedSpan(s.start, s.length, s.source_start, ()) for s in found_spans
+            )
+            return cache.PrefixMatch((), prefix, (), cached)
         block_ids: tuple[int, ...] = ()
         if found.block_ids:
             try:

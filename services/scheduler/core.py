@@ -212,6 +212,9 @@ class SchedulerCore:
         # exact prefixes are.
         self.span_reuse: SpanReuse | None = None
         self.reuse = ReuseStats()
+        # Ask the cache how much of each arriving prompt it holds (scheduling by hit rate).
+        self.peek_hits = False
+        self._peeks: set[asyncio.Task[None]] = set()
         self._logged_cap: int | None = None
         self._cap_logged_at = -CAP_LOG_S
 
@@ -474,6 +477,33 @@ class SchedulerCore:
         if not record.swapped:
             return 0
         return min(record.seq.num_cached // self.planner.config.block_size, len(record.swapped))
+
+    def peek_later(self, record: RequestRecord) -> None:
+        """Learn its expected hit rate in the background (it waits meanwhile as if none)."""
+        if not self.peek_hits:
+            return
+        task = asyncio.create_task(self._peek_hit(record))
+        self._peeks.add(task)
+        task.add_done_callback(self._peeks.discard)
+
+    async def _peek_hit(self, record: RequestRecord) -> None:
+        query = cache.PrefixMatchQuery(
+            owner="",
+            tenant=record.submit.tenant,
+            token_ids=record.kv_token_ids,
+            public_prefix_tokens=record.submit.public_prefix_tokens,
+            spans=self.span_reuse is not None,
+            peek=True,
+        )
+        try:
+            reply = await self.bus.request(subjects.CACHE_MATCH, encode(query))
+            found = decode(reply.data, cache.PrefixMatch)
+        except (BusTimeout, ProtoError) as err:
+            logger.debug("no hit rate for %s: %s", record.request_id, err)
+            return
+        cached = found.num_tokens + sum(s.length for s in found.spans)
+        record.seq.expected_hit = cached / max(len(record.kv_token_ids), 1)
+        self.wake.set()
 
     async def _match_prefix(self, record: RequestRecord) -> cache.PrefixMatch:
         query = cache.PrefixMatchQuery(

@@ -72,6 +72,7 @@ class SchedulerHandlers:
         self.core.view.waiting.append(record.seq)
         self.core.tuner.on_arrival(len(submit.prompt_token_ids))
         await self.bus.reply(msg, encode(SubmitAccepted(submit.request_id)))
+        self.core.peek_later(record)
         self.core.wake.set()
 
     def _refusal(self, submit: SubmitRequest, record: RequestRecord) -> ErrorReply | None:

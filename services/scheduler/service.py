@@ -61,7 +61,9 @@ class SchedulerService:
             max_running=s.max_running,
             decode_reserve_blocks=s.decode_reserve_blocks,
         )
-        policy = make_policy(s.policy, s.fairness, config.block_size, s.jitserve_group)
+        policy = make_policy(
+            s.policy, s.fairness, config.block_size, s.jitserve_group, s.hit_rate_order
+        )
         planner = Planner(config, policy)
         outbox = TokenOutbox(bus, self.instance)
         await outbox.start()
@@ -111,6 +113,7 @@ class SchedulerService:
             self._tasks.append(critical_task(host_lease.keep(), "scheduler-host-lease"))
         if s.span_reuse:
             self.core.span_reuse = SpanReuse(s.span_recompute, s.span_check_layer)
+        self.core.peek_hits = s.hit_rate_order
         await serve_health(bus, SERVICE, self.instance, lambda: self.status)
         self.status = HealthStatus.READY
         logger.info(

@@ -25,6 +25,9 @@ class SchedulerSettings(ServingSettings):
     # whose members meeting their SLOs at the measured step time bring the most reward
     # (policy/jitserve.py; on a CPU it loses: docs/benchmarks.md).
     jitserve_group: Literal["limit", "measured"] = "limit"
+    # Waiting requests whose SLOs let them wait go by how much of their prompt the cache
+    # holds, most first (KVShare's scheduling by hit rate, policy/hit_rate.py).
+    hit_rate_order: bool = False
     max_prefill_tokens: int = Field(2048, gt=0)
     max_prefill_seqs: int = Field(64, gt=0)
     # Which admitted prompts a prefill batch takes first (planner.PlannerConfig): "shortest"

@@ -65,6 +65,7 @@ def reuse_stack(model_dirs: ModelDirs, tmp_path_factory: pytest.TempPathFactory)
         DUET_SPAN_REUSE="1",
         DUET_SPAN_RECOMPUTE="0.25",
         DUET_SPAN_RECHECK_INTERVAL="2",  # the decode stage runs within the 4 tokens asked for
+        DUET_HIT_RATE_ORDER="1",  # each arrival's hit rate asked of cache_index
     )
     yield stack
     assert_stops_cleanly(stack)

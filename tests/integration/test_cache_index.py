@@ -364,3 +364,33 @@ async def test_public_spans_are_found_by_every_tenant(
         found = await ask_ok(unit.bus, subjects.CACHE_MATCH, query, cache.PrefixMatch)
         assert found.block_ids == () and sum(s.length for s in found.spans) >= 140
         await release(unit, "sched/r2")
+
+
+async def test_a_peek_says_how_much_is_cached_and_holds_nothing(
+    nats_server: NatsServer, bus: Bus, model_dirs: ModelDirs
+) -> None:
+    tiny = model_dirs.get(TINY)
+    async with (
+        running_kv_manager(nats_server.url, tiny, num_blocks=64, block_size=BLOCK) as kvm,
+        running_cache_index(nats_server.url, kvm.settings.unit) as index,
+    ):
+        unit = Unit(kvm.settings.unit, bus, index)
+        head = _doc(3, 8)
+        cached = head + DOC_A
+        ids = await alloc(unit, "sched/r1", len(cached) // BLOCK)
+        await insert(unit, "tenant-a", cached, ids)
+        await release(unit, "sched/r1")
+        free = await num_free(unit.bus, unit.name)
+        prompt = head + _doc(7, 8) + DOC_A + _doc(8, 5)
+        query = cache.PrefixMatchQuery("", "tenant-a", prompt, spans=True, peek=True)
+        found = await ask_ok(unit.bus, subjects.CACHE_MATCH, query, cache.PrefixMatch)
+        assert found.block_ids == () and found.span_block_ids == ()
+        assert found.num_tokens == len(head) and sum(s.length for s in found.spans) >= 140
+        held = await kv_stats_of(unit)
+        assert set(held) == {index.handlers.holder} and await num_free(bus, unit.name) == free
+
+
+async def kv_stats_of(unit: Unit) -> dict[str, int]:
+    subject = subjects.kv(unit.name, "stats")
+    stats = await ask_ok(unit.bus, subject, kv.KvStatsQuery(), kv.KvStats)
+    return {h: n for h, n in stats.references_by_holder.items() if n}
