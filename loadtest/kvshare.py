@@ -433,6 +433,46 @@ def report(run: KVShareRun) -> str:
     return "\n".join(lines)
 
 
+def plot(run: KVShareRun, path: Path) -> None:
+    """TTFT against teacher-forced agreement, one point a fraction, with and without the
+    decode stage; full recomputation and exact-prefix caching for reference."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    full = statistics.mean(b.full_s for b in run.baselines) * 1e3
+    prefix = statistics.mean(b.prefix_s for b in run.baselines) * 1e3
+    axes.scatter([full], [100.0], marker="s", color="black", label="full prefill")
+    axes.scatter([prefix], [100.0], marker="D", color="grey", label="exact prefix only")
+    for with_stage, marker in ((False, "o"), (True, "^")):
+        points = []
+        for fraction in sorted({s.fraction for s in run.samples}):
+            rows = [
+                s for s in run.samples if s.fraction == fraction and s.decode_stage == with_stage
+            ]
+            if rows:
+                ttft = statistics.mean(s.prefill_s for s in rows) * 1e3
+                agree = statistics.mean(s.teacher_agree for s in rows) * 100
+                points.append((ttft, agree, fraction))
+        label = "reuse, decode stage " + ("on" if with_stage else "off")
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
+        if not with_stage:
+            for ttft, agree, fraction in points:
+                axes.annotate(f"{fraction:.0%}", (ttft, agree), textcoords="offset points",
+                              xytext=(4, -10), fontsize=8)  # fmt: skip
+    axes.axhline(99.0, color="red", linestyle=":", linewidth=1, label="99% target")
+    axes.axvline(full / 3, color="red", linestyle="--", linewidth=1, label="3x lower TTFT")
+    axes.set_xlabel("TTFT (prefill) ms, mean")
+    axes.set_ylabel("teacher-forced top-1 agreement %")
+    axes.set_title(f"{run.model} ({run.dtype}): TTFT against agreement", fontsize=10)
+    axes.legend(fontsize=8, loc="lower right")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("models/SmolLM2-135M-Instruct"))
@@ -455,16 +495,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--write", type=Path, help="docs/benchmarks.md: rewrite its section")
     parser.add_argument("--report", type=Path, help="only report an earlier --json")
+    parser.add_argument("--plot", type=Path, help="TTFT against agreement, as a PNG")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]
     if args.report:
-        print(report(read(args.report)))
+        earlier = read(args.report)
+        print(report(earlier))
+        if args.plot:
+            plot(earlier, args.plot)
         return
     result = run(args)
     text = report(result)
     print(text)
     if args.json:
         args.json.write_text(json.dumps(asdict(result), indent=1) + "\n")
+    if args.plot:
+        plot(result, args.plot)
     if args.write:
         write_section(args.write, "kvshare", "KVShare: reuse of similar prompts", text)
 

@@ -14,6 +14,7 @@ they change records and wake the loop.
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -93,6 +94,15 @@ class SpanReuse:
 
     recompute: float  # of the reused tokens, those deviating most
     check_layer: int  # where deviation is measured
+    num_layers: int  # the model's
+
+    def charge(self, tokens: int, reused: int) -> int:
+        """What a prefill of `tokens` placing `reused` of them costs, in tokens computed in
+        every layer: the others in full, the reused in the layers up to the check layer, and
+        the recomputed share of them in the rest."""
+        early = (self.check_layer + 1) / self.num_layers
+        share = self.recompute + (1 - self.recompute) * early
+        return (tokens - reused) + math.ceil(reused * share)
 
 
 @dataclass(slots=True)
@@ -427,6 +437,10 @@ class SchedulerCore:
         record.spans = tuple(s for s in matched.spans if s.start >= cached)
         record.first_kept = -1
         seq.whole = bool(record.spans)
+        seq.charge = None
+        if record.spans and self.span_reuse is not None:
+            reused = sum(s.length for s in record.spans)
+            seq.charge = self.span_reuse.charge(seq.prompt_len - cached, reused)
         if record.swapped:
             seq.num_computed = seq.prompt_len  # once swapped in
         seq.num_blocks = len(record.block_table)

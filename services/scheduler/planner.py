@@ -172,10 +172,13 @@ class Planner:
             remaining = seq.num_uncomputed
             if remaining <= 0 or seq.in_flight:
                 continue
-            if seq.whole and remaining > budget:
-                if chunks:
+            if seq.whole:
+                cost = remaining if seq.charge is None else min(seq.charge, remaining)
+                if cost > budget and chunks:
                     continue  # whole or not at all: it goes first in a later batch
-                budget = remaining
+                chunks.append(PrefillChunk(seq.request_id, seq.num_computed, remaining, True))
+                budget -= cost
+                continue
             take = min(remaining, budget)
             chunks.append(PrefillChunk(seq.request_id, seq.num_computed, take, take == remaining))
             budget -= take

@@ -76,6 +76,7 @@ class RequestRecord:
         seq.num_output = len(output_token_ids)
         seq.num_cached = seq.num_computed = seq.num_blocks = 0
         self.spans, self.span_blocks, self.first_kept, seq.whole = (), (), -1, False
+        seq.charge = None
         seq.phase = Phase.WAITING
         seq.swapped = False  # until its PREEMPTED event says its KV went to the host tier
         seq.preempting, self.preempt_sent_at = False, None

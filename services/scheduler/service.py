@@ -112,7 +112,13 @@ class SchedulerService:
             host_lease = Lease(bus, s.unit, self.instance, s.heartbeat_interval_s, kv.HOST_POOL)
             self._tasks.append(critical_task(host_lease.keep(), "scheduler-host-lease"))
         if s.span_reuse:
-            self.core.span_reuse = SpanReuse(s.span_recompute, s.span_check_layer)
+            # The pool's tensor is [layers, 2, blocks, block size, kv heads, head dim].
+            layers = next((t.shape[0] for t in storage.tensors if t.name == "kv_pool"), None)
+            if layers is not None and s.span_check_layer >= layers:
+                raise ValueError(
+                    f"DUET_SPAN_CHECK_LAYER={s.span_check_layer}: the model has {layers} layers"
+                )
+            self.core.span_reuse = SpanReuse(s.span_recompute, s.span_check_layer, layers or 1)
         self.core.peek_hits = s.hit_rate_order
         await serve_health(bus, SERVICE, self.instance, lambda: self.status)
         self.status = HealthStatus.READY

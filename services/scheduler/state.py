@@ -56,6 +56,9 @@ class SeqState:
     # Its prompt's rest is prefilled in one chunk (KVShare's prefill over reused spans cannot
     # be split): the planner gives it a batch's whole budget, or more when it goes first.
     whole: bool = False
+    # What its whole prefill counts against a batch's token budget, when it is not its token
+    # count: a prefill over reused spans computes most of them in a few layers only.
+    charge: int | None = None
     # The share of its prompt the cache held when it arrived (an exact prefix and reusable
     # spans: cache_index's peek), for ordering by hit rate (policy/hit_rate.py).
     expected_hit: float = 0.0

@@ -1,10 +1,12 @@
 """The scheduler's pure planning core: admission, chunked prefill, preemption, no stalls."""
 
+import math
 import random
 
 import pytest
 
 from duetserve.proto.workers import ResidentSize
+from duetserve.services.scheduler.core import SpanReuse
 from duetserve.services.scheduler.planner import Planner, PlannerConfig
 from duetserve.services.scheduler.policy.fcfs import FcfsPolicy
 from duetserve.services.scheduler.state import Phase, SeqState, UnitView, grow
@@ -89,6 +91,17 @@ def test_a_prompt_reusing_spans_is_prefilled_whole_or_not_yet() -> None:
     plan = planner(max_prefill_tokens=256).plan(unit, now=2.0)
     assert [(c.request_id, c.start, c.num_tokens, c.is_last) for c in plan.prefill] == [
         ("whole", 64, 336, True)
+    ]
+    # What it computes is what counts: most of a reusing prompt runs through a few layers.
+    whole.charge = 120
+    other = seq("other", 2, 300, num_computed=40, phase=Phase.PREFILLING)
+    other.whole, other.charge = True, 120
+    unit = UnitView(100, 100, prefilling=[whole, other, seq("short", 3, 30)])
+    plan = planner(max_prefill_tokens=256).plan(unit, now=2.0)
+    assert [(c.request_id, c.num_tokens) for c in plan.prefill] == [
+        ("whole", 336),
+        ("other", 260),
+        ("short", 16),
     ]
 
 
@@ -258,3 +271,11 @@ def test_chunks_after_admission_start_where_the_cached_prefix_ends() -> None:
     [chunk] = p.prefill_chunks(unit, now=1.0)
     assert (chunk.start, chunk.num_tokens, chunk.is_last) == (2864, 10, True)
     assert p.prefill_chunks(unit, 1.0, decode_tokens=2045) == (("long", 2864, 3, False),)
+
+
+def test_a_reusing_prefill_is_charged_what_it_computes() -> None:
+    reuse = SpanReuse(recompute=0.15, check_layer=1, num_layers=30)
+    # 100 new tokens in full; 900 placed: all through 2 of 30 layers, 15% through the rest.
+    assert reuse.charge(1000, 900) == 100 + math.ceil(900 * (0.15 + 0.85 * 2 / 30))
+    assert SpanReuse(1.0, 1, 30).charge(1000, 900) == 1000
+    assert SpanReuse(0.0, 29, 30).charge(1000, 900) == 1000
