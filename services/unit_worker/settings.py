@@ -26,9 +26,10 @@ class UnitWorkerSettings(ServingSettings):
     # span_recheck_interval tokens (0: never), the span_recheck_top reused tokens the newest
     # attends to most are computed again up to span_recheck_layer (-1: two thirds of the
     # model's depth), and those deviating there beyond span_recheck_threshold (relative
-    # squared distance) are recomputed in every layer.
-    span_recheck_interval: int = Field(8, ge=0)
-    span_recheck_top: int = Field(32, gt=0)
+    # squared distance) are recomputed in every layer. A recheck costs about two batch-1
+    # decode steps and runs per request (docs/benchmarks.md, "KVShare"): the interval is long.
+    span_recheck_interval: int = Field(32, ge=0)
+    span_recheck_top: int = Field(16, gt=0)
     span_recheck_threshold: float = Field(0.01, ge=0)
     span_recheck_layer: int = Field(-1, ge=-1)
     # A model call (a prefill batch, a decode step, a share change) running longer than this
