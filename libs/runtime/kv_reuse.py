@@ -172,6 +172,15 @@ def prefill_with_reuse(
     return ReusePrefill(logits, reused, sorted(again), deviation, computed)
 
 
+@dataclass(frozen=True, slots=True)
+class RecheckSequence:
+    """One sequence of a decode-stage batch: all its tokens' K/V are in the pool."""
+
+    token_ids: Sequence[int]
+    block_table: Sequence[int]
+    candidates: Sequence[int]  # reused positions whose placed K/V still stand
+
+
 @torch.inference_mode()
 def recheck(
     model: LlamaForCausalLM,
@@ -183,31 +192,50 @@ def recheck(
     threshold: float,
     check_layer: int,
 ) -> Recheck:
-    """KVShare's decode stage, for a sequence of len(token_ids) tokens whose K/V are all in the
-    pool: of `candidates` (reused positions whose placed K/V still stand), the `top` the newest
-    token attends to most at check_layer are recomputed up to it; those deviating there by more
-    than `threshold` (|fresh - stored|^2 / |fresh|^2 over K and V) are recomputed in every
-    layer."""
+    """KVShare's decode stage for one sequence (`recheck_many`)."""
+    sequence = RecheckSequence(token_ids, block_table, candidates)
+    return recheck_many(model, pool, [sequence], top, threshold, check_layer)[0]
+
+
+@torch.inference_mode()
+def recheck_many(
+    model: LlamaForCausalLM,
+    pool: KVPool,
+    sequences: Sequence[RecheckSequence],
+    top: int,
+    threshold: float,
+    check_layer: int,
+) -> list[Recheck]:
+    """KVShare's decode stage, for sequences whose K/V are all in the pool, as three batched
+    passes: of each one's `candidates` (reused positions whose placed K/V still stand), the
+    `top` its newest token attends to most at check_layer are recomputed up to it; those
+    deviating there by more than `threshold` (|fresh - stored|^2 / |fresh|^2 over K and V) are
+    recomputed in every layer."""
     num_layers = model.config.num_layers
     if not 0 <= check_layer < num_layers:
         raise ValueError(f"check_layer {check_layer} outside the model's {num_layers} layers")
-    length = len(token_ids)
-    result = Recheck()
-    if not candidates or top <= 0:
-        return result
-    newest = length - 1
-    attention = _newest_attention(model, pool, token_ids, block_table, check_layer)
-    pool_of = torch.tensor(list(candidates), dtype=torch.int64)
-    weights = attention[pool_of]
-    take = torch.topk(weights, min(top, len(candidates))).indices
-    checked = sorted(pool_of[take].tolist())
-    checked = [p for p in checked if p < newest]
+    results = [Recheck() for _ in sequences]
+    live = [i for i, s in enumerate(sequences) if s.candidates and top > 0]
+    if not live:
+        return results
+    attention = _newest_attention(model, pool, [sequences[i] for i in live], check_layer)
+    checked: dict[int, list[int]] = {}
+    for i, weights in zip(live, attention, strict=True):
+        seq = sequences[i]
+        candidates = torch.tensor(list(seq.candidates), dtype=torch.int64)
+        take = torch.topk(weights[candidates], min(top, len(candidates))).indices
+        picked = sorted(p for p in candidates[take].tolist() if p < len(seq.token_ids) - 1)
+        if picked:
+            checked[i] = picked
     if not checked:
-        return result
-    chunk = SequenceChunk.scattered([token_ids[p] for p in checked], checked, block_table)
-    batch = ForwardBatch.build([chunk], model.config, pool)
+        return results
+    order = list(checked)
+    chunks = [_scattered(sequences[i], checked[i]) for i in order]
+    batch = ForwardBatch.build(chunks, model.config, pool)
     step = model.prepare(batch, pool)
-    slots = _slots(checked, block_table, pool.block_size, pool.device)
+    slots = torch.cat(
+        [_slots(checked[i], sequences[i].block_table, pool.block_size, pool.device) for i in order]
+    )
     found: list[torch.Tensor] = []
 
     def measure(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor,
@@ -220,51 +248,66 @@ def recheck(
     for index in range(check_layer + 1):
         probe = measure if index == check_layer else None
         residual = model.layer(index, residual, step, pool, probe)
-    relative = found[0]
-    stale = [i for i, d in enumerate(relative.tolist()) if d > threshold]
-    result.checked = checked
-    result.deviation = relative.tolist()
-    result.recomputed = [checked[i] for i in stale]
+    relative = found[0].tolist()
+    rows: list[int] = []  # of the stale tokens, in the batch's rows
+    stale: dict[int, list[int]] = {}
+    at = 0
+    for i in order:
+        positions = checked[i]
+        mine = relative[at : at + len(positions)]
+        result = results[i]
+        result.checked, result.deviation = positions, mine
+        result.recomputed = [p for p, d in zip(positions, mine, strict=True) if d > threshold]
+        rows.extend(at + j for j, d in enumerate(mine) if d > threshold)
+        if result.recomputed:
+            stale[i] = result.recomputed
+        at += len(positions)
     if stale and check_layer + 1 < num_layers:
-        again = result.recomputed
-        residual = residual[torch.tensor(stale, device=pool.device)]
-        chunk = SequenceChunk.scattered([token_ids[p] for p in again], again, block_table)
-        batch = ForwardBatch.build([chunk], model.config, pool)
+        residual = residual[torch.tensor(rows, device=pool.device)]
+        chunks = [_scattered(sequences[i], stale[i]) for i in stale]
+        batch = ForwardBatch.build(chunks, model.config, pool)
         step = model.prepare(batch, pool)
         for index in range(check_layer + 1, num_layers):
             residual = model.layer(index, residual, step, pool)
-    return result
+    return results
+
+
+def _scattered(sequence: RecheckSequence, positions: list[int]) -> SequenceChunk:
+    tokens = [sequence.token_ids[p] for p in positions]
+    return SequenceChunk.scattered(tokens, positions, sequence.block_table)
 
 
 def _newest_attention(
     model: LlamaForCausalLM,
     pool: KVPool,
-    token_ids: Sequence[int],
-    block_table: Sequence[int],
+    sequences: Sequence[RecheckSequence],
     check_layer: int,
-) -> torch.Tensor:  # float32 [len(token_ids)]: mean over query heads
-    """How much the newest token attends to each position at check_layer: the token run again
-    up to that layer (its K/V rewritten with what they were) and its softmax read there."""
-    newest = len(token_ids) - 1
-    chunk = SequenceChunk.scattered([token_ids[newest]], [newest], block_table)
-    batch = ForwardBatch.build([chunk], model.config, pool)
+) -> list[torch.Tensor]:  # float32 [len(token_ids)] each: mean over query heads
+    """How much each sequence's newest token attends to each position at check_layer: the
+    tokens run again up to that layer, together (their K/V rewritten with what they were),
+    and their softmax read there."""
+    newest = [len(s.token_ids) - 1 for s in sequences]
+    chunks = [_scattered(s, [n]) for s, n in zip(sequences, newest, strict=True)]
+    batch = ForwardBatch.build(chunks, model.config, pool)
     step = model.prepare(batch, pool)
-    table = torch.tensor(list(block_table), dtype=torch.int64)
     found: list[torch.Tensor] = []
     group = model.config.num_q_heads // model.config.num_kv_heads
 
     def softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor,
                 vc: torch.Tensor) -> None:  # fmt: skip
-        keys = gather_context(kc, table.to(kc.device), newest).float()  # [S, Hkv, D]
-        keys = keys.repeat_interleave(group, dim=1)  # [S, Hq, D]
-        scores = torch.einsum("hd,shd->hs", q[0].float(), keys) * model.scale  # [Hq, S]
-        found.append(torch.softmax(scores, dim=-1).mean(0).cpu())
+        for row, (sequence, last) in enumerate(zip(sequences, newest, strict=True)):
+            table = torch.tensor(list(sequence.block_table), dtype=torch.int64, device=kc.device)
+            keys = gather_context(kc, table, last).float()  # [S, Hkv, D]
+            keys = keys.repeat_interleave(group, dim=1)  # [S, Hq, D]
+            scores = torch.einsum("hd,shd->hs", q[row].float(), keys) * model.scale  # [Hq, S]
+            weights = torch.softmax(scores, dim=-1).mean(0).cpu()
+            found.append(torch.cat([weights, torch.zeros(1)]))  # the newest: not a candidate
 
     residual = model.embed(batch.input_ids)
     for index in range(check_layer + 1):
         probe = softmax if index == check_layer else None
         residual = model.layer(index, residual, step, pool, probe)
-    return torch.cat([found[0], torch.zeros(1)])  # the newest position: not a candidate
+    return found
 
 
 def _slots(

@@ -8,7 +8,7 @@ from duetserve.proto.scheduling import Sampling
 from duetserve.proto.tokens import FinishReason, TokenChunk
 from duetserve.proto.workers import DecodeItem, EventKind, SamplingState, WorkerEvent
 from duetserve.runtime.batch import ForwardBatch, SequenceChunk
-from duetserve.runtime.kv_reuse import recheck
+from duetserve.runtime.kv_reuse import RecheckSequence, recheck_many
 from duetserve.runtime.sampling import SamplingParams, SequenceSamplingState
 from duetserve.services.unit_worker.model_host import ModelHost
 from duetserve.services.unit_worker.sequences import finish_of, token_chunk
@@ -102,25 +102,23 @@ def recheck_due(residents: list[Resident], interval: int) -> list[Resident]:
 
 
 def recheck_residents(host: ModelHost, residents: list[Resident], params: RecheckParams) -> int:
-    """Run the decode stage for each (runtime/kv_reuse.py's `recheck`); the tokens recomputed
-    in every layer, which are checked no more."""
+    """Run the decode stage for them all at once (runtime/kv_reuse.py's `recheck_many`); the
+    tokens recomputed in every layer, which are checked no more."""
     layer = params.layer if params.layer >= 0 else host.config.num_layers * 2 // 3
     layer = min(layer, host.config.num_layers - 1)
-    recomputed = 0
-    for resident in residents:
-        context = [*resident.state.prompt_token_ids, *resident.output[:-1]]
-        done = recheck(
-            host.model,
-            host.pool,
-            context,
-            resident.block_table,
-            resident.reused,
-            params.top,
-            params.threshold,
-            layer,
+    sequences = [
+        RecheckSequence(
+            [*r.state.prompt_token_ids, *r.output[:-1]],  # the tokens whose K/V are in the pool
+            r.block_table,
+            r.reused,
         )
-        if done.recomputed:
-            again = set(done.recomputed)
+        for r in residents
+    ]
+    done = recheck_many(host.model, host.pool, sequences, params.top, params.threshold, layer)
+    recomputed = 0
+    for resident, result in zip(residents, done, strict=True):
+        if result.recomputed:
+            again = set(result.recomputed)
             resident.reused = [p for p in resident.reused if p not in again]
             recomputed += len(again)
     return recomputed

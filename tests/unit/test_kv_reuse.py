@@ -5,7 +5,13 @@ import torch
 
 from duetserve.runtime.batch import ForwardBatch, SequenceChunk
 from duetserve.runtime.kv_pool import KVPool
-from duetserve.runtime.kv_reuse import ReusedSpan, prefill_with_reuse, recheck
+from duetserve.runtime.kv_reuse import (
+    RecheckSequence,
+    ReusedSpan,
+    prefill_with_reuse,
+    recheck,
+    recheck_many,
+)
 from duetserve.runtime.loader import load_model
 from duetserve.runtime.models.llama import LlamaForCausalLM
 from tests.conftest import ModelDirs
@@ -195,3 +201,27 @@ def test_scattered_chunks_are_checked_before_anything_is_written(model: LlamaFor
         with pytest.raises(Exception, match=message):
             ForwardBatch.build([chunk], model.config, pool)
     assert torch.equal(pool.tensor, before)
+
+
+def test_a_batched_recheck_equals_one_recheck_per_sequence(model: LlamaForCausalLM) -> None:
+    pool = new_pool(model)
+    _, source_table = cached_docs(model, pool)
+    prompts = [HEAD + DOC_A + DOC_B + QUESTION, HEAD[:4] + DOC_B + DOC_A + QUESTION[:5]]
+    tables = [list(range(0, 8)), list(range(8, 16))]
+    sequences = []
+    for prompt, table, at in zip(prompts, tables, (12, 4), strict=True):
+        spans = moved_spans(source_table, at, at + len(DOC_A))
+        if prompt[at] == DOC_B[0]:
+            spans = moved_spans(source_table, at + len(DOC_B), at)
+        done = prefill_with_reuse(model, pool, prompt, table, 0, spans, fraction=0.0)
+        sequences.append(RecheckSequence(prompt, table, done.kept))
+    alone_pool = KVPool(pool.tensor.clone())  # the same cache, rechecked one sequence at a time
+    expected = [
+        recheck(model, alone_pool, q.token_ids, q.block_table, q.candidates, 12, 0.001, 2)
+        for q in sequences
+    ]
+    together = recheck_many(model, pool, sequences, top=12, threshold=0.001, check_layer=2)
+    for ours, theirs in zip(together, expected, strict=True):
+        assert ours.checked == theirs.checked and ours.recomputed == theirs.recomputed
+        assert ours.checked and len(ours.checked) == 12
+    assert torch.allclose(pool.tensor, alone_pool.tensor, atol=1e-5)
