@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 
 from duetserve.common.nats_bus import Bus
 from duetserve.proto import codec, compute, kv, scheduling, subjects, supervision, tokens, workers
-from duetserve.proto.cache import EvictQuery, PrefixInsert, PrefixMatchQuery
+from duetserve.proto.cache import CachedSpan, EvictQuery, PrefixInsert, PrefixMatchQuery
 from duetserve.proto.common import HealthQuery
 from tests.conftest import ModelDirs
 from tests.e2e.conftest import Stack, assert_stops_cleanly, start_stack
@@ -81,7 +81,15 @@ def inconsistent() -> list[tuple[str, object]]:
     a hand-over from a worker that does not exist."""
     item = workers.DecodeItem("fuzz-r", (0, 1), STATE, owner="nobody/fuzz-r")
     prefill = workers.PrefillItem("fuzz-p", (5, 6, 7), 0, (0,), STATE, owner="nobody/fuzz-p")
+    # Reusing spans from blocks nobody holds: the worker must not read them, nor write.
+    span = CachedSpan(1, 2, 0, (3,))
+    reusing = workers.PrefillItem(
+        "fuzz-s", (5, 6, 7), 0, (0,), STATE, owner="nobody/fuzz-s", reuse=(span,), recompute=0.5
+    )
     return [
+        (workers.prefill_batch_subject(UNIT), workers.PrefillBatch(10**6 + 1, (reusing,))),
+        (subjects.CACHE_MATCH, PrefixMatchQuery("fuzz/s", "t", tuple(range(400)), spans=True)),
+        (subjects.CACHE_MATCH, PrefixMatchQuery("", "t", tuple(range(400)), spans=True, peek=True)),
         (subjects.kv(UNIT, "release"), kv.ReleaseBlocks("nobody/r", (0, 1, 2))),
         (subjects.kv(UNIT, "release"), kv.ReleaseBlocks("cache_index/never")),
         (subjects.kv(UNIT, "retain"), kv.RetainBlocks("fuzz/r", (0, 1, 2), ("nobody/r",))),
