@@ -3,6 +3,7 @@ indexes, a match retains for the asker, tenants stay apart, eviction frees, refu
 trace."""
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import NamedTuple
 
@@ -298,15 +299,22 @@ def _doc(seed: int, length: int) -> tuple[int, ...]:
 DOC_A, DOC_B = _doc(1, 160), _doc(2, 160)
 
 
+@contextlib.asynccontextmanager
+async def span_unit(
+    nats_server: NatsServer, bus: Bus, model_dirs: ModelDirs, num_blocks: int
+) -> AsyncIterator[Unit]:
+    tiny = model_dirs.get(TINY)
+    async with (
+        running_kv_manager(nats_server.url, tiny, num_blocks=num_blocks, block_size=BLOCK) as kvm,
+        running_cache_index(nats_server.url, kvm.settings.unit) as index,
+    ):
+        yield Unit(kvm.settings.unit, bus, index)
+
+
 async def test_spans_are_found_anywhere_retained_and_forgotten_with_their_blocks(
     nats_server: NatsServer, bus: Bus, model_dirs: ModelDirs
 ) -> None:
-    tiny = model_dirs.get(TINY)
-    async with (
-        running_kv_manager(nats_server.url, tiny, num_blocks=128, block_size=BLOCK) as kvm,
-        running_cache_index(nats_server.url, kvm.settings.unit) as index,
-    ):
-        unit = Unit(kvm.settings.unit, bus, index)
+    async with span_unit(nats_server, bus, model_dirs, 128) as unit:
         cached = _doc(3, 8) + DOC_A + DOC_B  # 82 full blocks
         ids = await alloc(unit, "sched/r1", len(cached) // BLOCK)
         assert await insert(unit, "tenant-a", cached, ids) == len(ids)
@@ -332,7 +340,7 @@ async def test_spans_are_found_anywhere_retained_and_forgotten_with_their_blocks
         assert not retained & set(evicted)
         await release(unit, "sched/r2")
 
-        # Another tenant finds nothing; a matched prefix is not found again as a span.
+        # Another tenant finds nothing.
         other = cache.PrefixMatchQuery("sched/r3", "tenant-b", prompt, spans=True)
         assert await ask_ok(unit.bus, subjects.CACHE_MATCH, other, cache.PrefixMatch) == (
             cache.PrefixMatch((), 0)
@@ -349,12 +357,7 @@ async def test_spans_are_found_anywhere_retained_and_forgotten_with_their_blocks
 async def test_public_spans_are_found_by_every_tenant(
     nats_server: NatsServer, bus: Bus, model_dirs: ModelDirs
 ) -> None:
-    tiny = model_dirs.get(TINY)
-    async with (
-        running_kv_manager(nats_server.url, tiny, num_blocks=64, block_size=BLOCK) as kvm,
-        running_cache_index(nats_server.url, kvm.settings.unit) as index,
-    ):
-        unit = Unit(kvm.settings.unit, bus, index)
+    async with span_unit(nats_server, bus, model_dirs, 64) as unit:
         cached = _doc(3, 8) + DOC_A
         ids = await alloc(unit, "sched/r1", len(cached) // BLOCK)
         request = cache.PrefixInsert("tenant-a", cached, ids, public_spans=True)
@@ -369,12 +372,7 @@ async def test_public_spans_are_found_by_every_tenant(
 async def test_a_peek_says_how_much_is_cached_and_holds_nothing(
     nats_server: NatsServer, bus: Bus, model_dirs: ModelDirs
 ) -> None:
-    tiny = model_dirs.get(TINY)
-    async with (
-        running_kv_manager(nats_server.url, tiny, num_blocks=64, block_size=BLOCK) as kvm,
-        running_cache_index(nats_server.url, kvm.settings.unit) as index,
-    ):
-        unit = Unit(kvm.settings.unit, bus, index)
+    async with span_unit(nats_server, bus, model_dirs, 64) as unit:
         head = _doc(3, 8)
         cached = head + DOC_A
         ids = await alloc(unit, "sched/r1", len(cached) // BLOCK)
@@ -387,7 +385,8 @@ async def test_a_peek_says_how_much_is_cached_and_holds_nothing(
         assert found.block_ids == () and found.span_block_ids == ()
         assert found.num_tokens == len(head) and sum(s.length for s in found.spans) >= 140
         held = await kv_stats_of(unit)
-        assert set(held) == {index.handlers.holder} and await num_free(bus, unit.name) == free
+        assert unit.index.handlers is not None
+        assert set(held) == {unit.index.handlers.holder} and await num_free(bus, unit.name) == free
 
 
 async def kv_stats_of(unit: Unit) -> dict[str, int]:
