@@ -87,6 +87,8 @@ def _record(
         output_bound=bound,
         targets=_targets(spec, group_start),
         tenant=spec.tenant or "default",
+        group=_group(spec),
+        group_size=spec.slo.group_size if spec.slo is not None else None,
     )
     result = RequestResult(spec, sent_s=spec.arrival_s)
     return Record(seq, result, spec.prompt_tokens, max(spec.output_tokens, 1))
@@ -106,6 +108,14 @@ def _targets(spec: RequestSpec, group_start: float | None) -> SloTargets | None:
         return None
     start = group_start if slo.kind == "compound" and group_start is not None else spec.arrival_s
     return SloTargets(None, None, start + slo.deadline_ms / 1000)
+
+
+def _group(spec: RequestSpec) -> str:
+    """Its compound group as the live scheduler keys it (scoped by tenant), or ""."""
+    slo = spec.slo
+    if slo is None or slo.kind != "compound" or slo.group is None:
+        return ""
+    return f"{spec.tenant or 'default'}\x00{slo.group}"
 
 
 def _group_starts(specs: Sequence[RequestSpec]) -> dict[str, float]:

@@ -7,7 +7,7 @@ from duetserve.proto.cache import CachedSpan
 from duetserve.proto.scheduling import SubmitRequest
 from duetserve.proto.workers import SamplingState
 from duetserve.services.scheduler.state import Phase, SeqState
-from duetserve.services.scheduler.targets import slo_targets
+from duetserve.services.scheduler.targets import compound_group, slo_targets
 
 
 @dataclass(slots=True)
@@ -102,5 +102,7 @@ class RequestRecord:
             output_bound=submit.output_bound,
             targets=slo_targets(submit.slo, arrival, submit.group_age_s),
             tenant=submit.tenant,
+            group=compound_group(submit.slo, submit.tenant),
+            group_size=submit.slo.group_size if submit.slo is not None else None,
         )
         return cls(submit, seq, output_token_ids=list(output), holder=holder)

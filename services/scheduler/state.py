@@ -48,6 +48,10 @@ class SeqState:
     output_bound: int | None = None
     targets: SloTargets | None = None  # None: no SLO (the simulator's plain requests)
     tenant: str = ""  # whose service it counts as (fairness: policy/fairness.py)
+    # A compound SLO's group (its tenant's scope included: never shared across tenants) and
+    # how many calls the caller said it makes; "" when not a compound member.
+    group: str = ""
+    group_size: int | None = None
     # Preempted by a swap: its KV waits in the host tier, and comes back without a prefill.
     swapped: bool = False
     # Told to stop (PREEMPT sent), not heard back yet: not a victim again, and its blocks are

@@ -36,3 +36,11 @@ def slo_targets(slo: Slo | None, arrival: float, group_age_s: float = 0.0) -> Sl
     if slo.kind == SloKind.LATENCY:
         return SloTargets(ttft_target_s(slo), tpot_target_s(slo), None)
     return SloTargets(None, None, deadline_at)
+
+
+def compound_group(slo: Slo | None, tenant: str) -> str:
+    """A compound member's group as the scheduler keys it: scoped by its tenant, so two
+    tenants' groups of the same name are two groups. "" for any other request."""
+    if slo is None or slo.kind != SloKind.COMPOUND or slo.group is None:
+        return ""
+    return f"{tenant}\x00{slo.group}"

@@ -283,3 +283,73 @@ def test_a_ranking_of_a_long_queue_is_spread_over_plans_and_chooses_as_one(
     assert sliced._scores == whole._scores
     order = [s.request_id for s in sliced.admission_order(unit.waiting, 1.5)]
     assert order == [s.request_id for s in whole.admission_order(unit.waiting, 1.5)]
+
+
+def member(
+    name: str,
+    group: str,
+    deadline_at: float,
+    bound: int = 100,
+    size: int | None = None,
+    phase: Phase = Phase.WAITING,
+) -> SeqState:
+    s = seq(name, bound=bound, targets=SloTargets(deadline_at=deadline_at), phase=phase)
+    s.group, s.group_size = group, size
+    return s
+
+
+def ranked_scores(unit: UnitView, now: float = 0.0) -> dict[str, float]:
+    policy = JitServePolicy()
+    policy.rank(unit, now, batch_size=64, rates=RATES)
+    return {s.request_id: policy._score(s, now) for s in (*unit.waiting, *unit.decoding)}
+
+
+def test_a_compound_group_waits_with_members_that_have_slack_and_runs_those_that_do_not() -> None:
+    # Each member needs ~1.1 s (100 prompt + 100 out). Group "far" has 60 s to spare: its
+    # waiting members are deferred below a plain deadline request that can make it; group
+    # "near" (deadline 2 s) is urgent and ranks with its full shared priority.
+    far = [member(f"far{i}", "t\x00far", deadline_at=60.0) for i in range(3)]
+    near = [member(f"near{i}", "t\x00near", deadline_at=2.0) for i in range(3)]
+    plain = seq("plain", targets=SloTargets(deadline_at=30.0))
+    scores = ranked_scores(UnitView(1000, 1000, waiting=[*far, *near, plain]))
+    assert max(scores[s.request_id] for s in far) < scores["plain"] / 100
+    assert min(scores[s.request_id] for s in near) > scores["plain"] / 10
+    # Members share one priority: the group's reward over all of its work left.
+    assert len({scores[s.request_id] for s in near}) == 1
+    assert scores["near0"] == pytest.approx(1.0 / (3 * time_left_s(near[0], RATES)))
+
+
+def test_a_running_member_keeps_the_groups_priority_however_much_slack_it_has() -> None:
+    running = member("run", "t\x00g", deadline_at=60.0, phase=Phase.DECODING)
+    waiting = member("wait", "t\x00g", deadline_at=60.0)
+    scores = ranked_scores(UnitView(1000, 1000, waiting=[waiting], decoding=[running]))
+    assert scores["run"] == pytest.approx(scores["wait"] / 1e-3)
+
+
+def test_calls_still_to_come_make_the_present_members_urgent() -> None:
+    # The same slack as a group of one, but the caller said five calls: the four to come
+    # follow this one, so its latest start is now.
+    alone = member("alone", "t\x00a", deadline_at=6.0)
+    first = member("first", "t\x00b", deadline_at=6.0, size=5)
+    scores = ranked_scores(UnitView(1000, 1000, waiting=[alone, first]))
+    assert scores["alone"] < scores["first"] / 10
+
+
+def test_a_group_that_cannot_make_its_deadline_drops_as_one() -> None:
+    # One member of "doomed" needs far more than the deadline allows: the group cannot earn
+    # its reward, so its short member falls as low as its long one.
+    short = member("short", "t\x00doomed", deadline_at=3.0, bound=10)
+    hopeless = member("long", "t\x00doomed", deadline_at=3.0, bound=2000)
+    other = seq("other", bound=100, targets=SloTargets(deadline_at=3.0))
+    scores = ranked_scores(UnitView(1000, 1000, waiting=[short, hopeless, other]))
+    assert scores["short"] < scores["other"] * 1e-6
+    assert scores["long"] < scores["other"] * 1e-6
+
+
+def test_groups_of_the_same_name_in_two_tenants_are_two_groups() -> None:
+    from duetserve.proto.scheduling import Slo, SloKind
+    from duetserve.services.scheduler.targets import compound_group
+
+    slo = Slo(kind=SloKind.COMPOUND, group="g", deadline_ms=1000)
+    assert compound_group(slo, "a") != compound_group(slo, "b")
+    assert compound_group(Slo(kind=SloKind.DEADLINE, deadline_ms=1000), "a") == ""

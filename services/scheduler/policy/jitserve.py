@@ -40,6 +40,18 @@ MAX_PREEMPTIONS a ranking, lowest priority first. Between rankings, waiting requ
 admitted by their priority at the last ranking (one that arrived since, at its first look); one
 waiting over STARVED_S goes first, so every accepted request runs in the end (JITServe has no
 such rule: its requests time out instead).
+
+Compound requests (several calls sharing one deadline; `compound_scores`) count as one: the
+group's reward is earned only if every member ends in time, so each member takes the group's
+priority, REWARD x the worst member's slo_factor / the work the group still needs (its present
+members' time left, plus as much again for each call `group_size` says is still to come, at the
+members' mean). And a group gets just enough of its members running: a waiting member whose
+latest start (the deadline less LATEST_START_SAFETY x its own time left and that of the calls
+still to come, which follow it) is more than URGENT_S away is deferred, its priority cut by
+DEFER, below every request that can still meet its SLO and above those that cannot; it is
+looked at again at every ranking and runs at full priority once its slack runs short (or at
+once, when the unit has room: a deferred request still fills spare capacity). Members already
+running keep the group's priority: stopping them would waste what they have computed.
 """
 
 import heapq
@@ -48,7 +60,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from duetserve.services.scheduler.policy.base import Rates
-from duetserve.services.scheduler.state import SeqState, UnitView
+from duetserve.services.scheduler.state import Phase, SeqState, UnitView
 
 REWARD = 1.0
 MISS_POWER = 100.0
@@ -65,6 +77,14 @@ STARVED_S = 30.0
 # Until the unit has measured itself (the first steps and batches): a small model on a CPU.
 DEFAULT_RATES = Rates(step_s=0.05, prefill_s_per_token=0.0005)
 _EPSILON_S = 1e-3
+# Compound groups (`compound_scores`). URGENT_S: two rankings, so a deferred member is promoted
+# a ranking before its slack would run out; the safety factor covers time-left projections
+# made at today's step time, which a larger batch later slows.
+URGENT_S = 2 * RANK_INTERVAL_S
+LATEST_START_SAFETY = 1.5
+DEFER = 1e-3
+# A group is forgotten this long after its deadline (its members are all gone by then).
+GROUP_MEMORY_S = 60.0
 
 
 def time_left_s(seq: SeqState, rates: Rates) -> float:
@@ -153,6 +173,50 @@ def _heap_in_order(
 
 def _arrival(seq: SeqState) -> float:
     return seq.arrival
+
+
+@dataclass(slots=True)
+class _Group:
+    deadline_at: float
+    seen: set[str] = field(default_factory=set)  # members ever ranked, finished ones too
+
+
+def compound_scores(
+    everyone: Sequence[SeqState],
+    scores: dict[str, float],
+    lefts: dict[str, float],
+    now: float,
+    groups: dict[str, _Group],
+) -> None:
+    """Rescore the compound members of `everyone` in place (module doc): each takes its
+    group's priority, and waiting members with slack to spare are deferred. `scores` and
+    `lefts` hold each request's own priority and time left; `groups` remembers each group's
+    members across rankings (to count the calls still to come)."""
+    members: dict[str, list[SeqState]] = {}
+    for seq in everyone:
+        if seq.group and seq.targets is not None and seq.targets.deadline_at is not None:
+            members.setdefault(seq.group, []).append(seq)
+            group = groups.get(seq.group)
+            if group is None:
+                group = groups[seq.group] = _Group(seq.targets.deadline_at)
+            group.seen.add(seq.request_id)
+    for key, present in members.items():
+        group = groups[key]
+        own = [lefts[seq.request_id] for seq in present]
+        # Each member's own slo_factor, back out of its priority (REWARD x factor / left).
+        factor = min(
+            scores[seq.request_id] * max(left, _EPSILON_S) / REWARD
+            for seq, left in zip(present, own, strict=True)
+        )
+        size = max((seq.group_size or 0 for seq in present), default=0)
+        to_come = max(size - len(group.seen), 0) * (sum(own) / len(own))
+        shared = REWARD * min(factor, 1.0) / max(sum(own) + to_come, _EPSILON_S)
+        for seq, left in zip(present, own, strict=True):
+            latest_start = group.deadline_at - LATEST_START_SAFETY * (left + to_come)
+            deferred = seq.phase == Phase.WAITING and latest_start - now > URGENT_S
+            scores[seq.request_id] = shared * DEFER if deferred else shared
+    for key in [k for k, g in groups.items() if now > g.deadline_at + GROUP_MEMORY_S]:
+        del groups[key]
 
 
 def reward(seq: SeqState) -> float:
@@ -250,6 +314,7 @@ class JitServePolicy:
     # The group's size: "limit", the unit's running limit (as JITServe's code takes vLLM's
     # batch size); "measured", `group_size` over the measured step line.
     group: str = "limit"
+    _compound: dict[str, _Group] = field(default_factory=dict)  # compound groups ranked
 
     def rank(self, unit: UnitView, now: float, batch_size: int, rates: Rates | None) -> None:
         """`batch_size`: the most that may run by the unit's own limits.
@@ -278,6 +343,7 @@ class JitServePolicy:
         if done < len(everyone) and len(everyone) > RANK_SLICE:
             return  # a long ranking chooses in a plan of its own, after its last slice
         self._round = None
+        compound_scores(everyone, scores, lefts, now, self._compound)
         self._scores = scores
         size = max(batch_size, 1)
         if self.group == "measured":
