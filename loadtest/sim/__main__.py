@@ -208,6 +208,29 @@ def fairness(args: argparse.Namespace) -> None:
     print(text)
 
 
+def preemption(args: argparse.Namespace) -> None:
+    from duetserve.loadtest.bench_report import write_section
+    from duetserve.loadtest.sim import preemption as sim_preemption
+
+    if args.from_json is not None:
+        result = sim_preemption.read(args.from_json)
+    else:
+        profile = GpuRooflineProfile()
+        blocks = profile.kv_blocks(PlannerConfig().block_size)
+        result = sim_preemption.run(args, profile, blocks)
+    text = sim_preemption.report(result)
+    if args.out is not None:
+        sim_preemption.write(result, args.out)
+    if args.plot is not None:
+        sim_preemption.plot(result, args.plot)
+        where = args.write.parent if args.write is not None else Path.cwd()
+        text += f"\n\n![TTFT and TPOT by preemption]({os.path.relpath(args.plot, where)})"
+    if args.write is not None:
+        title = "Preemption: swap against recompute, simulated"
+        write_section(args.write, "sim-preemption", title, text)
+    print(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m duetserve.loadtest.sim",
@@ -315,6 +338,25 @@ def build_parser() -> argparse.ArgumentParser:
     fair.add_argument("--plot", type=Path, help="each tenant's service over time")
     fair.add_argument("--from-json", type=Path, help="report a run written before")
     fair.set_defaults(handler=fairness)
+    swap = commands.add_parser(
+        "preemption", help="swap against recompute under fairness churn, on the H100 profile"
+    )
+    swap.add_argument("--units", type=int, default=16)
+    swap.add_argument("--heavy-rate", type=float, default=100.0, help="cluster req/s")
+    swap.add_argument("--ratio", type=float, default=10.0)
+    swap.add_argument("--seconds", type=float, default=60.0)
+    swap.add_argument("--max-tokens", type=int, default=1024)
+    swap.add_argument("--max-running", type=int, default=64, help="per unit")
+    swap.add_argument("--kv-fraction", type=float, default=0.05, help="of an H100's KV pool")
+    swap.add_argument("--host-multiple", type=float, default=4.0, help="host tier / KV pool")
+    swap.add_argument("--swap-gbps", type=float, default=25.0, help="PCIe, one way")
+    swap.add_argument("--mode", choices=["semi-pd", "unified", "disagg"], default="unified")
+    swap.add_argument("--seed", type=int, default=0)
+    swap.add_argument("--out", type=Path)
+    swap.add_argument("--write", type=Path, help="the section of docs/benchmarks.md")
+    swap.add_argument("--plot", type=Path)
+    swap.add_argument("--from-json", type=Path, help="report a run written before")
+    swap.set_defaults(handler=preemption)
     return parser
 
 

@@ -68,9 +68,10 @@ class Simulation:
     end_s: float  # simulated time of the last event run
     wall_s: float  # host time the simulation took
     leaked_blocks: int  # blocks not back in the pools at the end (0 when all finished)
-    preemptions: int  # times a request gave up its blocks to be recomputed
+    preemptions: int  # times a request gave up its blocks (recomputed or swapped)
     split_moves: int = 0  # times the partition controllers moved a unit's split
     final_splits: tuple[float, ...] = ()  # each unit's prefill share at the end
+    swaps: int = 0  # of the preemptions, those that swapped KV out to the host tier
 
 
 def _record(
@@ -141,6 +142,7 @@ def _leaked(units: Sequence[Unit]) -> int:
         pools = {id(unit.view): unit.view, id(unit.decode_view): unit.decode_view}
         held = sum(r.seq.num_blocks for r in unit.records.values())
         leaked += sum(p.total_blocks - p.free_blocks for p in pools.values()) - held
+        leaked += unit.host_held - sum(r.host_blocks for r in unit.records.values())
     return leaked
 
 
@@ -173,6 +175,8 @@ def run_simulation(
     group: str = "limit",
     max_tokens: int | None = None,
     bounds: Sequence[int | None] | None = None,
+    host_blocks: int = 0,
+    swap_s_per_token: float = 0.0,
 ) -> Simulation:
     """Serve `specs` on `units` units of `num_blocks` KV blocks each (disagg: that many per
     worker); each request reaches its unit `dispatch_s` after it is sent. With `controller`
@@ -181,9 +185,11 @@ def run_simulation(
     scheduler/policy/). With `max_tokens`, every request asks for that many and ends at its
     spec's length, which the planner does not see; `bounds` (one per spec) are the predicted
     upper bounds of their lengths it sees instead (None: max_tokens).
+    With `host_blocks`, each unit has a host tier that size, and preemption swaps KV to it at
+    `swap_s_per_token` one way when that costs less than recomputing (sim/unit.py).
     Requests still running at `until_s` fail with UNFINISHED."""
     config = planner_config or PlannerConfig()
-    setup = UnitSetup(mode, share, num_blocks, transfer_s_per_token)
+    setup = UnitSetup(mode, share, num_blocks, transfer_s_per_token, host_blocks, swap_s_per_token)
     queue = EventQueue()
     cluster = [
         Unit(
@@ -225,6 +231,7 @@ def run_simulation(
         preemptions=sum(r.seq.num_preemptions for r in records),
         split_moves=sum(unit.split_moves for unit in cluster),
         final_splits=tuple(unit.share[0] for unit in cluster),
+        swaps=sum(unit.swaps_out for unit in cluster),
     )
 
 

@@ -8,6 +8,14 @@
   the prefill budget (the planner's `decode_tokens`) on prompts;
 - disagg: each worker a full device with its own pool; a finished prompt's KV is copied to the
   decode pool at a cost per token, and its prefill blocks are freed when the copy lands.
+
+With a host tier (`UnitSetup.host_blocks`), a preempted request's KV is swapped out when the
+live scheduler's cost rule says so (`prefer_swap`: copying out and back costs less than
+prefilling again, at the measured prefill rate), as FastSwitch does: the copy runs on a copy
+engine of its own (it does not slow the steps), the device blocks come free when it lands, and
+the request waits in the queue holding host blocks. Admitted again, it is copied back (after
+its copy out, if that is still going) and decodes with no prefill. The host tier holds only
+swapped KV here (no multi-turn reuse: the simulator's requests are single turns).
 """
 
 import time
@@ -18,6 +26,7 @@ from typing import Literal
 
 from duetserve.loadtest.sim.cost import CostModel, attended_keys
 from duetserve.loadtest.spec import RequestResult
+from duetserve.services.scheduler.core import prefer_swap
 from duetserve.services.scheduler.planner import Planner, PrefillChunk
 from duetserve.services.scheduler.policy.base import Rates
 from duetserve.services.scheduler.split_controller import SplitController
@@ -36,6 +45,8 @@ class Record:
     # Where its answer ends (its EOS), hidden from the planner, which sees seq.max_tokens and
     # seq.output_bound as a live scheduler does; None: at seq.max_tokens.
     output_tokens: int | None = None
+    host_blocks: int = 0  # swapped out: host-tier blocks its KV is in
+    out_done_s: float = 0.0  # when its swap-out copy lands
 
     def kv_tokens(self) -> int:
         """Tokens whose KV a decoding sequence holds: prompt and every output but the last."""
@@ -48,6 +59,8 @@ class UnitSetup:
     share: tuple[float, float]  # (prefill, decode) compute shares in semi-pd
     num_blocks: int  # per pool
     transfer_s_per_token: float  # disagg only
+    host_blocks: int = 0  # the host tier, for preemption by swap (0: recompute only)
+    swap_s_per_token: float = 0.0  # copying one token's KV one way, device <-> host
 
 
 class Unit:
@@ -65,6 +78,9 @@ class Unit:
         self.split_moves = 0
         self.prefill_busy = self.decode_busy = False
         self.handoffs: list[SeqState] = []  # disagg: waiting for room in the decode pool
+        self.host_free = setup.host_blocks
+        self.swaps_out = self.swaps_in = 0
+        self.swapping_in: list[SeqState] = []  # admitted, their KV on its way back
         self.plan_seconds: list[float] = []
         # What the unit measures of itself for the policies, as the live scheduler does: its
         # steps' time against their batch, and prefill seconds per token.
@@ -75,6 +91,10 @@ class Unit:
     @property
     def load(self) -> int:
         return len(self.records)
+
+    @property
+    def host_held(self) -> int:
+        return self.setup.host_blocks - self.host_free
 
     def add(self, record: Record, now: float) -> None:
         self.records[record.seq.request_id] = record
@@ -129,7 +149,7 @@ class Unit:
         for victim in self.planner.policy.preemptions():  # as the live scheduler does
             record = self.records.get(victim)
             if record is not None and record.seq.phase == Phase.DECODING:
-                self._preempt(record.seq)
+                self._preempt(record.seq, now)
         for rejection in plan.reject:
             seq = self.records[rejection.request_id].seq
             self.view.waiting.remove(seq)
@@ -139,6 +159,9 @@ class Unit:
             self.view.waiting.remove(seq)
             self.view.free_blocks -= admission.num_new_blocks
             seq.num_blocks += admission.num_new_blocks
+            if seq.swapped:
+                self._swap_in(seq, now)
+                continue
             seq.phase = Phase.PREFILLING
             self.view.prefilling.append(seq)
         return plan.prefill
@@ -154,7 +177,7 @@ class Unit:
             for failure in preemption.fail:
                 self._close(self.records[failure.request_id].seq, now, failure.reason)
             for victim in preemption.victims:
-                self._preempt(self.records[victim].seq)
+                self._preempt(self.records[victim].seq, now)
             if seq.phase != Phase.DECODING or needed > pool.free_blocks:
                 return False
         if needed > 0:
@@ -162,15 +185,60 @@ class Unit:
             seq.num_blocks += needed
         return True
 
-    def _preempt(self, seq: SeqState) -> None:
-        """Back to waiting, to recompute prompt and outputs so far."""
+    def _preempt(self, seq: SeqState, now: float) -> None:
+        """Back to waiting: its KV swapped out to the host tier when the cost rule says so
+        and the tier has room, else to recompute prompt and outputs so far."""
+        record = self.records[seq.request_id]
         self.decode_view.decoding.remove(seq)
-        self.decode_view.free_blocks += seq.num_blocks
-        seq.prompt_len = self.records[seq.request_id].prompt_tokens + seq.num_output
+        blocks, tokens = seq.num_blocks, record.kv_tokens()
+        swap = (
+            self.setup.host_blocks > 0
+            and blocks <= self.host_free
+            and prefer_swap(tokens, self.setup.swap_s_per_token, self._prefill_s_per_token)
+        )
+        seq.prompt_len = record.prompt_tokens + seq.num_output
         seq.num_cached = seq.num_computed = seq.num_blocks = 0
+        if swap:
+            self.host_free -= blocks
+            record.host_blocks = blocks
+            record.out_done_s = now + tokens * self.setup.swap_s_per_token
+            seq.swapped, seq.num_computed = True, seq.prompt_len
+            self.swaps_out += 1
+            self.schedule(record.out_done_s, partial(self._swapped_out, blocks))
+        else:
+            self.decode_view.free_blocks += blocks
         seq.phase = Phase.WAITING
         seq.num_preemptions += 1
         self.view.waiting.append(seq)
+
+    def _swapped_out(self, blocks: int, now: float) -> None:
+        """A swap-out's copy landed: its device blocks are free."""
+        self.decode_view.free_blocks += blocks
+        self.kick(now)
+
+    def _swap_in(self, seq: SeqState, now: float) -> None:
+        """Admitted again with its KV in the host tier: copied back (once its copy out is
+        done), then it decodes."""
+        record = self.records[seq.request_id]
+        start = max(now, record.out_done_s)
+        self.swapping_in.append(seq)
+        self.schedule(
+            start + record.kv_tokens() * self.setup.swap_s_per_token,
+            partial(self._swapped_in, seq),
+        )
+
+    def _swapped_in(self, seq: SeqState, now: float) -> None:
+        record = self.records.get(seq.request_id)
+        self.swapping_in.remove(seq)
+        if record is None:
+            return
+        self.host_free += record.host_blocks
+        record.host_blocks = 0
+        seq.swapped = False
+        seq.phase = Phase.DECODING
+        self.decode_view.decoding.append(seq)
+        self.swaps_in += 1
+        self.kick(now)
 
     def _close(self, seq: SeqState, now: float, error: str | None = None) -> None:
         """Finished (or failed): give back its blocks and leave the unit."""
@@ -182,6 +250,8 @@ class Unit:
             self.view.prefilling.remove(seq)
         pool.free_blocks += seq.num_blocks
         seq.num_blocks = 0
+        self.host_free += record.host_blocks
+        record.host_blocks = 0
         record.result.error = error
         record.result.done_s = None if error else now
         record.result.output_tokens = seq.num_output

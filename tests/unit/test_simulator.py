@@ -272,3 +272,34 @@ def test_fairness_runs_in_the_simulator_by_tenant() -> None:
         light_ttfts = [ttft_ms(r) for r in sim.results if r.spec.tenant == "light"]
         ttft_p99[fairness] = max(t for t in light_ttfts if t is not None)
     assert ttft_p99["vtc"] < ttft_p99["none"] / 3, ttft_p99
+
+
+@pytest.mark.parametrize("mode", ["semi-pd", "unified"])
+def test_preemption_swaps_to_the_host_tier_when_cheaper_and_every_block_comes_back(
+    mode: Mode,
+) -> None:
+    """The same churn as above with a host tier: preemptions swap (copying a token's KV costs
+    less than prefilling it on this profile), nothing is recomputed, every request ends whole,
+    and both tiers get every block back."""
+    specs = _random_specs(60, rate=200.0)
+    recompute = run_simulation(specs, SYNTHETIC, mode=mode, num_blocks=48)
+    swap = run_simulation(
+        specs, SYNTHETIC, mode=mode, num_blocks=48, host_blocks=512, swap_s_per_token=1e-6
+    )
+    assert recompute.swaps == 0 and recompute.preemptions > 0
+    assert swap.preemptions > 0 and swap.swaps == swap.preemptions
+    assert swap.leaked_blocks == 0
+    for result, spec in zip(swap.results, specs, strict=True):
+        assert result.ok, result.error
+        assert result.output_tokens == spec.output_tokens
+    # A swap costs microseconds where a recompute re-prefills: swapped requests come back sooner.
+    assert swap.end_s < recompute.end_s
+
+
+def test_no_swap_when_a_copy_costs_more_than_a_prefill_or_the_host_tier_is_full() -> None:
+    specs = _random_specs(60, rate=200.0)
+    dear = run_simulation(specs, SYNTHETIC, num_blocks=48, host_blocks=512, swap_s_per_token=1.0)
+    assert dear.preemptions > 0 and dear.swaps < dear.preemptions
+    tiny = run_simulation(specs, SYNTHETIC, num_blocks=48, host_blocks=1, swap_s_per_token=1e-6)
+    assert tiny.preemptions > 0 and tiny.swaps == 0
+    assert dear.leaked_blocks == tiny.leaked_blocks == 0
