@@ -242,12 +242,26 @@ def main(argv: list[str] | None = None) -> None:
     show = sub.add_parser("report")
     show.add_argument("json", type=Path)
     show.add_argument("--write", type=Path, default=None)
+    show.add_argument("--plot", type=Path, default=None, help="p50/p90/p99 bars, each way")
     args = parser.parse_args(argv)
     if args.command == "run":
         args.argv = sys.argv[1:] if argv is None else argv
         print(report(run(args)))
         return
-    text = report(read(args.json))
+    result = read(args.json)
+    text = report(result)
+    if args.plot is not None:
+        from duetserve.loadtest.plots import plot_way_percentiles
+
+        ways = {way: asdict(w) for way, w in result.ways.items()}
+        plot_way_percentiles(
+            ways,
+            ("ttft_first_ms", "ttft_later_ms", "tpot_ms"),
+            "Multi-turn conversations with and without the host index",
+            args.plot,
+        )
+        where = args.write.parent if args.write is not None else Path.cwd()
+        text += f"\n\n![latencies by way]({os.path.relpath(args.plot, where)})"
     if args.write is not None:
         write_section(args.write, "multiturn", "Multi-turn conversations and the host tier", text)
     print(text)

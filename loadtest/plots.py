@@ -133,3 +133,31 @@ def plot_sweep(
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, format="png", dpi=120)
     return out
+
+
+def plot_way_percentiles(
+    ways: Mapping[str, Mapping[str, Mapping[str, float]]],
+    metrics: Sequence[str],
+    title: str,
+    path: Path,
+) -> None:
+    """Bars of p50 / p90 / p99 for each way a benchmark ran (recompute, swap, ...), one panel
+    a latency metric (`ways[way][metric][percentile]`, in ms)."""
+    figure = Figure(figsize=(4.2 * len(metrics), 3.6))
+    FigureCanvasAgg(figure)
+    percentiles = ("p50", "p90", "p99")
+    width = 0.8 / max(len(ways), 1)
+    for panel, metric in enumerate(metrics):
+        axes = figure.add_subplot(1, len(metrics), panel + 1)
+        for i, (way, values) in enumerate(ways.items()):
+            heights = [values.get(metric, {}).get(p, 0.0) for p in percentiles]
+            xs = [x + (i - (len(ways) - 1) / 2) * width for x in range(len(percentiles))]
+            axes.bar(xs, heights, width=width, label=way)
+        axes.set_xticks(range(len(percentiles)), percentiles)
+        axes.set_title(metric.replace("_ms", "").replace("_", " ") + ", ms")
+        axes.grid(axis="y", alpha=0.3)
+    figure.axes[0].legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)

@@ -188,12 +188,26 @@ def main(argv: list[str] | None = None) -> None:
     show = sub.add_parser("report")
     show.add_argument("json", type=Path)
     show.add_argument("--write", type=Path, default=None)
+    show.add_argument("--plot", type=Path, default=None, help="p50/p90/p99 bars, each way")
     args = parser.parse_args(argv)
     if args.command == "run":
         args.argv = sys.argv[1:] if argv is None else argv
         print(report(run(args)))
         return
-    text = report(read(args.json))
+    result = read(args.json)
+    text = report(result)
+    if args.plot is not None:
+        from duetserve.loadtest.plots import plot_way_percentiles
+
+        ways = {way: asdict(w) for way, w in result.ways.items()}
+        plot_way_percentiles(
+            ways,
+            ("ttft_ms", "tpot_ms"),
+            "Preemption by recompute and by swap, SmolLM2 on 2 cores",
+            args.plot,
+        )
+        where = args.write.parent if args.write is not None else Path.cwd()
+        text += f"\n\n![latencies by way]({os.path.relpath(args.plot, where)})"
     if args.write is not None:
         write_section(args.write, "preemption", "Preemption: swap against recompute", text)
     print(text)
