@@ -251,17 +251,15 @@ def main(argv: list[str] | None = None) -> None:
     result = read(args.json)
     text = report(result)
     if args.plot is not None:
-        from duetserve.loadtest.plots import plot_way_percentiles
+        from duetserve.loadtest.plots import way_plot_link
 
-        ways = {way: asdict(w) for way, w in result.ways.items()}
-        plot_way_percentiles(
-            ways,
+        text += way_plot_link(
+            result.ways,
             ("ttft_first_ms", "ttft_later_ms", "tpot_ms"),
             "Multi-turn conversations with and without the host index",
             args.plot,
+            args.write,
         )
-        where = args.write.parent if args.write is not None else Path.cwd()
-        text += f"\n\n![latencies by way]({os.path.relpath(args.plot, where)})"
     if args.write is not None:
         write_section(args.write, "multiturn", "Multi-turn conversations and the host tier", text)
     print(text)

@@ -5,7 +5,7 @@ pyplot, no global state, no display needed)."""
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -161,3 +161,21 @@ def plot_way_percentiles(
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
+
+
+def way_plot_link(
+    ways: Mapping[str, Any],
+    metrics: Sequence[str],
+    title: str,
+    path: Path,
+    write: Path | None,
+) -> str:
+    """`plot_way_percentiles` of a run's ways (dataclasses), and the markdown that shows it,
+    its path relative to the document it is written into (`write`) or the working folder."""
+    import os
+    from dataclasses import asdict
+
+    rows = {way: asdict(w) for way, w in ways.items()}
+    plot_way_percentiles(rows, metrics, title, path)
+    where = write.parent if write is not None else Path.cwd()
+    return f"\n\n![latencies by way]({os.path.relpath(path, where)})"

@@ -107,6 +107,30 @@ def report(rows: list[dict[str, float]], args: argparse.Namespace, dtype: str) -
     return intro + "\n\n" + "\n".join(lines)
 
 
+def plot(rows: list[dict[str, float]], path: Path) -> None:
+    """GB/s of each way of copying, by request size."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 3.6))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    ways = [("grouped_gbps", "block groups"), ("one_by_one_gbps", "one block at a time")]
+    ways.append(("plain_gbps", "plain copy of the same bytes"))
+    width = 0.27
+    for i, (key, label) in enumerate(ways):
+        xs = [x + (i - 1) * width for x in range(len(rows))]
+        axes.bar(xs, [r[key] for r in rows], width=width, label=label)
+    axes.set_xticks(range(len(rows)), [f"{r['tokens']:.0f} tokens" for r in rows])
+    axes.set_ylabel("GB/s")
+    axes.set_title("Swap copies, unit pool to host tier")
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("models/SmolLM2-135M-Instruct"))
@@ -114,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[256])
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--write", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="GB/s by request, each copy")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     config = ModelConfig.from_dir(args.model)
@@ -122,6 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     measure(config, dtype, min(args.tokens), args.repeats)  # the process's first copies are slow
     rows = [measure(config, dtype, tokens, args.repeats) for tokens in args.tokens]
     text = report(rows, args, args.dtype)
+    if args.plot is not None:
+        plot(rows, args.plot)
+        where = args.write.parent if args.write is not None else Path.cwd()
+        text += f"\n\n![swap bandwidth]({os.path.relpath(args.plot, where)})"
     if args.write is not None:
         write_section(args.write, "swap-copy", "Swap bandwidth: block groups", text)
     print(text)
