@@ -222,9 +222,10 @@ def preemption(args: argparse.Namespace) -> None:
     if args.out is not None:
         sim_preemption.write(result, args.out)
     if args.plot is not None:
-        sim_preemption.plot(result, args.plot)
-        where = args.write.parent if args.write is not None else Path.cwd()
-        text += f"\n\n![TTFT and TPOT by preemption]({os.path.relpath(args.plot, where)})"
+        from duetserve.loadtest.plots import way_plot_link
+
+        title = "Preemption by recompute and by swap, simulated H100 units"
+        text += way_plot_link(result.ways, ("ttft_ms", "tpot_ms"), title, args.plot, args.write)
     if args.write is not None:
         title = "Preemption: swap against recompute, simulated"
         write_section(args.write, "sim-preemption", title, text)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from duetserve.loadtest.metrics import tpot_ms, ttft_ms
+from duetserve.loadtest.metrics import Percentiles, tpot_ms, ttft_ms
 from duetserve.loadtest.sim import fairness as sim_fairness
 from duetserve.loadtest.sim.cost import KV_BYTES_PER_TOKEN, CostModel
 from duetserve.loadtest.sim.engine import run_simulation
@@ -62,10 +62,8 @@ class SimPreemptionRun:
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    a = np.asarray(values)
-    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))}
+    found = Percentiles.of(values)
+    return {} if found is None else {"p50": found.p50, "p90": found.p90, "p99": found.p99}
 
 
 def _gaps(gaps: list[np.ndarray]) -> dict[str, float]:
@@ -79,7 +77,7 @@ def run(args: argparse.Namespace, profile: CostModel, full_pool_blocks: int) -> 
     kv_blocks = max(int(full_pool_blocks * args.kv_fraction), 64)
     host_blocks = int(kv_blocks * args.host_multiple)
     result = SimPreemptionRun(
-        machine=f"{platform.machine()}, simulated",
+        machine=platform.machine(),
         started=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         command="python -m duetserve.loadtest.sim " + " ".join(sys.argv[1:]),
         units=args.units,
@@ -166,23 +164,3 @@ def report(result: SimPreemptionRun) -> str:
             f"{w.decision_p99_us / 1000:.2f} ms |"
         )
     return head + "\n\n" + "\n".join(rows)
-
-
-def plot(result: SimPreemptionRun, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, metric in zip(axes, ("ttft_ms", "tpot_ms"), strict=True):
-        for i, w in enumerate(result.ways.values()):
-            values = getattr(w, metric)
-            ax.bar([i - 0.2, i + 0.2], [values.get("p50", 0), values.get("p99", 0)], width=0.38)
-        ax.set_xticks(range(len(result.ways)), list(result.ways))
-        ax.set_title(f"{metric.split('_')[0].upper()} p50 (left) and p99 (right), ms")
-    fig.suptitle("Preemption by recompute and by swap, simulated H100 units")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
