@@ -51,7 +51,11 @@ def test_a_flood_gets_429s_with_retry_after_and_nothing_hangs(small_stack: Stack
             assert "queued" in answer["error"]["message"]
             assert int(retry_after) >= 1
         else:
-            assert answer["usage"]["completion_tokens"] == 48, answer  # finish_reason, text
+            choice = answer["choices"][0]
+            assert answer["usage"]["completion_tokens"] == 48, (
+                f"finish_reason={choice.get('finish_reason')!r} text={choice.get('text')!r} "
+                f"usage={answer['usage']}"
+            )
     assert after[0] == 200
 
 
