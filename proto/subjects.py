@@ -19,6 +19,11 @@ SCHED_RESUME = f"{ROOT}.sched.resume"
 CACHE_MATCH = f"{ROOT}.cache.match"
 CACHE_INSERT = f"{ROOT}.cache.insert"
 CACHE_EVICT = f"{ROOT}.cache.evict"
+# Ingress -> cache_index: the semantic response cache (proto/semantic.py); lookup is
+# request/reply, insert a publish.
+SEMANTIC_LOOKUP = f"{ROOT}.semantic.lookup"
+SEMANTIC_INSERT = f"{ROOT}.semantic.insert"
+SEMANTIC_SUBJECTS = (SEMANTIC_LOOKUP, SEMANTIC_INSERT)
 # What the scheduler and the cache index answer, each family whole.
 SCHEDULER_SUBJECTS = (SCHED_SUBMIT, SCHED_CANCEL, SCHED_STATS, SCHED_STATUS, SCHED_RESUME)
 CACHE_SUBJECTS = (CACHE_MATCH, CACHE_INSERT, CACHE_EVICT)

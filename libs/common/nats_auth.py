@@ -118,7 +118,7 @@ def _role_lease() -> list[str]:
 # every service by ingress and the launcher.
 ASKED_BY = {
     "kv_manager": ("scheduler", "prefill_worker", "decode_worker", "cache_index"),
-    "cache_index": ("scheduler",),
+    "cache_index": ("scheduler", "ingress"),
     "scheduler": ("ingress",),
     # A worker hands its residents over to its replacement, of its own role, as admissions.
     "prefill_worker": ("scheduler", "prefill_worker"),
@@ -175,7 +175,7 @@ def permissions(role: str, mode: str, units: Sequence[str] = ("unit0",)) -> Perm
         pub += _kv(
             units, (UNIT_POOL, HOST_POOL), ("retain", "release", "shared", "heartbeat", "storage")
         )
-        sub += subjects.CACHE_SUBJECTS
+        sub += [*subjects.CACHE_SUBJECTS, *subjects.SEMANTIC_SUBJECTS]
         sub += _per_unit(units, events)
     elif role == "scheduler":
         pub += _kv(units, (UNIT_POOL,), ("alloc", "release", "heartbeat"))
@@ -214,6 +214,7 @@ def permissions(role: str, mode: str, units: Sequence[str] = ("unit0",)) -> Perm
         sub += [*worker_common_sub, *decode_sub]
     elif role == "ingress":
         pub += [*subjects.SCHEDULER_SUBJECTS, subjects.TOKENS_REPLAY, subjects.ALL_HEALTH]
+        pub += subjects.SEMANTIC_SUBJECTS
         sub += [tokens, LAUNCHER_REPORT]
     elif role == "launcher":
         pub += [LAUNCHER_REPORT, subjects.ALL_HEALTH]

@@ -1,5 +1,6 @@
 """The cache_index service: the exact-prefix radix index over one unit's KV blocks, served
-over NATS (CACHE_MATCH, CACHE_INSERT, CACHE_EVICT).
+over NATS (CACHE_MATCH, CACHE_INSERT, CACHE_EVICT), and with DUET_SEMANTIC_CACHE the semantic
+response cache (SEMANTIC_LOOKUP, SEMANTIC_INSERT; semantic_service.py).
 
 Start: wait for the unit's kv_manager (its `storage` reply gives the block size), drop any
 references a previous holder of the same name left behind, then serve and heart-beat so that
@@ -26,6 +27,7 @@ from duetserve.proto.workers import worker_events_subject
 from duetserve.services.cache_index.handlers import CacheHandlers
 from duetserve.services.cache_index.kv_client import KVCallFailed, KVClient
 from duetserve.services.cache_index.radix import RadixIndex
+from duetserve.services.cache_index.semantic_service import SemanticService
 from duetserve.services.cache_index.settings import CacheIndexSettings
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class CacheIndexService:
         self._heartbeat: asyncio.Task[None] | None = None
         self.holder = settings.holder or self.instance
         self.pools: tuple[str, ...] = (kv.UNIT_POOL,)  # with the host tier's, if the unit has one
+        self.semantic: SemanticService | None = None  # DUET_SEMANTIC_CACHE
 
     async def start(self) -> None:
         s = self.settings
@@ -82,6 +85,14 @@ class CacheIndexService:
         self._subscriptions.append(
             await bus.subscribe(worker_events_subject(s.unit), handlers.worker_events)
         )
+        if s.semantic_cache:
+            self.semantic = semantic = SemanticService(bus, s.semantic_config())
+            await semantic.start()
+            for subject, handler in (
+                (subjects.SEMANTIC_LOOKUP, semantic.lookup),
+                (subjects.SEMANTIC_INSERT, semantic.insert),
+            ):
+                self._subscriptions.append(await bus.subscribe(subject, handler, queue=SERVICE))
         self._subscriptions.append(
             await serve_health(bus, SERVICE, self.instance, lambda: self.status)
         )
@@ -144,6 +155,9 @@ class CacheIndexService:
         if self.handlers is not None and self.bus is not None and self.bus.is_connected:
             async with self.handlers.lock:  # after the message in hand, if any
                 await self._release_all("at stop")
+        if self.semantic is not None:
+            await self.semantic.stop()
+            self.semantic = None
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -93,6 +93,9 @@ class DuetCache(_Lenient):
     # Spans of this prompt may serve every tenant's prompts (KVShare's reuse of similar
     # prompts, with DUET_SPAN_REUSE): declare it only for content that is public anyway.
     public_spans: bool = False
+    # false: this request is neither answered from the semantic response cache nor stored in
+    # it (DUET_SEMANTIC_CACHE; Cache-Control: no-cache / no-store opt out of one each).
+    semantic: bool = True
 
 
 class DuetExtension(_Lenient):

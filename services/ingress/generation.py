@@ -118,6 +118,8 @@ class Generation:
             self._group_first_s = context.groups.arrive(tenant, prompt.slo, arrival.monotonic)
         self.unknown_strikes = 0  # status queries in a row that the scheduler did not know it
         self._token_ids: list[int] = []  # the output handed out so far, in order
+        self.text_parts: list[str] = []  # the output text handed out so far
+        self.finish_reason: str | None = None  # once it finished (not on a failure)
         self.migrations = 0  # times its worker was lost and it went on elsewhere
         self.resubmits = 0  # times its scheduler lost it and it was submitted again
         sampling = prompt.sampling
@@ -190,7 +192,9 @@ class Generation:
             self._judge(None, time.monotonic(), ok=False)
             raise GenerationFailed(chunk.error or "generation failed", self._failure_code)
         piece = self._output.add(chunk)
+        self.text_parts.append(piece.text)
         if piece.finish_reason is not None:
+            self.finish_reason = piece.finish_reason
             self.finished = True
             self._observe()
             if piece.stopped_by_string:

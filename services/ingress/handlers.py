@@ -23,6 +23,7 @@ from duetserve.proto import subjects
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import HealthReply, HealthStatus
 from duetserve.proto.scheduling import SchedulerStats, SchedulerStatsQuery
+from duetserve.proto.semantic import SemanticHit
 from duetserve.services.ingress import responses
 from duetserve.services.ingress.api_models import ChatCompletionRequest, CompletionRequest
 from duetserve.services.ingress.bodies import parse_json_body
@@ -35,8 +36,9 @@ from duetserve.services.ingress.generation import (
     GenerationContext,
     GenerationFailed,
 )
-from duetserve.services.ingress.metrics import CONTENT_TYPE_LATEST
+from duetserve.services.ingress.metrics import CONTENT_TYPE_LATEST, RequestTiming
 from duetserve.services.ingress.openapi import build_openapi
+from duetserve.services.ingress.output import Piece
 from duetserve.services.ingress.prompts import (
     ModelLimits,
     PreparedPrompt,
@@ -44,6 +46,10 @@ from duetserve.services.ingress.prompts import (
     prepare_completion,
 )
 from duetserve.services.ingress.quotas import TenantQuotas
+from duetserve.services.ingress.semantic import HEADER as SEMANTIC_HEADER
+from duetserve.services.ingress.semantic import HIT as SEMANTIC_HIT
+from duetserve.services.ingress.semantic import SemanticClient, SemanticPlan, stream_pieces
+from duetserve.services.ingress.semantic import plan as semantic_plan
 from duetserve.services.ingress.tenants import TenantResolver
 
 logger = logging.getLogger(__name__)
@@ -63,6 +69,15 @@ class HealthCheck:
     own: Callable[[], HealthReply]
 
 
+@dataclass(frozen=True, slots=True)
+class SemanticCaching:
+    """The semantic response cache as ingress uses it (DUET_SEMANTIC_CACHE): its client, and
+    the requests in flight that count as full load."""
+
+    client: SemanticClient
+    full_load_requests: int
+
+
 class Handlers:
     def __init__(
         self,
@@ -72,6 +87,7 @@ class Handlers:
         tenants: TenantResolver,
         admission: Admission,
         health: HealthCheck,
+        semantic: SemanticCaching | None = None,
     ) -> None:
         self.model_id = model_id
         self.created = int(time.time())
@@ -81,6 +97,7 @@ class Handlers:
         self._quotas = TenantQuotas(tenants.quotas, context.metrics.quota_refusals)
         self._admission = admission
         self._health = health
+        self._semantic = semantic
         self.openapi_document = build_openapi(model_id)
 
     def routes(self) -> list[web.RouteDef]:
@@ -116,7 +133,10 @@ class Handlers:
             prompt = await asyncio.to_thread(
                 prepare_chat, req, self._context.tokenizer, self._limits, self._context.lengths
             )
-            return await self._run(request, arrival, tenant, prompt, ChatFormat(), req)
+            cache = None
+            if self._semantic is not None:
+                cache = semantic_plan(req, self.model_id, request.headers.get("Cache-Control"))
+            return await self._run(request, arrival, tenant, prompt, ChatFormat(), req, cache)
 
     async def models(self, request: web.Request) -> web.Response:
         self._tenant(request)
@@ -182,11 +202,20 @@ class Handlers:
         prompt: PreparedPrompt,
         fmt: ResponseFormat,
         req: CompletionRequest | ChatCompletionRequest,
+        cache: SemanticPlan | None = None,
     ) -> web.StreamResponse:
-        held = self._quotas.take(tenant, len(prompt.prompt_ids), prompt.sampling.max_tokens)
         request_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
-        generation = Generation(self._context, request_id, tenant, prompt, arrival)
         head = responses.ResponseHead(request_id, self.model_id, int(time.time()))
+        semantic = self._semantic
+        if semantic is not None and cache is not None and cache.lookup:
+            load = self._admission.in_flight / semantic.full_load_requests
+            hit = await semantic.client.lookup(
+                tenant, self.model_id, cache, prompt.sampling.max_tokens, load
+            )
+            if hit is not None:
+                return await self._serve_hit(request, arrival, head, fmt, req, prompt, hit)
+        held = self._quotas.take(tenant, len(prompt.prompt_ids), prompt.sampling.max_tokens)
+        generation = Generation(self._context, request_id, tenant, prompt, arrival)
         try:
             with self._admission.running(generation):
                 await generation.start()
@@ -196,9 +225,63 @@ class Handlers:
         finally:
             usage = generation.usage
             held.release(usage.prompt_tokens + usage.completion_tokens)
+            if semantic is not None and cache is not None and cache.store:
+                await self._store_answer(semantic.client, tenant, cache, generation)
             # Shielded: a client that went away cancelled this handler, and the cancel must
             # still reach the scheduler.
             await asyncio.shield(generation.close())
+
+    async def _store_answer(
+        self, client: SemanticClient, tenant: str, cache: SemanticPlan, generation: Generation
+    ) -> None:
+        """Only an answer that finished normally is stored: one cut by max_tokens, failed, or
+        whose client went away is not."""
+        if generation.finish_reason != "stop":
+            return
+        answer = "".join(generation.text_parts)
+        if answer:
+            usage = generation.usage
+            await client.insert(tenant, self.model_id, cache, answer, usage.completion_tokens)
+
+    async def _serve_hit(
+        self,
+        request: web.Request,
+        arrival: Arrival,
+        head: responses.ResponseHead,
+        fmt: ResponseFormat,
+        req: CompletionRequest | ChatCompletionRequest,
+        prompt: PreparedPrompt,
+        hit: SemanticHit,
+    ) -> web.StreamResponse:
+        """An answer from the semantic cache, in the shape a generated one has: whole, or as
+        server-sent events (its text in pieces of a few words, the finish reason on the last,
+        usage if asked); marked `x-duet-cache: semantic`. Usage counts the whole prompt as
+        cached (nothing was computed for it)."""
+        prompt_tokens = len(prompt.prompt_ids)
+        usage = responses.Usage(prompt_tokens, hit.completion_tokens, prompt_tokens)
+        headers = {"X-Request-Id": head.id, SEMANTIC_HEADER: SEMANTIC_HIT}
+        elapsed = time.monotonic() - arrival.monotonic
+        self._context.metrics.observe_generation(
+            RequestTiming(elapsed, elapsed, prompt_tokens, hit.completion_tokens, prompt_tokens)
+        )
+        if not req.stream:
+            body = fmt.body(head, hit.answer, hit.finish_reason, usage, None)
+            return web.json_response(body, headers=headers)
+        response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+        await response.prepare(request)
+        for chunk in fmt.stream_start(head):
+            await response.write(responses.sse(chunk))
+        pieces = stream_pieces(hit.answer)
+        for i, text in enumerate(pieces):
+            finish = hit.finish_reason if i == len(pieces) - 1 else None
+            await response.write(
+                responses.sse(fmt.stream_chunk(head, Piece(text, [], [], finish), None))
+            )
+        if req.include_usage:
+            await response.write(responses.sse(fmt.usage_chunk(head, usage)))
+        await response.write(responses.SSE_DONE)
+        await response.write_eof()
+        return response
 
     async def _collect(
         self, generation: Generation, head: responses.ResponseHead, fmt: ResponseFormat

@@ -117,6 +117,18 @@ class IngressMetrics:
             ["tenant", "limit"],
             registry=self.registry,
         )
+        self.semantic_lookups = Counter(
+            "duet_semantic_cache_lookups",
+            "Semantic cache lookups by result: hit (answered from the cache), miss, or "
+            "unavailable (no answer in time: generated as a miss).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.semantic_inserts = Counter(
+            "duet_semantic_cache_inserts",
+            "Answers that finished normally, sent to the semantic cache to store.",
+            registry=self.registry,
+        )
         self.token_replays = Counter(
             "duet_ingress_token_replays",
             "Token streams asked for again, by cause: a hole in a stream's indexes (gap), a "

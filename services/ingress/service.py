@@ -28,10 +28,11 @@ from duetserve.runtime.config import ModelConfig
 from duetserve.runtime.tokenizer import Tokenizer
 from duetserve.services.ingress.attainment import CompoundGroups
 from duetserve.services.ingress.generation import Admission, GenerationContext
-from duetserve.services.ingress.handlers import Handlers, HealthCheck
+from duetserve.services.ingress.handlers import Handlers, HealthCheck, SemanticCaching
 from duetserve.services.ingress.metrics import IngressMetrics
 from duetserve.services.ingress.middlewares import middlewares
 from duetserve.services.ingress.prompts import ModelLimits, default_slo
+from duetserve.services.ingress.semantic import SemanticClient
 from duetserve.services.ingress.settings import SERVICE_NAME, IngressSettings
 from duetserve.services.ingress.streams import StreamRouter
 from duetserve.services.ingress.tenants import TenantResolver
@@ -101,8 +102,23 @@ class IngressService:
             CompoundGroups(),
             lengths,
         )
+        semantic = None
+        if settings.semantic_cache:
+            client = SemanticClient(
+                self._bus,
+                settings.semantic_lookup_timeout_s,
+                self.metrics.semantic_lookups,
+                self.metrics.semantic_inserts,
+            )
+            semantic = SemanticCaching(client, settings.semantic_full_load_requests)
         handlers = Handlers(
-            settings.model_id, limits, context, tenants, self.admission, self._health_check()
+            settings.model_id,
+            limits,
+            context,
+            tenants,
+            self.admission,
+            self._health_check(),
+            semantic,
         )
         watch = StreamWatch(
             self._bus,

@@ -56,6 +56,14 @@ class IngressSettings(ServingSettings):
     health_services: Annotated[tuple[str, ...], NoDecode] = DEFAULT_HEALTH_SERVICES
     health_timeout_s: float = Field(default=1.0, gt=0)
     access_log: bool = False
+    # The semantic response cache (semantic.py), run by cache_index with the same switch:
+    # chat requests are looked up before they are submitted and their normally finished answers
+    # stored. A lookup unanswered within semantic_lookup_timeout_s is a miss. Load (which
+    # loosens thresholds and lengthens TTLs within each category's bounds) is this ingress's
+    # requests in flight over semantic_full_load_requests.
+    semantic_cache: bool = False
+    semantic_lookup_timeout_s: float = Field(default=0.05, gt=0)
+    semantic_full_load_requests: int = Field(default=64, ge=1)
 
     @field_validator("health_services", mode="before")
     @classmethod

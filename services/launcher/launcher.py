@@ -292,6 +292,9 @@ class Launcher:
             (_, share), *_ = STOP_WAVES
             drain = self.settings.stop_timeout_s * share * INGRESS_DRAIN_SHARE
             env["DUET_DRAIN_TIMEOUT_S"] = f"{drain:g}"
+        if service == "cache_index" and "DUET_SEMANTIC_STORE" not in env:
+            # The semantic cache's answers outlive a restart, beside the stack's other state.
+            env["DUET_SEMANTIC_STORE"] = str((self.settings.var_dir / "semantic.sqlite").resolve())
         logs.mkdir(parents=True, exist_ok=True)
         log = (logs / f"{service}.log").open("ab")
         command = [sys.executable, "-m", f"duetserve.services.{service}"]

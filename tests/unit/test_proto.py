@@ -16,6 +16,7 @@ from duetserve.proto import (
     compute,
     kv,
     scheduling,
+    semantic,
     subjects,
     supervision,
     tokens,
@@ -133,6 +134,10 @@ EXAMPLES: list[object] = [
     cache.PrefixInserted(2),
     cache.EvictQuery(8),
     cache.Evicted((4,)),
+    semantic.SemanticLookup("tenant-a", "m", "ab12", "what is 2+2?", 64, load=0.5),
+    semantic.SemanticHit("4", 1, "stop", "factual", 0.93),
+    semantic.SemanticMiss("code", "vetoed", 0.97),
+    semantic.SemanticInsert("tenant-a", "m", "ab12", "what is 2+2?", "4", 1),
     workers.PrefillBatch(
         7,
         (
