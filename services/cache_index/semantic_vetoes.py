@@ -200,6 +200,28 @@ _STOPWORDS = set(
         "good",
     ]
 )
+# Greetings, thanks and the words that frame a request: they change no answer, and real users
+# add them freely ("Hey, ...", "... Thanks in advance."), so they are never the changed word
+# of a substitution, nor a name. (They still count in how alike two wordings are.)
+_FILLERS = {
+    "hi",
+    "hello",
+    "hey",
+    "thanks",
+    "thank",
+    "advance",
+    "kindly",
+    "help",
+    "question",
+    "quick",
+    "explain",
+    "know",
+    "want",
+    "like",
+    "need",
+    "wondering",
+    "curious",
+}
 # Sets of alternatives: two queries that pick different members ask different questions.
 _CONTRASTS: list[set[str]] = [
     {"ascending", "descending"},
@@ -357,7 +379,8 @@ def features(text: str) -> QueryFeatures:
             numbers.append(_NUMBER_WORDS[word])
         if word in _NEGATIONS or word.endswith("n't"):
             negated = True
-        if word not in _NOT_NAMES and _looks_like_name(raw, sentence_start):
+        plain = word in _NOT_NAMES or word in _STOPWORDS or word in _FILLERS
+        if not plain and _looks_like_name(raw, sentence_start):
             names.add(word)
         sentence_start = bool(re.match(r"\s*[.?!:;\n]", text[match.end() :]))
     return QueryFeatures(tuple(sorted(numbers)), negated, frozenset(names), frozenset(words))
@@ -394,7 +417,7 @@ _ALIKE = 0.5
 
 
 def _substituted(a: frozenset[str], b: frozenset[str]) -> bool:
-    only_a, only_b = a - b, b - a
+    only_a, only_b = a - b - _FILLERS, b - a - _FILLERS
     if not only_a and not only_b:
         return False
     shared = len(a & b)

@@ -66,6 +66,11 @@ def test_each_veto_keeps_a_near_miss_apart(a: str, b: str, veto: Veto) -> None:
             "JS: wait for all promises to finish",
             "javascript: await all of the promises in an array",
         ),
+        # Greetings, thanks and framing words change no answer (and "Please" is no name).
+        ("How do I sort a list in Python?", "Hey, how do I sort a list in Python?"),
+        ("How do I sort a list in Python?", "How do I sort a list in Python? Thanks in advance."),
+        ('What does "ls -la" print?', 'What does "ls -la" print? Please explain.'),
+        ("Compare Rust and Go", "Quick question: compare Rust and Go, I'm curious"),
     ],
 )
 def test_reworded_paraphrases_pass(a: str, b: str) -> None:
@@ -78,6 +83,14 @@ def test_identical_queries_pass_and_features_survive_the_wire() -> None:
     assert why(text, text) == []
     assert QueryFeatures.from_wire(f.to_wire()) == f
     assert f.negated and "100" in f.numbers and "usd" in f.names
+
+
+def test_filler_words_never_hide_a_real_change() -> None:
+    assert Veto.ENTITIES in why("Hey, compare Rust and Go", "Hey, compare Rust and Zig")
+    assert Veto.NUMBERS in why("Thanks! top 10 movies", "Thanks! top 20 movies")
+    assert Veto.SUBSTITUTION in why(
+        "help me delete a git branch please", "help me rename a git branch please"
+    )
 
 
 def test_a_paraphrase_worded_almost_alike_is_vetoed_which_costs_a_miss_only() -> None:
