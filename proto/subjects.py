@@ -24,6 +24,14 @@ CACHE_EVICT = f"{ROOT}.cache.evict"
 SEMANTIC_LOOKUP = f"{ROOT}.semantic.lookup"
 SEMANTIC_INSERT = f"{ROOT}.semantic.insert"
 SEMANTIC_SUBJECTS = (SEMANTIC_LOOKUP, SEMANTIC_INSERT)
+
+
+def semantic_bucket(category: str) -> str:
+    """The JetStream key-value bucket of one semantic cache category (its answers, for a
+    cluster: cache_index/semantic_jetstream.py)."""
+    return f"duet-semantic-{check_token(category, 'category')}"
+
+
 # What the scheduler and the cache index answer, each family whole.
 SCHEDULER_SUBJECTS = (SCHED_SUBMIT, SCHED_CANCEL, SCHED_STATS, SCHED_STATUS, SCHED_RESUME)
 CACHE_SUBJECTS = (CACHE_MATCH, CACHE_INSERT, CACHE_EVICT)

@@ -128,8 +128,36 @@ ASKED_BY = {
 HEALTH_ASKERS = ("ingress", "launcher", OPERATOR)
 
 
-def permissions(role: str, mode: str, units: Sequence[str] = ("unit0",)) -> Permissions:
-    """What `role` may publish and subscribe to in a stack of `units` running in `mode`.
+def _semantic_store(categories: Sequence[str]) -> list[str]:
+    """What the semantic cache's JetStream backend uses: each category's bucket (create,
+    read, write, watch with an ordered consumer)."""
+    out = []
+    for category in categories:
+        bucket = subjects.semantic_bucket(category)
+        stream = f"KV_{bucket}"
+        out += [
+            f"$JS.API.STREAM.INFO.{stream}",
+            f"$JS.API.STREAM.CREATE.{stream}",
+            f"$JS.API.STREAM.MSG.GET.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}.>",
+            f"$JS.API.CONSUMER.CREATE.{stream}",
+            f"$JS.API.CONSUMER.CREATE.{stream}.>",
+            f"$JS.API.CONSUMER.DELETE.{stream}.>",
+            f"$JS.API.CONSUMER.INFO.{stream}.>",
+            f"$JS.FC.{stream}.>",
+            f"$KV.{bucket}.>",
+        ]
+    return out
+
+
+def permissions(
+    role: str,
+    mode: str,
+    units: Sequence[str] = ("unit0",),
+    semantic_categories: Sequence[str] = (),
+) -> Permissions:
+    """What `role` may publish and subscribe to in a stack of `units` running in `mode`
+    (cache_index also to the JetStream buckets of `semantic_categories`).
 
     Besides what is listed, every role may subscribe to its own inbox, and every service to
     its health subject and publish into its askers' inboxes (the answers)."""
@@ -177,6 +205,7 @@ def permissions(role: str, mode: str, units: Sequence[str] = ("unit0",)) -> Perm
         )
         sub += [*subjects.CACHE_SUBJECTS, *subjects.SEMANTIC_SUBJECTS]
         sub += _per_unit(units, events)
+        pub += _semantic_store(semantic_categories)
     elif role == "scheduler":
         pub += _kv(units, (UNIT_POOL,), ("alloc", "release", "heartbeat"))
         pub += _kv(units, pools, ("storage", "stats"))
@@ -295,6 +324,7 @@ def server_config(
     mode: str,
     units: Sequence[str] = ("unit0",),
     tls: TlsFiles | None = None,
+    semantic_categories: Sequence[str] = (),
 ) -> str:
     """nats-server's configuration: one user per role with its permissions, passwords as
     bcrypt digests; TLS required when `tls` is given. JSON, which nats-server reads."""
@@ -302,7 +332,7 @@ def server_config(
 
     users = []
     for role, creds in credentials.items():
-        allowed = permissions(role, mode, units)
+        allowed = permissions(role, mode, units, semantic_categories)
         rules: dict[str, object] = {
             "publish": {"allow": list(allowed.publish)},
             "subscribe": {"allow": list(allowed.subscribe)},

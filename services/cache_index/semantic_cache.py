@@ -34,7 +34,7 @@ import hnswlib
 import numpy as np
 
 from duetserve.services.cache_index.semantic_categories import Categories, CategoryPolicy
-from duetserve.services.cache_index.semantic_store import SemanticStore, StoredAnswer
+from duetserve.services.cache_index.semantic_store import AnswerStore, StoredAnswer
 from duetserve.services.cache_index.semantic_vetoes import QueryFeatures, Veto, features, vetoes
 
 Clock = Callable[[], float]
@@ -106,7 +106,7 @@ class SemanticCache:
     def __init__(
         self,
         categories: Categories,
-        store: SemanticStore,
+        store: AnswerStore,
         dim: int,
         clock: Clock = time.time,
         candidates: int = 8,
@@ -248,15 +248,15 @@ class SemanticCache:
         each tenant's categories held to their quotas. How many were indexed."""
         now = self.clock()
         by_tenant: dict[str, list[StoredAnswer]] = {}
-        stale = []
+        stale: list[StoredAnswer] = []
         for stored in self.store.all():
             if len(stored.vector) != self.dim:
-                stale.append(stored.id)  # another embedding model's vector
+                stale.append(stored)  # another embedding model's vector
                 continue
             if stored.category not in self.categories.policies:
                 stored.category = self.categories.assign(stored.vector)  # the file changed
             if now >= stored.created + self._policy(stored).ttl_max_s:
-                stale.append(stored.id)
+                stale.append(stored)
                 continue
             by_tenant.setdefault(stored.tenant, []).append(stored)
         self.store.remove(stale)
@@ -264,6 +264,30 @@ class SemanticCache:
             answers.sort(key=lambda s: s.last_used)  # least recently used first in each LRU
             self._index(self._namespace(tenant), answers)
         return sum(len(ns.entries) for ns in self._namespaces.values())
+
+    def adopt(self, stored: StoredAnswer) -> bool:
+        """Index an answer another instance stored (a shared store: semantic_jetstream.py);
+        False when it is known already, of another embedding model or past any TTL."""
+        if len(stored.vector) != self.dim:
+            return False
+        if stored.category not in self.categories.policies:
+            stored.category = self.categories.assign(stored.vector)
+        ns = self._namespace(stored.tenant)
+        if stored.id in ns.entries:
+            return False
+        if self.clock() >= stored.created + self._policy(stored).ttl_max_s:
+            return False
+        stored.vector = _unit(stored.vector)
+        self._index(ns, [stored])
+        return True
+
+    def forget(self, tenant: str, entry_id: int) -> bool:
+        """Drop an entry another instance removed (or the store expired); False if unknown."""
+        ns = self._namespaces.get(tenant)
+        if ns is None or entry_id not in ns.entries:
+            return False
+        self._remove(ns, entry_id, from_store=False)
+        return True
 
     def size(self, tenant: str | None = None) -> int:
         if tenant is not None:
@@ -316,7 +340,7 @@ class SemanticCache:
                 oldest = next(iter(lru))
                 self._remove(ns, oldest)
 
-    def _remove(self, ns: _Namespace, entry_id: int) -> None:
+    def _remove(self, ns: _Namespace, entry_id: int, from_store: bool = True) -> None:
         entry = ns.entries.pop(entry_id)
         stored = entry.stored
         ns.index.mark_deleted(entry_id)
@@ -326,7 +350,8 @@ class SemanticCache:
         if not ids:
             del ns.by_context[context]
         ns.lru[stored.category].pop(entry_id, None)
-        self.store.remove([entry_id])
+        if from_store:
+            self.store.remove([stored])
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:

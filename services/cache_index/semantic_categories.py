@@ -22,6 +22,16 @@ import numpy as np
 DEFAULT_FILE = Path(__file__).with_name("semantic_categories.json")
 
 
+def category_names(path: Path | None = None) -> tuple[str, ...]:
+    """The categories a file defines, read without embedding anything (for the bus's
+    permissions: each category has a JetStream bucket)."""
+    raw = json.loads((path or DEFAULT_FILE).read_text(encoding="utf-8"))
+    entries = raw.get("categories") if isinstance(raw, dict) else None
+    if not isinstance(entries, dict) or not entries:
+        raise ValueError(f"{path or DEFAULT_FILE}: no categories")
+    return tuple(str(name) for name in entries)
+
+
 class Encoder(Protocol):
     def encode(self, texts: list[str]) -> Any: ...
 

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from nats.aio.msg import Msg
 
@@ -35,7 +35,8 @@ from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import ErrorReply
 from duetserve.services.cache_index.semantic_cache import Ask, Hit, SemanticCache
 from duetserve.services.cache_index.semantic_categories import Categories
-from duetserve.services.cache_index.semantic_store import MEMORY, SemanticStore
+from duetserve.services.cache_index.semantic_jetstream import JetStreamAnswers, RemoteChange
+from duetserve.services.cache_index.semantic_store import MEMORY, AnswerStore, SemanticStore
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,10 @@ LATE = "late"  # no one waits for this answer any more
 
 @dataclass(frozen=True, slots=True)
 class SemanticConfig:
-    store: Path | None = None  # None: in memory, lost with the process
+    # sqlite: answers in `store`, this instance's own; jetstream: in one JetStream bucket per
+    # category, shared by every cache_index of the cluster (semantic_jetstream.py).
+    backend: Literal["sqlite", "jetstream"] = "sqlite"
+    store: Path | None = None  # sqlite's file; None: in memory, lost with the process
     categories: Path | None = None  # None: the shipped semantic_categories.json
     model_dir: Path | None = None  # None: the bundled all-MiniLM-L6-v2
     dtype: str = "bfloat16"
@@ -83,15 +87,24 @@ class SemanticService:
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._shared: JetStreamAnswers | None = None  # the jetstream backend, if it is used
         self.stats = {"hits": 0, "misses": 0, "inserts": 0, "shed": 0}
 
     async def start(self) -> None:
-        await asyncio.to_thread(self._load)
+        categories = await asyncio.to_thread(self._load_model)
+        store: AnswerStore
+        if self.config.backend == "jetstream":
+            self._shared = JetStreamAnswers(self.bus, categories.policies, self._remote)
+            await self._shared.open()
+            store = self._shared
+        else:
+            store = SemanticStore(self.config.store or MEMORY)
+        await asyncio.to_thread(self._restore, categories, store)
         self._thread = threading.Thread(target=self._run, name="semantic-cache", daemon=True)
         self._thread.start()
         self._sweeper = asyncio.create_task(self._sweep_every(), name="semantic-sweep")
 
-    def _load(self) -> None:
+    def _load_model(self) -> Categories:
         import torch  # only a cache_index with the semantic cache on loads torch
 
         from duetserve.runtime.embedding import SentenceEncoder
@@ -100,16 +113,23 @@ class SemanticService:
         torch.set_num_threads(c.threads)
         dtype = getattr(torch, c.dtype)
         encoder = SentenceEncoder(c.model_dir, max_tokens=c.max_query_tokens, dtype=dtype)
-        categories = Categories.load(encoder, c.categories)
-        store = SemanticStore(c.store or MEMORY)
-        cache = SemanticCache(categories, store, encoder.dim)
-        restored = cache.restore()
         encoder.encode(["warm up the embedding model"])
-        self._encoder, self.cache = encoder, cache
+        self._encoder = encoder
+        return Categories.load(encoder, c.categories)
+
+    def _restore(self, categories: Categories, store: AnswerStore) -> None:
+        cache = SemanticCache(categories, store, self._encoder.dim)
+        restored = cache.restore()
+        self.cache = cache
+        where = "jetstream" if self._shared is not None else str(self.config.store or MEMORY)
         logger.info(
             "semantic cache ready",
-            extra={"entries": restored, "store": str(c.store or MEMORY), "dtype": c.dtype},
+            extra={"entries": restored, "store": where, "dtype": self.config.dtype},
         )
+
+    def _remote(self, change: RemoteChange) -> None:
+        """Another instance's change to the shared store: applied on the cache's thread."""
+        self._jobs.put(change)
 
     # ---- subjects (on the event loop) ---------------------------------------------------
 
@@ -157,6 +177,9 @@ class SemanticService:
             self._jobs.put(_STOP)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        if self._shared is not None:
+            await self._shared.aclose()
+            self._shared = None
         if self.cache is not None:
             self.cache.store.close()
             self.cache = None
@@ -173,6 +196,9 @@ class SemanticService:
                 except queue.Empty:
                     break
             jobs = [job for job in batch if isinstance(job, _Job)]
+            for change in batch:
+                if isinstance(change, RemoteChange):
+                    self._apply(change)
             try:
                 self._serve(jobs)
             except Exception as err:  # never leave an asker waiting
@@ -186,6 +212,16 @@ class SemanticService:
                     logger.info("semantic cache: %d entries past their TTL dropped", gone)
             if any(job is _STOP for job in batch):
                 return
+
+    def _apply(self, change: RemoteChange) -> None:
+        assert self.cache is not None
+        try:
+            if change.put is not None:
+                self.cache.adopt(change.put)
+            else:
+                self.cache.forget(change.tenant, change.entry_id)
+        except Exception:
+            logger.exception("could not apply a change from the shared store")
 
     def _serve(self, jobs: list[_Job]) -> None:
         cache, encoder = self.cache, self._encoder

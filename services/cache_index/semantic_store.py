@@ -8,7 +8,8 @@ as they change (insert, a hit's use time, removal), each in its own transaction;
 never the file's consistency).
 
 Vectors are stored as raw little-endian float32 bytes and everything else as SQL values:
-nothing is pickled. One thread uses a store (the cache's own: semantic_service.py).
+nothing is pickled. One thread uses a store (the cache's own: semantic_service.py). For a
+cluster, the same interface over JetStream is semantic_jetstream.py.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -57,6 +59,17 @@ class StoredAnswer:
     last_used: float
     vector: np.ndarray  # [dim] float32, unit length
     id: int = 0
+
+
+class AnswerStore(Protocol):
+    """Where answers live: this SQLite store, or JetStream buckets for a cluster
+    (semantic_jetstream.py). Used from the cache's thread only."""
+
+    def add(self, entry: StoredAnswer) -> int: ...
+    def touch(self, entry_id: int, last_used: float) -> None: ...
+    def remove(self, entries: list[StoredAnswer]) -> None: ...
+    def all(self) -> Iterator[StoredAnswer]: ...
+    def close(self) -> None: ...
 
 
 class SemanticStore:
@@ -101,13 +114,9 @@ class SemanticStore:
     def touch(self, entry_id: int, last_used: float) -> None:
         self._db.execute("UPDATE answers SET last_used = ? WHERE id = ?", (last_used, entry_id))
 
-    def remove(self, entry_ids: list[int]) -> None:
-        if entry_ids:
-            self._db.executemany("DELETE FROM answers WHERE id = ?", [(i,) for i in entry_ids])
-
-    def remove_created_before(self, created: float) -> int:
-        """Drop every answer created before `created` (past any TTL); how many went."""
-        return self._db.execute("DELETE FROM answers WHERE created < ?", (created,)).rowcount
+    def remove(self, entries: list[StoredAnswer]) -> None:
+        if entries:
+            self._db.executemany("DELETE FROM answers WHERE id = ?", [(e.id,) for e in entries])
 
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])

@@ -26,6 +26,9 @@ class CacheIndexSettings(CommonSettings):
     # (unset: in memory, gone with the process); its categories in DUET_SEMANTIC_CATEGORIES
     # (unset: the shipped semantic_categories.json).
     semantic_cache: bool = False
+    # sqlite (DUET_SEMANTIC_STORE) or jetstream: a bucket per category on the bus, shared by
+    # every cache_index of a cluster (TTL: the category's longest).
+    semantic_backend: Literal["sqlite", "jetstream"] = "sqlite"
     semantic_store: Path | None = None
     semantic_categories: Path | None = None
     semantic_dtype: Literal["bfloat16", "float32"] = "bfloat16"
@@ -35,6 +38,7 @@ class CacheIndexSettings(CommonSettings):
 
     def semantic_config(self) -> SemanticConfig:
         return SemanticConfig(
+            backend=self.semantic_backend,
             store=self.semantic_store,
             categories=self.semantic_categories,
             dtype=self.semantic_dtype,

@@ -29,6 +29,7 @@ from duetserve.common.settings import default_instance_name
 from duetserve.proto.codec import encode
 from duetserve.proto.common import HealthReply, HealthStatus
 from duetserve.proto.supervision import LAUNCHER_REPORT, SupervisorReport
+from duetserve.services.cache_index.semantic_categories import category_names
 from duetserve.services.launcher.settings import LauncherSettings
 from duetserve.services.launcher.supervision import Backoff, crashed, restart_group
 
@@ -263,7 +264,9 @@ class Launcher:
         if s.nats_tls_cert is not None and s.nats_tls_key is not None:
             tls = nats_auth.TlsFiles(s.nats_tls_cert.resolve(), s.nats_tls_key.resolve())
             self.tls_ca = s.nats_tls_ca or s.nats_tls_cert
-        config = nats_auth.server_config(credentials, s.mode, (s.unit,), tls)
+        # cache_index may keep the semantic cache's answers in a JetStream bucket per category.
+        categories = category_names(s.semantic_categories)
+        config = nats_auth.server_config(credentials, s.mode, (s.unit,), tls, categories)
         logger.info(
             "NATS users and permissions for %s mode; credentials in %s",
             s.mode,

@@ -19,6 +19,9 @@ class LauncherSettings(ServingSettings):
     unit: str = "unit0"  # DUET_UNIT, as the services read it: the unit the bus's permissions name
     # The embedded nats-server's certificate and key (PEM): set both and the bus is TLS only.
     # Clients verify it with DUET_NATS_TLS_CA, which defaults to the certificate itself.
+    # DUET_SEMANTIC_CATEGORIES, as cache_index reads it: the bus lets cache_index use a
+    # JetStream bucket for each of its categories (DUET_SEMANTIC_BACKEND=jetstream).
+    semantic_categories: Path | None = None
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
 

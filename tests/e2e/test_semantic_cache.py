@@ -26,7 +26,7 @@ QUESTION = "What is the capital of France?"
 REWORDED = "Tell me the capital of France."
 
 
-def launch(smollm2_dir: Path, var_dir: Path) -> Stack:
+def launch(smollm2_dir: Path, var_dir: Path, **env: str) -> Stack:
     return start_stack(
         smollm2_dir,
         var_dir,
@@ -35,6 +35,7 @@ def launch(smollm2_dir: Path, var_dir: Path) -> Stack:
         # Generous for a loaded CI machine: a lookup not answered in time is only a miss.
         DUET_SEMANTIC_LOOKUP_TIMEOUT_S="2",
         DUET_KV_CACHE_MB="256",
+        **env,
     )
 
 
@@ -205,3 +206,27 @@ def test_the_cache_outlives_a_restart(cache_stack: Stack, smollm2_dir: Path, var
         assert text_of(after) == text_of(before)
     finally:
         assert_stops_cleanly(again)
+
+
+def test_a_cluster_store_in_jetstream_serves_what_another_stack_stored(
+    smollm2_dir: Path, tmp_path: Path
+) -> None:
+    """DUET_SEMANTIC_BACKEND=jetstream: the answers live in the bus's buckets (one per
+    category), with the stack's own bus permissions; a stack that starts later on a bus that
+    kept them (the same NATS store) serves them."""
+    var_dir = tmp_path / "var"
+    first = launch(smollm2_dir, var_dir, DUET_SEMANTIC_BACKEND="jetstream")
+    try:
+        header, answer = ask(first, QUESTION)
+        assert header is None and answer.choices[0].finish_reason == "stop"
+        header, again = cached_answer(first, REWORDED)
+        assert header == "semantic" and text_of(again) == text_of(answer)
+    finally:
+        assert_stops_cleanly(first)  # no permission the backend needed was refused
+    assert not (var_dir / "semantic.sqlite").exists()
+    second = launch(smollm2_dir, var_dir, DUET_SEMANTIC_BACKEND="jetstream")
+    try:
+        header, later = ask(second, REWORDED)
+        assert header == "semantic" and text_of(later) == text_of(answer)
+    finally:
+        assert_stops_cleanly(second)
