@@ -117,6 +117,7 @@ class SubmitAccepted:
 class CancelReason(StrEnum):
     CLIENT_GONE = "client_gone"  # the client disconnected: free everything
     STOP_STRING = "stop_string"  # ingress matched a stop string: finish as "stop"
+    ANSWERED_FROM_CACHE = "answered_from_cache"  # the semantic cache answered: free everything
 
 
 @message("sched.cancel")

@@ -300,11 +300,12 @@ class Generation:
         self._failure_code = REQUEST_LOST
         self._stream.interrupt(why)
 
-    async def close(self) -> None:
-        """Cancel a submitted request that did not finish, then close its stream. Safe twice."""
+    async def close(self, reason: CancelReason = CancelReason.CLIENT_GONE) -> None:
+        """Cancel a submitted request that did not finish (for `reason`), then close its
+        stream. Safe twice."""
         if self._submitted and not self.finished:
             self.finished = True
-            await self._cancel(CancelReason.CLIENT_GONE)
+            await self._cancel(reason)
         self._context.router.close(self.request_id)
 
     async def _cancel(self, reason: CancelReason) -> None:

@@ -22,7 +22,7 @@ from duetserve.common.nats_bus import BusTimeout
 from duetserve.proto import subjects
 from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import HealthReply, HealthStatus
-from duetserve.proto.scheduling import SchedulerStats, SchedulerStatsQuery
+from duetserve.proto.scheduling import CancelReason, SchedulerStats, SchedulerStatsQuery
 from duetserve.proto.semantic import SemanticHit
 from duetserve.services.ingress import responses
 from duetserve.services.ingress.api_models import ChatCompletionRequest, CompletionRequest
@@ -206,23 +206,37 @@ class Handlers:
     ) -> web.StreamResponse:
         request_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
         head = responses.ResponseHead(request_id, self.model_id, int(time.time()))
-        semantic = self._semantic
-        if semantic is not None and cache is not None and cache.lookup:
-            load = self._admission.in_flight / semantic.full_load_requests
-            hit = await semantic.client.lookup(
-                tenant, self.model_id, cache, prompt.sampling.max_tokens, load
-            )
-            if hit is not None:
-                return await self._serve_hit(request, arrival, head, fmt, req, prompt, hit)
         held = self._quotas.take(tenant, len(prompt.prompt_ids), prompt.sampling.max_tokens)
         generation = Generation(self._context, request_id, tenant, prompt, arrival)
+        semantic, lookup = self._semantic, None
+        if semantic is not None and cache is not None and cache.lookup:
+            # Asked while the request is submitted, not before it: a miss adds no time to it,
+            # and a hit cancels it (its first token comes after a prefill, the answer sooner).
+            load = self._admission.in_flight / semantic.full_load_requests
+            lookup = asyncio.create_task(
+                semantic.client.lookup(
+                    tenant, self.model_id, cache, prompt.sampling.max_tokens, load
+                )
+            )
         try:
             with self._admission.running(generation):
-                await generation.start()
+                try:
+                    await generation.start()
+                except ApiError:  # refused (overloaded, no scheduler): a hit still answers
+                    hit = await lookup if lookup is not None else None
+                    if hit is None:
+                        raise
+                    return await self._serve_hit(request, arrival, head, fmt, req, prompt, hit)
+                hit = await lookup if lookup is not None else None
+                if hit is not None:
+                    await generation.close(CancelReason.ANSWERED_FROM_CACHE)
+                    return await self._serve_hit(request, arrival, head, fmt, req, prompt, hit)
                 if req.stream:
                     return await self._stream(request, generation, head, fmt, req.include_usage)
                 return await self._collect(generation, head, fmt)
         finally:
+            if lookup is not None and not lookup.done():
+                lookup.cancel()
             usage = generation.usage
             held.release(usage.prompt_tokens + usage.completion_tokens)
             if semantic is not None and cache is not None and cache.store:

@@ -5,6 +5,8 @@ conversation, or a request that opts out; and the SQLite store keeps it across a
 the stack."""
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -192,6 +194,23 @@ def test_broken_and_forged_messages_on_the_bus_are_refused(cache_stack: Stack) -
     assert header == "semantic" and text_of(done) == "Forged."  # (the same path stores this)
     header, done = ask(cache_stack, cut_short, headers={"Cache-Control": "no-store"})
     assert header is None and text_of(done) != "Forged."
+
+
+def test_a_cached_answer_is_served_while_the_scheduler_takes_no_requests(
+    cache_stack: Stack,
+) -> None:
+    header, _ = cached_answer(cache_stack, QUESTION)
+    assert header == "semantic"
+    scheduler = cache_stack.service_pids()["scheduler"]
+    os.kill(scheduler, signal.SIGSTOP)  # submits go unanswered (DUET_SUBMIT_TIMEOUT_S)
+    try:
+        header, served = ask(cache_stack, REWORDED)
+        assert header == "semantic" and "Paris" in text_of(served)
+        with pytest.raises(openai.APIStatusError) as refused:
+            ask(cache_stack, "What is the tallest mountain in Africa?")
+        assert refused.value.status_code == 503
+    finally:
+        os.kill(scheduler, signal.SIGCONT)
 
 
 def test_the_cache_outlives_a_restart(cache_stack: Stack, smollm2_dir: Path, var_dir: Path) -> None:
