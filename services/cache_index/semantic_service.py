@@ -6,7 +6,9 @@ Embedding is the cost of a lookup (all-MiniLM-L6-v2 in bfloat16, ~3 ms a short q
 core), so it runs off the event loop, where the prefix index's matches keep being answered, and
 in batches: the thread takes every job waiting when it wakes (up to `max_batch`) and embeds
 their queries in one forward pass. Torch gets one thread (`threads`): cache_index shares the
-machine with the workers.
+machine with the workers. A query embedded for its lookup is not embedded again for its
+insert (the embeddings of the latest RECENT_VECTORS queries are kept), and in a batch the
+lookups, which someone waits for, go before the inserts.
 
 A lookup nobody waits for any more (older than `lookup_deadline_s`, past ingress's timeout) is
 answered as a miss without being embedded, and with more than `max_pending` jobs queued a new
@@ -23,10 +25,12 @@ import math
 import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from nats.aio.msg import Msg
 
 from duetserve.common.nats_bus import Bus
@@ -43,6 +47,7 @@ logger = logging.getLogger(__name__)
 QUERY_TOO_LONG = "query_too_long"
 BUSY = "busy"  # shed: too many jobs queued
 LATE = "late"  # no one waits for this answer any more
+RECENT_VECTORS = 4096  # the embeddings of the latest queries, kept for their inserts
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +93,7 @@ class SemanticService:
         self._thread: threading.Thread | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._shared: JetStreamAnswers | None = None  # the jetstream backend, if it is used
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()  # query -> its embedding
         self.stats = {"hits": 0, "misses": 0, "inserts": 0, "shed": 0}
 
     async def start(self) -> None:
@@ -235,17 +241,32 @@ class SemanticService:
                 live.append(job)
         if not live:
             return
-        texts = [job.message.query for job in live]
-        lengths = [len(ids) for ids in encoder.tokenize(texts)]
-        readable = [job for job, n in zip(live, lengths, strict=True) if n < encoder.max_tokens]
-        for job, n in zip(live, lengths, strict=True):
-            if n >= encoder.max_tokens and job.future is not None:
-                _answer(job, semantic.SemanticMiss("", QUERY_TOO_LONG))
-        if not readable:
-            return
-        vectors = encoder.encode([job.message.query for job in readable]).float().numpy()
-        for job, vector in zip(readable, vectors, strict=True):
+        # A query's vector depends on its text only: an insert after its own lookup (the usual
+        # order: looked up, missed, generated) is not embedded again.
+        texts = list(
+            dict.fromkeys(
+                job.message.query for job in live if job.message.query not in self._recent
+            )
+        )
+        if texts:
+            lengths = [len(ids) for ids in encoder.tokenize(texts)]
+            readable = [t for t, n in zip(texts, lengths, strict=True) if n < encoder.max_tokens]
+            if readable:
+                vectors = encoder.encode(readable).float().numpy()
+                for text, vector in zip(readable, vectors, strict=True):
+                    self._recent[text] = vector
+                while len(self._recent) > RECENT_VECTORS:
+                    self._recent.popitem(last=False)
+        # Lookups first: someone waits for them; an insert's answer was already sent.
+        ordered = sorted(live, key=lambda job: job.future is None)
+        for job in ordered:
             m = job.message
+            vector = self._recent.get(m.query)
+            if vector is None:  # longer than the embedding model reads
+                if job.future is not None:
+                    _answer(job, semantic.SemanticMiss("", QUERY_TOO_LONG))
+                continue
+            self._recent.move_to_end(m.query)
             if isinstance(m, semantic.SemanticInsert):
                 cache.insert(
                     tenant=m.tenant,
