@@ -181,6 +181,10 @@ class PrefillWorkerService:
             reply = await self.bus.request(subject, encode(retain))
             answer = decode(reply.data, kv.BlocksGranted, ErrorReply)
         except (BusTimeout, ProtoError) as err:
+            # kv_manager may have granted it with the answer lost (NATS went away): let go of
+            # whatever the batch's owner may hold, or this worker, renewing its lease all
+            # along, would keep those blocks for as long as it lives.
+            await self._let_go(owner)
             return f"could not hold the batch's blocks: {err}"
         if isinstance(answer, ErrorReply):
             return f"could not hold the batch's blocks: {answer.message}"

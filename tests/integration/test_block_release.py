@@ -95,3 +95,41 @@ async def test_a_release_waits_out_a_kv_manager_not_yet_back_on_the_bus(tmp_path
         assert answer == kv.BlocksReleased("worker/r-2", num_freed=3, num_free=61)
     finally:
         server.stop()
+
+
+async def test_a_prefill_worker_lets_go_of_a_retain_whose_answer_was_lost(tmp_path: Path) -> None:
+    """kv_manager granted a batch's retain, and the answer was lost (nats-server killed just
+    then): the worker refused the batch and never released, so the references stayed for as
+    long as it lived, its lease renewed all along (the fault suite's NATS kill found two). A
+    retain whose outcome is unknown is followed by a release of the batch's owner."""
+    server = NatsServer(tmp_path / "nats").start()
+    try:
+        played = await Bus.connect(server.url, "played-kv-manager")
+        retained: list[str] = []
+        released: list[str] = []
+
+        async def retain(msg: Msg) -> None:  # granted, its answer lost
+            retained.append(decode(msg.data, kv.RetainBlocks).owner)
+
+        async def release(msg: Msg) -> None:
+            owner = decode(msg.data, kv.ReleaseBlocks).owner
+            released.append(owner)
+            await played.reply(msg, encode(kv.BlocksReleased(owner, num_freed=2, num_free=62)))
+
+        await played.subscribe(subjects.kv(UNIT, "retain"), retain)
+        await played.subscribe(subjects.kv(UNIT, "release"), release)
+        await played.flush()
+        settings = PrefillSettings(nats_url=server.url, unit=UNIT, request_timeout_s=0.2)
+        worker = PrefillWorkerService(settings)
+        worker.bus = await Bus.connect(server.url, worker.instance)
+        owner = f"{worker.instance}/batch-9"
+        try:
+            refused = await asyncio.wait_for(worker._hold(owner, (4, 5), ("sched/r-1",)), 10)
+        finally:
+            await worker.bus.close()
+            await played.close()
+        assert refused is not None and "could not hold" in refused
+        assert retained == [owner]
+        assert released == [owner]
+    finally:
+        server.stop()
