@@ -32,14 +32,14 @@ import sqlite3
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import numpy as np
 
 from duetserve.loadtest.bench_report import write_section
+from duetserve.loadtest.metrics import Percentiles
 from duetserve.loadtest.modes_live import add_stack_arguments, serving
 from duetserve.loadtest.sharegpt import packaged_path, read_conversations
 
@@ -127,7 +127,7 @@ def workload(pool: list[str], n: int, repeat: float, seed: int) -> list[Ask]:
     asks: list[Ask] = []
     asked: list[int] = []
     for _ in range(n):
-        if asked and rng.random() < repeat:
+        if asked and (rng.random() < repeat or len(asked) == len(pool)):  # or all were asked
             base = rng.choice(asked)
             text = pool[base] if rng.random() < 1 / 3 else reword(pool[base], rng)
             asks.append(Ask(base, text, True))
@@ -142,8 +142,9 @@ def workload(pool: list[str], n: int, repeat: float, seed: int) -> list[Ask]:
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
-    array = np.asarray(values)
-    return {"p50": float(np.percentile(array, 50)), "p99": float(np.percentile(array, 99))}
+    """Count, mean, p50, p90 and p99 in ms (the harness's own Percentiles); {} for none."""
+    found = Percentiles.of(values)
+    return {} if found is None else asdict(found)
 
 
 def lookup_cost(entries: int, queries: int, burst: int, seed: int) -> dict[str, Any]:
@@ -328,7 +329,7 @@ def summarize(
     repeats = [a for a in done if a.repeat]
 
     def ttft(group: list[Answer]) -> dict[str, float]:
-        return percentiles([a.ttft_ms for a in group]) if group else {}
+        return percentiles([a.ttft_ms for a in group])
 
     return {
         "requests": len(answers),
@@ -346,7 +347,7 @@ def summarize(
         "ttft_ms_hits": ttft(hits),
         "ttft_ms_generated": ttft(generated),
         "ttft_ms_first_asks": ttft([a for a in done if not a.repeat]),
-        "e2e_ms_all": percentiles([a.e2e_ms for a in done]) if done else {},
+        "e2e_ms_all": percentiles([a.e2e_ms for a in done]),
     }
 
 
