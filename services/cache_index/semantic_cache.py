@@ -5,7 +5,7 @@ A hit needs all of:
 - the same tenant: every tenant has a namespace of its own (its own HNSW index, its own
   entries), so one tenant's lookup never sees another's vectors (a hard namespace, not a salt);
 - the same model and the same context (`context_key`, from ingress: the earlier turns, the
-  system prompt and the sampling settings that change answers; semantic_keys.py);
+  system prompt and the sampling settings that change answers; services/ingress/semantic.py);
 - cosine similarity at least the threshold of the asking query's category at the current load
   (semantic_categories.py), and the entry still within that category's TTL at that load;
 - no veto (semantic_vetoes.py): differing numbers, a negation, another named entity, a contrast

@@ -214,8 +214,14 @@ class SemanticService:
             if any(job is _SWEEP for job in batch):
                 assert self.cache is not None
                 gone = self.cache.sweep()
-                if gone:
-                    logger.info("semantic cache: %d entries past their TTL dropped", gone)
+                # What the cache did since start, once a sweep interval (ingress counts the
+                # lookups it sent; only this side sees what was shed under a flood).
+                logger.info(
+                    "semantic cache: %d entries, %d past their TTL dropped",
+                    self.cache.size(),
+                    gone,
+                    extra=self.stats,
+                )
             if any(job is _STOP for job in batch):
                 return
 

@@ -5,6 +5,7 @@ lookup not embedded twice."""
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -140,3 +141,19 @@ async def test_a_flood_is_shed_and_late_lookups_are_not_embedded(bus: Bus) -> No
     async with serving(bus, lookup_deadline_s=0.0):
         found = await lookup(bus, QUESTION)
         assert isinstance(found, semantic.SemanticMiss) and found.reason == LATE
+
+
+async def test_each_sweep_logs_what_the_cache_did(
+    bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="duetserve.services.cache_index.semantic_service")
+    async with serving(bus, sweep_interval_s=0.05):
+        await insert(bus, QUESTION, "Paris.")
+        await until_hit(bus, REWORDED)
+        deadline = time.monotonic() + 10
+        while not any(getattr(r, "hits", 0) >= 1 for r in caplog.records):
+            assert time.monotonic() < deadline, "no sweep logged the hit"
+            await asyncio.sleep(0.05)
+    swept = [r for r in caplog.records if getattr(r, "hits", 0) >= 1][-1]
+    assert swept.getMessage().startswith("semantic cache: 1 entries")
+    assert swept.inserts == 1 and swept.shed == 0  # type: ignore[attr-defined]
