@@ -1,10 +1,11 @@
-"""Ask a running stack's kv_manager who holds blocks."""
+"""Ask a running stack's kv_manager who holds blocks, and its scheduler for its counters."""
 
 import asyncio
 
 from duetserve.common.nats_bus import Bus
 from duetserve.proto import kv, subjects
 from duetserve.proto.codec import decode, encode
+from duetserve.proto.scheduling import SchedulerStats, SchedulerStatsQuery
 
 
 async def kv_stats(nats_url: str, unit: str = "unit0", pool: str = kv.UNIT_POOL) -> kv.KvStats:
@@ -12,6 +13,16 @@ async def kv_stats(nats_url: str, unit: str = "unit0", pool: str = kv.UNIT_POOL)
     try:
         reply = await bus.request(subjects.kv(unit, "stats", pool), encode(kv.KvStatsQuery()))
         return decode(reply.data, kv.KvStats)
+    finally:
+        await bus.close()
+
+
+async def scheduler_stats(nats_url: str) -> SchedulerStats:
+    """The scheduler's counters, waited for as long as the bus's request timeout."""
+    bus = await Bus.connect(nats_url, "stats-probe")
+    try:
+        reply = await bus.request(subjects.SCHED_STATS, encode(SchedulerStatsQuery()))
+        return decode(reply.data, SchedulerStats)
     finally:
         await bus.close()
 
