@@ -109,6 +109,8 @@ class Generation:
         self._output = OutputAssembler(context.tokenizer, prompt.prompt_ids, prompt.stops)
         self._arrival = arrival
         self._first_token_at: float | None = None
+        self._last_token_at = 0.0  # when output last arrived (inter-token latency)
+        self._reported = False  # counted in /metrics as finished or aborted
         self._submitted = False
         self._failure_code: str | None = None  # why ingress itself ended it, if it did
         self.slo_outcome: SloOutcome | None = None  # set once it finished or failed
@@ -183,13 +185,14 @@ class Generation:
         while chunk.migrating:
             await self._resume()
             chunk = await self._stream.next()
-        self._note_first(chunk)
+        self._note_arrival(chunk)
         self._token_ids.extend(chunk.token_ids)
         if chunk.finish_reason == FinishReason.ERROR:
             # Ended by ingress itself (shut_down): still running at the scheduler, so close()
             # must cancel it; ended by the scheduler or a worker: nothing left to cancel.
             self.finished = self._failure_code is None
             self._judge(None, time.monotonic(), ok=False)
+            self._report_aborted()
             raise GenerationFailed(chunk.error or "generation failed", self._failure_code)
         piece = self._output.add(chunk)
         self.text_parts.append(piece.text)
@@ -214,11 +217,28 @@ class Generation:
         except Exception:  # the stream watch ends it if the scheduler never hears
             logger.warning("could not resume", extra={"request_id": self.request_id})
 
-    def _note_first(self, chunk: TokenChunk) -> None:
+    def _note_arrival(self, chunk: TokenChunk) -> None:
         if chunk.cached_tokens is not None and chunk.index == 0:
             self.cached_tokens = chunk.cached_tokens
-        if self._first_token_at is None and chunk.token_ids:
-            self._first_token_at = time.monotonic()
+        if not chunk.token_ids:
+            return
+        now = time.monotonic()
+        if self._first_token_at is None:
+            self._first_token_at = now
+        else:
+            self._context.metrics.observe_token_gap(now - self._last_token_at, len(chunk.token_ids))
+        self._last_token_at = now
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Seconds from arrival to its first output token (None before it came)."""
+        first = self._first_token_at
+        return None if first is None else first - self._arrival.monotonic
+
+    def _report_aborted(self) -> None:
+        if not self._reported:
+            self._reported = True
+            self._context.metrics.observe_aborted()
 
     def _observe(self) -> None:
         first = self._first_token_at
@@ -229,7 +249,9 @@ class Generation:
             prompt_tokens=len(self.prompt.prompt_ids),
             completion_tokens=self._output.num_tokens,
             cached_tokens=self.cached_tokens,
+            finish_reason=self.finish_reason or "stop",
         )
+        self._reported = True
         self._context.metrics.observe_generation(timing)
         self._judge(timing, now, ok=True)
 
@@ -302,7 +324,11 @@ class Generation:
 
     async def close(self, reason: CancelReason = CancelReason.CLIENT_GONE) -> None:
         """Cancel a submitted request that did not finish (for `reason`), then close its
-        stream. Safe twice."""
+        stream. Safe twice. An answer from the semantic cache replaces it: not an abort."""
+        if reason == CancelReason.ANSWERED_FROM_CACHE:
+            self._reported = True  # counted as the hit it was served as
+        elif self._submitted:
+            self._report_aborted()  # nothing once it finished
         if self._submitted and not self.finished:
             self.finished = True
             await self._cancel(reason)

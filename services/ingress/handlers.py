@@ -24,7 +24,7 @@ from duetserve.proto.codec import ProtoError, decode, encode
 from duetserve.proto.common import HealthReply, HealthStatus
 from duetserve.proto.scheduling import CancelReason, SchedulerStats, SchedulerStatsQuery
 from duetserve.proto.semantic import SemanticHit
-from duetserve.services.ingress import responses
+from duetserve.services.ingress import genai_span, responses
 from duetserve.services.ingress.api_models import ChatCompletionRequest, CompletionRequest
 from duetserve.services.ingress.bodies import parse_json_body
 from duetserve.services.ingress.errors import DEFAULT_RETRY_AFTER_S, ApiError, not_found_model
@@ -208,6 +208,10 @@ class Handlers:
         head = responses.ResponseHead(request_id, self.model_id, int(time.time()))
         held = self._quotas.take(tenant, len(prompt.prompt_ids), prompt.sampling.max_tokens)
         generation = Generation(self._context, request_id, tenant, prompt, arrival)
+        chat = isinstance(req, ChatCompletionRequest)
+        operation = genai_span.CHAT if chat else genai_span.TEXT_COMPLETION
+        genai_span.annotate_request(operation, self.model_id, request_id, prompt.sampling)
+        answered = False  # from the semantic cache (its span says so itself)
         semantic, lookup = self._semantic, None
         if semantic is not None and cache is not None and cache.lookup:
             # Asked while the request is submitted, not before it: a miss adds no time to it,
@@ -226,10 +230,12 @@ class Handlers:
                     hit = await lookup if lookup is not None else None
                     if hit is None:
                         raise
+                    answered = True
                     return await self._serve_hit(request, arrival, head, fmt, req, prompt, hit)
                 hit = await lookup if lookup is not None else None
                 if hit is not None:
                     await generation.close(CancelReason.ANSWERED_FROM_CACHE)
+                    answered = True
                     return await self._serve_hit(request, arrival, head, fmt, req, prompt, hit)
                 if req.stream:
                     return await self._stream(request, generation, head, fmt, req.include_usage)
@@ -239,6 +245,14 @@ class Handlers:
                 lookup.cancel()
             usage = generation.usage
             held.release(usage.prompt_tokens + usage.completion_tokens)
+            if not answered:
+                genai_span.annotate_outcome(
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    usage.cached_tokens,
+                    generation.finish_reason,
+                    generation.ttft_s,
+                )
             if semantic is not None and cache is not None and cache.store:
                 await self._store_answer(semantic.client, tenant, cache, generation)
             # Shielded: a client that went away cancelled this handler, and the cancel must
@@ -275,8 +289,18 @@ class Handlers:
         usage = responses.Usage(prompt_tokens, hit.completion_tokens, prompt_tokens)
         headers = {"X-Request-Id": head.id, SEMANTIC_HEADER: SEMANTIC_HIT}
         elapsed = time.monotonic() - arrival.monotonic
+        genai_span.annotate_outcome(
+            prompt_tokens, hit.completion_tokens, prompt_tokens, hit.finish_reason, elapsed, True
+        )
         self._context.metrics.observe_generation(
-            RequestTiming(elapsed, elapsed, prompt_tokens, hit.completion_tokens, prompt_tokens)
+            RequestTiming(
+                elapsed,
+                elapsed,
+                prompt_tokens,
+                hit.completion_tokens,
+                prompt_tokens,
+                hit.finish_reason,
+            )
         )
         if not req.stream:
             body = fmt.body(head, hit.answer, hit.finish_reason, usage, None)

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from duetserve.proto.scheduling import SchedulerStats
 from duetserve.proto.supervision import SupervisorReport
 from duetserve.services.ingress.attainment import SloOutcome
+from duetserve.services.ingress.vllm_metrics import VllmMetrics
 
 __all__ = ["CONTENT_TYPE_LATEST", "IngressMetrics", "RequestTiming"]
 
@@ -33,6 +34,7 @@ class RequestTiming:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens not computed: from the prefix cache or host tier
+    finish_reason: str = "stop"  # stop or length
 
 
 class RestartCounts(Collector):
@@ -56,10 +58,14 @@ class RestartCounts(Collector):
 
 
 class IngressMetrics:
-    def __init__(self) -> None:
+    """Duet's own metrics, and vLLM's names for what operators chart (vllm_metrics.py), for
+    the served model `model_name`."""
+
+    def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.restarts = RestartCounts()
         self.registry.register(self.restarts)
+        self.vllm = VllmMetrics(self.registry, model_name)
         self.ttft = Histogram(
             "duet_ingress_ttft_seconds",
             "Time to first token, from arrival at ingress.",
@@ -229,6 +235,7 @@ class IngressMetrics:
         )
 
     def observe_scheduler(self, stats: SchedulerStats) -> None:
+        self.vllm.observe_scheduler(stats)
         for phase in ("waiting", "prefilling", "decoding"):
             self.scheduler.labels(phase=phase).set(getattr(stats, phase))
         self.kv_blocks.labels(state="free").set(stats.free_blocks)
@@ -263,11 +270,26 @@ class IngressMetrics:
         self.tokens.labels(kind="prompt").inc(timing.prompt_tokens)
         self.tokens.labels(kind="completion").inc(timing.completion_tokens)
         self.tokens.labels(kind="cached").inc(timing.cached_tokens)
+        self.vllm.observe_finished(
+            timing.finish_reason,
+            timing.ttft_s,
+            timing.e2e_s,
+            timing.prompt_tokens,
+            timing.completion_tokens,
+            timing.cached_tokens,
+        )
         if timing.ttft_s is None:
             return
         self.ttft.observe(timing.ttft_s)
         if timing.completion_tokens > 1:
             self.tpot.observe((timing.e2e_s - timing.ttft_s) / (timing.completion_tokens - 1))
+
+    def observe_aborted(self) -> None:
+        """A request that started and ended without finishing: failed, or its client gone."""
+        self.vllm.success.labels(self.vllm.model_name, "abort").inc()
+
+    def observe_token_gap(self, gap_s: float, tokens: int) -> None:
+        self.vllm.observe_gap(gap_s, tokens)
 
     def observe_slo(self, outcome: SloOutcome) -> None:
         result = "met" if outcome.met else "missed"

@@ -50,7 +50,7 @@ class IngressService:
     def __init__(self, settings: IngressSettings) -> None:
         self.settings = settings
         self.instance = settings.instance_name(SERVICE_NAME)
-        self.metrics = IngressMetrics()
+        self.metrics = IngressMetrics(settings.model_id)
         self.admission = Admission(self.metrics.in_flight)
         self.status = HealthStatus.STARTING
         self._bus: Bus | None = None

@@ -196,6 +196,54 @@ def test_metrics_expose_latency_histograms_and_scheduler_gauges(stack: Stack) ->
     assert "\nduet_kv_transfers 0.0\n" in text and "\nduet_kv_transfer_bytes 0.0\n" in text
 
 
+def test_vllm_named_metrics_agree_with_what_the_responses_said(stack: Stack) -> None:
+    """vLLM's dashboards on Duet: tokens, prefix-cache hits and finishes under vLLM's names
+    are the sums of what the answers' usage said; queue, KV usage and preemptions are there."""
+    model = stack.model_dir.name
+
+    def scrape() -> dict[str, float]:
+        async def get() -> str:
+            url = stack.base_url.removesuffix("/v1") + "/metrics"
+            async with aiohttp.ClientSession() as session, session.get(url) as response:
+                return await response.text()
+
+        rows = [line.rsplit(" ", 1) for line in asyncio.run(get()).splitlines()]
+        return {name: float(v) for name, v in rows if name.startswith("vllm:")}
+
+    label = f'{{model_name="{model}"}}'
+    before = scrape()
+    prompt = "A prompt long enough to fill a few blocks of the prefix cache: " * 4
+    answers = [
+        client(stack).completions.create(
+            model=model, prompt=prompt, max_tokens=4, extra_body={"ignore_eos": True}
+        )
+        for _ in range(2)
+    ]
+    after = scrape()
+
+    def delta(name: str) -> float:
+        return after[name + label] - before.get(name + label, 0.0)
+
+    usages = [a.usage for a in answers if a.usage is not None]
+    assert len(usages) == 2
+    cached = [
+        u.prompt_tokens_details.cached_tokens or 0 if u.prompt_tokens_details else 0 for u in usages
+    ]
+    assert cached[1] > 0  # the second found the first's prompt in the prefix cache
+    assert delta("vllm:prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    assert delta("vllm:prefix_cache_queries_total") == sum(u.prompt_tokens for u in usages)
+    assert delta("vllm:prefix_cache_hits_total") == sum(cached)
+    assert delta("vllm:generation_tokens_total") == 8
+    assert delta("vllm:time_to_first_token_seconds_count") == 2
+    assert 1 <= delta("vllm:inter_token_latency_seconds_count") <= 6
+    reason = f'vllm:request_success_total{{finished_reason="length",model_name="{model}"}}'
+    assert after[reason] - before.get(reason, 0.0) == 2
+    assert 0.0 <= after["vllm:kv_cache_usage_perc" + label] <= 1.0
+    assert after["vllm:num_requests_running" + label] >= 0
+    assert after["vllm:num_requests_waiting" + label] >= 0
+    assert "vllm:num_preemptions_total" + label in after
+
+
 def test_both_workers_map_the_same_pool_and_weights(stack: Stack) -> None:
     """One KV pool and one copy of the weights: both worker processes (and kv_manager) map
     the same /dev/shm segment, and neither holds a copy of it. Beside it, the workers share

@@ -510,6 +510,54 @@ async def test_usage_and_metrics_say_whether_each_request_met_its_slo(
     assert usage.model_extra["duet"]["slo"] == judged["tpot"]
 
 
+async def test_vllm_named_metrics_count_tokens_gaps_finishes_and_aborts(
+    ingress: IngressService, http: aiohttp.ClientSession, scheduler: ScriptedScheduler
+) -> None:
+    """Operators' dashboards read vLLM's names: each inter-token gap is shared by the tokens
+    that arrived at its end; an answer counts by its finish reason, a client gone as aborted."""
+    scheduler.script = replace(scheduler.script, chunk_size=2, out_of_order=False, delay_s=0.02)
+    tokens = len(scheduler.script.token_ids)
+    assert tokens >= 4
+    label = f'{{model_name="{model_id(ingress)}"}}'
+
+    def success(reason: str) -> str:
+        return f'vllm:request_success_total{{finished_reason="{reason}",model_name="{model}"}}'
+
+    model = model_id(ingress)
+    before = await _metrics(http)
+    body = {"model": model_id(ingress), "prompt": "Hi", "max_tokens": 64}
+    status, answer = await post(http, "/v1/completions", body)
+    assert status == 200
+    after = await _metrics(http)
+
+    def delta(name: str) -> float:
+        return _sample(after, name) - _sample(before, name)
+
+    usage = answer["usage"]
+    assert usage["completion_tokens"] == tokens
+    # Chunks of two: every token after the first chunk follows a gap.
+    assert delta(f"vllm:inter_token_latency_seconds_count{label}") == tokens - 2
+    gaps = delta(f"vllm:inter_token_latency_seconds_sum{label}")
+    assert 0.02 * (tokens // 2 - 1) * 0.9 <= gaps < 5.0
+    assert delta(f"vllm:prompt_tokens_total{label}") == usage["prompt_tokens"]
+    assert delta(f"vllm:generation_tokens_total{label}") == tokens
+    assert delta(f"vllm:prefix_cache_hits_total{label}") == scheduler.script.cached_tokens
+    assert delta(f"vllm:time_to_first_token_seconds_count{label}") == 1
+    assert delta(success("length")) == 1 and delta(success("abort")) == 0
+
+    # A client that goes away before the end: aborted, and nothing else counted for it.
+    scheduler.script = replace(scheduler.script, finish=None)
+    with pytest.raises(asyncio.TimeoutError):
+        await http.post(
+            "/v1/completions", data=json.dumps(body), timeout=aiohttp.ClientTimeout(total=0.3)
+        )
+    await scheduler.next_cancel()
+    await _until(lambda: ingress.admission.in_flight == 0)
+    before, after = after, await _metrics(http)
+    assert delta(success("abort")) == 1 and delta(success("length")) == 0
+    assert delta(f"vllm:e2e_request_latency_seconds_count{label}") == 0
+
+
 def _sample(text: str, name: str) -> float:
     """A sample's value in a /metrics page; 0 when absent (a counter not yet incremented)."""
     line = next((x for x in text.splitlines() if x.startswith(name + " ")), None)
@@ -626,13 +674,34 @@ async def test_one_request_is_one_trace_from_http_to_the_scheduler(
     exporter = InMemorySpanExporter()
     setup_tracing("ingress", CommonSettings(), span_processor=SimpleSpanProcessor(exporter))
     try:
-        await client.completions.create(model=model_id(ingress), prompt="Hi")
+        completion = await client.completions.create(model=model_id(ingress), prompt="Hi")
+        chat = await client.chat.completions.create(
+            model=model_id(ingress), messages=[{"role": "user", "content": "Hi"}]
+        )
     finally:
         shutdown_tracing()
+    [chat_span] = [
+        s for s in exporter.get_finished_spans() if s.name == "POST /v1/chat/completions"
+    ]
+    assert chat_span.attributes is not None
+    assert chat_span.attributes["gen_ai.operation.name"] == "chat"
+    assert chat_span.attributes["gen_ai.response.id"] == chat.id
     [span] = [s for s in exporter.get_finished_spans() if s.name == "POST /v1/completions"]
     assert span.attributes is not None
     assert span.attributes["http.response.status_code"] == 200
-    traceparent = scheduler.traceparents[-1]
+    # The GenAI semantic conventions, as the response itself tells them.
+    assert span.attributes["gen_ai.operation.name"] == "text_completion"
+    assert span.attributes["gen_ai.request.model"] == model_id(ingress)
+    assert span.attributes["gen_ai.request.max_tokens"] == 16
+    assert span.attributes["gen_ai.response.id"] == completion.id
+    assert completion.usage is not None
+    assert span.attributes["gen_ai.usage.input_tokens"] == completion.usage.prompt_tokens
+    assert span.attributes["gen_ai.usage.output_tokens"] == completion.usage.completion_tokens
+    assert span.attributes["gen_ai.response.finish_reasons"] == ("length",)
+    ttft = span.attributes["gen_ai.server.time_to_first_token"]
+    assert span.end_time is not None and span.start_time is not None
+    assert isinstance(ttft, float) and 0 < ttft < (span.end_time - span.start_time) / 1e9
+    traceparent = scheduler.traceparents[-2]  # the completion's submit (the chat's is last)
     assert traceparent is not None
     assert traceparent.split("-")[1] == format_trace_id(span.context.trace_id)
 

@@ -52,7 +52,7 @@ def test_stale_segments_of_a_crashed_kv_manager_are_removed_and_no_others(tmp_pa
 
 
 def test_ingress_serves_the_launchers_restart_counts() -> None:
-    metrics = IngressMetrics()
+    metrics = IngressMetrics("tiny")
     assert b"duet_service_restarts_total{" not in metrics.render()  # no launcher reported
     report = SupervisorReport("launcher-1", {"decode_worker": 2, "nats-server": 1}, {})
     metrics.restarts.report = decode(encode(report), SupervisorReport)
