@@ -250,6 +250,7 @@ class Generation:
             completion_tokens=self._output.num_tokens,
             cached_tokens=self.cached_tokens,
             finish_reason=self.finish_reason or "stop",
+            tenant=self.tenant,
         )
         self._reported = True
         self._context.metrics.observe_generation(timing)
@@ -274,7 +275,7 @@ class Generation:
         else:
             met = latency_met(slo, timing.ttft_s, timing.e2e_s, timing.completion_tokens)
         self.slo_outcome = SloOutcome(slo.kind, met and ok, slo.from_request)
-        context.metrics.observe_slo(self.slo_outcome)
+        context.metrics.observe_slo(self.slo_outcome, self.tenant)
 
     def shut_down(self) -> None:
         """End the generation now with a `shutting_down` error (the drain's deadline came);

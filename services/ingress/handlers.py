@@ -231,12 +231,16 @@ class Handlers:
                     if hit is None:
                         raise
                     answered = True
-                    return await self._serve_hit(request, arrival, head, fmt, req, prompt, hit)
+                    return await self._serve_hit(
+                        request, arrival, tenant, head, fmt, req, prompt, hit
+                    )
                 hit = await lookup if lookup is not None else None
                 if hit is not None:
                     await generation.close(CancelReason.ANSWERED_FROM_CACHE)
                     answered = True
-                    return await self._serve_hit(request, arrival, head, fmt, req, prompt, hit)
+                    return await self._serve_hit(
+                        request, arrival, tenant, head, fmt, req, prompt, hit
+                    )
                 if req.stream:
                     return await self._stream(request, generation, head, fmt, req.include_usage)
                 return await self._collect(generation, head, fmt)
@@ -275,6 +279,7 @@ class Handlers:
         self,
         request: web.Request,
         arrival: Arrival,
+        tenant: str,
         head: responses.ResponseHead,
         fmt: ResponseFormat,
         req: CompletionRequest | ChatCompletionRequest,
@@ -300,6 +305,7 @@ class Handlers:
                 hit.completion_tokens,
                 prompt_tokens,
                 hit.finish_reason,
+                tenant,
             )
         )
         if not req.stream:

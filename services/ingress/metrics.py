@@ -35,6 +35,7 @@ class RequestTiming:
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens not computed: from the prefix cache or host tier
     finish_reason: str = "stop"  # stop or length
+    tenant: str = ""  # whose request it was ("" : not counted by tenant)
 
 
 class RestartCounts(Collector):
@@ -133,6 +134,20 @@ class IngressMetrics:
         self.semantic_inserts = Counter(
             "duet_semantic_cache_inserts",
             "Answers that finished normally, sent to the semantic cache to store.",
+            registry=self.registry,
+        )
+        # Per tenant (tenants come from the configured API keys: a bounded set of labels).
+        self.tenant_tokens = Counter(
+            "duet_tenant_tokens",
+            "Tokens of finished generations by tenant and kind (prompt, completion; cached: "
+            "prompt tokens not computed). Cache hit rate: cached / prompt.",
+            ["tenant", "kind"],
+            registry=self.registry,
+        )
+        self.tenant_slo = Counter(
+            "duet_tenant_slo_requests",
+            "Finished and failed generations by tenant and SLO result (met, missed).",
+            ["tenant", "result"],
             registry=self.registry,
         )
         self.token_replays = Counter(
@@ -270,6 +285,11 @@ class IngressMetrics:
         self.tokens.labels(kind="prompt").inc(timing.prompt_tokens)
         self.tokens.labels(kind="completion").inc(timing.completion_tokens)
         self.tokens.labels(kind="cached").inc(timing.cached_tokens)
+        if timing.tenant:
+            tenant = self.tenant_tokens
+            tenant.labels(tenant=timing.tenant, kind="prompt").inc(timing.prompt_tokens)
+            tenant.labels(tenant=timing.tenant, kind="completion").inc(timing.completion_tokens)
+            tenant.labels(tenant=timing.tenant, kind="cached").inc(timing.cached_tokens)
         self.vllm.observe_finished(
             timing.finish_reason,
             timing.ttft_s,
@@ -291,9 +311,11 @@ class IngressMetrics:
     def observe_token_gap(self, gap_s: float, tokens: int) -> None:
         self.vllm.observe_gap(gap_s, tokens)
 
-    def observe_slo(self, outcome: SloOutcome) -> None:
+    def observe_slo(self, outcome: SloOutcome, tenant: str = "") -> None:
         result = "met" if outcome.met else "missed"
         self.slo_requests.labels(kind=outcome.kind.value, result=result).inc()
+        if tenant:
+            self.tenant_slo.labels(tenant=tenant, result=result).inc()
 
     def observe_groups(self, met: int, missed: int) -> None:
         if met:
