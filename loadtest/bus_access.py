@@ -58,8 +58,8 @@ def catalogue() -> list[str]:
         )
     ]
     return [
-        *subjects.SCHEDULER_SUBJECTS,
-        *subjects.CACHE_SUBJECTS,
+        *subjects.scheduler_subjects(UNIT),
+        *subjects.cache_subjects(UNIT),
         *subjects.SEMANTIC_SUBJECTS,
         subjects.TOKENS_REPLAY,
         subjects.tokens("ingress-1-a1b2"),

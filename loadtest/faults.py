@@ -369,7 +369,8 @@ async def scheduler_records(nats_url: str, settle_s: float) -> int:
         while True:
             with contextlib.suppress(Exception):  # restarting: ask again
                 query = encode(SchedulerStatsQuery())
-                reply = await bus.request(subjects.SCHED_STATS, query, timeout=2)
+                subject = subjects.sched(subjects.DEFAULT_UNIT, "stats")
+                reply = await bus.request(subject, query, timeout=2)
                 stats = decode(reply.data, SchedulerStats)
                 left = stats.waiting + stats.prefilling + stats.decoding
             if left == 0 or time.monotonic() > deadline:

@@ -5,20 +5,42 @@ import re
 ROOT = "duet"
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
-# Ingress -> scheduler (request/reply): a new request.
-SCHED_SUBMIT = f"{ROOT}.sched.submit"
-# Ingress -> scheduler (publish): finish or cancel a request (stop string, client gone).
-SCHED_CANCEL = f"{ROOT}.sched.cancel"
-# Anyone -> scheduler (request/reply): requests by phase, for metrics.
-SCHED_STATS = f"{ROOT}.sched.stats"
-# Ingress -> scheduler (request/reply): which of these requests does it still run?
-SCHED_STATUS = f"{ROOT}.sched.status"
-# Ingress -> scheduler (publish): continue a migrating request from the output its client has.
-SCHED_RESUME = f"{ROOT}.sched.resume"
-# Anyone -> cache_index (request/reply).
-CACHE_MATCH = f"{ROOT}.cache.match"
-CACHE_INSERT = f"{ROOT}.cache.insert"
-CACHE_EVICT = f"{ROOT}.cache.evict"
+# A unit's scheduler and cache index answer subjects scoped to the unit (`sched`, `cache`), so
+# that many units share one NATS cluster and each request runs on the one it was sent to.
+#   scheduler: submit (request/reply, ingress: a new request), cancel (publish, ingress:
+#   finish or cancel one: stop string, client gone), stats (request/reply, anyone: requests by
+#   phase, for metrics), status (request/reply, ingress: which of these does it still run?),
+#   resume (publish, ingress: continue a migrating request from the output its client has).
+#   cache_index: match, insert, evict (request/reply, the unit's scheduler and anyone).
+SCHED_VERBS = ("submit", "cancel", "stats", "status", "resume")
+DEFAULT_UNIT = "unit0"  # the unit a stack runs when DUET_UNIT names none
+CACHE_VERBS = ("match", "insert", "evict")
+
+
+def sched(unit: str, verb: str) -> str:
+    """One of a unit's scheduler subjects (SCHED_VERBS)."""
+    if verb not in SCHED_VERBS:
+        raise ValueError(f"unknown scheduler verb {verb!r}")
+    return f"{ROOT}.sched.{check_token(unit, 'unit')}.{verb}"
+
+
+def cache(unit: str, verb: str) -> str:
+    """One of a unit's cache index subjects (CACHE_VERBS)."""
+    if verb not in CACHE_VERBS:
+        raise ValueError(f"unknown cache verb {verb!r}")
+    return f"{ROOT}.cache.{check_token(unit, 'unit')}.{verb}"
+
+
+def scheduler_subjects(unit: str) -> tuple[str, ...]:
+    """What a unit's scheduler answers, whole."""
+    return tuple(sched(unit, verb) for verb in SCHED_VERBS)
+
+
+def cache_subjects(unit: str) -> tuple[str, ...]:
+    """What a unit's cache index answers, whole."""
+    return tuple(cache(unit, verb) for verb in CACHE_VERBS)
+
+
 # Ingress -> cache_index: the semantic response cache (proto/semantic.py); lookup is
 # request/reply, insert a publish.
 SEMANTIC_LOOKUP = f"{ROOT}.semantic.lookup"
@@ -30,11 +52,6 @@ def semantic_bucket(category: str) -> str:
     """The JetStream key-value bucket of one semantic cache category (its answers, for a
     cluster: cache_index/semantic_jetstream.py)."""
     return f"duet-semantic-{check_token(category, 'category')}"
-
-
-# What the scheduler and the cache index answer, each family whole.
-SCHEDULER_SUBJECTS = (SCHED_SUBMIT, SCHED_CANCEL, SCHED_STATS, SCHED_STATUS, SCHED_RESUME)
-CACHE_SUBJECTS = (CACHE_MATCH, CACHE_INSERT, CACHE_EVICT)
 
 
 def check_token(value: str, what: str) -> str:

@@ -1,6 +1,9 @@
-"""The roles of a unit that only one process may hold at a time (its kv_manager, its
-scheduler), as a JetStream key-value bucket stores them: key `<unit>.<role>` in UNITS_BUCKET,
-its value the RoleHolder, kept alive by renewal (the bucket's entries expire)."""
+"""A unit's entries in a JetStream key-value bucket (UNITS_BUCKET), each kept alive by renewal
+(the bucket's entries expire):
+- the roles only one process may hold at a time (its kv_manager, its scheduler): key
+  `<unit>.<role>`, its value the RoleHolder;
+- its card (`<unit>.card`): the registry of live units and their load, which ingress routes
+  requests by."""
 
 from dataclasses import dataclass
 
@@ -21,3 +24,27 @@ class RoleHolder:
     pid: int
     host: str
     started: int = 0  # the process's start time (clock ticks after boot): tells pid reuse
+
+
+def card_key(unit: str) -> str:
+    """Where a unit's card lives in UNITS_BUCKET (beside its role leases)."""
+    return f"{check_token(unit, 'unit')}.card"
+
+
+CARD_KEYS = "*.card"  # every unit's card, for a watch
+
+
+@message("units.card")
+@dataclass(frozen=True, slots=True)
+class UnitCard:
+    """A unit's entry in the registry, rewritten by its scheduler every few seconds and gone
+    from the bucket a TTL after the last (the unit died): what ingress routes by."""
+
+    unit: str
+    scheduler: str  # the instance that wrote it
+    waiting: int
+    running: int  # prefilling or decoding
+    running_limit: int  # how many it lets run at once now
+    free_blocks: int
+    total_blocks: int
+    written_at: float = 0.0  # wall clock (an old card read later is not taken for fresh)

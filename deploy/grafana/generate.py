@@ -212,6 +212,14 @@ DUET_PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         "short",
         [("sum(duet_ingress_requests_in_flight)", "in flight")],
     ),
+    (
+        "Units: live, and each one's load as ingress routes by it",
+        "short",
+        [
+            ("max(duet_units_live)", "live units"),
+            ("max by (unit) (duet_unit_load)", "{{unit}}"),
+        ],
+    ),
 ]
 
 

@@ -14,8 +14,8 @@ release any owner's blocks or spawn workers. With it:
   subscribe to, so no service reads another's answers; a service may answer only into the
   inboxes of the roles that ask it things (`ASKED_BY`, and the health askers).
 - Tenants are decided at ingress: only ingress may publish the subjects that carry a tenant
-  from a client (`duet.sched.submit`, `duet.sched.resume`); the scheduler passes it on to the
-  cache index, and only the scheduler may publish there.
+  from a client (a unit's `duet.sched.<unit>.submit` and `.resume`); the scheduler passes it
+  on to the cache index, and only the scheduler may publish there.
 - `operator` may do anything: for the people who run the stack and their tools (the fault
   suite, `split_switch`, tests). Its file is as private as every other.
 """
@@ -99,6 +99,10 @@ def _per_unit(units: Sequence[str], *builders: Callable[[str], str]) -> list[str
     return [build(u) for u in units for build in builders]
 
 
+def _per_unit_all(units: Sequence[str], family: Callable[[str], tuple[str, ...]]) -> list[str]:
+    return [subject for u in units for subject in family(u)]
+
+
 def _role_lease() -> list[str]:
     """The JetStream requests and key subjects a unit's role lease uses (common/unit_role.py)."""
     stream = f"KV_{UNITS_BUCKET}"
@@ -108,6 +112,20 @@ def _role_lease() -> list[str]:
         f"$JS.API.STREAM.MSG.GET.{stream}",
         f"$JS.API.DIRECT.GET.{stream}.>",
         f"$KV.{UNITS_BUCKET}.>",
+    ]
+
+
+def _registry_reader() -> list[str]:
+    """What ingress uses to follow the unit registry (the cards in UNITS_BUCKET, read with an
+    ordered consumer): reading and watching, never writing."""
+    stream = f"KV_{UNITS_BUCKET}"
+    return [
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.DELETE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.>",
+        f"$JS.FC.{stream}.>",
     ]
 
 
@@ -203,7 +221,7 @@ def permissions(
         pub += _kv(
             units, (UNIT_POOL, HOST_POOL), ("retain", "release", "shared", "heartbeat", "storage")
         )
-        sub += [*subjects.CACHE_SUBJECTS, *subjects.SEMANTIC_SUBJECTS]
+        sub += [*_per_unit_all(units, subjects.cache_subjects), *subjects.SEMANTIC_SUBJECTS]
         sub += _per_unit(units, events)
         pub += _semantic_store(semantic_categories)
     elif role == "scheduler":
@@ -211,7 +229,7 @@ def permissions(
         pub += _kv(units, pools, ("storage", "stats"))
         # The host tier: swapped-out KV held under its owners (DUET_HOST_KV_MB).
         pub += _kv(units, (HOST_POOL,), ("release", "heartbeat", "stats"))
-        pub += [*subjects.CACHE_SUBJECTS, tokens]
+        pub += [*_per_unit_all(units, subjects.cache_subjects), tokens]
         pub += _per_unit(
             units,
             workers.prefill_batch_subject,
@@ -221,7 +239,7 @@ def permissions(
             compute.compute_split_subject,
         )
         pub += _role_lease()
-        sub += [*subjects.SCHEDULER_SUBJECTS, subjects.TOKENS_REPLAY]
+        sub += [*_per_unit_all(units, subjects.scheduler_subjects), subjects.TOKENS_REPLAY]
         sub += _per_unit(
             units, events, compute.compute_applied_subject, compute.compute_split_subject
         )
@@ -242,7 +260,8 @@ def permissions(
         pub += [*worker_common_pub, *decode_pub]
         sub += [*worker_common_sub, *decode_sub]
     elif role == "ingress":
-        pub += [*subjects.SCHEDULER_SUBJECTS, subjects.TOKENS_REPLAY, subjects.ALL_HEALTH]
+        pub += [*_per_unit_all(units, subjects.scheduler_subjects)]
+        pub += [subjects.TOKENS_REPLAY, subjects.ALL_HEALTH, *_registry_reader()]
         pub += subjects.SEMANTIC_SUBJECTS
         sub += [tokens, LAUNCHER_REPORT]
     elif role == "launcher":

@@ -34,6 +34,19 @@ logger = logging.getLogger(__name__)
 DEFAULT_TTL_S = 10.0
 
 
+async def units_bucket(bus: Bus, ttl_s: float = DEFAULT_TTL_S) -> KeyValue:
+    """UNITS_BUCKET, created (entries living `ttl_s` after their last write) if it is not yet."""
+    js = bus.js
+    try:
+        return await js.key_value(UNITS_BUCKET)
+    except nats.js.errors.BucketNotFoundError:
+        config = KeyValueConfig(bucket=UNITS_BUCKET, ttl=ttl_s, history=1)
+        try:
+            return await js.create_key_value(config)
+        except nats.js.errors.BadRequestError:  # created meanwhile by another process
+            return await js.key_value(UNITS_BUCKET)
+
+
 class RoleTaken(RuntimeError):
     """Another process holds the role."""
 
@@ -111,15 +124,7 @@ class UnitRole:
             logger.info("role %s not released: %s", self.key, err)
 
     async def _bucket(self) -> KeyValue:
-        js = self.bus.js
-        try:
-            return await js.key_value(UNITS_BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            config = KeyValueConfig(bucket=UNITS_BUCKET, ttl=self.ttl_s, history=1)
-            try:
-                return await js.create_key_value(config)
-            except nats.js.errors.BadRequestError:  # created meanwhile by another process
-                return await js.key_value(UNITS_BUCKET)
+        return await units_bucket(self.bus, self.ttl_s)
 
     async def _holder(self, kv: KeyValue) -> tuple[RoleHolder | None, int]:
         try:

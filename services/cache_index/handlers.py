@@ -1,4 +1,4 @@
-"""cache_index's handlers, one per subject: CACHE_MATCH, CACHE_INSERT, CACHE_EVICT, and the
+"""cache_index's handlers, one per subject: its unit's cache match, insert and evict, and the
 unit's worker events (to learn that kv_manager dropped the index's own references).
 
 One message at a time. nats-py runs one subscription's handlers in order, but each subject is

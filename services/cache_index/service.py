@@ -1,6 +1,6 @@
 """The cache_index service: the exact-prefix radix index over one unit's KV blocks, served
-over NATS (CACHE_MATCH, CACHE_INSERT, CACHE_EVICT), and with DUET_SEMANTIC_CACHE the semantic
-response cache (SEMANTIC_LOOKUP, SEMANTIC_INSERT; semantic_service.py).
+over NATS (its unit's cache match, insert and evict subjects), and with DUET_SEMANTIC_CACHE
+the semantic response cache (SEMANTIC_LOOKUP, SEMANTIC_INSERT; semantic_service.py).
 
 Start: wait for the unit's kv_manager (its `storage` reply gives the block size), drop any
 references a previous holder of the same name left behind, then serve and heart-beat so that
@@ -76,9 +76,9 @@ class CacheIndexService:
         )
         self._heartbeat = asyncio.create_task(self._keep_lease(), name="cache-lease")
         served = {
-            subjects.CACHE_MATCH: handlers.match,
-            subjects.CACHE_INSERT: handlers.insert,
-            subjects.CACHE_EVICT: handlers.evict,
+            subjects.cache(s.unit, "match"): handlers.match,
+            subjects.cache(s.unit, "insert"): handlers.insert,
+            subjects.cache(s.unit, "evict"): handlers.evict,
         }
         for subject, handler in served.items():
             self._subscriptions.append(await bus.subscribe(subject, handler, queue=SERVICE))

@@ -43,6 +43,7 @@ from duetserve.services.ingress.output import OutputAssembler, Piece
 from duetserve.services.ingress.prompts import PreparedPrompt
 from duetserve.services.ingress.responses import Usage
 from duetserve.services.ingress.streams import StreamRouter, TokenStream
+from duetserve.services.ingress.units import UnitDirectory
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class GenerationContext:
     submit_timeout_s: float
     groups: CompoundGroups  # the compound SLO groups this ingress has seen
     lengths: LengthPredictor | None  # output-length bounds (None: DUET_PREDICT_LENGTHS=false)
+    unit: str = "unit0"  # whose scheduler runs the requests when the registry names none
+    units: UnitDirectory | None = None  # the live units, to choose one per request
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,8 @@ class Generation:
     ) -> None:
         self.request_id = request_id
         self.tenant = tenant
+        # The unit whose scheduler runs it, chosen now (units.py) and kept for its life.
+        self.unit = context.units.choose() if context.units is not None else context.unit
         self.prompt = prompt
         self.cached_tokens = 0
         self.finished = False
@@ -155,7 +160,7 @@ class Generation:
         self._submitted = True
         try:
             reply = await self._context.bus.request(
-                subjects.SCHED_SUBMIT, codec.encode(submit), timeout=timeout
+                subjects.sched(self.unit, "submit"), codec.encode(submit), timeout=timeout
             )
         except BusNoResponders:
             self._submitted = False
@@ -213,7 +218,9 @@ class Generation:
             extra={"request_id": self.request_id, "from_token": len(self._token_ids)},
         )
         try:
-            await self._context.bus.publish(subjects.SCHED_RESUME, codec.encode(resume))
+            await self._context.bus.publish(
+                subjects.sched(self.unit, "resume"), codec.encode(resume)
+            )
         except Exception:  # the stream watch ends it if the scheduler never hears
             logger.warning("could not resume", extra={"request_id": self.request_id})
 
@@ -308,7 +315,9 @@ class Generation:
         submit = dataclasses.replace(self._submit, output_token_ids=tuple(self._token_ids))
         try:
             reply = await self._context.bus.request(
-                subjects.SCHED_SUBMIT, codec.encode(submit), timeout=self._context.submit_timeout_s
+                subjects.sched(self.unit, "submit"),
+                codec.encode(submit),
+                timeout=self._context.submit_timeout_s,
             )
             self._check_accepted(reply.data)
         except (BusTimeout, ApiError) as err:
@@ -338,7 +347,7 @@ class Generation:
     async def _cancel(self, reason: CancelReason) -> None:
         cancel = codec.encode(CancelRequest(self.request_id, reason))
         try:
-            await self._context.bus.publish(subjects.SCHED_CANCEL, cancel)
+            await self._context.bus.publish(subjects.sched(self.unit, "cancel"), cancel)
         except Exception:  # the connection is gone; the scheduler's leases clean up
             logger.warning("could not cancel", extra={"request_id": self.request_id})
         else:

@@ -166,11 +166,15 @@ class Handlers:
         (left at their last values if the scheduler does not answer in time)."""
         try:
             reply = await self._context.bus.request(
-                subjects.SCHED_STATS, encode(SchedulerStatsQuery()), timeout=0.5
+                subjects.sched(self._context.unit, "stats"),
+                encode(SchedulerStatsQuery()),
+                timeout=0.5,
             )
             self._context.metrics.observe_scheduler(decode(reply.data, SchedulerStats))
         except (BusTimeout, ProtoError) as err:
             logger.debug("scheduler stats unavailable: %s", err)
+        if self._context.units is not None:
+            self._context.metrics.observe_units(self._context.units.live())
         body = self._context.metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -5,7 +5,7 @@ Latencies are measured as clients see them: TTFT from the request's arrival to i
 output token, TPOT as vLLM defines it, (E2E - TTFT) / (output tokens - 1).
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from duetserve.proto.scheduling import SchedulerStats
 from duetserve.proto.supervision import SupervisorReport
+from duetserve.proto.units import UnitCard
 from duetserve.services.ingress.attainment import SloOutcome
 from duetserve.services.ingress.vllm_metrics import VllmMetrics
 
@@ -150,6 +151,17 @@ class IngressMetrics:
             ["tenant", "result"],
             registry=self.registry,
         )
+        self.units_live = Gauge(
+            "duet_units_live",
+            "Units whose card this ingress heard lately: the ones it routes requests to.",
+            registry=self.registry,
+        )
+        self.unit_load = Gauge(
+            "duet_unit_load",
+            "Each live unit's load as its card last said: (waiting + running) / running limit.",
+            ["unit"],
+            registry=self.registry,
+        )
         self.token_replays = Counter(
             "duet_ingress_token_replays",
             "Token streams asked for again, by cause: a hole in a stream's indexes (gap), a "
@@ -276,6 +288,13 @@ class IngressMetrics:
         self.kv_transfers.set(stats.kv_copies)
         self.kv_transfer_bytes.set(stats.kv_copied_bytes)
         self.kv_transfer_seconds.set(stats.kv_copy_s)
+
+    def observe_units(self, cards: Sequence[UnitCard]) -> None:
+        self.units_live.set(len(cards))
+        self.unit_load.clear()
+        for card in cards:
+            load = (card.waiting + card.running) / max(card.running_limit, 1)
+            self.unit_load.labels(unit=card.unit).set(load)
 
     def observe_request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()

@@ -36,6 +36,7 @@ from duetserve.services.ingress.semantic import SemanticClient
 from duetserve.services.ingress.settings import SERVICE_NAME, IngressSettings
 from duetserve.services.ingress.streams import StreamRouter
 from duetserve.services.ingress.tenants import TenantResolver
+from duetserve.services.ingress.units import UnitDirectory
 from duetserve.services.ingress.watch import StreamWatch
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class IngressService:
         self._runner: web.AppRunner | None = None
         self._watch: asyncio.Task[None] | None = None
         self._router: StreamRouter | None = None
+        self.units = UnitDirectory(settings.unit)
 
     @property
     def port(self) -> int:
@@ -90,6 +92,7 @@ class IngressService:
         stream = subjects.stream_name(self.instance, secrets.token_hex(4))
         self._router = router = StreamRouter(self._bus, stream, self.metrics.token_replays)
         await router.start()
+        self.units.start(self._bus)  # the live units and their load (units.py)
         lengths = None
         if settings.predict_lengths:
             lengths = await asyncio.to_thread(LengthPredictor, settings.length_model)
@@ -101,6 +104,8 @@ class IngressService:
             settings.submit_timeout_s,
             CompoundGroups(),
             lengths,
+            settings.unit,
+            self.units,
         )
         semantic = None
         if settings.semantic_cache:
@@ -183,6 +188,7 @@ class IngressService:
             await self.admission.wait_idle()
 
     async def stop(self) -> None:
+        await self.units.stop()
         if self._watch is not None:
             await cancel_tasks([self._watch])
             self._watch = None

@@ -31,6 +31,9 @@ class IngressSettings(ServingSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)  # 0: any free port (tests)
+    # The unit whose scheduler runs this ingress's requests (DUET_UNIT, as the unit's services
+    # read it).
+    unit: str = "unit0"
     # The model directory (tokenizer.json, config.json); DUET_MODEL.
     model: Path
     # The id clients send as `model`; the model directory's name unless set.

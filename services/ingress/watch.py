@@ -54,7 +54,7 @@ class StreamWatch:
         self.bus, self.generations, self.router, self.clock = bus, generations, router, clock
         self.quiet_s, self.unreachable_s = quiet_s, unreachable_s
         self.period_s = quiet_s / 2
-        self._unanswered_since: float | None = None
+        self._unanswered_since: dict[str, float] = {}  # by unit: when its scheduler fell silent
         self.lost = 0  # requests ended as lost since the start
 
     async def run(self) -> None:
@@ -70,12 +70,16 @@ class StreamWatch:
         now = self.clock()
         quiet = [g for g in self.generations() if g.waiting and now - g.last_heard >= self.quiet_s]
         if not quiet:
-            self._unanswered_since = None
+            self._unanswered_since.clear()
             return
         await self.router.replay([g.stream for g in quiet], "quiet")
-        status = await self._ask([g.request_id for g in quiet])
+        for unit in sorted({g.unit for g in quiet}):
+            await self._check_unit(unit, [g for g in quiet if g.unit == unit], now)
+
+    async def _check_unit(self, unit: str, quiet: list[Generation], now: float) -> None:
+        status = await self._ask(unit, [g.request_id for g in quiet])
         if status is None:
-            since = self._unanswered_since = self._unanswered_since or now
+            since = self._unanswered_since.setdefault(unit, now)
             if now - since < self.unreachable_s:
                 return
             why = f"no scheduler has answered for {now - since:.0f}s"
@@ -83,7 +87,7 @@ class StreamWatch:
                 if now - generation.last_heard >= self.unreachable_s:
                     self._lose(generation, why)
             return
-        self._unanswered_since = None
+        self._unanswered_since.pop(unit, None)
         known = set(status.known)
         for generation in quiet:
             if generation.request_id in known:
@@ -101,10 +105,11 @@ class StreamWatch:
             if refused is not None:
                 self._lose(generation, f"{why}, and it could not be resubmitted: {refused}")
 
-    async def _ask(self, request_ids: list[str]) -> RequestStatus | None:
+    async def _ask(self, unit: str, request_ids: list[str]) -> RequestStatus | None:
         query = codec.encode(RequestStatusQuery(tuple(request_ids)))
+        subject = subjects.sched(unit, "status")
         try:
-            reply = await self.bus.request(subjects.SCHED_STATUS, query, timeout=self.period_s)
+            reply = await self.bus.request(subject, query, timeout=self.period_s)
             answer = codec.decode(reply.data, RequestStatus, ErrorReply)
         except (BusTimeout, codec.ProtoError) as err:
             logger.warning("no status of %d quiet request(s): %s", len(request_ids), err)

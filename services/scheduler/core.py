@@ -510,7 +510,7 @@ class SchedulerCore:
             peek=True,
         )
         try:
-            reply = await self.bus.request(subjects.CACHE_MATCH, encode(query))
+            reply = await self.bus.request(subjects.cache(self.unit, "match"), encode(query))
             found = decode(reply.data, cache.PrefixMatch)
         except (BusTimeout, ProtoError) as err:
             logger.debug("no hit rate for %s: %s", record.request_id, err)
@@ -530,7 +530,7 @@ class SchedulerCore:
             spans=self.span_reuse is not None and not record.swapped,
         )
         try:
-            reply = await self.bus.request(subjects.CACHE_MATCH, encode(query))
+            reply = await self.bus.request(subjects.cache(self.unit, "match"), encode(query))
             return decode(reply.data, cache.PrefixMatch)
         except (BusTimeout, ProtoError) as err:
             logger.warning("prefix cache unavailable, computing everything: %s", err)
@@ -591,7 +591,9 @@ class SchedulerCore:
         """Ask the prefix cache to give back `count` blocks; how many it dropped (blocks that
         requests still use stay allocated until they end)."""
         try:
-            reply = await self.bus.request(subjects.CACHE_EVICT, encode(cache.EvictQuery(count)))
+            reply = await self.bus.request(
+                subjects.cache(self.unit, "evict"), encode(cache.EvictQuery(count))
+            )
             return len(decode(reply.data, cache.Evicted).block_ids)
         except (BusTimeout, ProtoError) as err:
             logger.warning("prefix cache could not evict: %s", err)
@@ -837,7 +839,7 @@ class SchedulerCore:
             public_spans=record.submit.public_spans,
         )
         try:  # cache_index retains the blocks it adopts before it answers
-            await self.bus.request(subjects.CACHE_INSERT, encode(insert))
+            await self.bus.request(subjects.cache(self.unit, "insert"), encode(insert))
         except BusTimeout as err:
             logger.warning("prefix cache did not index %s: %s", record.request_id, err)
 
@@ -1050,7 +1052,7 @@ class SchedulerCore:
                 pool=kv.HOST_POOL,
             )
             try:  # cache_index retains what it adopts before it answers
-                await self.bus.request(subjects.CACHE_INSERT, encode(insert))
+                await self.bus.request(subjects.cache(self.unit, "insert"), encode(insert))
             except BusTimeout as err:
                 logger.warning("host tier's index did not keep %s: %s", record.request_id, err)
         await release_blocks(self.bus, self.unit, record.owner, kv.HOST_POOL)

@@ -12,6 +12,7 @@ from duetserve.common.unit_role import UnitRole
 from duetserve.proto import kv, subjects, workers
 from duetserve.proto.common import HealthStatus
 from duetserve.services.scheduler.admission import AdmissionControl
+from duetserve.services.scheduler.card import publish_cards
 from duetserve.services.scheduler.core import SchedulerCore, SpanReuse
 from duetserve.services.scheduler.handlers import SchedulerHandlers
 from duetserve.services.scheduler.planner import Planner, PlannerConfig
@@ -88,11 +89,11 @@ class SchedulerService:
         )
         bus.on_reconnected(self.core.connection_restored)
         self.handlers = handlers = SchedulerHandlers(bus, self.core, s.unit, self.instance)
-        await bus.subscribe(subjects.SCHED_SUBMIT, handlers.on_submit)
-        await bus.subscribe(subjects.SCHED_CANCEL, handlers.on_cancel)
-        await bus.subscribe(subjects.SCHED_STATS, handlers.on_stats)
-        await bus.subscribe(subjects.SCHED_STATUS, handlers.on_status)
-        await bus.subscribe(subjects.SCHED_RESUME, handlers.on_resume)
+        await bus.subscribe(subjects.sched(s.unit, "submit"), handlers.on_submit)
+        await bus.subscribe(subjects.sched(s.unit, "cancel"), handlers.on_cancel)
+        await bus.subscribe(subjects.sched(s.unit, "stats"), handlers.on_stats)
+        await bus.subscribe(subjects.sched(s.unit, "status"), handlers.on_status)
+        await bus.subscribe(subjects.sched(s.unit, "resume"), handlers.on_resume)
         await bus.subscribe(workers.worker_events_subject(s.unit), handlers.on_worker_events)
         self._tasks = [
             critical_task(self.core.run(), "scheduler-loop"),
@@ -104,6 +105,8 @@ class SchedulerService:
                 "scheduler-lease",
             ),
             critical_task(self.role.keep(), "scheduler-role"),
+            # The unit's card in the registry: alive, and how busy (ingress routes by it).
+            critical_task(publish_cards(bus, self.core, s.unit, self.instance), "unit-card"),
         ]
         if s.host_kv_mb > 0 and s.mode != "disagg":
             # Swapped-out KV waits in the host tier under the scheduler's owners (policy and

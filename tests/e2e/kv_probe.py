@@ -21,7 +21,9 @@ async def scheduler_stats(nats_url: str) -> SchedulerStats:
     """The scheduler's counters, waited for as long as the bus's request timeout."""
     bus = await Bus.connect(nats_url, "stats-probe")
     try:
-        reply = await bus.request(subjects.SCHED_STATS, encode(SchedulerStatsQuery()))
+        reply = await bus.request(
+            subjects.sched(subjects.DEFAULT_UNIT, "stats"), encode(SchedulerStatsQuery())
+        )
         return decode(reply.data, SchedulerStats)
     finally:
         await bus.close()

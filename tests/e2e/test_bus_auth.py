@@ -105,7 +105,11 @@ def test_a_service_cannot_submit_as_a_tenant_only_ingress_can(secured_stack: Sta
         )
         try:
             as_operator = decode(
-                (await operator.request(subjects.SCHED_SUBMIT, encode(submit), 5.0)).data,
+                (
+                    await operator.request(
+                        subjects.sched(subjects.DEFAULT_UNIT, "submit"), encode(submit), 5.0
+                    )
+                ).data,
                 SubmitAccepted,
                 ErrorReply,
             )
@@ -113,7 +117,9 @@ def test_a_service_cannot_submit_as_a_tenant_only_ingress_can(secured_stack: Sta
                 "cmpl-forged-2", "tenant-b", (5, 6, 7), Sampling(2), 0.0, "nobody-listens"
             )
             try:
-                await worker.request(subjects.SCHED_SUBMIT, encode(forged), 1.0)
+                await worker.request(
+                    subjects.sched(subjects.DEFAULT_UNIT, "submit"), encode(forged), 1.0
+                )
                 outcome = "answered"
             except BusTimeout:
                 outcome = "refused"
@@ -127,7 +133,9 @@ def test_a_service_cannot_submit_as_a_tenant_only_ingress_can(secured_stack: Sta
     assert as_worker == "refused"
     refusals = (secured_stack.var_dir / "nats").glob("nats-server-*.log")
     assert any(
-        "Publish Violation" in line and INTRUDER in line and subjects.SCHED_SUBMIT in line
+        "Publish Violation" in line
+        and INTRUDER in line
+        and subjects.sched(subjects.DEFAULT_UNIT, "submit") in line
         for log in refusals
         for line in log.read_text().splitlines()
     )

@@ -40,8 +40,8 @@ def listened_subjects(stream: str) -> list[str]:
     """Every subject some service of a semi-pd unit subscribes to."""
     return [
         *(subjects.kv(UNIT, verb) for verb in KV_VERBS),
-        *subjects.SCHEDULER_SUBJECTS,
-        *subjects.CACHE_SUBJECTS,
+        *subjects.scheduler_subjects(subjects.DEFAULT_UNIT),
+        *subjects.cache_subjects(subjects.DEFAULT_UNIT),
         subjects.TOKENS_REPLAY,
         subjects.tokens(stream),
         workers.prefill_batch_subject(UNIT),
@@ -88,8 +88,14 @@ def inconsistent() -> list[tuple[str, object]]:
     )
     return [
         (workers.prefill_batch_subject(UNIT), workers.PrefillBatch(10**6 + 1, (reusing,))),
-        (subjects.CACHE_MATCH, PrefixMatchQuery("fuzz/s", "t", tuple(range(400)), spans=True)),
-        (subjects.CACHE_MATCH, PrefixMatchQuery("", "t", tuple(range(400)), spans=True, peek=True)),
+        (
+            subjects.cache(subjects.DEFAULT_UNIT, "match"),
+            PrefixMatchQuery("fuzz/s", "t", tuple(range(400)), spans=True),
+        ),
+        (
+            subjects.cache(subjects.DEFAULT_UNIT, "match"),
+            PrefixMatchQuery("", "t", tuple(range(400)), spans=True, peek=True),
+        ),
         (subjects.kv(UNIT, "release"), kv.ReleaseBlocks("nobody/r", (0, 1, 2))),
         (subjects.kv(UNIT, "release"), kv.ReleaseBlocks("cache_index/never")),
         (subjects.kv(UNIT, "retain"), kv.RetainBlocks("fuzz/r", (0, 1, 2), ("nobody/r",))),
@@ -114,19 +120,31 @@ def inconsistent() -> list[tuple[str, object]]:
             ),
         ),
         (
-            subjects.SCHED_CANCEL,
+            subjects.sched(subjects.DEFAULT_UNIT, "cancel"),
             scheduling.CancelRequest("ghost", scheduling.CancelReason.CLIENT_GONE),
         ),
-        (subjects.SCHED_RESUME, scheduling.ResumeRequest("ghost", (1, 2))),
-        (subjects.SCHED_STATUS, scheduling.RequestStatusQuery(tuple(f"r{i}" for i in range(2000)))),
+        (
+            subjects.sched(subjects.DEFAULT_UNIT, "resume"),
+            scheduling.ResumeRequest("ghost", (1, 2)),
+        ),
+        (
+            subjects.sched(subjects.DEFAULT_UNIT, "status"),
+            scheduling.RequestStatusQuery(tuple(f"r{i}" for i in range(2000))),
+        ),
         (
             subjects.TOKENS_REPLAY,
             tokens.ReplayQuery("fuzz-stream", (tokens.ReplayFrom("ghost", 0),)),
         ),
         (compute.handover_subject(UNIT), compute.HandOverReady("no-such-worker", "fuzz")),
-        (subjects.CACHE_INSERT, PrefixInsert("t", tuple(range(32)), (0, 1))),
-        (subjects.CACHE_MATCH, PrefixMatchQuery("fuzz/m", "t", tuple(range(40)))),
-        (subjects.CACHE_EVICT, EvictQuery(10**6)),
+        (
+            subjects.cache(subjects.DEFAULT_UNIT, "insert"),
+            PrefixInsert("t", tuple(range(32)), (0, 1)),
+        ),
+        (
+            subjects.cache(subjects.DEFAULT_UNIT, "match"),
+            PrefixMatchQuery("fuzz/m", "t", tuple(range(40))),
+        ),
+        (subjects.cache(subjects.DEFAULT_UNIT, "evict"), EvictQuery(10**6)),
         (subjects.health("scheduler"), HealthQuery()),
     ]
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import aiohttp
@@ -244,6 +245,26 @@ def test_vllm_named_metrics_agree_with_what_the_responses_said(stack: Stack) -> 
     assert "vllm:num_preemptions_total" + label in after
 
 
+def test_ingress_follows_the_units_card_under_the_bus_permissions(stack: Stack) -> None:
+    """The unit's scheduler writes its card to the registry and ingress reads it, each with
+    only the permissions the bus gives its role: ingress counts one live unit, unit0."""
+
+    async def scrape() -> str:
+        url = stack.base_url.removesuffix("/v1") + "/metrics"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            return await response.text()
+
+    deadline = time.monotonic() + 15
+    text = asyncio.run(scrape())
+    while "duet_units_live 1.0" not in text and time.monotonic() < deadline:
+        time.sleep(0.5)
+        text = asyncio.run(scrape())
+    assert "duet_units_live 1.0" in text
+    assert 'duet_unit_load{unit="unit0"}' in text
+    log = (stack.var_dir / "logs" / "ingress.log").read_text()
+    assert "not following the unit registry" not in log
+
+
 def test_both_workers_map_the_same_pool_and_weights(stack: Stack) -> None:
     """One KV pool and one copy of the weights: both worker processes (and kv_manager) map
     the same /dev/shm segment, and neither holds a copy of it. Beside it, the workers share
@@ -276,13 +297,15 @@ def test_a_cancel_that_overtakes_its_submit_still_cancels_the_request(stack: Sta
         bus = await Bus.connect(stack.nats_url, "overtaking-cancel")
         try:
             cancel = CancelRequest("cmpl-overtaken", CancelReason.CLIENT_GONE)
-            await bus.publish(subjects.SCHED_CANCEL, encode(cancel))
+            await bus.publish(subjects.sched(subjects.DEFAULT_UNIT, "cancel"), encode(cancel))
             await bus.flush()
             await asyncio.sleep(0.2)  # the cancel is handled first
             submit = SubmitRequest(
                 "cmpl-overtaken", "default", (5, 6, 7), Sampling(8), 0.0, "test-stream"
             )
-            reply = await bus.request(subjects.SCHED_SUBMIT, encode(submit), timeout=5)
+            reply = await bus.request(
+                subjects.sched(subjects.DEFAULT_UNIT, "submit"), encode(submit), timeout=5
+            )
             return decode(reply.data, SubmitAccepted, ErrorReply)
         finally:
             await bus.close()

@@ -1,8 +1,8 @@
-"""A stand-in for the scheduler in ingress tests: a real NATS subscriber on SCHED_SUBMIT that
-accepts (or refuses) each request, plays back a script of TokenChunks on the request's token
-stream (through a real TokenOutbox, one batch per chunk, some of them lost if the script says
-so), answers status queries (as `knows` says) and replay queries (the outbox), and records the
-submits, the status queries and the CancelRequests it receives."""
+"""A stand-in for the scheduler in ingress tests: a real NATS subscriber on the unit's submit
+subject that accepts (or refuses) each request, plays back a script of TokenChunks on the
+request's token stream (through a real TokenOutbox, one batch per chunk, some of them lost if
+the script says so), answers status queries (as `knows` says) and replay queries (the outbox),
+and records the submits, the status queries and the CancelRequests it receives."""
 
 import asyncio
 from dataclasses import dataclass
@@ -87,8 +87,8 @@ class LossyOutbox(TokenOutbox):
 
 
 class ScriptedScheduler:
-    def __init__(self, bus: Bus, script: Script) -> None:
-        self.bus = bus
+    def __init__(self, bus: Bus, script: Script, unit: str = subjects.DEFAULT_UNIT) -> None:
+        self.bus, self.unit = bus, unit
         self.script = script
         self.submits: list[SubmitRequest] = []
         self.traceparents: list[str | None] = []
@@ -102,9 +102,9 @@ class ScriptedScheduler:
 
     async def start(self) -> None:
         await self.outbox.start()
-        await self.bus.subscribe(subjects.SCHED_SUBMIT, self._on_submit)
-        await self.bus.subscribe(subjects.SCHED_CANCEL, self._on_cancel)
-        await self.bus.subscribe(subjects.SCHED_STATUS, self._on_status)
+        await self.bus.subscribe(subjects.sched(self.unit, "submit"), self._on_submit)
+        await self.bus.subscribe(subjects.sched(self.unit, "cancel"), self._on_cancel)
+        await self.bus.subscribe(subjects.sched(self.unit, "status"), self._on_status)
         await self.bus.flush()
 
     async def _on_status(self, msg: Msg) -> None:

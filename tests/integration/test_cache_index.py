@@ -66,17 +66,24 @@ async def release(unit: Unit, owner: str) -> kv.BlocksReleased:
 
 async def insert(unit: Unit, tenant: str, tokens: tuple[int, ...], ids: tuple[int, ...]) -> int:
     request = cache.PrefixInsert(tenant, tokens, ids)
-    done = await ask_ok(unit.bus, subjects.CACHE_INSERT, request, cache.PrefixInserted)
+    done = await ask_ok(
+        unit.bus, subjects.cache(unit.name, "insert"), request, cache.PrefixInserted
+    )
     return done.num_new
 
 
 async def match(unit: Unit, owner: str, tenant: str, tokens: tuple[int, ...]) -> cache.PrefixMatch:
     query = cache.PrefixMatchQuery(owner, tenant, tokens)
-    return await ask_ok(unit.bus, subjects.CACHE_MATCH, query, cache.PrefixMatch)
+    return await ask_ok(unit.bus, subjects.cache(unit.name, "match"), query, cache.PrefixMatch)
 
 
 async def evict(unit: Unit, count: int) -> tuple[int, ...]:
-    evicted = await ask_ok(unit.bus, subjects.CACHE_EVICT, cache.EvictQuery(count), cache.Evicted)
+    evicted = await ask_ok(
+        unit.bus,
+        subjects.cache(unit.name, "evict"),
+        cache.EvictQuery(count),
+        cache.Evicted,
+    )
     return evicted.block_ids
 
 
@@ -136,14 +143,23 @@ async def test_refused_retains_leave_no_trace(unit: Unit) -> None:
 
 
 async def test_malformed_requests_get_error_replies(unit: Unit) -> None:
-    for subject in (subjects.CACHE_MATCH, subjects.CACHE_INSERT, subjects.CACHE_EVICT):
+    for subject in (
+        subjects.cache(unit.name, "match"),
+        subjects.cache(unit.name, "insert"),
+        subjects.cache(unit.name, "evict"),
+    ):
         reply = await unit.bus.request(subject, b"\xc1 not msgpack")
         assert decode(reply.data, ErrorReply).code == "invalid_message"
-    negative = await ask(unit.bus, subjects.CACHE_EVICT, cache.EvictQuery(-1), cache.Evicted)
+    negative = await ask(
+        unit.bus,
+        subjects.cache(unit.name, "evict"),
+        cache.EvictQuery(-1),
+        cache.Evicted,
+    )
     assert isinstance(negative, ErrorReply) and negative.code == "invalid_request"
     ids = await alloc(unit, "sched/r1", 3)
     short = cache.PrefixInsert("tenant-a", PROMPT, ids[:2])
-    refused = await ask(unit.bus, subjects.CACHE_INSERT, short, cache.PrefixInserted)
+    refused = await ask(unit.bus, subjects.cache(unit.name, "insert"), short, cache.PrefixInserted)
     assert isinstance(refused, ErrorReply) and refused.code == "invalid_request"
     assert await insert(unit, "tenant-a", PROMPT, ids) == 3  # still serving
 
@@ -188,7 +204,7 @@ async def test_a_lapsed_index_lease_clears_the_index(
         host_alloc = subjects.kv(unit.name, "alloc", kv.HOST_POOL)
         host_ids = (await ask_ok(bus, host_alloc, request, kv.BlocksGranted)).block_ids
         host_insert = cache.PrefixInsert("tenant-a", PROMPT, host_ids, pool=kv.HOST_POOL)
-        await ask_ok(bus, subjects.CACHE_INSERT, host_insert, cache.PrefixInserted)
+        await ask_ok(bus, subjects.cache(unit.name, "insert"), host_insert, cache.PrefixInserted)
         handlers = index.handlers
         assert handlers is not None and handlers.host_radix is not None
         assert handlers.host_radix.num_blocks == 3
@@ -242,7 +258,7 @@ async def test_the_host_tier_has_an_index_of_its_own_kept_to_half_the_tier(
             request = kv.AllocateBlocks(owner, len(tokens) // BLOCK)
             ids = (await ask_ok(bus, host_alloc, request, kv.BlocksGranted)).block_ids
             insert = cache.PrefixInsert(tenant, tokens, ids, pool=kv.HOST_POOL)
-            await ask_ok(bus, subjects.CACHE_INSERT, insert, cache.PrefixInserted)
+            await ask_ok(bus, subjects.cache(unit.name, "insert"), insert, cache.PrefixInserted)
             await ask_ok(bus, host_release, kv.ReleaseBlocks(owner), kv.BlocksReleased)
             return ids
 
@@ -250,7 +266,7 @@ async def test_the_host_tier_has_an_index_of_its_own_kept_to_half_the_tier(
         assert await host_held(unit) == {index.holder: 3}
         # Asked for, the host blocks come with the (empty) pool match, retained for the asker.
         query = cache.PrefixMatchQuery("sched/r2", "tenant-a", (*PROMPT, 1), host=True)
-        found = await ask_ok(bus, subjects.CACHE_MATCH, query, cache.PrefixMatch)
+        found = await ask_ok(bus, subjects.cache(unit.name, "match"), query, cache.PrefixMatch)
         assert (found.block_ids, found.num_tokens, found.host_block_ids) == ((), 0, ids)
         assert await host_held(unit) == {index.holder: 3, "sched": 3}
         assert await match(unit, "sched/r3", "tenant-a", (*PROMPT, 1)) == cache.PrefixMatch((), 0)
@@ -258,7 +274,7 @@ async def test_the_host_tier_has_an_index_of_its_own_kept_to_half_the_tier(
         # index has let two go: the newer prefix's, since r2 holds the older one.
         other = await leave_in_host("sched/r4", "tenant-b", PROMPT)
         query = cache.PrefixMatchQuery("sched/r5", "tenant-b", (*PROMPT, 1), host=True)
-        found = await ask_ok(bus, subjects.CACHE_MATCH, query, cache.PrefixMatch)
+        found = await ask_ok(bus, subjects.cache(unit.name, "match"), query, cache.PrefixMatch)
         assert found.host_block_ids == other[:1]
         assert index.handlers is not None and index.handlers.host_radix is not None
         assert index.handlers.host_radix.num_blocks == 4
@@ -278,7 +294,7 @@ async def test_runs_as_a_process_after_waiting_for_kv_manager(
         await process.wait_for_output("waiting for kv_manager")
         async with running_kv_manager(nats_server.url, model_dirs.get(TINY), unit=name) as kvm:
             query = cache.PrefixMatchQuery("sched/r1", "tenant-a", PROMPT)
-            data = await wait_for_reply(bus, subjects.CACHE_MATCH, query)
+            data = await wait_for_reply(bus, subjects.cache(name, "match"), query)
             assert decode(data, cache.PrefixMatch) == cache.PrefixMatch((), 0)
             allocator = kvm.allocator
             assert allocator is not None
@@ -322,7 +338,7 @@ async def test_spans_are_found_anywhere_retained_and_forgotten_with_their_blocks
 
         prompt = _doc(4, 8) + DOC_B + DOC_A + _doc(5, 6)  # another head: no prefix in common
         query = cache.PrefixMatchQuery("sched/r2", "tenant-a", prompt, spans=True)
-        found = await ask_ok(unit.bus, subjects.CACHE_MATCH, query, cache.PrefixMatch)
+        found = await ask_ok(unit.bus, subjects.cache(unit.name, "match"), query, cache.PrefixMatch)
         assert found.block_ids == () and found.spans
         assert sum(s.length for s in found.spans) >= 250
         by_block = {b: cached[i * BLOCK : (i + 1) * BLOCK] for i, b in enumerate(ids)}
@@ -342,15 +358,15 @@ async def test_spans_are_found_anywhere_retained_and_forgotten_with_their_blocks
 
         # Another tenant finds nothing.
         other = cache.PrefixMatchQuery("sched/r3", "tenant-b", prompt, spans=True)
-        assert await ask_ok(unit.bus, subjects.CACHE_MATCH, other, cache.PrefixMatch) == (
-            cache.PrefixMatch((), 0)
-        )
+        assert await ask_ok(
+            unit.bus, subjects.cache(unit.name, "match"), other, cache.PrefixMatch
+        ) == (cache.PrefixMatch((), 0))
         # Once the radix lets the blocks go (with the ancestors they kept), no span names them.
         assert retained <= set(await evict(unit, len(ids)))
         again = cache.PrefixMatchQuery("sched/r4", "tenant-a", prompt, spans=True)
-        assert await ask_ok(unit.bus, subjects.CACHE_MATCH, again, cache.PrefixMatch) == (
-            cache.PrefixMatch((), 0)
-        )
+        assert await ask_ok(
+            unit.bus, subjects.cache(unit.name, "match"), again, cache.PrefixMatch
+        ) == (cache.PrefixMatch((), 0))
         assert await num_free(unit.bus, unit.name) == 128
 
 
@@ -361,10 +377,10 @@ async def test_public_spans_are_found_by_every_tenant(
         cached = _doc(3, 8) + DOC_A
         ids = await alloc(unit, "sched/r1", len(cached) // BLOCK)
         request = cache.PrefixInsert("tenant-a", cached, ids, public_spans=True)
-        await ask_ok(unit.bus, subjects.CACHE_INSERT, request, cache.PrefixInserted)
+        await ask_ok(unit.bus, subjects.cache(unit.name, "insert"), request, cache.PrefixInserted)
         await release(unit, "sched/r1")
         query = cache.PrefixMatchQuery("sched/r2", "tenant-b", _doc(6, 12) + DOC_A, spans=True)
-        found = await ask_ok(unit.bus, subjects.CACHE_MATCH, query, cache.PrefixMatch)
+        found = await ask_ok(unit.bus, subjects.cache(unit.name, "match"), query, cache.PrefixMatch)
         assert found.block_ids == () and sum(s.length for s in found.spans) >= 140
         await release(unit, "sched/r2")
 
@@ -381,7 +397,7 @@ async def test_a_peek_says_how_much_is_cached_and_holds_nothing(
         free = await num_free(unit.bus, unit.name)
         prompt = head + _doc(7, 8) + DOC_A + _doc(8, 5)
         query = cache.PrefixMatchQuery("", "tenant-a", prompt, spans=True, peek=True)
-        found = await ask_ok(unit.bus, subjects.CACHE_MATCH, query, cache.PrefixMatch)
+        found = await ask_ok(unit.bus, subjects.cache(unit.name, "match"), query, cache.PrefixMatch)
         assert found.block_ids == () and found.span_block_ids == ()
         assert found.num_tokens == len(head) and sum(s.length for s in found.spans) >= 140
         held = await kv_stats_of(unit)

@@ -1,6 +1,6 @@
 """The ingress service end to end: a real nats-server, a real aiohttp server on loopback, the
-official openai client, and a scripted scheduler (a real NATS subscriber on SCHED_SUBMIT that
-accepts each request and plays back a script of TokenChunks for it)."""
+official openai client, and a scripted scheduler (a real NATS subscriber on the unit's submit
+subject that accepts each request and plays back a script of TokenChunks for it)."""
 
 import asyncio
 import itertools
@@ -8,7 +8,9 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -24,12 +26,15 @@ from duetserve.common.nats_bus import Bus
 from duetserve.common.nats_server import NatsServer
 from duetserve.common.settings import CommonSettings
 from duetserve.common.tracing import setup_tracing, shutdown_tracing
+from duetserve.common.unit_role import units_bucket
 from duetserve.proto.common import ErrorReply, HealthStatus
 from duetserve.proto.scheduling import CancelReason, CancelRequest, SloKind
+from duetserve.proto.units import card_key
 from duetserve.runtime.tokenizer import Tokenizer
 from duetserve.services.ingress.openapi import build_openapi
 from duetserve.services.ingress.service import IngressService
 from duetserve.services.ingress.settings import IngressSettings
+from duetserve.services.scheduler.card import publish_cards
 from tests.conftest import ModelDirs
 from tests.integration.scripted_scheduler import Script, ScriptedScheduler
 from tests.model_specs import TINY
@@ -409,6 +414,110 @@ async def test_an_error_chunk_is_a_503_with_retry_after_or_an_error_event(
         events = [line async for line in stream.content if line.startswith(b"data: ")]
     assert events[-1] == b"data: [DONE]\n"
     assert json.loads(events[-2][len(b"data: ") :])["error"]["message"] == "worker lost its KV"
+
+
+async def test_two_units_share_one_nats_and_each_request_runs_on_its_own_unit(
+    start_ingress: StartIngress, bus: Bus, text_ids: tuple[int, ...]
+) -> None:
+    """A unit's scheduler answers its unit's subjects only: with two units on one bus, each
+    request runs once, on the unit its ingress sends it to (never on both), and its cancel
+    and status queries go there too."""
+    units = {u: ScriptedScheduler(bus, Script(text_ids, finish=None), unit=u) for u in "ab"}
+    for scheduler in units.values():
+        await scheduler.start()
+    try:
+        for unit, scheduler in units.items():
+            ingress = await start_ingress(unit=unit, stream_quiet_s=0.2)
+            base = f"http://127.0.0.1:{ingress.port}/v1"
+            async with openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0) as api:
+                request = asyncio.create_task(
+                    api.completions.create(model=model_id(ingress), prompt=f"to {unit}")
+                )
+                await _until(partial(_count_at_least, scheduler.submits, 1))
+                await _until(partial(_count_at_least, scheduler.status_queries, 1))
+                request.cancel()
+            cancel = await scheduler.next_cancel()
+            assert cancel.request_id == scheduler.submits[0].request_id
+        assert [len(s.submits) for s in units.values()] == [1, 1]
+        assert all(s.cancels.empty() for s in units.values())
+    finally:
+        for scheduler in units.values():
+            scheduler.stop()
+
+
+async def test_ingress_routes_each_request_to_the_least_loaded_live_unit(
+    start_ingress: StartIngress, bus: Bus, text_ids: tuple[int, ...]
+) -> None:
+    """Units write their cards to the registry (as their schedulers do, every period); ingress
+    follows them and sends each request to the least loaded live unit, whichever unit it was
+    configured with; a unit whose card stops coming is not chosen once it is stale."""
+    units = {u: ScriptedScheduler(bus, Script(text_ids), unit=u) for u in ("ua", "ub")}
+    for scheduler in units.values():
+        await scheduler.start()
+    cores = {
+        "ua": _FakeCore(waiting=5, running=4, limit=4),
+        "ub": _FakeCore(waiting=0, running=1, limit=4),
+    }
+    writers = [
+        asyncio.create_task(publish_cards(bus, core, unit, f"scheduler-{unit}", 0.1))  # type: ignore[arg-type]
+        for unit, core in cores.items()
+    ]
+    try:
+        ingress = await start_ingress(unit="ua")
+        await _until(lambda: len(ingress.units.live()) == 2, timeout=5.0)
+        base = f"http://127.0.0.1:{ingress.port}/v1"
+        async with openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0) as api:
+            await api.completions.create(model=model_id(ingress), prompt="Hi")
+            assert [len(units[u].submits) for u in ("ua", "ub")] == [0, 1]
+            cores["ua"].running, cores["ua"].waiting = 0, 0
+            cores["ub"].waiting = 9
+            await asyncio.sleep(0.4)  # the next cards
+            await api.completions.create(model=model_id(ingress), prompt="Hi")
+            assert [len(units[u].submits) for u in ("ua", "ub")] == [1, 1]
+            async with aiohttp.ClientSession() as http, http.get(base[:-3] + "/metrics") as r:
+                text = await r.text()
+            assert "duet_units_live 2.0" in text
+            assert 'duet_unit_load{unit="ub"} 2.5' in text  # (9 + 1) / 4
+            # ua stops writing (its scheduler died): once stale, ub gets the requests.
+            writers[0].cancel()
+            ingress.units.stale_s = 0.5
+            await _until(lambda: [c.unit for c in ingress.units.live()] == ["ub"], timeout=5.0)
+            await api.completions.create(model=model_id(ingress), prompt="Hi")
+            assert [len(units[u].submits) for u in ("ua", "ub")] == [1, 2]
+    finally:
+        for writer in writers:
+            writer.cancel()
+        await asyncio.gather(*writers, return_exceptions=True)
+        bucket = await units_bucket(bus)
+        for unit in units:  # the next tests' ingresses must not route to these units
+            await bucket.purge(card_key(unit))
+        for scheduler in units.values():
+            scheduler.stop()
+
+
+class _FakeCore:
+    """What publish_cards reads of a scheduler's core: its view and running limit."""
+
+    def __init__(self, waiting: int, running: int, limit: int) -> None:
+        self.waiting, self.running, self.limit = waiting, running, limit
+
+    @property
+    def view(self) -> Any:
+        return SimpleNamespace(
+            waiting=[0] * self.waiting,
+            prefilling=[],
+            decoding=[0] * self.running,
+            free_blocks=10,
+            total_blocks=100,
+        )
+
+    @property
+    def planner(self) -> Any:
+        return SimpleNamespace(max_running=self.limit)
+
+
+def _count_at_least(items: list[Any], n: int) -> bool:
+    return len(items) >= n
 
 
 async def test_models_and_metrics(

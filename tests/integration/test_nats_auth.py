@@ -83,13 +83,17 @@ async def test_a_role_cannot_publish_beyond_its_subjects(
 ) -> None:
     server, credentials = secured
     releases = await collect(operator, subjects.kv(UNIT, "release"))
-    submits = await collect(operator, subjects.SCHED_SUBMIT)
+    submits = await collect(operator, subjects.sched(subjects.DEFAULT_UNIT, "submit"))
     ingress = await connect_as(server, credentials, "ingress")
     decode = await connect_as(server, credentials, "decode_worker")
     try:
         await ingress.publish(subjects.kv(UNIT, "release"), b"someone else's blocks")
-        await decode.publish(subjects.SCHED_SUBMIT, b"a tenant of my choosing")
-        await ingress.publish(subjects.SCHED_SUBMIT, b"from ingress")  # its own: allowed
+        await decode.publish(
+            subjects.sched(subjects.DEFAULT_UNIT, "submit"), b"a tenant of my choosing"
+        )
+        await ingress.publish(
+            subjects.sched(subjects.DEFAULT_UNIT, "submit"), b"from ingress"
+        )  # its own: allowed
         for bus in (ingress, decode):
             await bus.flush()
         await asyncio.sleep(0.3)
@@ -136,9 +140,11 @@ async def test_requests_and_answers_flow_between_the_roles_that_use_them(
         async def answer(msg: Msg) -> None:
             await scheduler.reply(msg, b"admitted")
 
-        await scheduler.subscribe(subjects.SCHED_SUBMIT, answer)
+        await scheduler.subscribe(subjects.sched(subjects.DEFAULT_UNIT, "submit"), answer)
         await scheduler.flush()
-        reply = await ingress.request(subjects.SCHED_SUBMIT, b"a request", timeout=2.0)
+        reply = await ingress.request(
+            subjects.sched(subjects.DEFAULT_UNIT, "submit"), b"a request", timeout=2.0
+        )
         assert reply.data == b"admitted"
         assert reply.subject.startswith("_INBOX_ingress.")
         # The scheduler may answer into the inboxes of those that ask it things, and no
@@ -204,8 +210,8 @@ async def test_over_tls_only_a_client_that_verifies_the_server_gets_in(tmp_path:
         access = nats_auth.access("operator", tmp_path / "credentials", tls.client_ca)
         bus = await Bus.connect(server.url, "test-tls", access=access)
         try:
-            seen = await collect(bus, subjects.SCHED_STATS)
-            await bus.publish(subjects.SCHED_STATS, b"over tls")
+            seen = await collect(bus, subjects.sched(subjects.DEFAULT_UNIT, "stats"))
+            await bus.publish(subjects.sched(subjects.DEFAULT_UNIT, "stats"), b"over tls")
             await bus.flush()
             await asyncio.sleep(0.2)
             assert seen == [b"over tls"]

@@ -57,7 +57,7 @@ async def _play(url: str, unit: str) -> None:
         await bus.subscribe(workers.decode_admit_subject(unit), admit)
         await bus.flush()
         request = SubmitRequest("r-1", "default", tuple(range(5, 45)), Sampling(4), 0.0, "played")
-        reply = await bus.request(subjects.SCHED_SUBMIT, encode(request))
+        reply = await bus.request(subjects.sched(unit, "submit"), encode(request))
         assert isinstance(decode(reply.data, SubmitAccepted), SubmitAccepted)
         offer = await asyncio.wait_for(admitted.get(), 10)
         assert [item.request_id for item in offer.items] == ["r-1"]

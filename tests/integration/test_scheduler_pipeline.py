@@ -45,7 +45,7 @@ async def _play(server: NatsServer, unit: str) -> None:
     async def submit(request_id: str, prompt: tuple[int, ...]) -> None:
         slo = Slo(SloKind.LATENCY, ttft_ms=1000, tpot_ms=100)
         request = SubmitRequest(request_id, "default", prompt, Sampling(8), 0.0, "played", slo)
-        reply = await bus.request(subjects.SCHED_SUBMIT, encode(request))
+        reply = await bus.request(subjects.sched(unit, "submit"), encode(request))
         assert isinstance(decode(reply.data, SubmitAccepted), SubmitAccepted)
 
     async def answer(batch: workers.PrefillBatch, msg: Msg) -> None:

@@ -86,8 +86,8 @@ async def _play(url: str, unit: str) -> None:
         offered.put_nowait(offer)
 
     try:
-        await bus.subscribe(subjects.CACHE_MATCH, match)
-        await bus.subscribe(subjects.CACHE_INSERT, insert)
+        await bus.subscribe(subjects.cache(unit, "match"), match)
+        await bus.subscribe(subjects.cache(unit, "insert"), insert)
         await bus.subscribe(workers.decode_admit_subject(unit), admit)
         await bus.flush()
         # No prefill worker yet: the four prompts wait, and go out in one batch once one runs.
@@ -95,7 +95,7 @@ async def _play(url: str, unit: str) -> None:
             request = SubmitRequest(
                 request_id, "default", tuple(range(5, 45)), Sampling(4), 0.0, "played"
             )
-            reply = await bus.request(subjects.SCHED_SUBMIT, encode(request))
+            reply = await bus.request(subjects.sched(unit, "submit"), encode(request))
             assert isinstance(decode(reply.data, SubmitAccepted), SubmitAccepted)
         await bus.subscribe(workers.prefill_batch_subject(unit), prefill)
         await bus.flush()

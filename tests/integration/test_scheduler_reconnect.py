@@ -46,7 +46,7 @@ async def _play(server: NatsServer, unit: str) -> None:
         await bus.flush()
         slo = Slo(SloKind.LATENCY, ttft_ms=1000, tpot_ms=100)
         submit = SubmitRequest("r-1", "default", (5, 6, 7), Sampling(8), 0.0, "played", slo)
-        reply = await bus.request(subjects.SCHED_SUBMIT, encode(submit))
+        reply = await bus.request(subjects.sched(unit, "submit"), encode(submit))
         assert isinstance(decode(reply.data, SubmitAccepted), SubmitAccepted)
         first = await asyncio.wait_for(batches.get(), 10)
         assert [item.request_id for item in first.items] == ["r-1"]

@@ -68,7 +68,7 @@ async def _play(bus: Bus, unit: str) -> None:
     slo = Slo(SloKind.LATENCY, ttft_ms=1000, tpot_ms=100)
     for request_id in ("r-kept", "r-lost"):
         submit = SubmitRequest(request_id, "default", (5, 6, 7), Sampling(64), 0.0, STREAM, slo)
-        reply = await bus.request(subjects.SCHED_SUBMIT, encode(submit))
+        reply = await bus.request(subjects.sched(unit, "submit"), encode(submit))
         assert isinstance(decode(reply.data, SubmitAccepted), SubmitAccepted)
     handed = {await asyncio.wait_for(admitted.get(), 10) for _ in range(2)}
     assert handed == {"r-kept", "r-lost"}
@@ -90,7 +90,7 @@ async def _play(bus: Bus, unit: str) -> None:
         assert notice.request_id == "r-lost" and notice.migrating
         # Its client has two tokens of it: it goes on from there, prefilled again.
         output = (FIRST_TOKEN, 43)
-        await bus.publish(subjects.SCHED_RESUME, encode(ResumeRequest("r-lost", output)))
+        await bus.publish(subjects.sched(unit, "resume"), encode(ResumeRequest("r-lost", output)))
         while batches.qsize() == first_prefills:
             await asyncio.sleep(0.05)
         *_, again = [batches.get_nowait() for _ in range(batches.qsize())]
@@ -106,7 +106,7 @@ async def _play(bus: Bus, unit: str) -> None:
         for _ in range(STEP_WINDOWS):
             await bus.publish(workers.worker_events_subject(unit), encode(slow))
         await asyncio.sleep(0.5)
-        reply = await bus.request(subjects.SCHED_STATS, encode(SchedulerStatsQuery()))
+        reply = await bus.request(subjects.sched(unit, "stats"), encode(SchedulerStatsQuery()))
         stats = decode(reply.data, SchedulerStats)
         running = stats.prefilling + stats.decoding
         assert stats.running_limit == max(1, int(DECREASE_FACTOR * running)), stats

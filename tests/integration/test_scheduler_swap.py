@@ -124,7 +124,7 @@ async def _play(bus: Bus, unit: str) -> None:
     batches, admits, refuse_swaps = played.batches, played.admits, played.refuse_swaps
 
     submit = SubmitRequest("r1", "default", PROMPT, Sampling(64), 0.0, STREAM)
-    reply = await bus.request(subjects.SCHED_SUBMIT, encode(submit))
+    reply = await bus.request(subjects.sched(unit, "submit"), encode(submit))
     assert isinstance(decode(reply.data, SubmitAccepted), SubmitAccepted)
     first = await asyncio.wait_for(admits.get(), 10)
     assert first.host_block_ids == () and batches.qsize() == 1
@@ -165,7 +165,7 @@ async def _next_turn(bus: Bus, unit: str) -> None:
     await played.start()
     host_stats = subjects.kv(unit, "stats", kv.HOST_POOL)
     submit = SubmitRequest("t1", "default", PROMPT, Sampling(64), 0.0, STREAM)
-    await ask_ok(bus, subjects.SCHED_SUBMIT, submit, SubmitAccepted)
+    await ask_ok(bus, subjects.sched(unit, "submit"), submit, SubmitAccepted)
     first = await asyncio.wait_for(played.admits.get(), 10)
     await played.swap_out(first, len(PROMPT) + len(OUTPUT))
     back = await asyncio.wait_for(played.admits.get(), 10)
@@ -177,13 +177,13 @@ async def _next_turn(bus: Bus, unit: str) -> None:
     [index_holder] = stats.references_by_holder
     assert index_holder.startswith("cache_index")
     # The prefix cache gives its pool blocks back (as under memory pressure).
-    await ask_ok(bus, subjects.CACHE_EVICT, cache.EvictQuery(64), cache.Evicted)
+    await ask_ok(bus, subjects.cache(unit, "evict"), cache.EvictQuery(64), cache.Evicted)
 
     # The conversation's next turn: the earlier turn's block is loaded from the host tier
     # into the new request's first block; prefill computes only the rest.
     turn = (*PROMPT, *OUTPUT, 7, 8, 9)
     submit = SubmitRequest("t2", "default", turn, Sampling(64), 0.0, STREAM)
-    await ask_ok(bus, subjects.SCHED_SUBMIT, submit, SubmitAccepted)
+    await ask_ok(bus, subjects.sched(unit, "submit"), submit, SubmitAccepted)
     load = await asyncio.wait_for(played.loads.get(), 10)
     batch = await asyncio.wait_for(played.batches.get(), 10)
     batch = await asyncio.wait_for(played.batches.get(), 10)  # the first was t1's

@@ -51,8 +51,16 @@ USES = [
         "ingress",
         "semi-pd",
         [
-            *(subjects.SCHED_SUBMIT, subjects.SCHED_RESUME, subjects.SCHED_CANCEL),
-            *(subjects.SCHED_STATUS, subjects.TOKENS_REPLAY, subjects.health("kv_manager")),
+            *(
+                subjects.sched(subjects.DEFAULT_UNIT, "submit"),
+                subjects.sched(subjects.DEFAULT_UNIT, "resume"),
+                subjects.sched(subjects.DEFAULT_UNIT, "cancel"),
+            ),
+            *(
+                subjects.sched(subjects.DEFAULT_UNIT, "status"),
+                subjects.TOKENS_REPLAY,
+                subjects.health("kv_manager"),
+            ),
         ],
         [subjects.tokens("ingress-1-ab"), LAUNCHER_REPORT, "_INBOX_ingress.x.y"],
     ),
@@ -60,13 +68,22 @@ USES = [
         "scheduler",
         "semi-pd",
         [
-            *(K(UNIT, "alloc"), K(UNIT, "release"), subjects.CACHE_MATCH, subjects.CACHE_INSERT),
+            *(
+                K(UNIT, "alloc"),
+                K(UNIT, "release"),
+                subjects.cache(subjects.DEFAULT_UNIT, "match"),
+                subjects.cache(subjects.DEFAULT_UNIT, "insert"),
+            ),
             *(workers.prefill_batch_subject(UNIT), workers.decode_admit_subject(UNIT)),
             *(workers.decode_control_subject(UNIT), compute.compute_split_subject(UNIT)),
             *(subjects.tokens("s"), "$KV.duet_units.unit0.scheduler"),
         ],
         [
-            *(subjects.SCHED_SUBMIT, subjects.SCHED_RESUME, subjects.TOKENS_REPLAY),
+            *(
+                subjects.sched(subjects.DEFAULT_UNIT, "submit"),
+                subjects.sched(subjects.DEFAULT_UNIT, "resume"),
+                subjects.TOKENS_REPLAY,
+            ),
             *(workers.worker_events_subject(UNIT), compute.compute_applied_subject(UNIT)),
             subjects.health("scheduler"),
         ],
@@ -82,7 +99,11 @@ USES = [
         "cache_index",
         "semi-pd",
         [K(UNIT, "retain"), K(UNIT, "shared")],
-        [subjects.CACHE_MATCH, subjects.CACHE_EVICT, workers.worker_events_subject(UNIT)],
+        [
+            subjects.cache(subjects.DEFAULT_UNIT, "match"),
+            subjects.cache(subjects.DEFAULT_UNIT, "evict"),
+            workers.worker_events_subject(UNIT),
+        ],
     ),
     (
         "prefill_worker",
@@ -129,9 +150,15 @@ def test_each_role_may_use_what_it_uses(
 def test_only_ingress_speaks_for_tenants_and_only_the_scheduler_asks_the_cache(mode: str) -> None:
     for role in nats_auth.ROLES:
         allowed = permissions(role, mode)
-        for subject in (subjects.SCHED_SUBMIT, subjects.SCHED_RESUME):
+        for subject in (
+            subjects.sched(subjects.DEFAULT_UNIT, "submit"),
+            subjects.sched(subjects.DEFAULT_UNIT, "resume"),
+        ):
             assert may_publish(allowed, subject) == (role in ("ingress", "operator")), role
-        for subject in (subjects.CACHE_MATCH, subjects.CACHE_INSERT):
+        for subject in (
+            subjects.cache(subjects.DEFAULT_UNIT, "match"),
+            subjects.cache(subjects.DEFAULT_UNIT, "insert"),
+        ):
             assert may_publish(allowed, subject) == (role in ("scheduler", "operator")), role
 
 
@@ -160,6 +187,19 @@ def test_permissions_are_per_unit() -> None:
     allowed = permissions("scheduler", "semi-pd", ("unit1",))
     assert may_publish(allowed, subjects.kv("unit1", "alloc"))
     assert not may_publish(allowed, subjects.kv("unit0", "alloc"))
+    # The scheduler and cache index answer their own unit's subjects, and ingress reaches the
+    # schedulers of the units it was given, no other.
+    assert may_subscribe(allowed, subjects.sched("unit1", "submit"))
+    assert not may_subscribe(allowed, subjects.sched("unit0", "submit"))
+    assert may_publish(allowed, subjects.cache("unit1", "match"))
+    assert not may_publish(allowed, subjects.cache("unit0", "match"))
+    cache = permissions("cache_index", "semi-pd", ("unit1",))
+    assert may_subscribe(cache, subjects.cache("unit1", "insert"))
+    assert not may_subscribe(cache, subjects.cache("unit0", "insert"))
+    ingress = permissions("ingress", "semi-pd", ("unit1", "unit2"))
+    for unit in ("unit1", "unit2"):
+        assert may_publish(ingress, subjects.sched(unit, "submit"))
+    assert not may_publish(ingress, subjects.sched("unit3", "submit"))
 
 
 def test_credentials_are_made_once_and_private(tmp_path: Path) -> None:

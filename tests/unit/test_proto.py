@@ -106,6 +106,7 @@ EXAMPLES: list[object] = [
     kv.Heartbeat("decode-0", writes=True, pid=4242, host="node-1"),
     kv.LeaseRenewed("decode-0", 5.0),
     units.RoleHolder("kv_manager-host-41", 41, "host", started=123456),
+    units.UnitCard("unit0", "scheduler-host-7", 3, 4, 8, 100, 512),
     kv.StorageQuery("prefill-0"),
     kv.KvStatsQuery(),
     supervision.SupervisorReport("launcher-1", {"decode_worker": 2}, {"kv_manager": 41}),
@@ -350,6 +351,16 @@ def test_subjects_refuse_unsafe_tokens() -> None:
     for bad in ("a.b", "a b", "*", ">", ""):
         with pytest.raises(ValueError):
             subjects.tokens(bad)
+        with pytest.raises(ValueError):
+            subjects.sched(bad, "submit")
+    assert subjects.sched("unit-7", "submit") == "duet.sched.unit-7.submit"
+    assert subjects.cache("unit-7", "match") == "duet.cache.unit-7.match"
+    assert len(set(subjects.scheduler_subjects("a")) | set(subjects.scheduler_subjects("b"))) == 10
+    for verb in ("alloc", "submit.x", ""):  # only the verbs a scheduler or cache index answers
+        with pytest.raises(ValueError):
+            subjects.cache("unit0", verb)
+    with pytest.raises(ValueError):
+        subjects.sched("unit0", "match")
 
 
 def test_a_compute_split_outside_zero_one_is_refused() -> None:
