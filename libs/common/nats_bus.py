@@ -13,10 +13,13 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
+from nats.js.kv import KeyValue
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, Tracer
 
@@ -112,6 +115,18 @@ class Bus:
         if self._js is None:
             self._js = self.nc.jetstream()
         return self._js
+
+    async def key_value(self, bucket: str, ttl_s: float) -> KeyValue:
+        """A JetStream key-value bucket, created (entries living `ttl_s` after their last
+        write, one revision kept) if no process has created it yet."""
+        try:
+            return await self.js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            config = KeyValueConfig(bucket=bucket, ttl=ttl_s, history=1)
+            try:
+                return await self.js.create_key_value(config)
+            except nats.js.errors.BadRequestError:  # created meanwhile by another process
+                return await self.js.key_value(bucket)
 
     @property
     def is_connected(self) -> bool:

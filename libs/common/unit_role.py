@@ -22,7 +22,6 @@ import socket
 import time
 
 import nats.js.errors
-from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from duetserve.common.nats_bus import Bus
@@ -36,15 +35,7 @@ DEFAULT_TTL_S = 10.0
 
 async def units_bucket(bus: Bus, ttl_s: float = DEFAULT_TTL_S) -> KeyValue:
     """UNITS_BUCKET, created (entries living `ttl_s` after their last write) if it is not yet."""
-    js = bus.js
-    try:
-        return await js.key_value(UNITS_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
-        config = KeyValueConfig(bucket=UNITS_BUCKET, ttl=ttl_s, history=1)
-        try:
-            return await js.create_key_value(config)
-        except nats.js.errors.BadRequestError:  # created meanwhile by another process
-            return await js.key_value(UNITS_BUCKET)
+    return await bus.key_value(UNITS_BUCKET, ttl_s)
 
 
 class RoleTaken(RuntimeError):

@@ -28,9 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-import nats.js.errors
 import numpy as np
-from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from duetserve.common.nats_bus import Bus
@@ -150,15 +148,7 @@ class JetStreamAnswers:
             self._tasks.append(asyncio.create_task(self._follow(watcher), name="semantic-watch"))
 
     async def _bucket(self, category: str, ttl_s: float) -> KeyValue:
-        js, name = self.bus.js, bucket_name(category)
-        try:
-            return await js.key_value(name)
-        except nats.js.errors.BucketNotFoundError:
-            config = KeyValueConfig(bucket=name, ttl=ttl_s, history=1)
-            try:
-                return await js.create_key_value(config)
-            except nats.js.errors.BadRequestError:  # created meanwhile by another instance
-                return await js.key_value(name)
+        return await self.bus.key_value(bucket_name(category), ttl_s)
 
     def _stored(self, entry: Any) -> StoredAnswer | None:
         if entry.operation in _DELETES or not entry.value:
