@@ -304,11 +304,14 @@ class Generation:
         """Monotonic time of its last token chunk (or of its submit)."""
         return self._stream.last_heard
 
-    async def resubmit(self) -> str | None:
+    async def resubmit(self, unit: str | None = None) -> str | None:
         """Submit it again, to go on from the output its client has (its scheduler lost it:
-        restarted, or its last tokens were lost on the bus after it finished). None once
-        accepted; else why not."""
+        restarted, or its last tokens were lost on the bus after it finished), to its unit or
+        to `unit` (its own died: it moves there for good). None once accepted; else why
+        not."""
         done = len(self._token_ids)
+        if unit is not None:
+            self.unit = unit
         if done >= self._submit.sampling.max_tokens:  # only the last chunk was lost
             self._stream.end_here(done, FinishReason.LENGTH)
             return None

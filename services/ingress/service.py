@@ -131,6 +131,7 @@ class IngressService:
             router,
             quiet_s=settings.stream_quiet_s,
             unreachable_s=settings.stream_unreachable_s,
+            units=self.units,
         )
         self._watch = critical_task(watch.run(), "stream-watch")
         await self._serve_http(handlers)

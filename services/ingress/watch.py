@@ -18,8 +18,12 @@ messages per period):
     again, to go on from the output its client has (its seed, drawn at ingress, makes the
     rest identical); a request resubmitted MAX_RESUBMITS times, or refused, ends with a 503
     `request_lost`.
-  - No scheduler answers for `unreachable_s`: those quiet since then end with a 503
-    `request_lost` too, saying so.
+  - No scheduler answers, and the unit's card went stale (units.py: it died, or is cut off)
+    while another unit is live: the requests move there, submitted again from the output
+    their clients have, as above (a unit's death costs its requests a few seconds, not
+    their answers).
+  - No scheduler answers for `unreachable_s` (and no other unit takes them): those quiet
+    since then end with a 503 `request_lost` too, saying so.
 """
 
 import asyncio
@@ -33,6 +37,7 @@ from duetserve.proto.common import ErrorReply
 from duetserve.proto.scheduling import RequestStatus, RequestStatusQuery
 from duetserve.services.ingress.generation import Generation
 from duetserve.services.ingress.streams import StreamRouter
+from duetserve.services.ingress.units import UnitDirectory
 
 logger = logging.getLogger(__name__)
 UNKNOWN_STRIKES = 2  # "not known" answers in a row that make a request lost
@@ -49,9 +54,12 @@ class StreamWatch:
         quiet_s: float,
         unreachable_s: float,
         clock: Callable[[], float] = time.monotonic,
+        units: UnitDirectory | None = None,
     ) -> None:
-        """`generations`: the running ones (Admission.generations)."""
+        """`generations`: the running ones (Admission.generations); `units`: the registry,
+        to move the requests of a unit that died to a live one."""
         self.bus, self.generations, self.router, self.clock = bus, generations, router, clock
+        self.units = units
         self.quiet_s, self.unreachable_s = quiet_s, unreachable_s
         self.period_s = quiet_s / 2
         self._unanswered_since: dict[str, float] = {}  # by unit: when its scheduler fell silent
@@ -78,6 +86,8 @@ class StreamWatch:
 
     async def _check_unit(self, unit: str, quiet: list[Generation], now: float) -> None:
         status = await self._ask(unit, [g.request_id for g in quiet])
+        if status is None and await self._move_elsewhere(unit, quiet):
+            return
         if status is None:
             since = self._unanswered_since.setdefault(unit, now)
             if now - since < self.unreachable_s:
@@ -104,6 +114,30 @@ class StreamWatch:
             refused = await generation.resubmit()
             if refused is not None:
                 self._lose(generation, f"{why}, and it could not be resubmitted: {refused}")
+
+    async def _move_elsewhere(self, unit: str, quiet: list[Generation]) -> bool:
+        """`unit` does not answer: if its card is stale and another unit is live, its quiet
+        requests go on there (each resubmitted from its client's output). False: no other
+        unit to go to (the unit may yet come back)."""
+        if self.units is None or unit in {c.unit for c in self.units.live()}:
+            return False
+        target = self.units.choose()
+        if target == unit or target not in {c.unit for c in self.units.live()}:
+            return False
+        self._unanswered_since.pop(unit, None)
+        for generation in quiet:
+            logger.warning(
+                "unit %s is gone: moving the request to %s",
+                unit,
+                target,
+                extra={"request_id": generation.request_id},
+            )
+            refused = await generation.resubmit(target)
+            if refused is not None:
+                self._lose(
+                    generation, f"its unit {unit} is gone, and {target} refused it: {refused}"
+                )
+        return True
 
     async def _ask(self, unit: str, request_ids: list[str]) -> RequestStatus | None:
         query = codec.encode(RequestStatusQuery(tuple(request_ids)))

@@ -495,6 +495,53 @@ async def test_ingress_routes_each_request_to_the_least_loaded_live_unit(
             scheduler.stop()
 
 
+async def test_a_request_whose_unit_dies_goes_on_in_another_unit(
+    start_ingress: StartIngress, bus: Bus, text_ids: tuple[int, ...]
+) -> None:
+    """Its unit streams two tokens and dies (its scheduler silent, its card no longer
+    written); once the card is stale the request is submitted to the live unit with the two
+    tokens its client has, and the client gets the whole answer, each token once."""
+    dying = ScriptedScheduler(bus, Script(text_ids[:2], finish=None), unit="ua")
+    alive = ScriptedScheduler(bus, Script(text_ids), unit="ub")
+    cores = {"ua": _FakeCore(0, 0, 4), "ub": _FakeCore(9, 4, 4)}  # ua looks idlest
+    writers = {
+        unit: asyncio.create_task(publish_cards(bus, core, unit, f"scheduler-{unit}", 0.1))  # type: ignore[arg-type]
+        for unit, core in cores.items()
+    }
+    for scheduler in (dying, alive):
+        await scheduler.start()
+    try:
+        ingress = await start_ingress(unit="ua", stream_quiet_s=0.3, stream_unreachable_s=30)
+        await _until(lambda: len(ingress.units.live()) == 2, timeout=5.0)
+        ingress.units.stale_s = 1.0
+        base = f"http://127.0.0.1:{ingress.port}/v1"
+        async with openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0) as api:
+            request = asyncio.create_task(
+                api.completions.create(model=model_id(ingress), prompt="Hi", max_tokens=64)
+            )
+            await _until(partial(_count_at_least, dying.submits, 1))
+            await asyncio.sleep(0.3)  # its two tokens reach the client
+            dying.stop()
+            dying.knows = None  # no answer to status queries: its scheduler is gone
+            writers["ua"].cancel()
+            started = time.monotonic()
+            answer = await asyncio.wait_for(request, 15)
+        assert time.monotonic() - started < 8.0
+        assert answer.choices[0].finish_reason == "length"
+        [moved] = alive.submits
+        assert moved.request_id == dying.submits[0].request_id
+        assert moved.output_token_ids == text_ids[:2]  # what its client had
+        assert answer.usage is not None and answer.usage.completion_tokens == len(text_ids)
+    finally:
+        for writer in writers.values():
+            writer.cancel()
+        await asyncio.gather(*writers.values(), return_exceptions=True)
+        bucket = await units_bucket(bus)
+        for unit in cores:
+            await bucket.purge(card_key(unit))
+        alive.stop()
+
+
 class _FakeCore:
     """What publish_cards reads of a scheduler's core: its view and running limit."""
 
