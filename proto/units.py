@@ -48,3 +48,15 @@ class UnitCard:
     free_blocks: int
     total_blocks: int
     written_at: float = 0.0  # wall clock (an old card read later is not taken for fresh)
+    # Where its prefix cache is likely warm: the first PREFIX_KEY_BYTES of the block keys
+    # (common/block_hash.py) of recent prompts at depths 1, 2, 4, 8... blocks of block_size.
+    block_size: int = 0
+    prefixes: tuple[bytes, ...] = ()
+
+
+PREFIX_KEY_BYTES = 8
+
+
+def summarised(depth: int) -> bool:
+    """Whether a card lists the key of a prefix `depth` blocks deep: 1, 2, 4, 8..."""
+    return depth > 0 and depth & (depth - 1) == 0

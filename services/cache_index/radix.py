@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from itertools import count
 from typing import NamedTuple
 
-from duetserve.services.cache_index.block_hash import BlockKey, iter_block_keys, num_public_blocks
+from duetserve.common.block_hash import BlockKey, iter_block_keys, num_public_blocks
 
 
 class MatchResult(NamedTuple):

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from duetserve.services.cache_index.block_hash import namespace_bytes
+from duetserve.common.block_hash import namespace_bytes
 
 WINDOW = 8  # tokens a boundary hash looks at
 AVERAGE = 32  # one position in AVERAGE is a boundary, so chunks average about this long

@@ -105,7 +105,9 @@ class Generation:
         self.request_id = request_id
         self.tenant = tenant
         # The unit whose scheduler runs it, chosen now (units.py) and kept for its life.
-        self.unit = context.units.choose() if context.units is not None else context.unit
+        self.unit = context.unit
+        if context.units is not None:
+            self.unit = context.units.choose(tenant, prompt.prompt_ids, prompt.public_prefix_tokens)
         self.prompt = prompt
         self.cached_tokens = 0
         self.finished = False

@@ -7,12 +7,22 @@ keep their clocks in step to well under the bound). A unit whose card is older t
 `stale_s` (its scheduler stopped writing: dead, or cut off from NATS) is no longer chosen,
 whether or not the bucket has forgotten it yet.
 
-The choice: the live unit with the lowest load, where load is the share of its places taken:
-(waiting + running + what this ingress sent it since its card was written) / its running
-limit. Counting what was sent since spreads a burst that arrives between two cards instead
-of sending all of it to the unit that was idlest a second ago. Ties go to the unit with the
-most free KV blocks, then by name. With no live card (a single-unit stack whose scheduler has
-not written one yet, or no registry at all) it is the configured unit, DUET_UNIT.
+The choice, by a score per live unit, highest first:
+
+    score = hit - LOAD_WEIGHT * load
+    hit   = the share of the prompt in the deepest of its prefixes the unit's card lists
+            (the card lists a unit's recent prompts' block keys at depths 1, 2, 4, 8...
+            blocks: scheduler/card.py), 0 when none is
+    load  = (waiting + running + what this ingress sent it since its card was written)
+            / its running limit
+
+With LOAD_WEIGHT 1, a unit that holds a whole prompt's prefix wins unless it is busier by
+more than its whole running limit: a prefill saved is worth a queue that long, and no more
+(a hot prefix must not pile every request onto one unit). Counting what was sent since the
+card spreads a burst that arrives between two cards instead of sending all of it to the
+unit that looked best a second ago. Ties go to the less loaded unit, then the one with more
+free KV blocks, then by name. With no live card (a single-unit stack whose scheduler has not
+written one yet, or no registry at all) it is the configured unit, DUET_UNIT.
 
 The watch runs for the life of ingress and starts again after any failure (NATS away, the
 bucket not created yet because no scheduler has run) or when it has heard nothing for
@@ -23,19 +33,27 @@ request.
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
 
+from duetserve.common.block_hash import iter_block_keys
 from duetserve.common.nats_bus import Bus
 from duetserve.proto.codec import ProtoError, decode
-from duetserve.proto.units import CARD_KEYS, UNITS_BUCKET, UnitCard
+from duetserve.proto.units import (
+    CARD_KEYS,
+    PREFIX_KEY_BYTES,
+    UNITS_BUCKET,
+    UnitCard,
+    summarised,
+)
 
 logger = logging.getLogger(__name__)
 _DELETES = ("DEL", "PURGE")
 RETRY_S = 2.0
+LOAD_WEIGHT = 1.0
 
 
 @dataclass(slots=True)
@@ -63,13 +81,16 @@ class UnitDirectory:
         now = self.clock()
         return [k.card for k in self._units.values() if now - k.heard_at <= self.stale_s]
 
-    def choose(self) -> str:
+    def choose(
+        self, tenant: str = "", token_ids: Sequence[int] = (), public_prefix_tokens: int = 0
+    ) -> str:
         """The unit to send a new request to (see the module doc); counted as sent there."""
         now = self.clock()
         live = [k for k in self._units.values() if now - k.heard_at <= self.stale_s]
         if not live:
             return self.configured
-        best = min(live, key=_rank)
+        prompt = _Prompt(tenant, token_ids, public_prefix_tokens)
+        best = min(live, key=lambda known: _rank(known, prompt))
         best.sent += 1
         return best.card.unit
 
@@ -135,7 +156,35 @@ class UnitDirectory:
         self.heard(card)
 
 
-def _rank(known: _Known) -> tuple[float, int, str]:
+class _Prompt:
+    """A request's prompt, with its block keys at the summarised depths computed once per
+    block size (units may differ in it)."""
+
+    def __init__(self, tenant: str, token_ids: Sequence[int], public_prefix_tokens: int) -> None:
+        self.tenant, self.token_ids, self.public = tenant, token_ids, public_prefix_tokens
+        self._keys: dict[int, list[tuple[int, bytes]]] = {}
+
+    def hit(self, card: UnitCard) -> float:
+        """The share of the prompt in its deepest prefix the card lists."""
+        if not self.token_ids or card.block_size <= 0 or not card.prefixes:
+            return 0.0
+        keys = self._keys.get(card.block_size)
+        if keys is None:
+            blocks = iter_block_keys(self.tenant, self.token_ids, card.block_size, self.public)
+            keys = [
+                (depth, key[:PREFIX_KEY_BYTES])
+                for depth, key in enumerate(blocks, 1)
+                if summarised(depth)
+            ]
+            self._keys[card.block_size] = keys
+        held = set(card.prefixes)
+        deepest = max((depth for depth, key in keys if key in held), default=0)
+        return deepest * card.block_size / len(self.token_ids)
+
+
+def _rank(known: _Known, prompt: _Prompt) -> tuple[float, float, int, str]:
+    """Smallest first: the negated score, then load, free blocks (more first), name."""
     card = known.card
     load = (card.waiting + card.running + known.sent) / max(card.running_limit, 1)
-    return (load, -card.free_blocks, card.unit)
+    score = prompt.hit(card) - LOAD_WEIGHT * load
+    return (-score, load, -card.free_blocks, card.unit)

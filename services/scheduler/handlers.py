@@ -22,6 +22,7 @@ from duetserve.proto.scheduling import (
     SubmitAccepted,
     SubmitRequest,
 )
+from duetserve.services.scheduler.card import PrefixSummary
 from duetserve.services.scheduler.core import SchedulerCore
 from duetserve.services.scheduler.requests import RequestRecord
 from duetserve.services.scheduler.state import Phase, grow
@@ -43,6 +44,7 @@ class SchedulerHandlers:
         self.bus, self.core, self.unit, self.holder = bus, core, unit, holder
         self.accepting = True
         self.preemptions = 0
+        self.prefixes = PrefixSummary()  # the prompts it accepted lately, for the unit's card
         self._early_cancels: OrderedDict[str, float] = OrderedDict()  # request id -> when
 
     async def on_submit(self, msg: Msg) -> None:
@@ -68,6 +70,12 @@ class SchedulerHandlers:
             await self.bus.reply(msg, encode(refusal))
             return
         record.traceparent = current_traceparent()  # the handler runs in the submit's trace
+        self.prefixes.add(
+            submit.tenant,
+            submit.prompt_token_ids,
+            self.core.planner.config.block_size,
+            submit.public_prefix_tokens,
+        )
         self.core.records[submit.request_id] = record
         self.core.view.waiting.append(record.seq)
         self.core.tuner.on_arrival(len(submit.prompt_token_ids))

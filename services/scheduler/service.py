@@ -106,7 +106,10 @@ class SchedulerService:
             ),
             critical_task(self.role.keep(), "scheduler-role"),
             # The unit's card in the registry: alive, and how busy (ingress routes by it).
-            critical_task(publish_cards(bus, self.core, s.unit, self.instance), "unit-card"),
+            critical_task(
+                publish_cards(bus, self.core, s.unit, self.instance, summary=handlers.prefixes),
+                "unit-card",
+            ),
         ]
         if s.host_kv_mb > 0 and s.mode != "disagg":
             # Swapped-out KV waits in the host tier under the scheduler's owners (policy and

@@ -9,6 +9,10 @@ import aiohttp
 import openai
 import pytest
 
+from duetserve.common.block_hash import iter_block_keys
+from duetserve.common.nats_bus import Bus
+from duetserve.proto.codec import decode
+from duetserve.proto.units import PREFIX_KEY_BYTES, UNITS_BUCKET, UnitCard, card_key
 from duetserve.runtime.kv_pool import KVPool
 from duetserve.runtime.loader import load_model
 from duetserve.runtime.offline import OfflineEngine
@@ -263,6 +267,30 @@ def test_ingress_follows_the_units_card_under_the_bus_permissions(stack: Stack) 
     assert 'duet_unit_load{unit="unit0"}' in text
     log = (stack.var_dir / "logs" / "ingress.log").read_text()
     assert "not following the unit registry" not in log
+
+    # The card lists the prefixes of the prompts the unit took lately (for routing by them).
+    prompt = "The unit's card lists where this prompt's prefix is warm, " * 3
+    client(stack).completions.create(model=stack.model_dir.name, prompt=prompt, max_tokens=1)
+    ids = Tokenizer.from_dir(stack.model_dir).encode(prompt, add_special_tokens=True)
+
+    async def card() -> UnitCard:
+        bus = await Bus.connect(stack.nats_url, "card-probe")
+        try:
+            entry = await (await bus.js.key_value(UNITS_BUCKET)).get(card_key("unit0"))
+            return decode(entry.value or b"", UnitCard)
+        finally:
+            await bus.close()
+
+    deadline = time.monotonic() + 10
+    while True:
+        written = asyncio.run(card())
+        keys = list(iter_block_keys("default", ids, written.block_size))
+        if keys[0][:PREFIX_KEY_BYTES] in written.prefixes or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert written.block_size > 0 and len(keys) >= 2
+    assert keys[0][:PREFIX_KEY_BYTES] in written.prefixes
+    assert keys[1][:PREFIX_KEY_BYTES] in written.prefixes  # depth 2
 
 
 def test_both_workers_map_the_same_pool_and_weights(stack: Stack) -> None:

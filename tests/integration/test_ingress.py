@@ -34,7 +34,7 @@ from duetserve.runtime.tokenizer import Tokenizer
 from duetserve.services.ingress.openapi import build_openapi
 from duetserve.services.ingress.service import IngressService
 from duetserve.services.ingress.settings import IngressSettings
-from duetserve.services.scheduler.card import publish_cards
+from duetserve.services.scheduler.card import PrefixSummary, publish_cards
 from tests.conftest import ModelDirs
 from tests.integration.scripted_scheduler import Script, ScriptedScheduler
 from tests.model_specs import TINY
@@ -495,6 +495,46 @@ async def test_ingress_routes_each_request_to_the_least_loaded_live_unit(
             scheduler.stop()
 
 
+async def test_a_prompt_goes_to_the_unit_whose_card_lists_its_prefix(
+    start_ingress: StartIngress, bus: Bus, text_ids: tuple[int, ...], tokenizer: Tokenizer
+) -> None:
+    """KV-aware routing: a prompt whose prefix ua's card lists goes to ua although ub is
+    idler; a prompt no card lists goes to the idler ub."""
+    document = "A long shared system prompt about the routing of requests to units. " * 4
+    summary = PrefixSummary()
+    summary.add("default", tokenizer.encode(document, add_special_tokens=True), 4, 0)
+    units = {u: ScriptedScheduler(bus, Script(text_ids), unit=u) for u in ("ua", "ub")}
+    cores = {"ua": _FakeCore(0, 1, 4), "ub": _FakeCore(0, 0, 4)}
+    writers = [
+        asyncio.create_task(
+            publish_cards(bus, core, unit, f"s-{unit}", 0.1, summary if unit == "ua" else None)  # type: ignore[arg-type]
+        )
+        for unit, core in cores.items()
+    ]
+    for scheduler in units.values():
+        await scheduler.start()
+    try:
+        ingress = await start_ingress(unit="ub")
+        await _until(lambda: len(ingress.units.live()) == 2, timeout=5.0)
+        base = f"http://127.0.0.1:{ingress.port}/v1"
+        async with openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0) as api:
+            await api.completions.create(model=model_id(ingress), prompt=document + "Question?")
+            await api.completions.create(model=model_id(ingress), prompt="Something else.")
+        assert [len(units[u].submits) for u in ("ua", "ub")] == [1, 1]
+        assert units["ua"].submits[0].prompt_token_ids[:8] == tuple(
+            tokenizer.encode(document, add_special_tokens=True)[:8]
+        )
+    finally:
+        for writer in writers:
+            writer.cancel()
+        await asyncio.gather(*writers, return_exceptions=True)
+        bucket = await units_bucket(bus)
+        for unit in cores:
+            await bucket.purge(card_key(unit))
+        for scheduler in units.values():
+            scheduler.stop()
+
+
 async def test_a_request_whose_unit_dies_goes_on_in_another_unit(
     start_ingress: StartIngress, bus: Bus, text_ids: tuple[int, ...]
 ) -> None:
@@ -560,7 +600,7 @@ class _FakeCore:
 
     @property
     def planner(self) -> Any:
-        return SimpleNamespace(max_running=self.limit)
+        return SimpleNamespace(max_running=self.limit, config=SimpleNamespace(block_size=4))
 
 
 def _count_at_least(items: list[Any], n: int) -> bool:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from duetserve.services.cache_index.block_hash import block_key, iter_block_keys
+from duetserve.common.block_hash import block_key, iter_block_keys
 from duetserve.services.cache_index.radix import InsertResult, MatchResult, RadixIndex
 
 BS = 4

@@ -1,9 +1,12 @@
-"""Choosing a unit for a request from the registry's cards: the least loaded live one, a
-burst spread by what was sent since the last card, stale cards ignored, the configured unit
-when none is live."""
+"""Choosing a unit for a request from the registry's cards: the least loaded live one, a burst
+spread by what was sent since the last card, stale cards ignored, the configured unit when none
+is live, and a prompt sent where its prefix is likely cached unless that unit is far busier."""
+
+import dataclasses
 
 from duetserve.proto.units import UnitCard
 from duetserve.services.ingress.units import UnitDirectory
+from duetserve.services.scheduler.card import PrefixSummary
 
 
 class Clock:
@@ -81,3 +84,51 @@ def test_a_deleted_or_malformed_card_is_dropped_or_skipped() -> None:
     assert [c.unit for c in units.live()] == ["a"]
     units._apply("a.card", "DEL", None)
     assert units.live() == []
+
+
+def summary_card(unit: str, prompts: list[tuple[str, list[int]]], **load: int) -> UnitCard:
+    """A unit's card listing these (tenant, prompt) prefixes, as its scheduler writes it."""
+    summary = PrefixSummary()
+    for tenant, ids in prompts:
+        summary.add(tenant, ids, 4, 0)
+    return dataclasses.replace(card(unit, **load), block_size=4, prefixes=summary.keys())
+
+
+def test_a_prompt_goes_where_its_prefix_is_warm_unless_that_unit_is_far_busier() -> None:
+    clock = Clock()
+    units = UnitDirectory("unit0", clock=clock, wall=clock)
+    doc = list(range(1000, 1064))  # 16 blocks of 4
+    units.heard(summary_card("warm", [("acme", [*doc, 1, 2, 3])], running=2))  # load 0.5
+    units.heard(summary_card("cold", [], running=0))
+    # The whole document was there: hit 64/68, worth more than the load it would add.
+    assert units.choose("acme", [*doc, 7, 7, 7, 7]) == "warm"
+    # Another tenant's prompt with the same tokens is private to acme there: no hit.
+    assert units.choose("globex", [*doc, 7, 7, 7, 7]) == "cold"
+    # An unrelated prompt goes by load alone.
+    assert units.choose("acme", list(range(5000, 5064))) == "cold"
+    # A warm unit busier by more than its whole running limit loses the prompt.
+    units.heard(summary_card("warm", [("acme", doc)], waiting=6, running=4))  # load 2.5
+    assert units.choose("acme", [*doc, 7, 7, 7, 7]) == "cold"
+
+
+def test_the_match_goes_as_deep_as_the_summarised_depths_allow() -> None:
+    """Depths 1, 2, 4, 8, 16... blocks: a prompt sharing 11 blocks matches at 8."""
+    clock = Clock()
+    units = UnitDirectory("unit0", clock=clock, wall=clock)
+    doc = list(range(1000, 1064))
+    shared = doc[:44] + list(range(9000, 9020))  # 11 blocks shared, then different
+    units.heard(summary_card("a", [("t", doc)], running=1, limit=4))  # load 0.25
+    units.heard(summary_card("b", [("t", shared[:8])], running=0))  # 2 blocks of it
+    # a: hit 8*4/64 = 0.5 - 0.25 = 0.25; b: 2*4/64 = 0.125 - 0 = 0.125.
+    assert units.choose("t", shared) == "a"
+
+
+def test_the_summary_keeps_the_most_recent_keys() -> None:
+    summary = PrefixSummary(capacity=3)
+    summary.add("t", list(range(16)), 4, 0)  # depths 1, 2, 4: three keys
+    first = summary.keys()
+    assert len(first) == 3
+    summary.add("t", list(range(100, 104)), 4, 0)  # one new key: the oldest goes
+    assert summary.keys()[:2] == first[1:] and len(summary.keys()) == 3
+    summary.add("t", list(range(16)), 4, 0)  # seen again: most recent now
+    assert set(summary.keys()) == set(first)
