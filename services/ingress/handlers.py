@@ -36,7 +36,7 @@ from duetserve.services.ingress.generation import (
     GenerationContext,
     GenerationFailed,
 )
-from duetserve.services.ingress.metrics import CONTENT_TYPE_LATEST, RequestTiming
+from duetserve.services.ingress.metrics import CONTENT_TYPE_LATEST, RequestTiming, combined
 from duetserve.services.ingress.openapi import build_openapi
 from duetserve.services.ingress.output import Piece
 from duetserve.services.ingress.prompts import (
@@ -162,21 +162,30 @@ class Handlers:
         return web.json_response(self.openapi_document)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        """Ingress's own metrics, plus the scheduler's queue and running counts asked for now
-        (left at their last values if the scheduler does not answer in time)."""
-        try:
-            reply = await self._context.bus.request(
-                subjects.sched(self._context.unit, "stats"),
-                encode(SchedulerStatsQuery()),
-                timeout=0.5,
-            )
-            self._context.metrics.observe_scheduler(decode(reply.data, SchedulerStats))
-        except (BusTimeout, ProtoError) as err:
-            logger.debug("scheduler stats unavailable: %s", err)
-        if self._context.units is not None:
-            self._context.metrics.observe_units(self._context.units.live())
+        """Ingress's own metrics, plus the schedulers' queue, running and KV counts asked for
+        now, summed over the live units (the configured one when the registry names none);
+        left at their last values if no scheduler answers in time."""
+        units = self._context.units
+        cards = units.live() if units is not None else []
+        names = [c.unit for c in cards] or [self._context.unit]
+        answers = await asyncio.gather(*(self._scheduler_stats(u) for u in names))
+        found = [a for a in answers if a is not None]
+        if found:
+            self._context.metrics.observe_scheduler(combined(found))
+        if units is not None:
+            self._context.metrics.observe_units(cards)
         body = self._context.metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _scheduler_stats(self, unit: str) -> SchedulerStats | None:
+        try:
+            reply = await self._context.bus.request(
+                subjects.sched(unit, "stats"), encode(SchedulerStatsQuery()), timeout=0.5
+            )
+            return decode(reply.data, SchedulerStats)
+        except (BusTimeout, ProtoError) as err:
+            logger.debug("scheduler stats of %s unavailable: %s", unit, err)
+            return None
 
     def _tenant(self, request: web.Request) -> str:
         return self._tenants.resolve(request.headers.get("Authorization"))

@@ -5,6 +5,7 @@ Latencies are measured as clients see them: TTFT from the request's arrival to i
 output token, TPOT as vLLM defines it, (E2E - TTFT) / (output tokens - 1).
 """
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,21 @@ class RequestTiming:
     cached_tokens: int = 0  # prompt tokens not computed: from the prefix cache or host tier
     finish_reason: str = "stop"  # stop or length
     tenant: str = ""  # whose request it was ("" : not counted by tenant)
+
+
+def combined(stats: Sequence[SchedulerStats]) -> SchedulerStats:
+    """Several units' scheduler stats as one: counts and totals summed, the compute split
+    averaged (each unit has its own), a figure no unit reports stays None."""
+    merged: dict[str, object] = {}
+    for field in dataclasses.fields(SchedulerStats):
+        values = [v for s in stats if (v := getattr(s, field.name)) is not None]
+        if not values:
+            merged[field.name] = None
+        elif field.name == "prefill_share":
+            merged[field.name] = sum(values) / len(values)
+        else:
+            merged[field.name] = sum(values)
+    return SchedulerStats(**merged)  # type: ignore[arg-type]
 
 
 class RestartCounts(Collector):

@@ -17,6 +17,7 @@ from duetserve.proto.scheduling import (
     CancelRequest,
     RequestStatus,
     RequestStatusQuery,
+    SchedulerStats,
     SubmitAccepted,
     SubmitRequest,
 )
@@ -97,6 +98,7 @@ class ScriptedScheduler:
         # Status answers: True, every request it accepted and was not cancelled is known;
         # False, none is (a scheduler that restarted); None, no answer at all.
         self.knows: bool | None = True
+        self.stats: SchedulerStats | None = None  # its answer to a stats query (None: none)
         self._players: set[asyncio.Task[None]] = set()
         self.outbox = LossyOutbox(bus, "scripted-scheduler")
 
@@ -105,7 +107,12 @@ class ScriptedScheduler:
         await self.bus.subscribe(subjects.sched(self.unit, "submit"), self._on_submit)
         await self.bus.subscribe(subjects.sched(self.unit, "cancel"), self._on_cancel)
         await self.bus.subscribe(subjects.sched(self.unit, "status"), self._on_status)
+        await self.bus.subscribe(subjects.sched(self.unit, "stats"), self._on_stats)
         await self.bus.flush()
+
+    async def _on_stats(self, msg: Msg) -> None:
+        if self.stats is not None:
+            await self.bus.reply(msg, codec.encode(self.stats))
 
     async def _on_status(self, msg: Msg) -> None:
         query = codec.decode(msg.data, RequestStatusQuery)

@@ -28,7 +28,7 @@ from duetserve.common.settings import CommonSettings
 from duetserve.common.tracing import setup_tracing, shutdown_tracing
 from duetserve.common.unit_role import units_bucket
 from duetserve.proto.common import ErrorReply, HealthStatus
-from duetserve.proto.scheduling import CancelReason, CancelRequest, SloKind
+from duetserve.proto.scheduling import CancelReason, CancelRequest, SchedulerStats, SloKind
 from duetserve.proto.units import card_key
 from duetserve.runtime.tokenizer import Tokenizer
 from duetserve.services.ingress.openapi import build_openapi
@@ -478,6 +478,16 @@ async def test_ingress_routes_each_request_to_the_least_loaded_live_unit(
                 text = await r.text()
             assert "duet_units_live 2.0" in text
             assert 'duet_unit_load{unit="ub"} 2.5' in text  # (9 + 1) / 4
+            # The schedulers' gauges are the sum over the live units.
+            units["ua"].stats = SchedulerStats(1, 0, 2, 30, 100, 3)
+            units["ub"].stats = SchedulerStats(9, 1, 3, 10, 100, 4)
+            async with aiohttp.ClientSession() as http, http.get(base[:-3] + "/metrics") as r:
+                text = await r.text()
+            model = model_id(ingress)
+            assert f'vllm:num_requests_waiting{{model_name="{model}"}} 10.0' in text
+            assert f'vllm:num_requests_running{{model_name="{model}"}} 6.0' in text
+            assert f'vllm:kv_cache_usage_perc{{model_name="{model}"}} 0.8' in text
+            assert f'vllm:num_preemptions_total{{model_name="{model}"}} 7.0' in text
             # ua stops writing (its scheduler died): once stale, ub gets the requests.
             writers[0].cancel()
             ingress.units.stale_s = 0.5

@@ -3,9 +3,9 @@ and how many of its requests met their SLO."""
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from duetserve.proto.scheduling import SloKind
+from duetserve.proto.scheduling import SchedulerStats, SloKind
 from duetserve.services.ingress.attainment import SloOutcome
-from duetserve.services.ingress.metrics import IngressMetrics, RequestTiming
+from duetserve.services.ingress.metrics import IngressMetrics, RequestTiming, combined
 
 
 def sample(metrics: IngressMetrics, name: str, **labels: str) -> float:
@@ -34,3 +34,15 @@ def test_tokens_and_slo_results_are_counted_by_tenant() -> None:
     assert sample(metrics, "duet_tenant_slo_requests_total", tenant="acme", result="met") == 1
     assert sample(metrics, "duet_tenant_slo_requests_total", tenant="acme", result="missed") == 1
     assert sample(metrics, "duet_tenant_slo_requests_total", tenant="globex", result="met") == 1
+
+
+def test_several_units_stats_are_summed_and_their_splits_averaged() -> None:
+    a = SchedulerStats(1, 2, 3, 10, 100, 5, prefill_share=0.2, running_limit=8)
+    b = SchedulerStats(4, 0, 1, 30, 50, 1, prefill_share=0.6, decode_free_blocks=7)
+    both = combined([a, b])
+    assert (both.waiting, both.prefilling, both.decoding) == (5, 2, 4)
+    assert (both.free_blocks, both.total_blocks, both.preemptions) == (40, 150, 6)
+    assert abs(both.prefill_share - 0.4) < 1e-12
+    assert both.running_limit == 8 and both.decode_free_blocks == 7  # only one reports each
+    assert both.decode_total_blocks is None  # neither does
+    assert combined([a]) == a
