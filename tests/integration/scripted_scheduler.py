@@ -6,6 +6,8 @@ and records the submits, the status queries and the CancelRequests it receives."
 
 import asyncio
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
 
 from nats.aio.msg import Msg
 
@@ -152,3 +154,25 @@ class ScriptedScheduler:
     def stop(self) -> None:
         for player in self._players:
             player.cancel()
+
+
+class FakeCore:
+    """A stand-in for a scheduler's core where a unit's card is written from it
+    (scheduler/card.py): its queue, running requests, limit and block size, set by the test."""
+
+    def __init__(self, waiting: int, running: int, limit: int) -> None:
+        self.waiting, self.running, self.limit = waiting, running, limit
+
+    @property
+    def view(self) -> Any:
+        return SimpleNamespace(
+            waiting=[0] * self.waiting,
+            prefilling=[],
+            decoding=[0] * self.running,
+            free_blocks=10,
+            total_blocks=100,
+        )
+
+    @property
+    def planner(self) -> Any:
+        return SimpleNamespace(max_running=self.limit, config=SimpleNamespace(block_size=4))

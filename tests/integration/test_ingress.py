@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -36,7 +35,7 @@ from duetserve.services.ingress.service import IngressService
 from duetserve.services.ingress.settings import IngressSettings
 from duetserve.services.scheduler.card import PrefixSummary, publish_cards
 from tests.conftest import ModelDirs
-from tests.integration.scripted_scheduler import Script, ScriptedScheduler
+from tests.integration.scripted_scheduler import FakeCore, Script, ScriptedScheduler
 from tests.model_specs import TINY
 
 # CJK, an emoji and accents: byte-level tokens split these characters.
@@ -455,8 +454,8 @@ async def test_ingress_routes_each_request_to_the_least_loaded_live_unit(
     for scheduler in units.values():
         await scheduler.start()
     cores = {
-        "ua": _FakeCore(waiting=5, running=4, limit=4),
-        "ub": _FakeCore(waiting=0, running=1, limit=4),
+        "ua": FakeCore(waiting=5, running=4, limit=4),
+        "ub": FakeCore(waiting=0, running=1, limit=4),
     }
     writers = [
         asyncio.create_task(publish_cards(bus, core, unit, f"scheduler-{unit}", 0.1))  # type: ignore[arg-type]
@@ -514,7 +513,7 @@ async def test_a_prompt_goes_to_the_unit_whose_card_lists_its_prefix(
     summary = PrefixSummary()
     summary.add("default", tokenizer.encode(document, add_special_tokens=True), 4, 0)
     units = {u: ScriptedScheduler(bus, Script(text_ids), unit=u) for u in ("ua", "ub")}
-    cores = {"ua": _FakeCore(0, 1, 4), "ub": _FakeCore(0, 0, 4)}
+    cores = {"ua": FakeCore(0, 1, 4), "ub": FakeCore(0, 0, 4)}
     writers = [
         asyncio.create_task(
             publish_cards(bus, core, unit, f"s-{unit}", 0.1, summary if unit == "ua" else None)  # type: ignore[arg-type]
@@ -553,7 +552,7 @@ async def test_a_request_whose_unit_dies_goes_on_in_another_unit(
     tokens its client has, and the client gets the whole answer, each token once."""
     dying = ScriptedScheduler(bus, Script(text_ids[:2], finish=None), unit="ua")
     alive = ScriptedScheduler(bus, Script(text_ids), unit="ub")
-    cores = {"ua": _FakeCore(0, 0, 4), "ub": _FakeCore(9, 4, 4)}  # ua looks idlest
+    cores = {"ua": FakeCore(0, 0, 4), "ub": FakeCore(9, 4, 4)}  # ua looks idlest
     writers = {
         unit: asyncio.create_task(publish_cards(bus, core, unit, f"scheduler-{unit}", 0.1))  # type: ignore[arg-type]
         for unit, core in cores.items()
@@ -590,27 +589,6 @@ async def test_a_request_whose_unit_dies_goes_on_in_another_unit(
         for unit in cores:
             await bucket.purge(card_key(unit))
         alive.stop()
-
-
-class _FakeCore:
-    """What publish_cards reads of a scheduler's core: its view and running limit."""
-
-    def __init__(self, waiting: int, running: int, limit: int) -> None:
-        self.waiting, self.running, self.limit = waiting, running, limit
-
-    @property
-    def view(self) -> Any:
-        return SimpleNamespace(
-            waiting=[0] * self.waiting,
-            prefilling=[],
-            decoding=[0] * self.running,
-            free_blocks=10,
-            total_blocks=100,
-        )
-
-    @property
-    def planner(self) -> Any:
-        return SimpleNamespace(max_running=self.limit, config=SimpleNamespace(block_size=4))
 
 
 def _count_at_least(items: list[Any], n: int) -> bool:
