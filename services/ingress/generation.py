@@ -154,7 +154,35 @@ class Generation:
         return Usage(prompt_tokens, self._output.num_tokens, self.cached_tokens, self.slo_outcome)
 
     async def start(self) -> None:
-        """Submit; an ApiError if the scheduler refuses."""
+        """Submit; an ApiError if the scheduler refuses. A unit that refuses it for its load
+        (429), or where no scheduler runs, is passed over for the next best live unit, each
+        unit once; one that may have taken it (no answer in time) is not."""
+        tried = {self.unit}
+        while True:
+            try:
+                await self._submit_to_unit()
+                return
+            except ApiError as err:
+                units = self._context.units
+                if err.status not in (429, 503) or self._submitted or units is None:
+                    raise
+                prompt = self.prompt
+                other = units.choose_other(
+                    tried, self.tenant, prompt.prompt_ids, prompt.public_prefix_tokens
+                )
+                if other is None:
+                    raise
+                logger.info(
+                    "unit %s refused (%s): offering to %s",
+                    self.unit,
+                    err.code,
+                    other,
+                    extra={"request_id": self.request_id},
+                )
+                tried.add(other)
+                self.unit = other
+
+    async def _submit_to_unit(self) -> None:
         submit = self._submit
         timeout = self._context.submit_timeout_s
         # From here the request may reach the scheduler: close() cancels it unless it finished

@@ -22,7 +22,8 @@ more than its whole running limit: a prefill saved is worth a queue that long, a
 card spreads a burst that arrives between two cards instead of sending all of it to the
 unit that looked best a second ago. Ties go to the less loaded unit, then the one with more
 free KV blocks, then by name. With no live card (a single-unit stack whose scheduler has not
-written one yet, or no registry at all) it is the configured unit, DUET_UNIT.
+written one yet, or no registry at all) it is the configured unit, DUET_UNIT. A unit that
+refuses a request for its load is passed over for the next best (generation.py).
 
 The watch runs for the life of ingress and starts again after any failure (NATS away, the
 bucket not created yet because no scheduler has run) or when it has heard nothing for
@@ -33,7 +34,7 @@ request.
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import nats.errors
@@ -85,10 +86,26 @@ class UnitDirectory:
         self, tenant: str = "", token_ids: Sequence[int] = (), public_prefix_tokens: int = 0
     ) -> str:
         """The unit to send a new request to (see the module doc); counted as sent there."""
+        chosen = self.choose_other((), tenant, token_ids, public_prefix_tokens)
+        return self.configured if chosen is None else chosen
+
+    def choose_other(
+        self,
+        exclude: Collection[str],
+        tenant: str = "",
+        token_ids: Sequence[int] = (),
+        public_prefix_tokens: int = 0,
+    ) -> str | None:
+        """The best live unit but those in `exclude` (counted as sent there); None if there
+        is none."""
         now = self.clock()
-        live = [k for k in self._units.values() if now - k.heard_at <= self.stale_s]
+        live = [
+            k
+            for k in self._units.values()
+            if now - k.heard_at <= self.stale_s and k.card.unit not in exclude
+        ]
         if not live:
-            return self.configured
+            return None
         prompt = _Prompt(tenant, token_ids, public_prefix_tokens)
         best = min(live, key=lambda known: _rank(known, prompt))
         best.sent += 1

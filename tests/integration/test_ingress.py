@@ -544,6 +544,48 @@ async def test_a_prompt_goes_to_the_unit_whose_card_lists_its_prefix(
             scheduler.stop()
 
 
+async def test_a_request_its_unit_refuses_for_load_is_offered_to_the_next_unit(
+    start_ingress: StartIngress, bus: Bus, text_ids: tuple[int, ...]
+) -> None:
+    """The idlest unit by its card refuses (overloaded: its card lags its queue); the next
+    best takes the request, and the client never sees the refusal. When every unit refuses,
+    the client gets the 429."""
+    busy = ErrorReply("overloaded", "queued too long", retry_after_s=2.0)
+    units = {
+        "ua": ScriptedScheduler(bus, Script(text_ids, refuse=busy), unit="ua"),
+        "ub": ScriptedScheduler(bus, Script(text_ids), unit="ub"),
+    }
+    cores = {"ua": FakeCore(0, 0, 4), "ub": FakeCore(0, 2, 4)}
+    writers = [
+        asyncio.create_task(publish_cards(bus, core, unit, f"s-{unit}", 0.1))  # type: ignore[arg-type]
+        for unit, core in cores.items()
+    ]
+    for scheduler in units.values():
+        await scheduler.start()
+    try:
+        ingress = await start_ingress(unit="ua")
+        await _until(lambda: len(ingress.units.live()) == 2, timeout=5.0)
+        base = f"http://127.0.0.1:{ingress.port}/v1"
+        async with openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0) as api:
+            answer = await api.completions.create(model=model_id(ingress), prompt="Hi")
+            assert answer.usage is not None and answer.usage.completion_tokens > 0
+            assert [len(units[u].submits) for u in ("ua", "ub")] == [1, 1]
+            assert units["ua"].submits[0].request_id == units["ub"].submits[0].request_id
+            units["ub"].script = replace(units["ub"].script, refuse=busy)
+            with pytest.raises(openai.RateLimitError):
+                await api.completions.create(model=model_id(ingress), prompt="Hi")
+            assert [len(units[u].submits) for u in ("ua", "ub")] == [2, 2]  # each once
+    finally:
+        for writer in writers:
+            writer.cancel()
+        await asyncio.gather(*writers, return_exceptions=True)
+        bucket = await units_bucket(bus)
+        for unit in cores:
+            await bucket.purge(card_key(unit))
+        for scheduler in units.values():
+            scheduler.stop()
+
+
 async def test_a_request_whose_unit_dies_goes_on_in_another_unit(
     start_ingress: StartIngress, bus: Bus, text_ids: tuple[int, ...]
 ) -> None:
