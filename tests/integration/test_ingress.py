@@ -7,6 +7,7 @@ import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -444,6 +445,38 @@ async def test_two_units_share_one_nats_and_each_request_runs_on_its_own_unit(
             scheduler.stop()
 
 
+@asynccontextmanager
+async def units_on_the_bus(
+    bus: Bus,
+    schedulers: dict[str, ScriptedScheduler],
+    cores: dict[str, FakeCore],
+    summaries: dict[str, PrefixSummary] | None = None,
+) -> AsyncIterator[dict[str, asyncio.Task[None]]]:
+    """Scripted units: each one's scheduler answering, and its card written every 0.1 s from
+    its FakeCore as a real scheduler writes it (the writers, by unit, to cancel one: its unit
+    died). Afterwards the cards are purged (the next tests' ingresses must not route to these
+    units) and everything stops."""
+    writers = {
+        unit: asyncio.create_task(
+            publish_cards(bus, core, unit, f"s-{unit}", 0.1, (summaries or {}).get(unit))  # type: ignore[arg-type]
+        )
+        for unit, core in cores.items()
+    }
+    for scheduler in schedulers.values():
+        await scheduler.start()
+    try:
+        yield writers
+    finally:
+        for writer in writers.values():
+            writer.cancel()
+        await asyncio.gather(*writers.values(), return_exceptions=True)
+        bucket = await units_bucket(bus)
+        for unit in cores:
+            await bucket.purge(card_key(unit))
+        for scheduler in schedulers.values():
+            scheduler.stop()
+
+
 async def test_ingress_routes_each_request_to_the_least_loaded_live_unit(
     start_ingress: StartIngress, bus: Bus, text_ids: tuple[int, ...]
 ) -> None:
@@ -451,17 +484,11 @@ async def test_ingress_routes_each_request_to_the_least_loaded_live_unit(
     follows them and sends each request to the least loaded live unit, whichever unit it was
     configured with; a unit whose card stops coming is not chosen once it is stale."""
     units = {u: ScriptedScheduler(bus, Script(text_ids), unit=u) for u in ("ua", "ub")}
-    for scheduler in units.values():
-        await scheduler.start()
     cores = {
         "ua": FakeCore(waiting=5, running=4, limit=4),
         "ub": FakeCore(waiting=0, running=1, limit=4),
     }
-    writers = [
-        asyncio.create_task(publish_cards(bus, core, unit, f"scheduler-{unit}", 0.1))  # type: ignore[arg-type]
-        for unit, core in cores.items()
-    ]
-    try:
+    async with units_on_the_bus(bus, units, cores) as writers:
         ingress = await start_ingress(unit="ua")
         await _until(lambda: len(ingress.units.live()) == 2, timeout=5.0)
         base = f"http://127.0.0.1:{ingress.port}/v1"
@@ -488,20 +515,11 @@ async def test_ingress_routes_each_request_to_the_least_loaded_live_unit(
             assert f'vllm:kv_cache_usage_perc{{model_name="{model}"}} 0.8' in text
             assert f'vllm:num_preemptions_total{{model_name="{model}"}} 7.0' in text
             # ua stops writing (its scheduler died): once stale, ub gets the requests.
-            writers[0].cancel()
+            writers["ua"].cancel()
             ingress.units.stale_s = 0.5
             await _until(lambda: [c.unit for c in ingress.units.live()] == ["ub"], timeout=5.0)
             await api.completions.create(model=model_id(ingress), prompt="Hi")
             assert [len(units[u].submits) for u in ("ua", "ub")] == [1, 2]
-    finally:
-        for writer in writers:
-            writer.cancel()
-        await asyncio.gather(*writers, return_exceptions=True)
-        bucket = await units_bucket(bus)
-        for unit in units:  # the next tests' ingresses must not route to these units
-            await bucket.purge(card_key(unit))
-        for scheduler in units.values():
-            scheduler.stop()
 
 
 async def test_a_prompt_goes_to_the_unit_whose_card_lists_its_prefix(
@@ -514,15 +532,7 @@ async def test_a_prompt_goes_to_the_unit_whose_card_lists_its_prefix(
     summary.add("default", tokenizer.encode(document, add_special_tokens=True), 4, 0)
     units = {u: ScriptedScheduler(bus, Script(text_ids), unit=u) for u in ("ua", "ub")}
     cores = {"ua": FakeCore(0, 1, 4), "ub": FakeCore(0, 0, 4)}
-    writers = [
-        asyncio.create_task(
-            publish_cards(bus, core, unit, f"s-{unit}", 0.1, summary if unit == "ua" else None)  # type: ignore[arg-type]
-        )
-        for unit, core in cores.items()
-    ]
-    for scheduler in units.values():
-        await scheduler.start()
-    try:
+    async with units_on_the_bus(bus, units, cores, {"ua": summary}):
         ingress = await start_ingress(unit="ub")
         await _until(lambda: len(ingress.units.live()) == 2, timeout=5.0)
         base = f"http://127.0.0.1:{ingress.port}/v1"
@@ -533,15 +543,6 @@ async def test_a_prompt_goes_to_the_unit_whose_card_lists_its_prefix(
         assert units["ua"].submits[0].prompt_token_ids[:8] == tuple(
             tokenizer.encode(document, add_special_tokens=True)[:8]
         )
-    finally:
-        for writer in writers:
-            writer.cancel()
-        await asyncio.gather(*writers, return_exceptions=True)
-        bucket = await units_bucket(bus)
-        for unit in cores:
-            await bucket.purge(card_key(unit))
-        for scheduler in units.values():
-            scheduler.stop()
 
 
 async def test_a_request_its_unit_refuses_for_load_is_offered_to_the_next_unit(
@@ -556,13 +557,7 @@ async def test_a_request_its_unit_refuses_for_load_is_offered_to_the_next_unit(
         "ub": ScriptedScheduler(bus, Script(text_ids), unit="ub"),
     }
     cores = {"ua": FakeCore(0, 0, 4), "ub": FakeCore(0, 2, 4)}
-    writers = [
-        asyncio.create_task(publish_cards(bus, core, unit, f"s-{unit}", 0.1))  # type: ignore[arg-type]
-        for unit, core in cores.items()
-    ]
-    for scheduler in units.values():
-        await scheduler.start()
-    try:
+    async with units_on_the_bus(bus, units, cores):
         ingress = await start_ingress(unit="ua")
         await _until(lambda: len(ingress.units.live()) == 2, timeout=5.0)
         base = f"http://127.0.0.1:{ingress.port}/v1"
@@ -575,15 +570,6 @@ async def test_a_request_its_unit_refuses_for_load_is_offered_to_the_next_unit(
             with pytest.raises(openai.RateLimitError):
                 await api.completions.create(model=model_id(ingress), prompt="Hi")
             assert [len(units[u].submits) for u in ("ua", "ub")] == [2, 2]  # each once
-    finally:
-        for writer in writers:
-            writer.cancel()
-        await asyncio.gather(*writers, return_exceptions=True)
-        bucket = await units_bucket(bus)
-        for unit in cores:
-            await bucket.purge(card_key(unit))
-        for scheduler in units.values():
-            scheduler.stop()
 
 
 async def test_a_request_whose_unit_dies_goes_on_in_another_unit(
@@ -595,13 +581,7 @@ async def test_a_request_whose_unit_dies_goes_on_in_another_unit(
     dying = ScriptedScheduler(bus, Script(text_ids[:2], finish=None), unit="ua")
     alive = ScriptedScheduler(bus, Script(text_ids), unit="ub")
     cores = {"ua": FakeCore(0, 0, 4), "ub": FakeCore(9, 4, 4)}  # ua looks idlest
-    writers = {
-        unit: asyncio.create_task(publish_cards(bus, core, unit, f"scheduler-{unit}", 0.1))  # type: ignore[arg-type]
-        for unit, core in cores.items()
-    }
-    for scheduler in (dying, alive):
-        await scheduler.start()
-    try:
+    async with units_on_the_bus(bus, {"ua": dying, "ub": alive}, cores) as writers:
         ingress = await start_ingress(unit="ua", stream_quiet_s=0.3, stream_unreachable_s=30)
         await _until(lambda: len(ingress.units.live()) == 2, timeout=5.0)
         ingress.units.stale_s = 1.0
@@ -623,14 +603,6 @@ async def test_a_request_whose_unit_dies_goes_on_in_another_unit(
         assert moved.request_id == dying.submits[0].request_id
         assert moved.output_token_ids == text_ids[:2]  # what its client had
         assert answer.usage is not None and answer.usage.completion_tokens == len(text_ids)
-    finally:
-        for writer in writers.values():
-            writer.cancel()
-        await asyncio.gather(*writers.values(), return_exceptions=True)
-        bucket = await units_bucket(bus)
-        for unit in cores:
-            await bucket.purge(card_key(unit))
-        alive.stop()
 
 
 def _count_at_least(items: list[Any], n: int) -> bool:
