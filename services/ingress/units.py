@@ -61,6 +61,7 @@ LOAD_WEIGHT = 1.0
 class _Known:
     card: UnitCard
     heard_at: float  # monotonic
+    prefixes: frozenset[bytes]  # the card's prefix keys, as a set once per card
     sent: int = 0  # requests this ingress sent it since the card was written
 
 
@@ -106,8 +107,11 @@ class UnitDirectory:
         ]
         if not live:
             return None
-        prompt = _Prompt(tenant, token_ids, public_prefix_tokens)
-        best = min(live, key=lambda known: _rank(known, prompt))
+        if len(live) == 1:  # nothing to weigh (a one-unit stack): no prompt hashed
+            best = live[0]
+        else:
+            prompt = _Prompt(tenant, token_ids, public_prefix_tokens)
+            best = min(live, key=lambda known: _rank(known, prompt))
         best.sent += 1
         return best.card.unit
 
@@ -115,7 +119,7 @@ class UnitDirectory:
         """A card arrived: as old as its writer's clock says (a card a new watch reads back
         may be seconds old already), never newer than now."""
         age = max(0.0, self.wall() - card.written_at)
-        self._units[card.unit] = _Known(card, self.clock() - age)
+        self._units[card.unit] = _Known(card, self.clock() - age, frozenset(card.prefixes))
 
     def forget(self, unit: str) -> None:
         self._units.pop(unit, None)
@@ -181,9 +185,9 @@ class _Prompt:
         self.tenant, self.token_ids, self.public = tenant, token_ids, public_prefix_tokens
         self._keys: dict[int, list[tuple[int, bytes]]] = {}
 
-    def hit(self, card: UnitCard) -> float:
-        """The share of the prompt in its deepest prefix the card lists."""
-        if not self.token_ids or card.block_size <= 0 or not card.prefixes:
+    def hit(self, card: UnitCard, held: frozenset[bytes]) -> float:
+        """The share of the prompt in its deepest prefix the card lists (`held`: its keys)."""
+        if not self.token_ids or card.block_size <= 0 or not held:
             return 0.0
         keys = self._keys.get(card.block_size)
         if keys is None:
@@ -194,7 +198,6 @@ class _Prompt:
                 if summarised(depth)
             ]
             self._keys[card.block_size] = keys
-        held = set(card.prefixes)
         deepest = max((depth for depth, key in keys if key in held), default=0)
         return deepest * card.block_size / len(self.token_ids)
 
@@ -203,5 +206,5 @@ def _rank(known: _Known, prompt: _Prompt) -> tuple[float, float, int, str]:
     """Smallest first: the negated score, then load, free blocks (more first), name."""
     card = known.card
     load = (card.waiting + card.running + known.sent) / max(card.running_limit, 1)
-    score = prompt.hit(card) - LOAD_WEIGHT * load
+    score = prompt.hit(card, known.prefixes) - LOAD_WEIGHT * load
     return (-score, load, -card.free_blocks, card.unit)
